@@ -1,0 +1,444 @@
+//! build.rs: kernels/<family>/*.cu -> one fatbin per family (SASS per supported GPU + PTX), launch-parameter
+//! headers -> Rust (bindgen), host-testable device maths -> a static library (cc), and the ptxas resource
+//! report checked for spills. Writes to OUT_DIR only.
+
+use std::collections::hash_map::DefaultHasher;
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// SASS targets (real architectures) and the PTX target embedded for newer GPUs.
+/// sm_90a carries the Hopper-only instructions (wgmma, setmaxnreg); it runs on sm_90 devices only.
+const DEFAULT_SASS: &[&str] = &["80", "86", "89", "90a"];
+const PTX_TARGET: &str = "90";
+
+fn main() {
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let kernels = root.join("kernels");
+    let include = kernels.join("include");
+
+    println!("cargo:rerun-if-changed=kernels");
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "FUSEKIT_SASS", "DOCS_RS"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    generate_params(&include, &out);
+    build_host_math(&kernels);
+
+    let families = families(&kernels);
+    let docs_only = env::var_os("DOCS_RS").is_some();
+    let mut report = String::new();
+    if docs_only {
+        // docs.rs has no nvcc: embed empty fatbins; the crate still documents and type-checks.
+        for fam in &families {
+            fs::write(out.join(format!("{fam}.fatbin")), b"").unwrap();
+        }
+        report.push_str("DOCS_RS build: kernels were not compiled\n");
+    } else {
+        let nvcc = find_nvcc(&root).unwrap_or_else(|msg| fail(&msg));
+        let sass: Vec<String> = match env::var("FUSEKIT_SASS") {
+            Ok(list) if !list.trim().is_empty() => {
+                list.split(',').map(|s| s.trim().to_string()).collect()
+            }
+            _ => DEFAULT_SASS.iter().map(|s| s.to_string()).collect(),
+        };
+        let nvcc_version = run_capture(Command::new(&nvcc).arg("--version"))
+            .unwrap_or_else(|e| fail(&format!("`{} --version` failed: {e}", nvcc.display())));
+        let allow = read_allowlist(&kernels.join("ptxas-allowlist.txt"));
+        let results: Vec<Result<String, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = families
+                .iter()
+                .map(|fam| {
+                    let (nvcc, sass, nvcc_version, kernels, out) =
+                        (&nvcc, &sass, &nvcc_version, &kernels, &out);
+                    s.spawn(move || compile_family(nvcc, &nvcc_version, sass, kernels, out, fam))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut errors = Vec::new();
+        for (fam, res) in families.iter().zip(results) {
+            match res {
+                Ok(ptxas) => {
+                    let mut rows = parse_ptxas(&ptxas);
+                    rows.sort_by(|a, b| (&a.function, &a.arch).cmp(&(&b.function, &b.arch)));
+                    for row in &rows {
+                        let spills = row.spill_stores + row.spill_loads;
+                        let _ = writeln!(
+                            report,
+                            "{fam:<8} {:<36} sm_{:<4} regs {:>3}  smem {:>6} B  stack {:>4} B  spills {:>4} B",
+                            row.function, row.arch, row.registers, row.smem, row.stack, spills
+                        );
+                        if spills > 0 && !allow.iter().any(|a| a == &row.function) {
+                            errors.push(format!(
+                                "kernel `{}` (family {fam}, sm_{}) spills {} bytes to local memory \
+                                 ({} stores, {} loads). Fix the register pressure or add a line \
+                                 `{}  # reason` to kernels/ptxas-allowlist.txt",
+                                row.function,
+                                row.arch,
+                                spills,
+                                row.spill_stores,
+                                row.spill_loads,
+                                row.function
+                            ));
+                        }
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        fs::write(out.join("ptxas-report.txt"), &report).unwrap();
+        if !errors.is_empty() {
+            fail(&errors.join("\n\n"));
+        }
+    }
+    fs::write(out.join("ptxas-report.txt"), &report).unwrap();
+    write_families_rs(&out, &families);
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("\nfusekit build error:\n{msg}\n");
+    std::process::exit(1);
+}
+
+/// Kernel families: every folder under kernels/ except include/.
+fn families(kernels: &Path) -> Vec<String> {
+    let mut fams: Vec<String> = fs::read_dir(kernels)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "include")
+        .collect();
+    fams.sort();
+    fams
+}
+
+fn files_with_ext(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| exts.contains(&x))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// nvcc in the documented order: NVCC, CUDA_HOME/CUDA_PATH, PATH, /usr/local/cuda, scripts/setup's folder.
+fn find_nvcc(root: &Path) -> Result<PathBuf, String> {
+    let mut tried = Vec::new();
+    if let Some(p) = env::var_os("NVCC") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(format!("NVCC={}", p.display()));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(dir) = env::var_os(var) {
+            let p = PathBuf::from(dir).join("bin/nvcc");
+            if p.is_file() {
+                return Ok(p);
+            }
+            tried.push(format!("{var}/bin/nvcc = {}", p.display()));
+        }
+    }
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let p = dir.join("nvcc");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        tried.push("nvcc on PATH".into());
+    }
+    for p in [
+        PathBuf::from("/usr/local/cuda/bin/nvcc"),
+        root.join(".toolchain/cuda/nvidia/cu13/bin/nvcc"),
+    ] {
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(p.display().to_string());
+    }
+    Err(format!(
+        "nvcc not found (looked at: {}).\n\
+         Run `scripts/setup` (installs nvcc 13.0 from PyPI into .toolchain/, no GPU needed), \
+         or point NVCC at an nvcc 13.0.x binary.",
+        tried.join(", ")
+    ))
+}
+
+fn run_capture(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// Compiles one family into OUT_DIR/<fam>.fatbin unless its stamp (sources, headers, flags, nvcc) is unchanged.
+/// Returns the ptxas report text.
+fn compile_family(
+    nvcc: &Path,
+    nvcc_version: &str,
+    sass: &[String],
+    kernels: &Path,
+    out: &Path,
+    fam: &str,
+) -> Result<String, String> {
+    let dir = kernels.join(fam);
+    let sources = files_with_ext(&dir, &["cu"]);
+    if sources.is_empty() {
+        return Err(format!("kernels/{fam}/ holds no .cu file"));
+    }
+    let include = kernels.join("include");
+    let mut args: Vec<String> = vec![
+        "-fatbin".into(),
+        "-O3".into(),
+        "-std=c++17".into(),
+        "-lineinfo".into(),
+        "--threads=0".into(),
+        "-Xptxas=-v".into(),
+        format!("-I{}", include.display()),
+        format!("-I{}", dir.display()),
+    ];
+    if let Some(cccl) = nvcc
+        .parent()
+        .and_then(|b| b.parent())
+        .map(|r| r.join("include/cccl"))
+    {
+        if cccl.is_dir() {
+            args.push(format!("-I{}", cccl.display()));
+        }
+    }
+    for sm in sass {
+        let compute = sm.trim_end_matches(['a', 'f']);
+        let compute = if sm.ends_with('a') || sm.ends_with('f') {
+            sm.as_str()
+        } else {
+            compute
+        };
+        args.push(format!("-gencode=arch=compute_{compute},code=sm_{sm}"));
+    }
+    args.push(format!(
+        "-gencode=arch=compute_{PTX_TARGET},code=compute_{PTX_TARGET}"
+    ));
+
+    let mut hasher = DefaultHasher::new();
+    nvcc_version.hash(&mut hasher);
+    args.hash(&mut hasher);
+    for f in sources
+        .iter()
+        .chain(files_with_ext(&include, &["h", "cuh"]).iter())
+        .chain(files_with_ext(&dir, &["h", "cuh"]).iter())
+    {
+        f.hash(&mut hasher);
+        fs::read(f).unwrap().hash(&mut hasher);
+    }
+    let stamp = format!("{:016x}", hasher.finish());
+    let fatbin = out.join(format!("{fam}.fatbin"));
+    let stamp_file = out.join(format!("{fam}.stamp"));
+    let report_file = out.join(format!("{fam}.ptxas.txt"));
+    if fatbin.is_file() && fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
+        return Ok(fs::read_to_string(&report_file).unwrap_or_default());
+    }
+
+    // One translation unit per family: a unity file that includes every .cu of the folder.
+    let unity = out.join(format!("{fam}_unity.cu"));
+    let mut text = String::new();
+    for s in &sources {
+        let _ = writeln!(text, "#include \"{}\"", s.display());
+    }
+    fs::write(&unity, text).unwrap();
+
+    let mut cmd = Command::new(nvcc);
+    cmd.args(&args).arg("-o").arg(&fatbin).arg(&unity);
+    let report = run_capture(&mut cmd).map_err(|log| {
+        format!(
+            "nvcc failed on family `{fam}`:\n{} {}\n{log}",
+            nvcc.display(),
+            args.join(" ")
+        )
+    })?;
+    fs::write(&report_file, &report).unwrap();
+    fs::write(&stamp_file, &stamp).unwrap();
+    Ok(report)
+}
+
+struct PtxasRow {
+    function: String,
+    arch: String,
+    registers: u32,
+    smem: u32,
+    stack: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+}
+
+fn number_before(line: &str, unit: &str) -> Option<u32> {
+    let idx = line.find(unit)?;
+    line[..idx].split_whitespace().last()?.parse().ok()
+}
+
+/// Parses `nvcc -Xptxas -v` output: per function and architecture, registers, shared memory, stack, spills.
+fn parse_ptxas(text: &str) -> Vec<PtxasRow> {
+    let mut rows: Vec<PtxasRow> = Vec::new();
+    let mut arch = String::new();
+    let mut pending: Option<String> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let mut parts = rest.split('\'');
+            let name = parts.next().unwrap_or_default().to_string();
+            arch = rest
+                .split("for 'sm_")
+                .nth(1)
+                .unwrap_or("?")
+                .trim_end_matches('\'')
+                .to_string();
+            rows.push(PtxasRow {
+                function: name,
+                arch: arch.clone(),
+                registers: 0,
+                smem: 0,
+                stack: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+            });
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            pending = Some(rest.trim().to_string());
+        } else if line.contains("bytes stack frame") {
+            let name = pending.take().unwrap_or_default();
+            let stack = number_before(line, "bytes stack frame").unwrap_or(0);
+            let st = number_before(line, "bytes spill stores").unwrap_or(0);
+            let ld = number_before(line, "bytes spill loads").unwrap_or(0);
+            match rows
+                .iter_mut()
+                .rev()
+                .find(|r| r.function == name && r.arch == arch)
+            {
+                Some(r) => {
+                    r.stack = stack;
+                    r.spill_stores = st;
+                    r.spill_loads = ld;
+                }
+                None => rows.push(PtxasRow {
+                    function: name,
+                    arch: arch.clone(),
+                    registers: 0,
+                    smem: 0,
+                    stack,
+                    spill_stores: st,
+                    spill_loads: ld,
+                }),
+            }
+        } else if line.contains("Used ") && line.contains(" registers") {
+            if let Some(r) = rows.last_mut() {
+                r.registers = number_before(line, "registers").unwrap_or(0);
+                r.smem = number_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    rows
+}
+
+/// kernels/ptxas-allowlist.txt: `<function>  # reason` per line; a line without a reason is a build error.
+fn read_allowlist(path: &Path) -> Vec<String> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once('#') {
+            Some((name, reason)) if !name.trim().is_empty() && !reason.trim().is_empty() => {
+                names.push(name.trim().to_string())
+            }
+            _ => fail(&format!(
+                "kernels/ptxas-allowlist.txt line {}: expected `<kernel>  # reason`, got `{line}`",
+                i + 1
+            )),
+        }
+    }
+    names
+}
+
+/// kernels/include/*_params.h -> OUT_DIR/params.rs. One header per family, read by nvcc and by bindgen, so
+/// the Rust and CUDA sides cannot disagree on a struct layout.
+fn generate_params(include: &Path, out: &Path) {
+    let headers = files_with_ext(include, &["h"]);
+    let mut wrapper = String::new();
+    for h in headers
+        .iter()
+        .filter(|h| h.to_string_lossy().ends_with("_params.h"))
+    {
+        let _ = writeln!(wrapper, "#include \"{}\"", h.display());
+    }
+    let bindings = bindgen::Builder::default()
+        .header_contents("fusekit_params_wrapper.h", &wrapper)
+        .clang_arg(format!("-I{}", include.display()))
+        .allowlist_type("fk_.*")
+        .allowlist_var("FK_.*")
+        .derive_debug(true)
+        .derive_default(true)
+        .derive_copy(true)
+        .use_core()
+        .generate()
+        .unwrap_or_else(|e| {
+            fail(&format!(
+                "bindgen failed on kernels/include/*_params.h: {e}\n\
+                 (bindgen needs libclang: run scripts/setup, or install libclang-dev)"
+            ))
+        });
+    bindings.write_to_file(out.join("params.rs")).unwrap();
+}
+
+/// Host build of the `__host__ __device__` maths headers (kernels/include/host/*.c), so CPU tests check the same
+/// formulas the kernels run.
+fn build_host_math(kernels: &Path) {
+    let dir = kernels.join("include").join("host");
+    let sources = files_with_ext(&dir, &["c"]);
+    if sources.is_empty() {
+        return;
+    }
+    cc::Build::new()
+        .files(&sources)
+        .include(kernels.join("include"))
+        .flag_if_supported("-std=c11")
+        .opt_level(2)
+        .warnings(true)
+        .compile("fusekit_host_math");
+}
+
+fn write_families_rs(out: &Path, families: &[String]) {
+    let mut text = String::from("/// (family, fatbin) for every folder under kernels/.\n");
+    text.push_str("pub(crate) static FATBINS: &[(&str, &[u8])] = &[\n");
+    for fam in families {
+        let _ = writeln!(
+            text,
+            "    (\"{fam}\", include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{fam}.fatbin\"))),"
+        );
+    }
+    text.push_str("];\n");
+    fs::write(out.join("families.rs"), text).unwrap();
+}

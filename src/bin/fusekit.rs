@@ -1,0 +1,46 @@
+//! The `fusekit` command: `fusekit check [--require-gpu] [--seed N]`, `fusekit ptxas`.
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage:
+  fusekit check [--require-gpu] [--seed N]   self-check every kernel family against its CPU reference
+  fusekit ptxas                              print the build's ptxas resource report
+  fusekit help";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("check") => {
+            let mut opts = fusekit::check::CheckOptions::default();
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--require-gpu" => opts.require_gpu = true,
+                    "--seed" => match it.next().and_then(|s| s.parse().ok()) {
+                        Some(s) => opts.seed = Some(s),
+                        None => return usage_error("--seed takes an unsigned integer"),
+                    },
+                    other => return usage_error(&format!("unknown option `{other}`")),
+                }
+            }
+            let out = fusekit::check::run(&opts);
+            print!("{}", out.text);
+            ExitCode::from(out.exit_code as u8)
+        }
+        Some("ptxas") => {
+            print!("{}", fusekit::PTXAS_REPORT);
+            ExitCode::SUCCESS
+        }
+        Some("help" | "--help" | "-h") => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Some(other) => usage_error(&format!("unknown command `{other}`")),
+        None => usage_error("no command given"),
+    }
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("fusekit: {msg}\n{USAGE}");
+    ExitCode::from(64)
+}

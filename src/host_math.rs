@@ -1,0 +1,56 @@
+//! The `__host__ __device__` maths headers of `kernels/include/`, compiled for the host by build.rs (cc) so
+//! CPU tests check the formulas the kernels run, bit for bit.
+
+extern "C" {
+    fn fk_host_f32_to_bf16_bits(x: f32) -> u16;
+    fn fk_host_bf16_bits_to_f32(h: u16) -> f32;
+}
+
+/// f32 -> bf16 exactly as the kernels' `fk_f32_to_bf16_bits` rounds it.
+pub(crate) fn f32_to_bf16_bits(x: f32) -> u16 {
+    // SAFETY: pure function of its argument.
+    unsafe { fk_host_f32_to_bf16_bits(x) }
+}
+
+/// bf16 -> f32 as the kernels widen it.
+pub(crate) fn bf16_bits_to_f32(h: u16) -> f32 {
+    // SAFETY: pure function of its argument.
+    unsafe { fk_host_bf16_bits_to_f32(h) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn bf16_rounding_matches_half_crate() {
+        let mut rng = crate::testing::Rng::new(0x5eed_bf16);
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.00390625, // exactly halfway between two bf16: ties to even
+            1.01171875, // halfway, rounds up to even
+            3.4e38,
+        ];
+        let randoms = (0..100_000).map(|_| f32::from_bits(rng.next_u64() as u32));
+        for x in specials.into_iter().chain(randoms) {
+            let ours = f32_to_bf16_bits(x);
+            let theirs = bf16::from_f32(x).to_bits();
+            if x.is_nan() {
+                assert!(bf16::from_bits(ours).is_nan(), "NaN {x:?} must stay NaN");
+            } else {
+                assert_eq!(ours, theirs, "x = {x:e} ({:#010x})", x.to_bits());
+                assert_eq!(
+                    bf16_bits_to_f32(ours).to_bits(),
+                    bf16::from_bits(theirs).to_f32().to_bits()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Device probes: the copy kernel whose bandwidth is the floor of every memory-bound kernel.
+//!
+//! Floors elsewhere in fusekit are `bytes moved / measured copy bandwidth`, with the bandwidth measured by
+//! [`measure_copy_bandwidth_sync`] on the same GPU in the same run (the GEMM ceiling is measured through
+//! cuBLAS in `benches/probe.rs`).
+
+mod launch;
+pub mod reference;
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
+
+use crate::device::check_aligned;
+use crate::error::{Error, Result};
+use crate::timing::{time_launches_sync, Timing};
+use crate::Gpu;
+
+/// Copies `src` into `dst` (same length) with 16-byte vector loads and stores, on the handle's stream.
+///
+/// Both buffers must start 16-byte aligned (every cudarc allocation does; a view at an odd offset may not),
+/// must not overlap, and must belong to the handle's context. Any length is fine: the bytes past the last
+/// whole 16-byte vector are copied one by one.
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// let gpu = fusekit::Gpu::new(0)?;
+/// let src = gpu.stream().clone_htod(&[1u32, 2, 3, 4, 5]).unwrap();
+/// let mut dst = gpu.stream().alloc_zeros::<u32>(5).unwrap();
+/// fusekit::probe::copy(&gpu, &src, &mut dst)?;
+/// assert_eq!(gpu.stream().clone_dtoh(&dst).unwrap(), vec![1, 2, 3, 4, 5]);
+/// # Ok(()) }
+/// ```
+pub fn copy<T: DeviceRepr, S: DevicePtr<T>, D: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    src: &S,
+    dst: &mut D,
+) -> Result<()> {
+    if src.len() != dst.len() {
+        return Err(Error::shape(
+            "dst",
+            format!("{} elements (the length of src)", src.len()),
+            format!("{} elements", dst.len()),
+        ));
+    }
+    for (arg, ctx) in [
+        ("src", src.stream().context()),
+        ("dst", dst.stream().context()),
+    ] {
+        if !std::sync::Arc::ptr_eq(ctx, gpu.context()) {
+            return Err(Error::layout(
+                arg,
+                "belongs to another CUDA context than the Gpu handle",
+            ));
+        }
+    }
+    let n_bytes = src.num_bytes() as u64;
+    let stream = gpu.stream();
+    let (src_ptr, _src_guard) = src.device_ptr(stream);
+    let (dst_ptr, _dst_guard) = dst.device_ptr_mut(stream);
+    check_aligned("src", src_ptr, 16)?;
+    check_aligned("dst", dst_ptr, 16)?;
+    if n_bytes == 0 {
+        return Ok(());
+    }
+    if src_ptr < dst_ptr + n_bytes && dst_ptr < src_ptr + n_bytes {
+        return Err(Error::layout("dst", "overlaps src"));
+    }
+    launch::copy_v16(gpu, src_ptr, dst_ptr, n_bytes)
+}
+
+/// Measured device-to-device copy bandwidth.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CopyBandwidth {
+    /// Bytes copied per launch (each is read once and written once).
+    pub bytes: u64,
+    /// Per-launch times.
+    pub timing: Timing,
+}
+
+impl CopyBandwidth {
+    /// Achieved bandwidth at the median time, counting read + write (2 × bytes), in GB/s.
+    ///
+    /// ```
+    /// use fusekit::{probe::CopyBandwidth, timing::Timing};
+    /// let bw = CopyBandwidth { bytes: 1_500_000_000, timing: Timing::from_samples(vec![1.0]) };
+    /// assert_eq!(bw.gbps(), 3000.0);
+    /// ```
+    pub fn gbps(&self) -> f64 {
+        self.timing.gbps(2 * self.bytes)
+    }
+}
+
+/// Allocates two buffers of `bytes` each, copies between them `warmup + iters` times and times each copy
+/// with CUDA events. Use buffers far above L2 (the benchmark uses 1 GiB) to measure HBM, not cache.
+/// Synchronises.
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// let gpu = fusekit::Gpu::new(0)?;
+/// let bw = fusekit::probe::measure_copy_bandwidth_sync(&gpu, 1 << 30, 20)?;
+/// println!("copy: {:.0} GB/s", bw.gbps());
+/// # Ok(()) }
+/// ```
+pub fn measure_copy_bandwidth_sync(gpu: &Gpu, bytes: usize, iters: usize) -> Result<CopyBandwidth> {
+    if bytes == 0 || iters == 0 {
+        return Err(Error::invalid(
+            "bytes/iters",
+            format!("must both be > 0, got {bytes} and {iters}"),
+        ));
+    }
+    let alloc = |what: &str| {
+        gpu.stream()
+            .alloc_zeros::<u8>(bytes)
+            .map_err(|e| Error::driver(format!("allocating {bytes} bytes for {what}"), e))
+    };
+    let src = alloc("the copy source")?;
+    let mut dst = alloc("the copy destination")?;
+    let timing = time_launches_sync(gpu, 3, iters, || copy(gpu, &src, &mut dst))?;
+    Ok(CopyBandwidth {
+        bytes: bytes as u64,
+        timing,
+    })
+}
+
+/// Sizes (bytes) the self-check copies: empty, below one vector, odd tails, several waves.
+const CHECK_SIZES: &[usize] = &[0, 1, 15, 16, 17, 4096 + 3, (1 << 20) + 7, (24 << 20) + 13];
+
+pub(crate) fn self_check() -> crate::check::SelfCheck {
+    crate::check::SelfCheck {
+        family: "probe",
+        cpu: |rng| {
+            let data: Vec<u8> = (0..4099).map(|_| rng.next_u64() as u8).collect();
+            let ok = reference::copy(&data) == data;
+            vec![crate::check::CheckRow {
+                kernel: "copy (reference)".into(),
+                mode: "cpu-ref",
+                max_err: 0.0,
+                pass: ok,
+                gbps: None,
+                note: "identity on 4099 random bytes".into(),
+            }]
+        },
+        gpu: |gpu, rng| {
+            let mut pass = true;
+            let mut note = String::new();
+            for &n in CHECK_SIZES {
+                let data: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
+                let src = gpu
+                    .stream()
+                    .clone_htod(&data)
+                    .map_err(|e| Error::driver("uploading check data", e))?;
+                let mut dst = crate::testing::poisoned::<u8>(gpu, n)?;
+                copy(gpu, &src, &mut dst)?;
+                let back = gpu
+                    .stream()
+                    .clone_dtoh(&dst)
+                    .map_err(|e| Error::driver("downloading check data", e))?;
+                if back != reference::copy(&data) {
+                    pass = false;
+                    note = format!("mismatch at {n} bytes");
+                }
+            }
+            let bw = measure_copy_bandwidth_sync(gpu, 256 << 20, 10)?;
+            if pass {
+                note = format!(
+                    "{} sizes 0..{} B exact; GB/s on 256 MiB",
+                    CHECK_SIZES.len(),
+                    CHECK_SIZES[CHECK_SIZES.len() - 1]
+                );
+            }
+            Ok(vec![crate::check::CheckRow {
+                kernel: "fk_copy_v16".into(),
+                mode: "gpu",
+                max_err: 0.0,
+                pass,
+                gbps: Some(bw.gbps()),
+                note,
+            }])
+        },
+    }
+}
