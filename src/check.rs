@@ -75,7 +75,7 @@ pub struct CheckOutcome {
 ///
 /// ```
 /// let out = fusekit::check::run(&fusekit::check::CheckOptions { require_gpu: false, seed: Some(1) });
-/// assert!(out.text.contains("probe"));
+/// assert!(out.text.contains("copy"));
 /// ```
 pub fn run(opts: &CheckOptions) -> CheckOutcome {
     run_with(opts, Gpu::new(0))

@@ -17,7 +17,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///     "shape of `logits`: expected [N, V] with N·V = 4096 elements, got 4000 elements"
 /// );
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Error {
     /// No usable CUDA driver or device: libcuda missing, no device, or the device ordinal absent.
@@ -152,8 +152,10 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::NoDevice { reason } => write!(f, "no CUDA device: {reason}"),
+            // The CUresult name only: cudarc's Debug of DriverError asks libcuda for a description, which
+            // panics where libcuda is absent.
             Error::Driver { during, source } => {
-                write!(f, "CUDA driver error while {during}: {source:?}")
+                write!(f, "CUDA driver error while {during}: {:?}", source.0)
             }
             Error::Shape { arg, expected, got } => {
                 write!(f, "shape of `{arg}`: expected {expected}, got {got}")
@@ -171,6 +173,14 @@ impl fmt::Display for Error {
             Error::InvalidArgument { arg, reason } => write!(f, "invalid `{arg}`: {reason}"),
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
         }
+    }
+}
+
+// Debug prints the Display text: never cudarc's DriverError Debug (see above), so `unwrap()` on a driver
+// error cannot panic a second time inside the panic message.
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Error({self})")
     }
 }
 
