@@ -55,7 +55,7 @@ fn main() {
                 .map(|fam| {
                     let (nvcc, sass, nvcc_version, kernels, out) =
                         (&nvcc, &sass, &nvcc_version, &kernels, &out);
-                    s.spawn(move || compile_family(nvcc, &nvcc_version, sass, kernels, out, fam))
+                    s.spawn(move || compile_family(nvcc, nvcc_version, sass, kernels, out, fam))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()

@@ -34,8 +34,8 @@ mod tests {
             f32::MIN_POSITIVE,
             f32::INFINITY,
             f32::NEG_INFINITY,
-            1.00390625, // exactly halfway between two bf16: ties to even
-            1.01171875, // halfway, rounds up to even
+            f32::from_bits(0x3f80_8000), // 1 + 2^-8: halfway between two bf16, ties to even (down)
+            f32::from_bits(0x3f81_8000), // 1 + 3·2^-8: halfway, ties to even (up)
             3.4e38,
         ];
         let randoms = (0..100_000).map(|_| f32::from_bits(rng.next_u64() as u32));

@@ -539,3 +539,25 @@ pub fn compare<T: Element>(
     }
     Ok(report)
 }
+
+/// First index where `a` and `b` differ bit for bit (`None` when identical, lengths included: a length
+/// mismatch reports the shorter length). Determinism tests use it: NaN payloads and ±0 count as different.
+///
+/// ```
+/// use fusekit::testing::first_bit_difference;
+/// assert_eq!(first_bit_difference(&[1.0f32, 0.0], &[1.0, 0.0]), None);
+/// assert_eq!(first_bit_difference(&[1.0f32, 0.0], &[1.0, -0.0]), Some(1));
+/// ```
+pub fn first_bit_difference<T: bytemuck::Pod>(a: &[T], b: &[T]) -> Option<usize> {
+    let size = std::mem::size_of::<T>();
+    let (ab, bb): (&[u8], &[u8]) = (bytemuck::cast_slice(a), bytemuck::cast_slice(b));
+    match ab
+        .chunks(size)
+        .zip(bb.chunks(size))
+        .position(|(x, y)| x != y)
+    {
+        Some(i) => Some(i),
+        None if a.len() != b.len() => Some(a.len().min(b.len())),
+        None => None,
+    }
+}

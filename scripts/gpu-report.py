@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""gpu-report.py BUNDLE OUT: turn the logs of run.sh into OUT/report.json and OUT/report.md."""
+import datetime
+import glob
+import json
+import os
+import re
+import sys
+
+bundle, out = sys.argv[1], sys.argv[2]
+logs = os.path.join(out, "logs")
+
+
+def read(path, default=""):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+commit_lines = read(os.path.join(bundle, "COMMIT")).split()
+commit = commit_lines[0] if commit_lines else "unknown"
+dirty = "dirty" in commit_lines
+gpu_line = read(os.path.join(logs, "gpu.txt")).strip().splitlines()
+gpu_fields = [x.strip() for x in (gpu_line[0].split(",") if gpu_line else [])]
+gpu = gpu_fields[0] if gpu_fields else "unknown GPU"
+driver = gpu_fields[1] if len(gpu_fields) > 1 else "unknown"
+now = datetime.datetime.now(datetime.timezone.utc)
+
+tests, binaries = [], []
+for line in read(os.path.join(logs, "tests.txt")).splitlines():
+    m = re.match(r"(\S+) exit=(\d+)", line)
+    if not m:
+        continue
+    name, code = m.group(1), int(m.group(2))
+    binaries.append({"binary": name, "exit": code})
+    log = read(os.path.join(logs, f"test-{name}.log"))
+    for t in re.finditer(r"^test (.+?) \.\.\. (ok|FAILED|ignored)", log, re.M):
+        tests.append({"binary": name, "name": t.group(1), "status": t.group(2)})
+    for s in re.finditer(r"^SKIP \(no CUDA device\): (.+)$", log, re.M):
+        tests.append({"binary": name, "name": s.group(1), "status": "skip"})
+
+sanitizer = []
+for line in read(os.path.join(logs, "sanitizer.txt")).splitlines():
+    m = re.match(r"(\w+) (\S+) exit=(\d+)", line)
+    if not m:
+        continue
+    tool, name, code = m.group(1), m.group(2), int(m.group(3))
+    log = read(os.path.join(logs, f"sanitizer-{tool}-{name}.log"))
+    e = re.search(r"ERROR SUMMARY: (\d+) error", log)
+    sanitizer.append({"tool": tool, "binary": name, "exit": code,
+                      "errors": int(e.group(1)) if e else None})
+
+check_text = read(os.path.join(logs, "check.log"))
+m = re.search(r"check exit=(\d+)", check_text)
+check_exit = int(m.group(1)) if m else None
+
+benches = []
+for path in sorted(glob.glob(os.path.join(logs, "bench-*.log")) + glob.glob(os.path.join(logs, "peer-*.log"))):
+    for line in read(path).splitlines():
+        m = re.match(r"^(FUSEKIT_BENCH|FUSEKIT_PEER) (\{.*\})\s*$", line)
+        if m:
+            try:
+                rec = json.loads(m.group(2))
+            except ValueError:
+                continue
+            rec["source"] = "fusekit" if m.group(1) == "FUSEKIT_BENCH" else "peer"
+            benches.append(rec)
+bench_exits = read(os.path.join(logs, "benches.txt")).split("\n")
+peer_exits = read(os.path.join(logs, "peers.txt")).split("\n")
+
+slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")[:32] or "gpu"
+stem = f"{now:%Y-%m-%d}-{slug}-{commit[:8]}"
+failed = [t for t in tests if t["status"] in ("FAILED", "skip")]
+san_bad = [s for s in sanitizer if s["exit"] != 0]
+bad_bins = [b for b in binaries if b["exit"] != 0]
+green = not failed and not san_bad and not bad_bins and check_exit == 0 and sanitizer != []
+
+report = {
+    "stem": stem, "date": now.isoformat(timespec="seconds"), "gpu": gpu, "driver": driver,
+    "commit": commit, "dirty": dirty, "green": green, "tests": tests, "binaries": binaries,
+    "sanitizer": sanitizer, "check_exit": check_exit, "check": check_text, "benches": benches,
+    "bench_exits": [l for l in bench_exits if l], "peer_exits": [l for l in peer_exits if l],
+}
+with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+
+md = [f"# GPU verification {now:%Y-%m-%d %H:%M} UTC", "",
+      f"- GPU: {gpu} (driver {driver})",
+      f"- commit: `{commit}`{' + uncommitted changes' if dirty else ''}",
+      f"- verdict: {'GREEN' if green else 'NOT GREEN'}",
+      f"- tests: {sum(t['status'] == 'ok' for t in tests)} ok, {len(failed)} failed/skipped, "
+      f"{sum(t['status'] == 'ignored' for t in tests)} ignored, in {len(binaries)} binaries",
+      f"- compute-sanitizer: " + (", ".join(f"{s['tool']} {s['binary']}: {s['errors']} errors (exit {s['exit']})" for s in sanitizer) or "not run"),
+      f"- fusekit check exit: {check_exit}", ""]
+if failed or bad_bins:
+    md += ["## Failures", ""]
+    md += [f"- `{t['binary']}` {t['name']}: {t['status']}" for t in failed]
+    md += [f"- binary `{b['binary']}` exited {b['exit']}" for b in bad_bins]
+    md.append("")
+md += ["## Tests", "", "| binary | test | status |", "| --- | --- | --- |"]
+md += [f"| {t['binary']} | {t['name']} | {t['status']} |" for t in tests]
+md += ["", "## fusekit check", "", "```", check_text.strip(), "```", "", "## Benchmarks", ""]
+if benches:
+    keys = []
+    for b in benches:
+        for k in b:
+            if k not in keys and k not in ("bench", "source"):
+                keys.append(k)
+    md.append("| source | bench | " + " | ".join(keys) + " |")
+    md.append("| --- | --- | " + " | ".join("---" for _ in keys) + " |")
+    for b in benches:
+        cells = []
+        for k in keys:
+            v = b.get(k, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        md.append(f"| {b['source']} | {b['bench']} | " + " | ".join(cells) + " |")
+else:
+    md.append("no benchmark records")
+md += ["", "Bench binaries: " + "; ".join(report["bench_exits"]),
+       "Peers: " + ("; ".join(report["peer_exits"]) or "none"), ""]
+with open(os.path.join(out, "report.md"), "w") as f:
+    f.write("\n".join(md))
+print("\n".join(md[:9]))
