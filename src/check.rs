@@ -45,9 +45,10 @@ pub struct SelfCheck {
 ///
 /// ```
 /// assert!(fusekit::check::registry().iter().any(|c| c.family == "probe"));
+/// assert!(fusekit::check::registry().iter().any(|c| c.family == "loss"));
 /// ```
 pub fn registry() -> Vec<SelfCheck> {
-    vec![crate::probe::self_check()]
+    vec![crate::probe::self_check(), crate::loss::check::self_check()]
 }
 
 /// Options of `fusekit check`.

@@ -19,13 +19,15 @@ mod fatbins {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Family {
+    /// Fused losses: cross-entropy family, focal, Poly-1, GCE, sigmoid focal, vocabulary shards.
+    Loss,
     /// Device probes: the bandwidth probe every memory-bound floor is measured with.
     Probe,
 }
 
 impl Family {
     /// Every family, in fatbin order.
-    pub const ALL: &'static [Family] = &[Family::Probe];
+    pub const ALL: &'static [Family] = &[Family::Loss, Family::Probe];
 
     /// The folder name under `kernels/`.
     ///
@@ -34,6 +36,7 @@ impl Family {
     /// ```
     pub fn name(self) -> &'static str {
         match self {
+            Family::Loss => "loss",
             Family::Probe => "probe",
         }
     }
@@ -159,7 +162,7 @@ pub const MIN_COMPUTE_CAPABILITY: (u32, u32) = (8, 0);
 /// Modules and functions of one CUDA context, shared by every [`Gpu`] on that context.
 struct ModuleCache {
     modules: Vec<OnceCell<Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(Family, &'static str), CudaFunction>>,
+    functions: Mutex<HashMap<(Family, String), CudaFunction>>,
 }
 
 type CacheRegistry = Mutex<Vec<(Weak<CudaContext>, Arc<ModuleCache>)>>;
@@ -356,13 +359,13 @@ impl Gpu {
     }
 
     /// Loads (once per context) the family's module and returns one of its kernels.
-    pub(crate) fn function(&self, family: Family, name: &'static str) -> Result<CudaFunction> {
+    pub(crate) fn function(&self, family: Family, name: &str) -> Result<CudaFunction> {
         let mut fns = self
             .cache
             .functions
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = fns.get(&(family, name)) {
+        if let Some(f) = fns.get(&(family, name.to_string())) {
             return Ok(f.clone());
         }
         let module = self.cache.modules[family.index()].get_or_try_init(|| self.load(family))?;
@@ -370,7 +373,7 @@ impl Gpu {
             "looking up kernel `{name}` in family `{}`",
             family.name()
         ))?;
-        fns.insert((family, name), f.clone());
+        fns.insert((family, name.to_string()), f.clone());
         Ok(f)
     }
 

@@ -54,3 +54,44 @@ mod tests {
         }
     }
 }
+
+/// The kernels' per-row loss result (fk_loss_math.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct RowResult {
+    pub loss: f32,
+    pub a: f32,
+    pub b: f32,
+    pub c: f32,
+}
+
+extern "C" {
+    fn fk_host_row_loss(
+        cfg: *const crate::params::fk_loss_config,
+        lse: f32,
+        logp: f32,
+        swz: f32,
+        wy: f32,
+    ) -> RowResult;
+    fn fk_host_sigmoid_focal(x: f32, t: f32, alpha: f32, gamma: f32, grad: *mut f32) -> f32;
+}
+
+/// `fk_row_loss` exactly as the kernels evaluate it (fp32).
+pub(crate) fn row_loss(
+    cfg: &crate::params::fk_loss_config,
+    lse: f32,
+    logp: f32,
+    swz: f32,
+    wy: f32,
+) -> RowResult {
+    // SAFETY: reads the struct, returns by value.
+    unsafe { fk_host_row_loss(cfg, lse, logp, swz, wy) }
+}
+
+/// `fk_sigmoid_focal` exactly as the kernels evaluate it: (loss, dloss/dx).
+pub(crate) fn sigmoid_focal(x: f32, t: f32, alpha: f32, gamma: f32) -> (f32, f32) {
+    let mut g = 0.0f32;
+    // SAFETY: writes one float through a valid pointer.
+    let l = unsafe { fk_host_sigmoid_focal(x, t, alpha, gamma, &mut g) };
+    (l, g)
+}

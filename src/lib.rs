@@ -25,6 +25,7 @@ mod device;
 mod error;
 #[cfg_attr(not(test), allow(dead_code))]
 mod host_math;
+pub mod loss;
 mod params;
 pub mod probe;
 pub mod testing;

@@ -14,3 +14,10 @@ include!(concat!(env!("OUT_DIR"), "/params.rs"));
 
 // SAFETY: plain C structs of scalars and device pointers, `#[repr(C)]` by bindgen, passed by value.
 unsafe impl DeviceRepr for fk_copy_params {}
+unsafe impl DeviceRepr for fk_ce_params {}
+unsafe impl DeviceRepr for fk_loss_denominator_params {}
+unsafe impl DeviceRepr for fk_loss_reduce_params {}
+unsafe impl DeviceRepr for fk_ce_shard_stats_params {}
+unsafe impl DeviceRepr for fk_ce_shard_combine_params {}
+unsafe impl DeviceRepr for fk_ce_shard_bwd_params {}
+unsafe impl DeviceRepr for fk_sigmoid_focal_params {}

@@ -4,3 +4,12 @@
 
 uint16_t fk_host_f32_to_bf16_bits(float x) { return fk_f32_to_bf16_bits(x); }
 float fk_host_bf16_bits_to_f32(uint16_t h) { return fk_bf16_bits_to_f32(h); }
+
+#include "fk_loss_math.h"
+
+fk_row_result fk_host_row_loss(const fk_loss_config *cfg, float lse, float logp, float swz, float wy) {
+    return fk_row_loss(cfg, lse, logp, swz, wy);
+}
+float fk_host_sigmoid_focal(float x, float t, float alpha, float gamma, float *grad) {
+    return fk_sigmoid_focal(x, t, alpha, gamma, grad);
+}

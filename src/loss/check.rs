@@ -1,0 +1,290 @@
+//! The loss family's part of `fusekit check`, and the CPU checks of its maths shared with the unit tests.
+
+use super::verify::{feature_matrix, Case};
+use super::{reference, LossConfig, LossKind, Reduction};
+use crate::check::{CheckRow, SelfCheck};
+use crate::testing::{Dist, Rng};
+
+/// Largest |analytic − numeric| / (|numeric| + 1e-3) of the reference gradient against central finite
+/// differences of the reduced loss, over random small inputs of every configuration.
+pub(crate) fn reference_fd_error(rng: &mut Rng) -> f64 {
+    let mut worst: f64 = 0.0;
+    for case in feature_matrix(3, 7) {
+        let (n, v) = (case.n_rows, case.vocab);
+        let x = rng.sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 1.5,
+            },
+            n * v,
+        );
+        let targets: Vec<i64> = (0..n)
+            .map(|i| {
+                if i == 1 && case.ignore_frac > 0.0 {
+                    -100
+                } else {
+                    rng.below(v as u64) as i64
+                }
+            })
+            .collect();
+        let w: Option<Vec<f64>> = case
+            .weights
+            .then(|| (0..v).map(|_| rng.uniform(0.3, 2.0)).collect());
+        let go: Option<Vec<f64>> = case.grad_output.then(|| {
+            (0..if case.cfg.reduction == Reduction::None {
+                n
+            } else {
+                1
+            })
+                .map(|_| rng.uniform(0.5, 2.0))
+                .collect()
+        });
+        let total = |x: &[f64]| {
+            let r = reference::fwd_bwd(x, n, v, &targets, w.as_deref(), go.as_deref(), &case.cfg);
+            match (case.cfg.reduction, &go) {
+                (Reduction::None, Some(g)) => r.rows.iter().zip(g).map(|(a, b)| a * b).sum(),
+                (Reduction::None, None) => r.rows.iter().sum(),
+                (_, Some(g)) => r.loss * g[0],
+                (_, None) => r.loss,
+            }
+        };
+        let analytic =
+            reference::fwd_bwd(&x, n, v, &targets, w.as_deref(), go.as_deref(), &case.cfg).grad;
+        let h = 1e-6;
+        for k in 0..n * v {
+            let mut xp = x.clone();
+            let mut xm = x.clone();
+            xp[k] += h;
+            xm[k] -= h;
+            let numeric = (total(&xp) - total(&xm)) / (2.0 * h);
+            worst = worst.max((analytic[k] - numeric).abs() / (numeric.abs() + 1e-3));
+        }
+    }
+    worst
+}
+
+/// Largest relative error of the kernels' fp32 row maths (fk_loss_math.h, host build) against the f64
+/// reference: loss and the gradient rebuilt from (a, b, c).
+pub(crate) fn host_math_error(rng: &mut Rng) -> f64 {
+    let mut worst: f64 = 0.0;
+    for case in feature_matrix(1, 50) {
+        let v = case.vocab;
+        // fp32-representable inputs, so only the row maths differ between the two sides.
+        let z: Vec<f64> = rng
+            .sample(
+                Dist::Logits {
+                    std: 2.0,
+                    outlier_frac: 0.02,
+                    outlier_scale: 6.0,
+                },
+                v,
+            )
+            .into_iter()
+            .map(|x| x as f32 as f64)
+            .collect();
+        let y = rng.below(v as u64) as usize;
+        let w: Option<Vec<f64>> = case
+            .weights
+            .then(|| (0..v).map(|_| rng.uniform(0.3, 2.0)).collect());
+        let cfg = LossConfig {
+            softcap: None,
+            ..case.cfg
+        };
+        let (loss, lse, grad) = reference::row_loss_grad(&z, y, w.as_deref(), &cfg);
+        let wf: Option<Vec<f32>> = w.as_ref().map(|w| w.iter().map(|&x| x as f32).collect());
+        let Ok(k) = cfg.to_params(v, wf.as_deref(), w.is_some()) else {
+            return f64::INFINITY;
+        };
+        let swz: f64 = (0..v)
+            .map(|j| w.as_ref().map_or(1.0, |w| w[j]) * z[j])
+            .sum();
+        let wy = w.as_ref().map_or(1.0, |w| w[y]);
+        // The kernel's order: (z_y − max) − log Σ exp(z − max), in fp32 from fp32 inputs.
+        let zf: Vec<f32> = z.iter().map(|&x| x as f32).collect();
+        let m = zf.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let ls = zf.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
+        let r = crate::host_math::row_loss(&k, m + ls, (zf[y] - m) - ls, swz as f32, wy as f32);
+        // fp32 log Σ exp carries ~1e-7 absolute error whatever the loss: an absolute floor of 1e-6
+        // (1e-4 of the 1e-2 in the denominator) for small losses.
+        worst = worst.max((r.loss as f64 - loss).abs() / (loss.abs() + 1e-2));
+        for j in 0..v {
+            let p = (z[j] - lse).exp();
+            let g = r.a as f64 * p
+                + if j == y { r.b as f64 } else { 0.0 }
+                + r.c as f64 * w.as_ref().map_or(1.0, |w| w[j]);
+            worst = worst.max((g - grad[j]).abs() / (grad[j].abs() + 1e-3));
+        }
+    }
+    worst
+}
+
+/// Largest error of the sigmoid focal maths: host build vs reference, and reference vs finite differences.
+pub(crate) fn sigmoid_focal_error(rng: &mut Rng) -> f64 {
+    let mut worst: f64 = 0.0;
+    for &(alpha, gamma) in &[(0.25, 2.0), (-1.0, 2.0), (0.5, 0.0), (0.25, 0.5)] {
+        for _ in 0..200 {
+            let x = rng.uniform(-12.0, 12.0);
+            let t = if rng.unit() < 0.5 { 0.0 } else { 1.0 };
+            let (l, g) = reference::sigmoid_focal(x, t, alpha, gamma);
+            let (lh, gh) =
+                crate::host_math::sigmoid_focal(x as f32, t as f32, alpha as f32, gamma as f32);
+            worst = worst.max((lh as f64 - l).abs() / (l.abs() + 1e-3));
+            worst = worst.max((gh as f64 - g).abs() / (g.abs() + 1e-3));
+            let h = 1e-6;
+            let fd = (reference::sigmoid_focal(x + h, t, alpha, gamma).0
+                - reference::sigmoid_focal(x - h, t, alpha, gamma).0)
+                / (2.0 * h);
+            worst = worst.max((fd - g).abs() / (g.abs() + 1e-3));
+        }
+    }
+    worst
+}
+
+fn row(
+    kernel: &str,
+    mode: &'static str,
+    err: f64,
+    tol: f64,
+    note: String,
+    gbps: Option<f64>,
+) -> CheckRow {
+    CheckRow {
+        kernel: kernel.into(),
+        mode,
+        max_err: err,
+        pass: err <= tol,
+        gbps,
+        note,
+    }
+}
+
+pub(crate) fn self_check() -> SelfCheck {
+    SelfCheck {
+        family: "loss",
+        cpu: |rng| {
+            vec![
+                row(
+                    "loss reference (fin. diff.)",
+                    "cpu-ref",
+                    reference_fd_error(rng),
+                    1e-5,
+                    "16 configs, grad vs central differences".into(),
+                    None,
+                ),
+                row(
+                    "fk_loss_math.h (host)",
+                    "cpu-ref",
+                    host_math_error(rng),
+                    1e-4,
+                    "fp32 row maths vs f64 reference".into(),
+                    None,
+                ),
+                row(
+                    "sigmoid focal maths",
+                    "cpu-ref",
+                    sigmoid_focal_error(rng),
+                    1e-4,
+                    "host build, reference, fin. diff.".into(),
+                    None,
+                ),
+            ]
+        },
+        gpu: |gpu, rng| {
+            use half::bf16;
+            let mut rows = Vec::new();
+            for (name, res) in [
+                ("fk_ce_fwd_bwd_f32", run_matrix::<f32>(gpu, rng)),
+                ("fk_ce_fwd_bwd_bf16", run_matrix::<bf16>(gpu, rng)),
+            ] {
+                match res {
+                    Ok(e) => rows.push(row(
+                        name,
+                        "gpu",
+                        e,
+                        f64::INFINITY,
+                        "16 configs, N=8 V=1003, rel L2".into(),
+                        None,
+                    )),
+                    Err(msg) => rows.push(CheckRow {
+                        kernel: name.into(),
+                        mode: "gpu",
+                        max_err: f64::NAN,
+                        pass: false,
+                        gbps: None,
+                        note: msg,
+                    }),
+                }
+            }
+            // Throughput at a training-like size.
+            let case = Case {
+                cfg: LossConfig {
+                    kind: LossKind::CrossEntropy,
+                    ..LossConfig::default()
+                },
+                ..Case::ce(512, 32000)
+            };
+            let inp = super::verify::inputs::<bf16>(&case, rng);
+            let gb = throughput(gpu, &case, &inp);
+            rows.push(match gb {
+                Ok(g) => row(
+                    "fk_ce_fwd_bwd_bf16 512x32000",
+                    "gpu",
+                    0.0,
+                    0.0,
+                    "GB/s of the 2·N·V·2 B floor".into(),
+                    Some(g),
+                ),
+                Err(e) => CheckRow {
+                    kernel: "fk_ce_fwd_bwd_bf16 512x32000".into(),
+                    mode: "gpu",
+                    max_err: f64::NAN,
+                    pass: false,
+                    gbps: None,
+                    note: e,
+                },
+            });
+            Ok(rows)
+        },
+    }
+}
+
+fn run_matrix<T: super::LossElement>(gpu: &crate::Gpu, rng: &mut Rng) -> Result<f64, String> {
+    let mut worst: f64 = 0.0;
+    for case in feature_matrix(8, 1003) {
+        worst = worst.max(super::verify::run::<T>(gpu, rng, &case)?.worst_rel_l2());
+    }
+    Ok(worst)
+}
+
+fn throughput(
+    gpu: &crate::Gpu,
+    case: &Case,
+    inp: &super::verify::CaseInputs<half::bf16>,
+) -> Result<f64, String> {
+    let s = gpu.stream();
+    let e = |e: crate::Error| e.to_string();
+    let logits = s
+        .clone_htod(&inp.logits)
+        .map_err(|e| format!("{:?}", e.0))?;
+    let t: Vec<i32> = inp.targets.iter().map(|&y| y as i32).collect();
+    let t = s.clone_htod(&t).map_err(|e| format!("{:?}", e.0))?;
+    let mut g = s
+        .alloc_zeros::<half::bf16>(logits.len())
+        .map_err(|e| format!("{:?}", e.0))?;
+    let mut out = super::LossOutputs::new(gpu, case.n_rows).map_err(e)?;
+    let rows = super::Rows::contiguous(case.n_rows, case.vocab);
+    let timing = crate::timing::time_launches_sync(gpu, 3, 20, || {
+        super::fwd_bwd(
+            gpu,
+            rows,
+            &logits,
+            &t,
+            &mut g,
+            &Default::default(),
+            &case.cfg,
+            &mut out,
+        )
+    })
+    .map_err(e)?;
+    Ok(timing.gbps(2 * (case.n_rows * case.vocab * 2) as u64))
+}

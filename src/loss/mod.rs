@@ -1,0 +1,743 @@
+//! Fused losses: cross-entropy and its family (label smoothing, z-loss, softcap, class weights, focal,
+//! Poly-1, generalised CE), forward and backward in one kernel over logits `[N, V]`; sigmoid focal loss;
+//! vocabulary-parallel shards.
+//!
+//! # The template
+//! Every row loss here depends on the row only through `lse`, `z_y` and `Σ_j w_j z_j`, so its gradient is
+//! `∂ℓ/∂z_j = a·p_j + b·[j = y] + c·w_j` for three per-row scalars. One kernel computes the statistics
+//! (fp32, online max/sum-exp), the loss and `(a, b, c)` per row, then writes the gradient in a second
+//! sweep over the row, held in shared memory when it fits (then HBM sees one read of the logits and one
+//! write of the gradient: the traffic floor). The target column is computed in fp32 and rounded once.
+//!
+//! | [`LossKind`] | loss ℓ for target y (p = softmax(z), w_y = class weight or 1) |
+//! | --- | --- |
+//! | `CrossEntropy` | `(1−ε) w_y (lse − z_y) + (ε/V) Σ_j w_j (lse − z_j)` (ε: label smoothing) |
+//! | `Focal { γ }` | `−w_y (1−p_y)^γ log p_y` (w = α per class) |
+//! | `Poly1 { ε₁ }` | `w_y (−log p_y + ε₁ (1−p_y))` |
+//! | `Poly1Focal { γ, ε₁ }` | focal `+ ε₁ w_y (1−p_y)^{γ+1}` |
+//! | `Gce { q }` | `w_y (1 − p_y^q) / q` |
+//!
+//! Every kind may add a z-loss `s·lse²` and use a logit softcap `z = c·tanh(x/c)` (gradient chained through
+//! `1 − tanh²`).
+//!
+//! # Semantics worth knowing
+//! * `ignore_index` rows: loss 0, lse 0, gradient 0, not counted in a mean. A batch where every row is
+//!   ignored gives loss **0 and a zero gradient** (PyTorch gives NaN).
+//! * `Reduction::Mean` divides by `Σ w_{y_i}` over the rows that are not ignored (the row count without
+//!   weights), for the smoothing term too. PyTorch divides its unweighted smoothing term by *all* rows,
+//!   ignored ones included; the two agree whenever no row is ignored.
+//! * The upstream gradient (`grad_output`) multiplies the gradient: one value for mean/sum, one per row
+//!   for `Reduction::None`. The per-row `loss`/`lse` outputs are never scaled.
+//! * Targets outside `[0, V)` that are not `ignore_index` never cause an out-of-bounds access: that row's
+//!   loss and lse become NaN, its gradient 0, and [`LossOutputs::check_targets_sync`] reports the first one
+//!   as [`Error::OutOfRange`]. (Checking device targets on the host would need a synchronisation the
+//!   launch functions never make.)
+//! * Deterministic: the same inputs give the same bits on every run (fixed-order reductions, no atomics
+//!   on data).
+
+mod launch;
+pub mod reference;
+
+pub use launch::ROW_CACHE_LIMIT;
+
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+use crate::params::fk_loss_config;
+use crate::testing::Element;
+use crate::Gpu;
+
+/// Logit element types: f32, f16, bf16. Statistics are fp32 whatever the storage type.
+pub trait LossElement: Element + sealed::Sealed {
+    /// Kernel-name suffix.
+    const SUFFIX: &'static str;
+}
+impl LossElement for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl LossElement for f16 {
+    const SUFFIX: &'static str = "f16";
+}
+impl LossElement for bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// Target index types: i32, i64.
+pub trait TargetIndex: Element + sealed::Sealed {
+    /// Kernel-name suffix.
+    const SUFFIX: &'static str;
+    /// Widening conversion.
+    fn to_i64(self) -> i64;
+}
+impl TargetIndex for i32 {
+    const SUFFIX: &'static str = "i32";
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+impl TargetIndex for i64 {
+    const SUFFIX: &'static str = "i64";
+    fn to_i64(self) -> i64 {
+        self
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for i32 {}
+    impl Sealed for i64 {}
+}
+
+/// Which row loss.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LossKind {
+    /// Cross-entropy (with optional label smoothing, class weights, z-loss, softcap).
+    CrossEntropy,
+    /// Softmax focal loss; class weights act as per-class α.
+    Focal {
+        /// Focusing parameter γ ≥ 0 (γ = 0 is cross-entropy).
+        gamma: f32,
+    },
+    /// PolyLoss Poly-1: CE + ε(1 − p_y).
+    Poly1 {
+        /// ε ≥ −1.
+        epsilon: f32,
+    },
+    /// Poly-1 focal form: focal + ε(1 − p_y)^{γ+1}.
+    Poly1Focal {
+        /// Focusing parameter γ ≥ 0.
+        gamma: f32,
+        /// ε ≥ −1.
+        epsilon: f32,
+    },
+    /// Generalised cross-entropy (1 − p_y^q)/q.
+    Gce {
+        /// q in (0, 1]; q → 0 is CE, q = 1 is MAE.
+        q: f32,
+    },
+}
+
+/// Label smoothing, in either convention.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LabelSmoothing {
+    /// None.
+    None,
+    /// PyTorch: target distribution (1 − ε)·onehot + ε/V.
+    PyTorch(f32),
+    /// Megatron: ε scaled by V/(V − 1), so the off-target mass per class is ε/(V − 1).
+    Megatron(f32),
+}
+
+/// How per-row losses are reduced (and how the gradient is scaled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    /// No reduction: the upstream gradient has one value per row.
+    None,
+    /// Mean over non-ignored rows, weighted by the target class weights when given.
+    Mean,
+    /// Sum.
+    Sum,
+}
+
+/// Everything about the loss that is not a buffer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossConfig {
+    /// The row loss.
+    pub kind: LossKind,
+    /// Rows whose target equals this are ignored (PyTorch's default: -100).
+    pub ignore_index: i64,
+    /// Label smoothing (cross-entropy only).
+    pub label_smoothing: LabelSmoothing,
+    /// z-loss scale s ≥ 0: adds s·lse².
+    pub z_loss: f32,
+    /// Logit softcap c > 0: z = c·tanh(x/c).
+    pub softcap: Option<f32>,
+    /// Reduction.
+    pub reduction: Reduction,
+}
+
+impl Default for LossConfig {
+    /// Plain cross-entropy, mean reduction, ignore_index −100.
+    fn default() -> Self {
+        LossConfig {
+            kind: LossKind::CrossEntropy,
+            ignore_index: -100,
+            label_smoothing: LabelSmoothing::None,
+            z_loss: 0.0,
+            softcap: None,
+            reduction: Reduction::Mean,
+        }
+    }
+}
+
+impl LossConfig {
+    /// Checks every scalar parameter; returns the kernel's view of them.
+    pub(crate) fn to_params(
+        self,
+        vocab: usize,
+        weights: Option<&[f32]>,
+        has_weights: bool,
+    ) -> Result<fk_loss_config> {
+        let finite = |arg: &'static str, v: f32, lo: f32, hi: f32, range: &str| -> Result<()> {
+            if v.is_finite() && v >= lo && v <= hi {
+                Ok(())
+            } else {
+                Err(Error::invalid(arg, format!("must be {range}, got {v}")))
+            }
+        };
+        let (kind, gamma, poly_eps, gce_q) = match self.kind {
+            LossKind::CrossEntropy => (crate::params::FK_LOSS_CE, 0.0, 0.0, 1.0),
+            LossKind::Focal { gamma } => {
+                finite("gamma", gamma, 0.0, 1e3, "finite and >= 0")?;
+                (crate::params::FK_LOSS_FOCAL, gamma, 0.0, 1.0)
+            }
+            LossKind::Poly1 { epsilon } => {
+                finite("epsilon", epsilon, -1.0, 1e6, "finite and >= -1")?;
+                (crate::params::FK_LOSS_POLY1, 0.0, epsilon, 1.0)
+            }
+            LossKind::Poly1Focal { gamma, epsilon } => {
+                finite("gamma", gamma, 0.0, 1e3, "finite and >= 0")?;
+                finite("epsilon", epsilon, -1.0, 1e6, "finite and >= -1")?;
+                (crate::params::FK_LOSS_POLY1_FOCAL, gamma, epsilon, 1.0)
+            }
+            LossKind::Gce { q } => {
+                if !(q.is_finite() && q > 0.0 && q <= 1.0) {
+                    return Err(Error::invalid("q", format!("must be in (0, 1], got {q}")));
+                }
+                (crate::params::FK_LOSS_GCE, 0.0, 0.0, q)
+            }
+        };
+        let eps = match self.label_smoothing {
+            LabelSmoothing::None => 0.0,
+            LabelSmoothing::PyTorch(e) | LabelSmoothing::Megatron(e) => {
+                finite("label_smoothing", e, 0.0, 1.0, "in [0, 1]")?;
+                if self.kind != LossKind::CrossEntropy && e != 0.0 {
+                    return Err(Error::invalid(
+                        "label_smoothing",
+                        format!(
+                            "applies to LossKind::CrossEntropy only, not {:?}",
+                            self.kind
+                        ),
+                    ));
+                }
+                reference::effective_smoothing(self.label_smoothing, vocab) as f32
+            }
+        };
+        finite("z_loss", self.z_loss, 0.0, f32::MAX, "finite and >= 0")?;
+        let softcap = match self.softcap {
+            None => 0.0,
+            Some(c) if c.is_finite() && c > 0.0 => c,
+            Some(c) => {
+                return Err(Error::invalid(
+                    "softcap",
+                    format!("must be finite and > 0, got {c}"),
+                ))
+            }
+        };
+        let weight_sum = weights.map_or(vocab as f64, |w| w.iter().map(|&x| x as f64).sum());
+        Ok(fk_loss_config {
+            kind,
+            has_weights: has_weights as u32,
+            smoothing: eps,
+            z_loss: self.z_loss,
+            softcap,
+            gamma,
+            poly_eps,
+            gce_q,
+            weight_sum: weight_sum as f32,
+            vocab: vocab as f32,
+        })
+    }
+}
+
+/// Geometry of a logits matrix: `n_rows` rows of `vocab` classes, row `i` starting at element
+/// `i·row_stride` (`row_stride ≥ vocab`; a padded or sliced matrix is fine).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    /// Rows (tokens).
+    pub n_rows: usize,
+    /// Classes per row.
+    pub vocab: usize,
+    /// Elements between row starts in the logits.
+    pub row_stride: usize,
+    /// Elements between row starts in the gradient.
+    pub grad_stride: usize,
+}
+
+impl Rows {
+    /// A dense `[n_rows, vocab]` matrix (logits and gradient).
+    ///
+    /// ```
+    /// let r = fusekit::loss::Rows::contiguous(4, 10);
+    /// assert_eq!((r.row_stride, r.grad_stride), (10, 10));
+    /// ```
+    pub fn contiguous(n_rows: usize, vocab: usize) -> Self {
+        Rows {
+            n_rows,
+            vocab,
+            row_stride: vocab,
+            grad_stride: vocab,
+        }
+    }
+
+    /// Elements a buffer needs for `n_rows` rows at `stride`.
+    fn extent(&self, stride: usize) -> usize {
+        if self.n_rows == 0 {
+            0
+        } else {
+            (self.n_rows - 1) * stride + self.vocab
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.n_rows == 0 {
+            return Err(Error::shape(
+                "logits",
+                "at least one row",
+                "an empty batch (0 rows)",
+            ));
+        }
+        if self.vocab == 0 {
+            return Err(Error::shape("logits", "vocab >= 1", "vocab 0"));
+        }
+        if self.vocab > i32::MAX as usize {
+            return Err(Error::shape(
+                "logits",
+                "vocab < 2^31",
+                format!("vocab {}", self.vocab),
+            ));
+        }
+        if self.row_stride < self.vocab {
+            return Err(Error::layout(
+                "logits",
+                format!(
+                    "row_stride {} is smaller than vocab {}",
+                    self.row_stride, self.vocab
+                ),
+            ));
+        }
+        if self.grad_stride < self.vocab {
+            return Err(Error::layout(
+                "grad",
+                format!(
+                    "grad_stride {} is smaller than vocab {}",
+                    self.grad_stride, self.vocab
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Optional per-call buffers.
+#[derive(Default)]
+pub struct LossExtras<'a> {
+    /// Class weights `[V]` (f32). For the focal family they are the per-class α.
+    pub class_weights: Option<&'a CudaSlice<f32>>,
+    /// Host copy of the same weights, used for `Σ_j w_j` (label smoothing). Required with smoothing and
+    /// weights; otherwise unused. (Reading the device copy would need a synchronisation.)
+    pub class_weights_host: Option<&'a [f32]>,
+    /// Upstream gradient: `[1]` for mean/sum, `[N]` for `Reduction::None`. `None` means 1.
+    pub grad_output: Option<CudaView<'a, f32>>,
+}
+
+/// Outputs and device workspace of the loss kernels. Allocate once per batch shape and reuse: the launch
+/// functions allocate nothing, so they are CUDA-graph safe.
+pub struct LossOutputs {
+    /// Per-row loss `[N]` (0 for ignored rows, NaN for rows with an invalid target).
+    pub rows: CudaSlice<f32>,
+    /// Per-row log-sum-exp of the softcapped logits `[N]` (0 for ignored rows).
+    pub lse: CudaSlice<f32>,
+    /// The reduced loss `[1]`: written for `Reduction::Mean` and `Reduction::Sum`.
+    pub loss: CudaSlice<f32>,
+    /// Per-row gradient coefficients `[N, 4]` (vocabulary-shard path only).
+    pub coeffs: CudaSlice<f32>,
+    pub(crate) denominator: CudaSlice<f32>,
+    pub(crate) status: CudaSlice<u64>,
+    n_rows: usize,
+}
+
+impl LossOutputs {
+    /// Allocates outputs for `n_rows` rows on the handle's stream.
+    ///
+    /// ```no_run
+    /// # let gpu = fusekit::Gpu::new(0).unwrap();
+    /// let out = fusekit::loss::LossOutputs::new(&gpu, 4096).unwrap();
+    /// ```
+    pub fn new(gpu: &Gpu, n_rows: usize) -> Result<Self> {
+        let s = gpu.stream();
+        let alloc = |n: usize| {
+            s.alloc_zeros::<f32>(n.max(1))
+                .map_err(|e| Error::driver("allocating loss outputs", e))
+        };
+        Ok(LossOutputs {
+            rows: alloc(n_rows)?,
+            lse: alloc(n_rows)?,
+            loss: alloc(1)?,
+            coeffs: alloc(4 * n_rows)?,
+            denominator: alloc(1)?,
+            status: s
+                .alloc_zeros::<u64>(1)
+                .map_err(|e| Error::driver("allocating loss status", e))?,
+            n_rows,
+        })
+    }
+
+    /// Rows these outputs hold.
+    ///
+    /// ```no_run
+    /// # let gpu = fusekit::Gpu::new(0).unwrap();
+    /// assert_eq!(fusekit::loss::LossOutputs::new(&gpu, 8).unwrap().n_rows(), 8);
+    /// ```
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+
+    /// Waits for the stream and returns the reduced loss.
+    ///
+    /// ```no_run
+    /// # let gpu = fusekit::Gpu::new(0).unwrap();
+    /// # let out = fusekit::loss::LossOutputs::new(&gpu, 8).unwrap();
+    /// let loss: f32 = out.loss_sync(&gpu).unwrap();
+    /// ```
+    pub fn loss_sync(&self, gpu: &Gpu) -> Result<f32> {
+        let v = gpu
+            .stream()
+            .clone_dtoh(&self.loss)
+            .map_err(|e| Error::driver("reading the loss", e))?;
+        Ok(v[0])
+    }
+
+    /// Waits for the stream; `Err(OutOfRange)` naming the first row whose target was outside `[0, V)`
+    /// (and not `ignore_index`) in the last launch that used these outputs.
+    ///
+    /// ```no_run
+    /// # fn main() -> fusekit::Result<()> {
+    /// # let gpu = fusekit::Gpu::new(0)?;
+    /// let logits = gpu.stream().clone_htod(&[0.0f32; 8]).unwrap();
+    /// let targets = gpu.stream().clone_htod(&[1i32, 9]).unwrap(); // 9 >= V = 4
+    /// let mut grad = gpu.stream().alloc_zeros::<f32>(8).unwrap();
+    /// let mut out = fusekit::loss::LossOutputs::new(&gpu, 2)?;
+    /// let rows = fusekit::loss::Rows::contiguous(2, 4);
+    /// let cfg = fusekit::loss::LossConfig::default();
+    /// fusekit::loss::fwd_bwd(&gpu, rows, &logits, &targets, &mut grad, &Default::default(), &cfg, &mut out)?;
+    /// let err = out.check_targets_sync(&gpu, &targets, rows.vocab, cfg.ignore_index).unwrap_err();
+    /// assert_eq!(err.to_string(), "targets[1] = 9 is outside [0, 4) (or ignore_index -100)");
+    /// # Ok(()) }
+    /// ```
+    pub fn check_targets_sync<I: TargetIndex, S: DevicePtr<I>>(
+        &self,
+        gpu: &Gpu,
+        targets: &S,
+        vocab: usize,
+        ignore_index: i64,
+    ) -> Result<()> {
+        let st = gpu
+            .stream()
+            .clone_dtoh(&self.status)
+            .map_err(|e| Error::driver("reading the loss status", e))?;
+        if st[0] == 0 {
+            return Ok(());
+        }
+        let row = self.n_rows.saturating_sub(st[0] as usize);
+        let all = gpu
+            .stream()
+            .clone_dtoh(targets)
+            .map_err(|e| Error::driver("reading targets", e))?;
+        Err(Error::OutOfRange {
+            arg: "targets",
+            index: row,
+            value: all.get(row).map_or(-1, |v| v.to_i64()),
+            allowed: format!("[0, {vocab}) (or ignore_index {ignore_index})"),
+        })
+    }
+}
+
+fn check_len(arg: &'static str, have: usize, need: usize, what: &str) -> Result<()> {
+    if have < need {
+        return Err(Error::shape(
+            arg,
+            format!("at least {need} elements ({what})"),
+            format!("{have} elements"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_ctx<T, S: cudarc::driver::DeviceSlice<T>>(
+    gpu: &Gpu,
+    arg: &'static str,
+    s: &S,
+) -> Result<()> {
+    if std::sync::Arc::ptr_eq(s.stream().context(), gpu.context()) {
+        Ok(())
+    } else {
+        Err(Error::layout(
+            arg,
+            "belongs to another CUDA context than the Gpu handle",
+        ))
+    }
+}
+
+/// Validated, kernel-ready view of one fused call.
+struct Checked {
+    cfg: fk_loss_config,
+}
+
+fn check_common<I: TargetIndex, S: DevicePtr<I>>(
+    gpu: &Gpu,
+    rows: Rows,
+    logits_len: usize,
+    targets: &S,
+    extras: &LossExtras<'_>,
+    cfg: &LossConfig,
+    out: &LossOutputs,
+) -> Result<Checked> {
+    rows.validate()?;
+    check_len(
+        "logits",
+        logits_len,
+        rows.extent(rows.row_stride),
+        "(n_rows - 1) * row_stride + vocab",
+    )?;
+    check_ctx(gpu, "targets", targets)?;
+    if targets.len() != rows.n_rows {
+        return Err(Error::shape(
+            "targets",
+            format!("{} elements (one per row)", rows.n_rows),
+            format!("{}", targets.len()),
+        ));
+    }
+    if out.n_rows < rows.n_rows {
+        return Err(Error::shape(
+            "out",
+            format!("LossOutputs for >= {} rows", rows.n_rows),
+            format!("{} rows", out.n_rows),
+        ));
+    }
+    if let Some(w) = extras.class_weights {
+        check_ctx(gpu, "class_weights", w)?;
+        if w.len() != rows.vocab {
+            return Err(Error::shape(
+                "class_weights",
+                format!("{} elements (vocab)", rows.vocab),
+                format!("{}", w.len()),
+            ));
+        }
+    }
+    let smoothing = cfg.label_smoothing != LabelSmoothing::None;
+    let host_w = match (extras.class_weights, extras.class_weights_host, smoothing) {
+        (Some(_), None, true) => return Err(Error::invalid(
+            "class_weights_host",
+            "label smoothing with class weights needs the host copy of the weights (for sum_j w_j)",
+        )),
+        (Some(_), Some(h), _) => {
+            if h.len() != rows.vocab {
+                return Err(Error::shape(
+                    "class_weights_host",
+                    format!("{} elements (vocab)", rows.vocab),
+                    format!("{}", h.len()),
+                ));
+            }
+            Some(h)
+        }
+        _ => None,
+    };
+    if let Some(g) = &extras.grad_output {
+        check_ctx(gpu, "grad_output", g)?;
+        let need = if cfg.reduction == Reduction::None {
+            rows.n_rows
+        } else {
+            1
+        };
+        if g.len() != need {
+            return Err(Error::shape(
+                "grad_output",
+                format!("{need} elements for {:?} reduction", cfg.reduction),
+                format!("{}", g.len()),
+            ));
+        }
+    }
+    Ok(Checked {
+        cfg: cfg.to_params(rows.vocab, host_w, extras.class_weights.is_some())?,
+    })
+}
+
+/// Fused forward + backward: per-row loss and lse into `out`, the reduced loss into `out.loss` (mean/sum),
+/// and the gradient of the (reduced, upstream-scaled) loss into `grad`, in one pass over the logits.
+/// Queued on the handle's stream; nothing is synchronised.
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::loss::{fwd_bwd, LossConfig, LossOutputs, Rows};
+/// let gpu = fusekit::Gpu::new(0)?;
+/// let (n, v) = (2, 3);
+/// let logits = gpu.stream().clone_htod(&[1.0f32, 2.0, 3.0, 1.0, 1.0, 1.0]).unwrap();
+/// let targets = gpu.stream().clone_htod(&[2i64, 0]).unwrap();
+/// let mut grad = gpu.stream().alloc_zeros::<f32>(n * v).unwrap();
+/// let mut out = LossOutputs::new(&gpu, n)?;
+/// fwd_bwd(&gpu, Rows::contiguous(n, v), &logits, &targets, &mut grad, &Default::default(), &LossConfig::default(), &mut out)?;
+/// println!("loss = {}", out.loss_sync(&gpu)?);
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_bwd<T, I, L, S, G>(
+    gpu: &Gpu,
+    rows: Rows,
+    logits: &L,
+    targets: &S,
+    grad: &mut G,
+    extras: &LossExtras<'_>,
+    cfg: &LossConfig,
+    out: &mut LossOutputs,
+) -> Result<()>
+where
+    T: LossElement,
+    I: TargetIndex,
+    L: DevicePtr<T>,
+    S: DevicePtr<I>,
+    G: DevicePtrMut<T>,
+{
+    check_ctx(gpu, "logits", logits)?;
+    check_ctx(gpu, "grad", grad)?;
+    let ck = check_common(gpu, rows, logits.len(), targets, extras, cfg, out)?;
+    check_len(
+        "grad",
+        grad.len(),
+        rows.extent(rows.grad_stride),
+        "(n_rows - 1) * grad_stride + vocab",
+    )?;
+    let stream = gpu.stream();
+    let (lp, _lg) = logits.device_ptr(stream);
+    let (gp, _gg) = grad.device_ptr_mut(stream);
+    let size = std::mem::size_of::<T>() as u64;
+    let (l_end, g_end) = (
+        lp + rows.extent(rows.row_stride) as u64 * size,
+        gp + rows.extent(rows.grad_stride) as u64 * size,
+    );
+    if lp < g_end && gp < l_end {
+        return Err(Error::layout(
+            "grad",
+            "overlaps logits; use fwd_bwd_inplace to overwrite the logits",
+        ));
+    }
+    launch::fused::<T, I, S>(
+        gpu,
+        rows,
+        lp,
+        gp,
+        targets,
+        extras,
+        cfg.reduction,
+        cfg.ignore_index,
+        ck.cfg,
+        out,
+    )
+}
+
+/// [`fwd_bwd`] writing the gradient over the logits (`grad_stride` is taken equal to `row_stride`): no
+/// second `[N, V]` buffer.
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::loss::{fwd_bwd_inplace, LossConfig, LossOutputs, Rows};
+/// let gpu = fusekit::Gpu::new(0)?;
+/// let mut logits = gpu.stream().clone_htod(&[half::bf16::ONE; 6]).unwrap();
+/// let targets = gpu.stream().clone_htod(&[2i32, 0]).unwrap();
+/// let mut out = LossOutputs::new(&gpu, 2)?;
+/// fwd_bwd_inplace(&gpu, Rows::contiguous(2, 3), &mut logits, &targets, &Default::default(), &LossConfig::default(), &mut out)?;
+/// # Ok(()) }
+/// ```
+pub fn fwd_bwd_inplace<T, I, L, S>(
+    gpu: &Gpu,
+    rows: Rows,
+    logits: &mut L,
+    targets: &S,
+    extras: &LossExtras<'_>,
+    cfg: &LossConfig,
+    out: &mut LossOutputs,
+) -> Result<()>
+where
+    T: LossElement,
+    I: TargetIndex,
+    L: DevicePtrMut<T>,
+    S: DevicePtr<I>,
+{
+    let rows = Rows {
+        grad_stride: rows.row_stride,
+        ..rows
+    };
+    check_ctx(gpu, "logits", logits)?;
+    let ck = check_common(gpu, rows, logits.len(), targets, extras, cfg, out)?;
+    let (lp, _lg) = logits.device_ptr_mut(gpu.stream());
+    launch::fused::<T, I, S>(
+        gpu,
+        rows,
+        lp,
+        lp,
+        targets,
+        extras,
+        cfg.reduction,
+        cfg.ignore_index,
+        ck.cfg,
+        out,
+    )
+}
+
+/// Forward only: per-row loss and lse, and the reduced loss; no gradient (one read of the logits).
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::loss::{forward, LossConfig, LossOutputs, Rows};
+/// let gpu = fusekit::Gpu::new(0)?;
+/// let logits = gpu.stream().clone_htod(&[0.5f32; 6]).unwrap();
+/// let targets = gpu.stream().clone_htod(&[2i32, 0]).unwrap();
+/// let mut out = LossOutputs::new(&gpu, 2)?;
+/// forward(&gpu, Rows::contiguous(2, 3), &logits, &targets, &Default::default(), &LossConfig::default(), &mut out)?;
+/// assert!((out.loss_sync(&gpu)? - 3f32.ln()).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+pub fn forward<T, I, L, S>(
+    gpu: &Gpu,
+    rows: Rows,
+    logits: &L,
+    targets: &S,
+    extras: &LossExtras<'_>,
+    cfg: &LossConfig,
+    out: &mut LossOutputs,
+) -> Result<()>
+where
+    T: LossElement,
+    I: TargetIndex,
+    L: DevicePtr<T>,
+    S: DevicePtr<I>,
+{
+    check_ctx(gpu, "logits", logits)?;
+    let ck = check_common(gpu, rows, logits.len(), targets, extras, cfg, out)?;
+    let (lp, _lg) = logits.device_ptr(gpu.stream());
+    launch::fused::<T, I, S>(
+        gpu,
+        rows,
+        lp,
+        0,
+        targets,
+        extras,
+        cfg.reduction,
+        cfg.ignore_index,
+        ck.cfg,
+        out,
+    )
+}
+
+mod shard;
+pub use shard::{shard_backward, shard_combine, shard_stats, ShardSpec, SHARD_STAT_WIDTH};
+
+mod sigmoid;
+pub use sigmoid::{sigmoid_focal_fwd_bwd, SigmoidFocalConfig, SigmoidFocalOutputs};
+
+pub(crate) mod check;
+pub mod verify;

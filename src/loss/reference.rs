@@ -1,0 +1,299 @@
+//! CPU reference of the fused-loss family, in f64, written from the formulas (not from the kernels'
+//! coefficient form), so the kernels, the shared `fk_loss_math.h` and this file check each other.
+
+use super::{LabelSmoothing, LossConfig, LossKind, Reduction};
+
+/// Reference results of a fused forward + backward.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RefOutput {
+    /// Per-row loss (0 for ignored rows).
+    pub rows: Vec<f64>,
+    /// Per-row log-sum-exp of the softcapped logits (0 for ignored rows).
+    pub lse: Vec<f64>,
+    /// Gradient of the reduced loss (times the upstream gradient) with respect to the logits, [N, V].
+    pub grad: Vec<f64>,
+    /// The reduced loss (mean or sum; the sum of rows for `Reduction::None`).
+    pub loss: f64,
+}
+
+fn softcap(x: f64, c: Option<f32>) -> (f64, f64) {
+    match c {
+        Some(c) if c > 0.0 => {
+            let c = c as f64;
+            let t = (x / c).tanh();
+            (c * t, 1.0 - t * t)
+        }
+        _ => (x, 1.0),
+    }
+}
+
+/// The label-smoothing ε actually applied (the Megatron form rescales by V/(V−1)).
+///
+/// ```
+/// use fusekit::loss::{reference::effective_smoothing, LabelSmoothing};
+/// assert!((effective_smoothing(LabelSmoothing::PyTorch(0.1), 11) - 0.1).abs() < 1e-8);
+/// assert!((effective_smoothing(LabelSmoothing::Megatron(0.1), 11) - 0.11).abs() < 1e-8);
+/// ```
+pub fn effective_smoothing(s: LabelSmoothing, vocab: usize) -> f64 {
+    match s {
+        LabelSmoothing::None => 0.0,
+        LabelSmoothing::PyTorch(e) => e as f64,
+        LabelSmoothing::Megatron(e) if vocab > 1 => e as f64 * vocab as f64 / (vocab as f64 - 1.0),
+        LabelSmoothing::Megatron(e) => e as f64,
+    }
+}
+
+/// Loss of one row and dloss/dz (before the softcap chain and the upstream scale).
+/// `z`: softcapped logits; `w`: class weights (None: all 1).
+pub fn row_loss_grad(
+    z: &[f64],
+    y: usize,
+    w: Option<&[f64]>,
+    cfg: &LossConfig,
+) -> (f64, f64, Vec<f64>) {
+    let v = z.len();
+    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + z.iter().map(|zj| (zj - m).exp()).sum::<f64>().ln();
+    let p: Vec<f64> = z.iter().map(|zj| (zj - lse).exp()).collect();
+    let wj = |j: usize| w.map_or(1.0, |w| w[j]);
+    let wy = wj(y);
+    let logp = z[y] - lse;
+    let py = logp.exp();
+    let q = -logp.exp_m1(); // 1 − p_y
+    let delta = |j: usize| if j == y { 1.0 } else { 0.0 };
+    let (mut loss, mut grad): (f64, Vec<f64>) = match cfg.kind {
+        LossKind::CrossEntropy => {
+            let eps = effective_smoothing(cfg.label_smoothing, v);
+            let wsum: f64 = (0..v).map(wj).sum();
+            let smooth: f64 = (0..v).map(|j| wj(j) * (lse - z[j])).sum();
+            let loss = (1.0 - eps) * wy * (-logp) + eps / v as f64 * smooth;
+            let grad = (0..v)
+                .map(|j| {
+                    (1.0 - eps) * wy * (p[j] - delta(j)) + eps / v as f64 * (wsum * p[j] - wj(j))
+                })
+                .collect();
+            (loss, grad)
+        }
+        LossKind::Focal { gamma } | LossKind::Poly1Focal { gamma, .. } => {
+            let g = gamma as f64;
+            let qg = q.powf(g);
+            let t2 = if g == 0.0 || q <= 0.0 {
+                0.0
+            } else {
+                g * q.powf(g - 1.0) * py * logp
+            };
+            let b = wy * (-qg + t2); // dℓ/dz_j = b (δ_j − p_j)
+            let mut loss = -wy * qg * logp;
+            let mut grad: Vec<f64> = (0..v).map(|j| b * (delta(j) - p[j])).collect();
+            if let LossKind::Poly1Focal { epsilon, .. } = cfg.kind {
+                let e = epsilon as f64;
+                loss += e * wy * q.powf(g + 1.0);
+                // d(1 − p_y)^{γ+1}/dz_j = (γ+1)(1 − p_y)^γ · p_y (p_j − δ_j)
+                for (j, gj) in grad.iter_mut().enumerate() {
+                    *gj += e * wy * (g + 1.0) * qg * py * (p[j] - delta(j));
+                }
+            }
+            (loss, grad)
+        }
+        LossKind::Poly1 { epsilon } => {
+            let e = epsilon as f64;
+            let loss = wy * (-logp + e * q);
+            let grad = (0..v)
+                .map(|j| wy * ((p[j] - delta(j)) + e * py * (p[j] - delta(j))))
+                .collect();
+            (loss, grad)
+        }
+        LossKind::Gce { q: qq } => {
+            let qq = qq as f64;
+            let pq = (qq * logp).exp();
+            let loss = wy * (1.0 - pq) / qq;
+            let grad = (0..v).map(|j| wy * pq * (p[j] - delta(j))).collect();
+            (loss, grad)
+        }
+    };
+    if cfg.z_loss != 0.0 {
+        let s = cfg.z_loss as f64;
+        loss += s * lse * lse;
+        for (j, gj) in grad.iter_mut().enumerate() {
+            *gj += 2.0 * s * lse * p[j];
+        }
+    }
+    (loss, lse, grad)
+}
+
+/// Fused forward + backward over `logits` [n, v] (row-major) with `targets` [n].
+/// `grad_output`: None (1), one value (mean/sum) or n values (none). Targets outside [0, v) that are not
+/// the ignore index make the row's loss NaN and its gradient zero, as the kernel does.
+///
+/// ```
+/// use fusekit::loss::{reference, LossConfig};
+/// let out = reference::fwd_bwd(&[0.0, 0.0], 1, 2, &[1], None, None, &LossConfig::default());
+/// assert!((out.loss - 2f64.ln()).abs() < 1e-15);
+/// assert!((out.grad[0] - 0.5).abs() < 1e-15 && (out.grad[1] + 0.5).abs() < 1e-15);
+/// ```
+pub fn fwd_bwd(
+    logits: &[f64],
+    n: usize,
+    v: usize,
+    targets: &[i64],
+    weights: Option<&[f64]>,
+    grad_output: Option<&[f64]>,
+    cfg: &LossConfig,
+) -> RefOutput {
+    assert_eq!(logits.len(), n * v);
+    let mut rows = vec![0.0; n];
+    let mut lse = vec![0.0; n];
+    let mut grad = vec![0.0; n * v];
+    let mut denom = 0.0;
+    for &y in targets.iter().take(n) {
+        if y != cfg.ignore_index && (0..v as i64).contains(&y) {
+            denom += weights.map_or(1.0, |w| w[y as usize]);
+        }
+    }
+    for i in 0..n {
+        let y = targets[i];
+        if y == cfg.ignore_index {
+            continue;
+        }
+        if !(0..v as i64).contains(&y) {
+            rows[i] = f64::NAN;
+            lse[i] = f64::NAN;
+            continue;
+        }
+        let x = &logits[i * v..(i + 1) * v];
+        let (z, dz): (Vec<f64>, Vec<f64>) = x.iter().map(|&xj| softcap(xj, cfg.softcap)).unzip();
+        let (l, s, gz) = row_loss_grad(&z, y as usize, weights, cfg);
+        rows[i] = l;
+        lse[i] = s;
+        let mut scale = match (cfg.reduction, grad_output) {
+            (_, None) => 1.0,
+            (Reduction::None, Some(g)) => g[i],
+            (_, Some(g)) => g[0],
+        };
+        if cfg.reduction == Reduction::Mean {
+            scale = if denom > 0.0 { scale / denom } else { 0.0 };
+        }
+        for j in 0..v {
+            grad[i * v + j] = scale * gz[j] * dz[j];
+        }
+    }
+    let total: f64 = rows.iter().filter(|r| !r.is_nan()).sum();
+    let loss = match cfg.reduction {
+        Reduction::Mean => {
+            if denom > 0.0 {
+                total / denom
+            } else {
+                0.0
+            }
+        }
+        _ => total,
+    };
+    RefOutput {
+        rows,
+        lse,
+        grad,
+        loss,
+    }
+}
+
+/// Per-row statistics of a vocabulary shard `logits` [n, vs] starting at class `offset`:
+/// (max, Σ exp(z − max), z_y if y is in the shard else 0, Σ w_j z_j if smoothing else 0).
+///
+/// ```
+/// use fusekit::loss::{reference, LossConfig};
+/// let s = reference::shard_stats(&[1.0, 2.0], 1, 2, 2, &[3], None, &LossConfig::default());
+/// assert_eq!(s[0][0], 2.0);
+/// assert_eq!(s[0][2], 2.0); // class 3 is local column 1
+/// ```
+pub fn shard_stats(
+    logits: &[f64],
+    n: usize,
+    vs: usize,
+    offset: usize,
+    targets: &[i64],
+    weights: Option<&[f64]>,
+    cfg: &LossConfig,
+) -> Vec<[f64; 4]> {
+    let smoothing =
+        cfg.kind == LossKind::CrossEntropy && cfg.label_smoothing != LabelSmoothing::None;
+    (0..n)
+        .map(|i| {
+            if targets[i] == cfg.ignore_index {
+                return [f64::NEG_INFINITY, 0.0, 0.0, 0.0];
+            }
+            let z: Vec<f64> = logits[i * vs..(i + 1) * vs]
+                .iter()
+                .map(|&x| softcap(x, cfg.softcap).0)
+                .collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let s = z.iter().map(|zj| (zj - m).exp()).sum();
+            let local = targets[i] - offset as i64;
+            let zy = if (0..vs as i64).contains(&local) {
+                z[local as usize]
+            } else {
+                0.0
+            };
+            let swz = if smoothing {
+                z.iter()
+                    .enumerate()
+                    .map(|(j, zj)| weights.map_or(1.0, |w| w[offset + j]) * zj)
+                    .sum()
+            } else {
+                0.0
+            };
+            [m, s, zy, swz]
+        })
+        .collect()
+}
+
+/// Merges per-shard statistics (in shard order) into the global log-sum-exp, target logit and Σ w z.
+///
+/// ```
+/// use fusekit::loss::reference::combine_stats;
+/// let (lse, zy, _) = combine_stats(&[[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.5, 0.0]]);
+/// assert!((lse - 2f64.ln()).abs() < 1e-15);
+/// assert_eq!(zy, 0.5);
+/// ```
+pub fn combine_stats(parts: &[[f64; 4]]) -> (f64, f64, f64) {
+    let m = parts.iter().map(|p| p[0]).fold(f64::NEG_INFINITY, f64::max);
+    let s: f64 = parts
+        .iter()
+        .filter(|p| p[0] > f64::NEG_INFINITY)
+        .map(|p| p[1] * (p[0] - m).exp())
+        .sum();
+    (
+        m + s.ln(),
+        parts.iter().map(|p| p[2]).sum(),
+        parts.iter().map(|p| p[3]).sum(),
+    )
+}
+
+/// Sigmoid focal loss of one element (torchvision semantics) and its derivative.
+///
+/// ```
+/// let (l, g) = fusekit::loss::reference::sigmoid_focal(0.0, 1.0, 0.25, 2.0);
+/// // p = 0.5: ce = ln 2, (1 − p_t)^2 = 0.25, times α = 0.25
+/// assert!((l - 0.25 * 0.25 * 2f64.ln()).abs() < 1e-15);
+/// assert!(g < 0.0);
+/// ```
+pub fn sigmoid_focal(x: f64, t: f64, alpha: f64, gamma: f64) -> (f64, f64) {
+    let p = 1.0 / (1.0 + (-x).exp());
+    let ce = x.max(0.0) - x * t + (-x.abs()).exp().ln_1p();
+    let pt = p * t + (1.0 - p) * (1.0 - t);
+    let m = 1.0 - pt;
+    let mg = m.powf(gamma);
+    let dm = -p * (1.0 - p) * (2.0 * t - 1.0);
+    let dmg = if gamma == 0.0 || m <= 0.0 {
+        0.0
+    } else {
+        gamma * m.powf(gamma - 1.0) * dm
+    };
+    let mut l = ce * mg;
+    let mut g = (p - t) * mg + ce * dmg;
+    if alpha >= 0.0 {
+        let at = alpha * t + (1.0 - alpha) * (1.0 - t);
+        l *= at;
+        g *= at;
+    }
+    (l, g)
+}

@@ -1,0 +1,237 @@
+//! Sigmoid (binary, per element) focal loss with torchvision semantics, forward and backward fused.
+
+use std::ffi::c_void;
+
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig};
+
+use super::launch::{launch, reduce, reduction_code};
+use super::{check_ctx, LossElement, Reduction};
+use crate::error::{DriverContext, Error, Result};
+use crate::params::*;
+use crate::Gpu;
+
+/// Blocks of the sigmoid-focal kernel at most. The grid depends on n only (not on the GPU), so the
+/// partial sums, and the reduced loss, are the same bits on every device.
+pub(crate) const SIGMOID_FOCAL_MAX_BLOCKS: usize = 4096;
+
+/// torchvision `sigmoid_focal_loss` parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SigmoidFocalConfig {
+    /// Weight of the positive class in [0, 1]; negative disables the α weighting. Default 0.25.
+    pub alpha: f32,
+    /// Focusing parameter γ ≥ 0. Default 2.
+    pub gamma: f32,
+    /// Reduction over all elements. Default `Mean` (torchvision's default is `none`; say which you want).
+    pub reduction: Reduction,
+}
+
+impl Default for SigmoidFocalConfig {
+    fn default() -> Self {
+        SigmoidFocalConfig {
+            alpha: 0.25,
+            gamma: 2.0,
+            reduction: Reduction::Mean,
+        }
+    }
+}
+
+/// Outputs and workspace of [`sigmoid_focal_fwd_bwd`]; allocate once per size and reuse.
+pub struct SigmoidFocalOutputs {
+    /// The reduced loss `[1]` (mean/sum).
+    pub loss: CudaSlice<f32>,
+    /// Per-element loss `[n]` (written for `Reduction::None` only; empty otherwise).
+    pub elements: CudaSlice<f32>,
+    block_sums: CudaSlice<f32>,
+    count: CudaSlice<f32>,
+    n: usize,
+}
+
+impl SigmoidFocalOutputs {
+    /// Allocates for `n` elements; `per_element` allocates the `[n]` loss output (`Reduction::None`).
+    ///
+    /// ```no_run
+    /// # let gpu = fusekit::Gpu::new(0).unwrap();
+    /// let out = fusekit::loss::SigmoidFocalOutputs::new(&gpu, 1 << 20, false).unwrap();
+    /// ```
+    pub fn new(gpu: &Gpu, n: usize, per_element: bool) -> Result<Self> {
+        let s = gpu.stream();
+        let alloc = |k: usize| {
+            s.alloc_zeros::<f32>(k.max(1))
+                .map_err(|e| Error::driver("allocating focal outputs", e))
+        };
+        let mut count = alloc(1)?;
+        s.memcpy_htod(&[n as f32], &mut count)
+            .during("uploading the element count")?;
+        Ok(SigmoidFocalOutputs {
+            loss: alloc(1)?,
+            elements: alloc(if per_element { n } else { 0 })?,
+            block_sums: alloc(SIGMOID_FOCAL_MAX_BLOCKS)?,
+            count,
+            n,
+        })
+    }
+}
+
+/// Sigmoid focal loss over `n` elements (logits and {0, 1} targets of the same type, e.g. `[N, C]`
+/// flattened): loss (reduced, or per element) and the gradient of the reduced loss, times the upstream
+/// gradient, in one pass. Targets in between 0 and 1 follow the same formula (soft labels).
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::loss::{sigmoid_focal_fwd_bwd, SigmoidFocalConfig, SigmoidFocalOutputs};
+/// let gpu = fusekit::Gpu::new(0)?;
+/// let x = gpu.stream().clone_htod(&[0.3f32, -1.2, 2.0, 0.0]).unwrap();
+/// let t = gpu.stream().clone_htod(&[1.0f32, 0.0, 1.0, 0.0]).unwrap();
+/// let mut grad = gpu.stream().alloc_zeros::<f32>(4).unwrap();
+/// let mut out = SigmoidFocalOutputs::new(&gpu, 4, false)?;
+/// sigmoid_focal_fwd_bwd(&gpu, &x, &t, &mut grad, None, &SigmoidFocalConfig::default(), &mut out)?;
+/// # Ok(()) }
+/// ```
+pub fn sigmoid_focal_fwd_bwd<T, L, Tt, G>(
+    gpu: &Gpu,
+    logits: &L,
+    targets: &Tt,
+    grad: &mut G,
+    grad_output: Option<CudaView<'_, f32>>,
+    cfg: &SigmoidFocalConfig,
+    out: &mut SigmoidFocalOutputs,
+) -> Result<()>
+where
+    T: LossElement,
+    L: DevicePtr<T>,
+    Tt: DevicePtr<T>,
+    G: DevicePtrMut<T>,
+{
+    let n = logits.len();
+    if n == 0 {
+        return Err(Error::shape(
+            "logits",
+            "at least one element",
+            "an empty tensor",
+        ));
+    }
+    check_ctx(gpu, "logits", logits)?;
+    check_ctx(gpu, "targets", targets)?;
+    check_ctx(gpu, "grad", grad)?;
+    for (arg, len) in [("targets", targets.len()), ("grad", grad.len())] {
+        if len != n {
+            return Err(Error::shape(
+                arg,
+                format!("{n} elements (as logits)"),
+                format!("{len}"),
+            ));
+        }
+    }
+    if out.n != n {
+        return Err(Error::shape(
+            "out",
+            format!("SigmoidFocalOutputs for {n} elements"),
+            format!("{}", out.n),
+        ));
+    }
+    if cfg.reduction == Reduction::None && out.elements.len() < n {
+        return Err(Error::shape(
+            "out.elements",
+            format!("{n} elements for Reduction::None"),
+            "none allocated".to_string(),
+        ));
+    }
+    if !(cfg.gamma.is_finite() && cfg.gamma >= 0.0) {
+        return Err(Error::invalid(
+            "gamma",
+            format!("must be finite and >= 0, got {}", cfg.gamma),
+        ));
+    }
+    if !(cfg.alpha.is_finite() && cfg.alpha <= 1.0) {
+        return Err(Error::invalid(
+            "alpha",
+            format!("must be <= 1 (negative disables it), got {}", cfg.alpha),
+        ));
+    }
+    if let Some(g) = &grad_output {
+        check_ctx(gpu, "grad_output", g)?;
+        let need = if cfg.reduction == Reduction::None {
+            n
+        } else {
+            1
+        };
+        if g.len() != need {
+            return Err(Error::shape(
+                "grad_output",
+                format!("{need} elements"),
+                format!("{}", g.len()),
+            ));
+        }
+    }
+    let s = gpu.stream().clone();
+    let (lp, _a) = logits.device_ptr(&s);
+    let (tp, _b) = targets.device_ptr(&s);
+    let (gp, _c) = grad.device_ptr_mut(&s);
+    let bytes = n as u64 * std::mem::size_of::<T>() as u64;
+    if lp < gp + bytes && gp < lp + bytes {
+        return Err(Error::layout("grad", "overlaps logits"));
+    }
+    let (gop, _d) = match &grad_output {
+        Some(g) => {
+            let (p, gd) = g.device_ptr(&s);
+            (p, Some(gd))
+        }
+        None => (0, None),
+    };
+    let per_vec = 16 / std::mem::size_of::<T>();
+    let blocks = n
+        .div_ceil(FK_SIGMOID_FOCAL_THREADS as usize * per_vec * 4)
+        .clamp(1, SIGMOID_FOCAL_MAX_BLOCKS);
+    {
+        let (ep, _e) = out.elements.device_ptr_mut(&s);
+        let (bp, _f) = out.block_sums.device_ptr_mut(&s);
+        let p = fk_sigmoid_focal_params {
+            logits: lp as *const c_void,
+            targets: tp as *const c_void,
+            grad: gp as *mut c_void,
+            loss: if cfg.reduction == Reduction::None {
+                ep as *mut f32
+            } else {
+                std::ptr::null_mut()
+            },
+            block_sums: if cfg.reduction == Reduction::None {
+                std::ptr::null_mut()
+            } else {
+                bp as *mut f32
+            },
+            grad_output: gop as *const f32,
+            n: n as i64,
+            alpha: cfg.alpha,
+            gamma: cfg.gamma,
+            grad_scale: if cfg.reduction == Reduction::Mean {
+                1.0 / n as f32
+            } else {
+                1.0
+            },
+            reduction: reduction_code(cfg.reduction),
+        };
+        let lc = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (FK_SIGMOID_FOCAL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch(gpu, &format!("fk_sigmoid_focal_{}", T::SUFFIX), lc, &p)?;
+    }
+    if cfg.reduction != Reduction::None {
+        let (bp, _a) = out.block_sums.device_ptr(&s);
+        let (cp, _b) = out.count.device_ptr(&s);
+        let (op, _c) = out.loss.device_ptr_mut(&s);
+        reduce(
+            gpu,
+            bp,
+            blocks,
+            if cfg.reduction == Reduction::Mean {
+                cp
+            } else {
+                0
+            },
+            op,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! CPU tests of the loss family's reference and maths (always run): known values, identities, finite
+#![allow(clippy::needless_range_loop)] // index arithmetic mirrors the formulas
+//! differences, the vocabulary-shard algebra, and the PyTorch conventions.
+
+use fusekit::loss::reference::{self, combine_stats, effective_smoothing, fwd_bwd, shard_stats};
+use fusekit::loss::{LabelSmoothing, LossConfig, LossKind, Reduction};
+use fusekit::testing::{seed_for, Dist, Rng};
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+#[test]
+fn ce_gradient_is_softmax_minus_onehot_and_rows_sum_to_zero() {
+    let mut rng = Rng::new(seed_for("ce_gradient_is_softmax_minus_onehot"));
+    let (n, v) = (5, 33);
+    let x = rng.sample(
+        Dist::Logits {
+            std: 3.0,
+            outlier_frac: 0.05,
+            outlier_scale: 10.0,
+        },
+        n * v,
+    );
+    let t: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
+    let cfg = LossConfig {
+        reduction: Reduction::Sum,
+        ..LossConfig::default()
+    };
+    let r = fwd_bwd(&x, n, v, &t, None, None, &cfg);
+    for i in 0..n {
+        let row = &x[i * v..(i + 1) * v];
+        let m = row.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = m + row.iter().map(|z| (z - m).exp()).sum::<f64>().ln();
+        assert!(close(r.lse[i], lse, 1e-14));
+        assert!(close(r.rows[i], lse - row[t[i] as usize], 1e-13));
+        let s: f64 = r.grad[i * v..(i + 1) * v].iter().sum();
+        assert!(s.abs() < 1e-14, "row {i} gradient sums to {s}");
+        for j in 0..v {
+            let want = (row[j] - lse).exp() - if j as i64 == t[i] { 1.0 } else { 0.0 };
+            assert!(close(r.grad[i * v + j], want, 1e-13));
+        }
+    }
+    assert!(close(r.loss, r.rows.iter().sum(), 1e-14));
+}
+
+#[test]
+fn label_smoothing_matches_the_pytorch_target_distribution() {
+    // Gradient = p − q with q = (1 − ε) onehot + ε/V; Megatron's ε is ε·V/(V−1).
+    let (v, eps) = (10, 0.2f32);
+    let x: Vec<f64> = (0..v).map(|j| (j as f64 * 0.37).sin() * 3.0).collect();
+    for (ls, e) in [
+        (LabelSmoothing::PyTorch(eps), eps as f64),
+        (LabelSmoothing::Megatron(eps), eps as f64 * 10.0 / 9.0),
+    ] {
+        let cfg = LossConfig {
+            label_smoothing: ls,
+            reduction: Reduction::Sum,
+            ..LossConfig::default()
+        };
+        assert!(close(effective_smoothing(ls, v), e, 1e-7));
+        let r = fwd_bwd(&x, 1, v, &[4], None, None, &cfg);
+        let lse = r.lse[0];
+        for j in 0..v {
+            let q = (1.0 - e) * if j == 4 { 1.0 } else { 0.0 } + e / v as f64;
+            assert!(
+                close(r.grad[j], (x[j] - lse).exp() - q, 1e-12),
+                "{ls:?} j={j}"
+            );
+        }
+        let want: f64 = (0..v)
+            .map(|j| -((1.0 - e) * if j == 4 { 1.0 } else { 0.0 } + e / v as f64) * (x[j] - lse))
+            .sum();
+        assert!(close(r.rows[0], want, 1e-12));
+    }
+}
+
+#[test]
+fn focal_with_gamma_zero_is_cross_entropy_and_poly_eps_zero_too() {
+    let mut rng = Rng::new(seed_for("focal_gamma_zero"));
+    let (n, v) = (4, 17);
+    let x = rng.sample(
+        Dist::Normal {
+            mean: 0.0,
+            std: 2.0,
+        },
+        n * v,
+    );
+    let t: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
+    let ce = fwd_bwd(&x, n, v, &t, None, None, &LossConfig::default());
+    for kind in [
+        LossKind::Focal { gamma: 0.0 },
+        LossKind::Poly1 { epsilon: 0.0 },
+        LossKind::Poly1Focal {
+            gamma: 0.0,
+            epsilon: 0.0,
+        },
+    ] {
+        let r = fwd_bwd(
+            &x,
+            n,
+            v,
+            &t,
+            None,
+            None,
+            &LossConfig {
+                kind,
+                ..LossConfig::default()
+            },
+        );
+        assert!(close(r.loss, ce.loss, 1e-13), "{kind:?}");
+        for (a, b) in r.grad.iter().zip(&ce.grad) {
+            assert!((a - b).abs() < 1e-14, "{kind:?}");
+        }
+    }
+    // GCE tends to CE as q -> 0.
+    let g = fwd_bwd(
+        &x,
+        n,
+        v,
+        &t,
+        None,
+        None,
+        &LossConfig {
+            kind: LossKind::Gce { q: 1e-6 },
+            ..LossConfig::default()
+        },
+    );
+    assert!(close(g.loss, ce.loss, 1e-4));
+}
+
+#[test]
+fn focal_down_weights_easy_examples() {
+    // A confident correct row loses most of its loss under focal, a wrong one keeps it.
+    let x = [8.0, 0.0, 0.0, 0.0, 0.0, 8.0];
+    let cfg_f = LossConfig {
+        kind: LossKind::Focal { gamma: 2.0 },
+        reduction: Reduction::None,
+        ..LossConfig::default()
+    };
+    let cfg_c = LossConfig {
+        reduction: Reduction::None,
+        ..LossConfig::default()
+    };
+    let f = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_f);
+    let c = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_c);
+    assert!(f.rows[0] < 1e-6 * c.rows[0] + 1e-9);
+    assert!(f.rows[1] > 0.99 * c.rows[1]);
+}
+
+#[test]
+fn reference_gradients_match_finite_differences() {
+    let mut rng = Rng::new(seed_for("reference_gradients_match_finite_differences"));
+    let err = fusekit::loss::verify::reference_fd_error_for_tests(&mut rng);
+    assert!(err < 1e-5, "worst relative error {err:e}");
+}
+
+#[test]
+fn kernel_row_maths_match_the_reference() {
+    let mut rng = Rng::new(seed_for("kernel_row_maths_match_the_reference"));
+    let err = fusekit::loss::verify::host_math_error_for_tests(&mut rng);
+    assert!(err < 1e-4, "worst relative error {err:e}");
+}
+
+#[test]
+fn sigmoid_focal_maths_agree_and_match_torchvision_values() {
+    let mut rng = Rng::new(seed_for("sigmoid_focal_maths"));
+    assert!(fusekit::loss::verify::sigmoid_focal_error_for_tests(&mut rng) < 1e-4);
+    // torchvision: x=2, t=1, alpha=.25, gamma=2: ce = softplus(-2), p_t = sigmoid(2)
+    let p: f64 = 1.0 / (1.0 + (-2.0f64).exp());
+    let ce = (1.0 + (-2.0f64).exp()).ln();
+    let (l, _) = reference::sigmoid_focal(2.0, 1.0, 0.25, 2.0);
+    assert!(close(l, 0.25 * ce * (1.0 - p).powi(2), 1e-14));
+    // alpha < 0 disables the weighting; negatives use 1 − alpha.
+    let (l0, _) = reference::sigmoid_focal(-1.0, 0.0, -1.0, 2.0);
+    let (l1, _) = reference::sigmoid_focal(-1.0, 0.0, 0.25, 2.0);
+    assert!(close(l1, 0.75 * l0, 1e-14));
+}
+
+#[test]
+fn ignored_rows_and_all_ignored_batches() {
+    let x = [1.0, 2.0, 3.0, 3.0, 2.0, 1.0];
+    let cfg = LossConfig::default();
+    let r = fwd_bwd(&x, 2, 3, &[-100, 1], None, None, &cfg);
+    assert_eq!(r.rows[0], 0.0);
+    assert_eq!(r.lse[0], 0.0);
+    assert!(r.grad[..3].iter().all(|&g| g == 0.0));
+    // The mean is over the one counted row.
+    assert!(close(r.loss, r.rows[1], 1e-15));
+    // All ignored: loss 0 and zero gradient, not NaN.
+    let r = fwd_bwd(&x, 2, 3, &[-100, -100], None, None, &cfg);
+    assert_eq!(r.loss, 0.0);
+    assert!(r.grad.iter().all(|&g| g == 0.0));
+}
+
+#[test]
+fn weighted_mean_divides_by_the_target_weights() {
+    let x = [0.0, 1.0, 0.0, 1.0];
+    let w = [2.0, 0.5];
+    let cfg = LossConfig::default();
+    let r = fwd_bwd(&x, 2, 2, &[0, 1], Some(&w), None, &cfg);
+    let want = (r.rows[0] + r.rows[1]) / 2.5;
+    assert!(close(r.loss, want, 1e-15));
+    let lse = (1.0f64.exp() + 1.0).ln();
+    assert!(close(r.rows[0], 2.0 * (lse - 0.0), 1e-15));
+}
+
+#[test]
+fn vocabulary_shards_combine_to_the_unsharded_result() {
+    let mut rng = Rng::new(seed_for("vocabulary_shards_combine"));
+    let (n, v) = (6, 40);
+    let x = rng.sample(
+        Dist::Logits {
+            std: 2.0,
+            outlier_frac: 0.02,
+            outlier_scale: 10.0,
+        },
+        n * v,
+    );
+    let t: Vec<i64> = (0..n)
+        .map(|i| {
+            if i == 2 {
+                -100
+            } else {
+                rng.below(v as u64) as i64
+            }
+        })
+        .collect();
+    let w: Vec<f64> = (0..v).map(|_| rng.uniform(0.5, 1.5)).collect();
+    let cfg = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.1),
+        z_loss: 1e-3,
+        softcap: Some(8.0),
+        ..LossConfig::default()
+    };
+    let full = fwd_bwd(&x, n, v, &t, Some(&w), None, &cfg);
+    for bounds in [vec![0, 40], vec![0, 13, 40], vec![0, 7, 19, 20, 40]] {
+        let parts: Vec<Vec<[f64; 4]>> = bounds
+            .windows(2)
+            .map(|b| {
+                let vs = b[1] - b[0];
+                let shard: Vec<f64> = (0..n)
+                    .flat_map(|i| x[i * v + b[0]..i * v + b[1]].to_vec())
+                    .collect();
+                shard_stats(&shard, n, vs, b[0], &t, Some(&w), &cfg)
+            })
+            .collect();
+        for i in 0..n {
+            if t[i] == -100 {
+                continue;
+            }
+            let row: Vec<[f64; 4]> = parts.iter().map(|p| p[i]).collect();
+            let (lse, zy, _) = combine_stats(&row);
+            assert!(close(lse, full.lse[i], 1e-13), "shards {bounds:?} row {i}");
+            let z_y = {
+                let c = 8.0f64;
+                c * (x[i * v + t[i] as usize] / c).tanh()
+            };
+            assert!(close(zy, z_y, 1e-13));
+        }
+    }
+}
