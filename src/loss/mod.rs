@@ -741,3 +741,145 @@ pub use sigmoid::{sigmoid_focal_fwd_bwd, SigmoidFocalConfig, SigmoidFocalOutputs
 
 pub(crate) mod check;
 pub mod verify;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_arg(r: Result<fk_loss_config>) -> &'static str {
+        match r {
+            Err(Error::InvalidArgument { arg, .. }) => arg,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn config_scalars_are_validated_with_named_arguments() {
+        let ok = LossConfig::default();
+        assert!(ok.to_params(10, None, false).is_ok());
+        let bad = |c: LossConfig| err_arg(c.to_params(10, None, false));
+        assert_eq!(
+            bad(LossConfig {
+                kind: LossKind::Focal { gamma: -0.1 },
+                ..ok
+            }),
+            "gamma"
+        );
+        assert_eq!(
+            bad(LossConfig {
+                kind: LossKind::Poly1Focal {
+                    gamma: 1.0,
+                    epsilon: f32::INFINITY
+                },
+                ..ok
+            }),
+            "epsilon"
+        );
+        assert_eq!(
+            bad(LossConfig {
+                kind: LossKind::Gce { q: -1.0 },
+                ..ok
+            }),
+            "q"
+        );
+        assert_eq!(
+            bad(LossConfig {
+                kind: LossKind::Gce { q: f32::NAN },
+                ..ok
+            }),
+            "q"
+        );
+        assert_eq!(
+            bad(LossConfig {
+                z_loss: f32::NAN,
+                ..ok
+            }),
+            "z_loss"
+        );
+        assert_eq!(
+            bad(LossConfig {
+                softcap: Some(-3.0),
+                ..ok
+            }),
+            "softcap"
+        );
+        assert_eq!(
+            bad(LossConfig {
+                label_smoothing: LabelSmoothing::Megatron(-0.1),
+                ..ok
+            }),
+            "label_smoothing"
+        );
+        assert_eq!(
+            bad(LossConfig {
+                kind: LossKind::Gce { q: 0.5 },
+                label_smoothing: LabelSmoothing::PyTorch(0.1),
+                ..ok
+            }),
+            "label_smoothing"
+        );
+    }
+
+    #[test]
+    fn config_maps_to_kernel_parameters() {
+        let c = LossConfig {
+            label_smoothing: LabelSmoothing::Megatron(0.1),
+            softcap: Some(30.0),
+            ..LossConfig::default()
+        };
+        let p = c.to_params(11, None, false).unwrap();
+        assert!((p.smoothing - 0.11).abs() < 1e-7);
+        assert_eq!(
+            (p.softcap, p.vocab, p.weight_sum, p.has_weights),
+            (30.0, 11.0, 11.0, 0)
+        );
+        let p = LossConfig::default()
+            .to_params(3, Some(&[1.0, 2.0, 0.5]), true)
+            .unwrap();
+        assert_eq!((p.weight_sum, p.has_weights), (3.5, 1));
+    }
+
+    #[test]
+    fn rows_are_validated() {
+        assert!(Rows::contiguous(2, 3).validate().is_ok());
+        assert!(matches!(
+            Rows::contiguous(0, 3).validate(),
+            Err(Error::Shape { arg: "logits", .. })
+        ));
+        assert!(matches!(
+            Rows::contiguous(2, 0).validate(),
+            Err(Error::Shape { .. })
+        ));
+        let r = Rows {
+            row_stride: 2,
+            ..Rows::contiguous(2, 3)
+        };
+        assert!(matches!(
+            r.validate(),
+            Err(Error::Layout { arg: "logits", .. })
+        ));
+        let r = Rows {
+            grad_stride: 2,
+            ..Rows::contiguous(2, 3)
+        };
+        assert!(matches!(
+            r.validate(),
+            Err(Error::Layout { arg: "grad", .. })
+        ));
+        assert_eq!(
+            Rows {
+                row_stride: 5,
+                ..Rows::contiguous(3, 3)
+            }
+            .extent(5),
+            13
+        );
+    }
+
+    #[test]
+    fn launch_shapes() {
+        assert_eq!(launch::row_threads(1, 2), 64);
+        assert_eq!(launch::row_threads(32000, 2), 512);
+        assert_eq!(launch::row_threads(2000, 4), 128);
+    }
+}

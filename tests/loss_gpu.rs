@@ -1,0 +1,860 @@
+//! The loss kernels on a GPU against the f64 reference: every configuration, every dtype, edge sizes,
+//! > 2^31 elements, determinism, vocabulary shards, sigmoid focal, bad input. Skips loudly without a GPU.
+#![allow(clippy::needless_range_loop)]
+
+use cudarc::driver::CudaSlice;
+use fusekit::loss::verify::{self, feature_matrix, Case, STATS_TOLERANCE};
+use fusekit::loss::*;
+use fusekit::testing::{compare, first_bit_difference, gpu_or_skip, poisoned, seed_for, Dist, Rng};
+use fusekit::{Error, Gpu};
+use half::{bf16, f16};
+
+fn matrix<T: LossElement>(gpu: &Gpu, rng: &mut Rng, n: usize, v: usize) {
+    for case in feature_matrix(n, v) {
+        let rep = verify::run::<T>(gpu, rng, &case).unwrap_or_else(|e| panic!("{e}"));
+        println!(
+            "{} n={n} v={v} {:?}: grad {} | rows {}",
+            T::NAME,
+            case.cfg.kind,
+            rep.grad,
+            rep.rows
+        );
+    }
+}
+
+#[test]
+fn every_configuration_matches_the_reference_f32() {
+    let Some(gpu) = gpu_or_skip("every_configuration_matches_the_reference_f32") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("every_configuration_f32"));
+    for (n, v) in [(1, 1), (3, 7), (5, 8), (7, 9), (8, 1003), (4, 4096 + 5)] {
+        matrix::<f32>(&gpu, &mut rng, n, v);
+    }
+}
+
+#[test]
+fn every_configuration_matches_the_reference_bf16() {
+    let Some(gpu) = gpu_or_skip("every_configuration_matches_the_reference_bf16") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("every_configuration_bf16"));
+    for (n, v) in [(1, 1), (3, 7), (5, 8), (7, 9), (8, 1003), (4, 4096 + 5)] {
+        matrix::<bf16>(&gpu, &mut rng, n, v);
+    }
+}
+
+#[test]
+fn every_configuration_matches_the_reference_f16() {
+    let Some(gpu) = gpu_or_skip("every_configuration_matches_the_reference_f16") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("every_configuration_f16"));
+    for (n, v) in [(3, 7), (8, 1003)] {
+        matrix::<f16>(&gpu, &mut rng, n, v);
+    }
+}
+
+#[test]
+fn llm_vocabularies_on_both_row_paths() {
+    // 32000 bf16 rows fit the shared-memory cache; 128256 and 256000 take the L2 re-read path; f32 32000
+    // (128 KB) is past ROW_CACHE_LIMIT too.
+    let Some(gpu) = gpu_or_skip("llm_vocabularies_on_both_row_paths") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("llm_vocabularies_on_both_row_paths"));
+    for v in [32000, 50257, 128256, 256000] {
+        for mut case in [
+            Case::ce(3, v),
+            Case {
+                inplace: true,
+                ..Case::ce(2, v)
+            },
+        ] {
+            case.cfg.label_smoothing = LabelSmoothing::PyTorch(0.1);
+            case.cfg.z_loss = 1e-4;
+            let rep = verify::run::<bf16>(&gpu, &mut rng, &case).unwrap_or_else(|e| panic!("{e}"));
+            println!(
+                "bf16 v={v} inplace={}: grad {} rows {}",
+                case.inplace, rep.grad, rep.rows
+            );
+        }
+        let rep =
+            verify::run::<f32>(&gpu, &mut rng, &Case::ce(2, v)).unwrap_or_else(|e| panic!("{e}"));
+        println!("f32 v={v}: grad {}", rep.grad);
+    }
+}
+
+#[test]
+fn row_cache_limit_boundary() {
+    let Some(gpu) = gpu_or_skip("row_cache_limit_boundary") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("row_cache_limit_boundary"));
+    let v_edge = (ROW_CACHE_LIMIT - 16) / 2;
+    for v in [v_edge - 1, v_edge, v_edge + 1] {
+        verify::run::<bf16>(
+            &gpu,
+            &mut rng,
+            &Case {
+                row_pad: 1,
+                ..Case::ce(3, v)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn results_are_bitwise_deterministic() {
+    let Some(gpu) = gpu_or_skip("results_are_bitwise_deterministic") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("results_are_bitwise_deterministic"));
+    for case in [
+        Case::ce(64, 32000),
+        Case::ce(16, 128256),
+        Case {
+            weights: true,
+            ..Case::ce(33, 5000)
+        },
+    ] {
+        let inp = verify::inputs::<bf16>(&case, &mut rng);
+        let (_, g1) = verify::run_with(&gpu, &case, &inp).unwrap();
+        for _ in 0..3 {
+            let (_, g2) = verify::run_with(&gpu, &case, &inp).unwrap();
+            assert_eq!(first_bit_difference(&g1, &g2), None, "{case:?}");
+        }
+    }
+    // The reduced loss and per-row outputs too.
+    let (n, v) = (512, 32000);
+    let case = Case::ce(n, v);
+    let inp = verify::inputs::<bf16>(&case, &mut rng);
+    let run = || {
+        let s = gpu.stream();
+        let x = s.clone_htod(&inp.logits).unwrap();
+        let t: Vec<i32> = inp.targets.iter().map(|&y| y as i32).collect();
+        let t = s.clone_htod(&t).unwrap();
+        let mut g = s.alloc_zeros::<bf16>(n * v).unwrap();
+        let mut out = LossOutputs::new(&gpu, n).unwrap();
+        fwd_bwd(
+            &gpu,
+            Rows::contiguous(n, v),
+            &x,
+            &t,
+            &mut g,
+            &Default::default(),
+            &LossConfig::default(),
+            &mut out,
+        )
+        .unwrap();
+        (
+            s.clone_dtoh(&out.rows).unwrap(),
+            s.clone_dtoh(&out.lse).unwrap(),
+            s.clone_dtoh(&out.loss).unwrap(),
+        )
+    };
+    let a = run();
+    let b = run();
+    assert_eq!(first_bit_difference(&a.0, &b.0), None);
+    assert_eq!(first_bit_difference(&a.1, &b.1), None);
+    assert_eq!(first_bit_difference(&a.2, &b.2), None);
+}
+
+#[test]
+fn more_than_2_pow_31_elements() {
+    let Some(gpu) = gpu_or_skip("more_than_2_pow_31_elements") else {
+        return;
+    };
+    let (n, v) = (16_400usize, 131_072usize); // 2.15e9 elements, 4.3 GB of bf16 per buffer
+    if gpu.props().total_mem < 12 << 30 {
+        println!(
+            "only {} GiB of device memory: cannot hold two 4.3 GB buffers; nothing to check",
+            gpu.props().total_mem >> 30
+        );
+        return;
+    }
+    assert!(n * v > 1 << 31);
+    // Cheap deterministic pattern (hash of the index), so the upload dominates, not the generator.
+    let val = |k: usize| {
+        let h = (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+        bf16::from_f32((h as f32 / (1u64 << 24) as f32) * 8.0 - 4.0)
+    };
+    let host: Vec<bf16> = (0..n * v).map(val).collect();
+    let s = gpu.stream();
+    let mut x = s.clone_htod(&host).unwrap();
+    let targets: Vec<i64> = (0..n).map(|i| ((i * 7919) % v) as i64).collect();
+    let t = s.clone_htod(&targets).unwrap();
+    let mut out = LossOutputs::new(&gpu, n).unwrap();
+    let cfg = LossConfig {
+        reduction: Reduction::Sum,
+        ..LossConfig::default()
+    };
+    fwd_bwd_inplace(
+        &gpu,
+        Rows::contiguous(n, v),
+        &mut x,
+        &t,
+        &Default::default(),
+        &cfg,
+        &mut out,
+    )
+    .unwrap();
+    out.check_targets_sync(&gpu, &t, v, cfg.ignore_index)
+        .unwrap();
+    let rows_out = s.clone_dtoh(&out.rows).unwrap();
+    // Check rows straddling and beyond element 2^31, and the first.
+    for i in [0, (1usize << 31) / v, (1usize << 31) / v + 1, n - 1] {
+        let xi: Vec<f64> = (0..v).map(|j| host[i * v + j].to_f64()).collect();
+        let r = reference::fwd_bwd(&xi, 1, v, &[targets[i]], None, None, &cfg);
+        let g = s.clone_dtoh(&x.slice(i * v..(i + 1) * v)).unwrap();
+        compare(
+            &format!("grad row {i}"),
+            &g,
+            &r.grad,
+            verify::grad_tolerance::<bf16>(),
+        )
+        .unwrap();
+        compare(
+            &format!("loss row {i}"),
+            &rows_out[i..i + 1],
+            &r.rows,
+            STATS_TOLERANCE,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn invalid_targets_are_reported_and_never_read_out_of_bounds() {
+    let Some(gpu) = gpu_or_skip("invalid_targets_are_reported") else {
+        return;
+    };
+    let s = gpu.stream();
+    let (n, v) = (6, 50);
+    let x = s.clone_htod(&vec![0.5f32; n * v]).unwrap();
+    let mut g = poisoned::<f32>(&gpu, n * v).unwrap();
+    let mut out = LossOutputs::new(&gpu, n).unwrap();
+    let cfg = LossConfig::default();
+    for (bad_row, bad) in [(4usize, 50i32), (2, -1), (5, i32::MAX)] {
+        let mut t = vec![3i32; n];
+        t[1] = -100;
+        t[bad_row] = bad;
+        let td = s.clone_htod(&t).unwrap();
+        fwd_bwd(
+            &gpu,
+            Rows::contiguous(n, v),
+            &x,
+            &td,
+            &mut g,
+            &Default::default(),
+            &cfg,
+            &mut out,
+        )
+        .unwrap();
+        let e = out
+            .check_targets_sync(&gpu, &td, v, cfg.ignore_index)
+            .unwrap_err();
+        match e {
+            Error::OutOfRange {
+                arg: "targets",
+                index,
+                value,
+                ..
+            } => {
+                assert_eq!((index, value), (bad_row, bad as i64));
+            }
+            other => panic!("{other}"),
+        }
+        let gh = s.clone_dtoh(&g).unwrap();
+        assert!(gh[bad_row * v..(bad_row + 1) * v].iter().all(|&z| z == 0.0));
+        let rows = s.clone_dtoh(&out.rows).unwrap();
+        assert!(rows[bad_row].is_nan());
+        assert!((rows[0] - (v as f32).ln()).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn forward_only_matches_fused_rows() {
+    let Some(gpu) = gpu_or_skip("forward_only_matches_fused_rows") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("forward_only_matches_fused_rows"));
+    let (n, v) = (17, 3001);
+    let case = Case::ce(n, v);
+    let inp = verify::inputs::<bf16>(&case, &mut rng);
+    let s = gpu.stream();
+    let x = s.clone_htod(&inp.logits).unwrap();
+    let t = s.clone_htod(&inp.targets).unwrap();
+    let mut out = LossOutputs::new(&gpu, n).unwrap();
+    forward(
+        &gpu,
+        Rows::contiguous(n, v),
+        &x,
+        &t,
+        &Default::default(),
+        &case.cfg,
+        &mut out,
+    )
+    .unwrap();
+    let xf: Vec<f64> = inp.logits.iter().map(|z| z.to_f64()).collect();
+    let r = reference::fwd_bwd(&xf, n, v, &inp.targets, None, None, &case.cfg);
+    compare(
+        "rows",
+        &s.clone_dtoh(&out.rows).unwrap(),
+        &r.rows,
+        STATS_TOLERANCE,
+    )
+    .unwrap();
+    compare(
+        "loss",
+        &s.clone_dtoh(&out.loss).unwrap(),
+        &[r.loss],
+        STATS_TOLERANCE,
+    )
+    .unwrap();
+}
+
+#[test]
+fn vocabulary_shards_equal_the_unsharded_kernel() {
+    let Some(gpu) = gpu_or_skip("vocabulary_shards_equal_the_unsharded_kernel") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("vocabulary_shards_equal_the_unsharded_kernel"));
+    let s = gpu.stream();
+    let (n, v) = (24, 10_007);
+    let bounds = [0, 2500, 5003, 7777, v];
+    let p = bounds.len() - 1;
+    let cfg = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.1),
+        softcap: Some(20.0),
+        ..LossConfig::default()
+    };
+    let vals = rng.sample(
+        Dist::Logits {
+            std: 2.0,
+            outlier_frac: 0.01,
+            outlier_scale: 8.0,
+        },
+        n * v,
+    );
+    let x: Vec<f32> = vals.iter().map(|&z| z as f32).collect();
+    let targets: Vec<i64> = (0..n)
+        .map(|i| {
+            if i % 7 == 3 {
+                -100
+            } else {
+                rng.below(v as u64) as i64
+            }
+        })
+        .collect();
+    let w: Vec<f32> = (0..v).map(|_| rng.uniform(0.5, 1.5) as f32).collect();
+    let wd = s.clone_htod(&w).unwrap();
+    let extras = LossExtras {
+        class_weights: Some(&wd),
+        class_weights_host: Some(&w),
+        grad_output: None,
+    };
+    let td = s.clone_htod(&targets).unwrap();
+    let mut stats = s.alloc_zeros::<f32>(p * n * SHARD_STAT_WIDTH).unwrap();
+    let shards: Vec<CudaSlice<f32>> = bounds
+        .windows(2)
+        .map(|b| {
+            let h: Vec<f32> = (0..n)
+                .flat_map(|i| x[i * v + b[0]..i * v + b[1]].to_vec())
+                .collect();
+            s.clone_htod(&h).unwrap()
+        })
+        .collect();
+    for (k, b) in bounds.windows(2).enumerate() {
+        let spec = ShardSpec {
+            vocab_offset: b[0],
+            full_vocab: v,
+        };
+        let mut part = stats.slice_mut(k * n * SHARD_STAT_WIDTH..(k + 1) * n * SHARD_STAT_WIDTH);
+        shard_stats(
+            &gpu,
+            Rows::contiguous(n, b[1] - b[0]),
+            &shards[k],
+            &td,
+            spec,
+            &extras,
+            &cfg,
+            &mut part,
+        )
+        .unwrap();
+    }
+    let mut out = LossOutputs::new(&gpu, n).unwrap();
+    shard_combine(&gpu, n, v, &stats, p, &td, &extras, &cfg, &mut out).unwrap();
+    out.check_targets_sync(&gpu, &td, v, cfg.ignore_index)
+        .unwrap();
+    let mut grad = vec![0f32; n * v];
+    for (k, b) in bounds.windows(2).enumerate() {
+        let vs = b[1] - b[0];
+        let spec = ShardSpec {
+            vocab_offset: b[0],
+            full_vocab: v,
+        };
+        let mut g = poisoned::<f32>(&gpu, n * vs).unwrap();
+        shard_backward(
+            &gpu,
+            Rows::contiguous(n, vs),
+            &shards[k],
+            &td,
+            spec,
+            &extras,
+            &cfg,
+            &out,
+            &mut g,
+        )
+        .unwrap();
+        let gh = s.clone_dtoh(&g).unwrap();
+        for i in 0..n {
+            grad[i * v + b[0]..i * v + b[1]].copy_from_slice(&gh[i * vs..(i + 1) * vs]);
+        }
+    }
+    let xf: Vec<f64> = x.iter().map(|&z| z as f64).collect();
+    let wf: Vec<f64> = w.iter().map(|&z| z as f64).collect();
+    let r = reference::fwd_bwd(&xf, n, v, &targets, Some(&wf), None, &cfg);
+    compare(
+        "shard grad",
+        &grad,
+        &r.grad,
+        verify::grad_tolerance::<f32>(),
+    )
+    .unwrap();
+    compare(
+        "shard rows",
+        &s.clone_dtoh(&out.rows).unwrap(),
+        &r.rows,
+        STATS_TOLERANCE,
+    )
+    .unwrap();
+    compare(
+        "shard lse",
+        &s.clone_dtoh(&out.lse).unwrap(),
+        &r.lse,
+        STATS_TOLERANCE,
+    )
+    .unwrap();
+    compare(
+        "shard loss",
+        &s.clone_dtoh(&out.loss).unwrap(),
+        &[r.loss],
+        STATS_TOLERANCE,
+    )
+    .unwrap();
+}
+
+#[test]
+fn sigmoid_focal_matches_the_reference() {
+    let Some(gpu) = gpu_or_skip("sigmoid_focal_matches_the_reference") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("sigmoid_focal_matches_the_reference"));
+    fn one<T: LossElement>(
+        gpu: &Gpu,
+        rng: &mut Rng,
+        n: usize,
+        cfg: SigmoidFocalConfig,
+        offset: usize,
+    ) {
+        let s = gpu.stream();
+        let xs: Vec<T> = rng
+            .sample(
+                Dist::Normal {
+                    mean: -1.0,
+                    std: 3.0,
+                },
+                n + offset,
+            )
+            .into_iter()
+            .map(T::from_f64)
+            .collect();
+        let ts: Vec<T> = (0..n + offset)
+            .map(|_| T::from_f64(if rng.unit() < 0.1 { 1.0 } else { 0.0 }))
+            .collect();
+        let xd = s.clone_htod(&xs).unwrap();
+        let td = s.clone_htod(&ts).unwrap();
+        let mut g = poisoned::<T>(gpu, n + offset).unwrap();
+        let go: Vec<f32> = (0..if cfg.reduction == Reduction::None {
+            n
+        } else {
+            1
+        })
+            .map(|_| rng.uniform(0.5, 2.0) as f32)
+            .collect();
+        let god = s.clone_htod(&go).unwrap();
+        let mut out = SigmoidFocalOutputs::new(gpu, n, cfg.reduction == Reduction::None).unwrap();
+        out.loss = poisoned(gpu, 1).unwrap();
+        {
+            // An offset view: the scalar path when the start is not 16-byte aligned.
+            let mut gv = g.slice_mut(offset..);
+            sigmoid_focal_fwd_bwd(
+                gpu,
+                &xd.slice(offset..),
+                &td.slice(offset..),
+                &mut gv,
+                Some(god.as_view()),
+                &cfg,
+                &mut out,
+            )
+            .unwrap();
+        }
+        let mut rg = vec![0.0; n];
+        let mut rl = vec![0.0; n];
+        for i in 0..n {
+            let (l, d) = reference::sigmoid_focal(
+                xs[offset + i].to_f64(),
+                ts[offset + i].to_f64(),
+                cfg.alpha as f64,
+                cfg.gamma as f64,
+            );
+            rl[i] = l;
+            let up = if cfg.reduction == Reduction::None {
+                go[i]
+            } else {
+                go[0]
+            } as f64;
+            rg[i] = d
+                * up
+                * if cfg.reduction == Reduction::Mean {
+                    1.0 / n as f64
+                } else {
+                    1.0
+                };
+        }
+        let gh = s.clone_dtoh(&g).unwrap();
+        compare(
+            &format!("sigmoid focal grad {} n={n} {cfg:?}", T::NAME),
+            &gh[offset..],
+            &rg,
+            verify::grad_tolerance::<T>(),
+        )
+        .unwrap();
+        match cfg.reduction {
+            Reduction::None => {
+                compare(
+                    "sigmoid focal elements",
+                    &s.clone_dtoh(&out.elements).unwrap()[..n],
+                    &rl,
+                    STATS_TOLERANCE,
+                )
+                .unwrap();
+            }
+            r => {
+                let total: f64 =
+                    rl.iter().sum::<f64>() / if r == Reduction::Mean { n as f64 } else { 1.0 };
+                compare(
+                    "sigmoid focal loss",
+                    &s.clone_dtoh(&out.loss).unwrap(),
+                    &[total],
+                    STATS_TOLERANCE,
+                )
+                .unwrap();
+            }
+        }
+    }
+    for n in [1, 7, 4099, 1_000_003] {
+        for cfg in [
+            SigmoidFocalConfig::default(),
+            SigmoidFocalConfig {
+                alpha: -1.0,
+                gamma: 0.0,
+                reduction: Reduction::Sum,
+            },
+            SigmoidFocalConfig {
+                alpha: 0.5,
+                gamma: 1.5,
+                reduction: Reduction::None,
+            },
+        ] {
+            one::<f32>(&gpu, &mut rng, n, cfg, 0);
+            one::<bf16>(&gpu, &mut rng, n, cfg, 0);
+            one::<bf16>(&gpu, &mut rng, n, cfg, 3);
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    let Some(gpu) = gpu_or_skip("bad_arguments_are_typed_errors") else {
+        return;
+    };
+    let s = gpu.stream();
+    let (n, v) = (4, 10);
+    let x = s.alloc_zeros::<f32>(n * v).unwrap();
+    let mut g = s.alloc_zeros::<f32>(n * v).unwrap();
+    let t = s.alloc_zeros::<i32>(n).unwrap();
+    let mut out = LossOutputs::new(&gpu, n).unwrap();
+    let rows = Rows::contiguous(n, v);
+    let cfg = LossConfig::default();
+    let none = LossExtras::default();
+    macro_rules! expect {
+        ($res:expr, $pat:pat) => {{
+            let r = $res;
+            assert!(matches!(r, Err($pat)), "{:?}", r);
+        }};
+    }
+    expect!(
+        fwd_bwd(
+            &gpu,
+            Rows::contiguous(0, v),
+            &x,
+            &t,
+            &mut g,
+            &none,
+            &cfg,
+            &mut out
+        ),
+        Error::Shape { arg: "logits", .. }
+    );
+    expect!(
+        fwd_bwd(
+            &gpu,
+            Rows::contiguous(n, 0),
+            &x,
+            &t,
+            &mut g,
+            &none,
+            &cfg,
+            &mut out
+        ),
+        Error::Shape { arg: "logits", .. }
+    );
+    expect!(
+        fwd_bwd(
+            &gpu,
+            Rows::contiguous(n, v + 1),
+            &x,
+            &t,
+            &mut g,
+            &none,
+            &cfg,
+            &mut out
+        ),
+        Error::Shape { arg: "logits", .. }
+    );
+    expect!(
+        fwd_bwd(
+            &gpu,
+            Rows {
+                row_stride: v - 1,
+                ..rows
+            },
+            &x,
+            &t,
+            &mut g,
+            &none,
+            &cfg,
+            &mut out
+        ),
+        Error::Layout { arg: "logits", .. }
+    );
+    let mut short = s.alloc_zeros::<f32>(n * v - 1).unwrap();
+    expect!(
+        fwd_bwd(&gpu, rows, &x, &t, &mut short, &none, &cfg, &mut out),
+        Error::Shape { arg: "grad", .. }
+    );
+    let t3 = s.alloc_zeros::<i32>(n - 1).unwrap();
+    expect!(
+        fwd_bwd(&gpu, rows, &x, &t3, &mut g, &none, &cfg, &mut out),
+        Error::Shape { arg: "targets", .. }
+    );
+    let w = s.alloc_zeros::<f32>(v + 1).unwrap();
+    let bad_w = LossExtras {
+        class_weights: Some(&w),
+        ..Default::default()
+    };
+    expect!(
+        fwd_bwd(&gpu, rows, &x, &t, &mut g, &bad_w, &cfg, &mut out),
+        Error::Shape {
+            arg: "class_weights",
+            ..
+        }
+    );
+    let w = s.alloc_zeros::<f32>(v).unwrap();
+    let smooth = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.1),
+        ..cfg
+    };
+    let w_only = LossExtras {
+        class_weights: Some(&w),
+        ..Default::default()
+    };
+    expect!(
+        fwd_bwd(&gpu, rows, &x, &t, &mut g, &w_only, &smooth, &mut out),
+        Error::InvalidArgument {
+            arg: "class_weights_host",
+            ..
+        }
+    );
+    let go = s.alloc_zeros::<f32>(2).unwrap();
+    let bad_go = LossExtras {
+        grad_output: Some(go.as_view()),
+        ..Default::default()
+    };
+    expect!(
+        fwd_bwd(&gpu, rows, &x, &t, &mut g, &bad_go, &cfg, &mut out),
+        Error::Shape {
+            arg: "grad_output",
+            ..
+        }
+    );
+    let mut small_out = LossOutputs::new(&gpu, n - 1).unwrap();
+    expect!(
+        fwd_bwd(&gpu, rows, &x, &t, &mut g, &none, &cfg, &mut small_out),
+        Error::Shape { arg: "out", .. }
+    );
+    // grad overlapping logits: only reachable through memory the caller wraps unsafely, e.g. a framework's
+    // tensor storage handed over as a raw pointer.
+    {
+        use cudarc::driver::DevicePtr;
+        let buf = s.alloc_zeros::<f32>(2 * n * v).unwrap();
+        let base = buf.device_ptr(s).0;
+        // SAFETY: aliases the first buffer 8 elements in; leaked below so it is freed only once.
+        let mut alias = unsafe { s.upgrade_device_ptr::<f32>(base + 32, n * v) };
+        let r = fwd_bwd(&gpu, rows, &buf, &t, &mut alias, &none, &cfg, &mut out);
+        alias.leak();
+        expect!(r, Error::Layout { arg: "grad", .. });
+    }
+    for (bad_cfg, arg) in [
+        (
+            LossConfig {
+                kind: LossKind::Focal { gamma: -1.0 },
+                ..cfg
+            },
+            "gamma",
+        ),
+        (
+            LossConfig {
+                kind: LossKind::Focal { gamma: f32::NAN },
+                ..cfg
+            },
+            "gamma",
+        ),
+        (
+            LossConfig {
+                kind: LossKind::Gce { q: 0.0 },
+                ..cfg
+            },
+            "q",
+        ),
+        (
+            LossConfig {
+                kind: LossKind::Gce { q: 1.5 },
+                ..cfg
+            },
+            "q",
+        ),
+        (
+            LossConfig {
+                kind: LossKind::Poly1 { epsilon: -2.0 },
+                ..cfg
+            },
+            "epsilon",
+        ),
+        (
+            LossConfig {
+                softcap: Some(0.0),
+                ..cfg
+            },
+            "softcap",
+        ),
+        (
+            LossConfig {
+                z_loss: -1.0,
+                ..cfg
+            },
+            "z_loss",
+        ),
+        (
+            LossConfig {
+                label_smoothing: LabelSmoothing::PyTorch(1.5),
+                ..cfg
+            },
+            "label_smoothing",
+        ),
+        (
+            LossConfig {
+                kind: LossKind::Focal { gamma: 2.0 },
+                label_smoothing: LabelSmoothing::PyTorch(0.1),
+                ..cfg
+            },
+            "label_smoothing",
+        ),
+    ] {
+        let r = fwd_bwd(&gpu, rows, &x, &t, &mut g, &none, &bad_cfg, &mut out);
+        assert!(
+            matches!(&r, Err(Error::InvalidArgument { arg: a, .. }) if *a == arg),
+            "{bad_cfg:?}: {r:?}"
+        );
+    }
+    // Sigmoid focal.
+    let mut so = SigmoidFocalOutputs::new(&gpu, n * v, false).unwrap();
+    let tf = s.alloc_zeros::<f32>(n * v - 1).unwrap();
+    expect!(
+        sigmoid_focal_fwd_bwd(
+            &gpu,
+            &x,
+            &tf,
+            &mut g,
+            None,
+            &SigmoidFocalConfig::default(),
+            &mut so
+        ),
+        Error::Shape { arg: "targets", .. }
+    );
+    let tf = s.alloc_zeros::<f32>(n * v).unwrap();
+    let bad = SigmoidFocalConfig {
+        gamma: -0.5,
+        ..Default::default()
+    };
+    expect!(
+        sigmoid_focal_fwd_bwd(&gpu, &x, &tf, &mut g, None, &bad, &mut so),
+        Error::InvalidArgument { arg: "gamma", .. }
+    );
+    let empty = s.alloc_zeros::<f32>(4).unwrap();
+    expect!(
+        sigmoid_focal_fwd_bwd(
+            &gpu,
+            &empty.slice(0..0),
+            &tf.slice(0..0),
+            &mut g.slice_mut(0..0),
+            None,
+            &SigmoidFocalConfig::default(),
+            &mut so
+        ),
+        Error::Shape { arg: "logits", .. }
+    );
+    // Shards.
+    let spec = ShardSpec {
+        vocab_offset: 5,
+        full_vocab: 12,
+    };
+    let mut st = s.alloc_zeros::<f32>(n * SHARD_STAT_WIDTH).unwrap();
+    expect!(
+        shard_stats(&gpu, rows, &x, &t, spec, &none, &cfg, &mut st),
+        Error::Shape { arg: "shard", .. }
+    );
+    let spec = ShardSpec {
+        vocab_offset: 0,
+        full_vocab: v,
+    };
+    let mut short_st = s.alloc_zeros::<f32>(n * SHARD_STAT_WIDTH - 1).unwrap();
+    expect!(
+        shard_stats(&gpu, rows, &x, &t, spec, &none, &cfg, &mut short_st),
+        Error::Shape { arg: "stats", .. }
+    );
+    expect!(
+        shard_combine(&gpu, n, v, &st, 0, &t, &none, &cfg, &mut out),
+        Error::InvalidArgument {
+            arg: "n_shards",
+            ..
+        }
+    );
+    expect!(
+        shard_combine(&gpu, n, v, &st, 2, &t, &none, &cfg, &mut out),
+        Error::Shape { arg: "stats", .. }
+    );
+}
