@@ -279,5 +279,101 @@ fn sigmoid_focal(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, cross_entropy, other_kinds, sigmoid_focal);
+fn linear_ce(c: &mut Criterion) {
+    let Some(gpu) = common::gpu_or_skip("bench loss/linear_ce") else {
+        return;
+    };
+    let s = gpu.stream();
+    let (h, v) = (4096usize, 128256usize);
+    let mut rng = Rng::new(11);
+    let tile: Vec<bf16> = rng
+        .sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 0.02,
+            },
+            1 << 22,
+        )
+        .into_iter()
+        .map(bf16::from_f64)
+        .collect();
+    let fill = |len: usize| {
+        let mut d = s.alloc_zeros::<bf16>(len).unwrap();
+        let mut off = 0;
+        while off < len {
+            let k = tile.len().min(len - off);
+            s.memcpy_htod(&tile[..k], &mut d.slice_mut(off..off + k))
+                .unwrap();
+            off += k;
+        }
+        d
+    };
+    let weight = fill(v * h);
+    let mut g = c.benchmark_group("loss");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(3));
+    for n in [8192usize, 16384] {
+        let hidden = fill(n * h);
+        let targets: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
+        let t = s.clone_htod(&targets).unwrap();
+        let mut dh = s.alloc_zeros::<bf16>(n * h).unwrap();
+        let mut dw = s.alloc_zeros::<f32>(v * h).unwrap();
+        let mut out = LossOutputs::new(&gpu, n).unwrap();
+        let logits_bytes = n * v * 2;
+        let mut lce =
+            LinearCrossEntropy::new(&gpu, v, h, Chunking::MemoryBudget(logits_bytes / 8)).unwrap();
+        let cfg = LossConfig::default();
+        let mut f = || {
+            lce.fwd_bwd(
+                &gpu,
+                n,
+                &hidden,
+                &weight,
+                &t,
+                &Default::default(),
+                &cfg,
+                &mut dh,
+                &mut dw,
+                false,
+                &mut out,
+            )
+        };
+        let flops = 3.0 * 2.0 * (n * v * h) as f64;
+        g.throughput(Throughput::Elements(flops as u64));
+        g.bench_function(format!("linear_ce_bf16/{n}x{h}x{v}"), |b| {
+            b.iter_custom(|iters| common::event_time(&gpu, iters, || f().unwrap()))
+        });
+        let tm = time_launches_sync(&gpu, 2, 10, &mut f).unwrap();
+        let extra = lce.extra_bytes();
+        println!(
+            "linear+CE {n}x{h}x{v}: {:.2} ms, {:.0} TFLOP/s, extra {} MiB = 1/{:.1} of the {} MiB bf16 logits",
+            tm.median_ms,
+            flops / (tm.median_ms * 1e-3) / 1e12,
+            extra >> 20,
+            logits_bytes as f64 / extra as f64,
+            logits_bytes >> 20
+        );
+        common::emit(
+            &format!("loss/linear_ce_bf16/{n}x{h}x{v}"),
+            &[
+                ("n", n as f64),
+                ("v", v as f64),
+                ("median_ms", tm.median_ms),
+                ("tflops", flops / (tm.median_ms * 1e-3) / 1e12),
+                ("extra_bytes", extra as f64),
+                ("logits_bytes", logits_bytes as f64),
+            ],
+            &[("dtype", "bf16"), ("device", &gpu.props().name)],
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    cross_entropy,
+    other_kinds,
+    sigmoid_focal,
+    linear_ce
+);
 criterion_main!(benches);

@@ -75,6 +75,15 @@ pub enum Error {
         /// What is wrong with it, with the expected range.
         reason: String,
     },
+    /// A vendor library (cuBLAS) call failed or the library is missing.
+    Library {
+        /// Which library.
+        library: &'static str,
+        /// What fusekit was doing.
+        during: String,
+        /// The library's status.
+        detail: String,
+    },
     /// A configuration the library does not support (GPU too old, head dim, expert count...).
     Unsupported {
         /// What is unsupported and what is.
@@ -171,6 +180,11 @@ impl fmt::Display for Error {
                 allowed,
             } => write!(f, "{arg}[{index}] = {value} is outside {allowed}"),
             Error::InvalidArgument { arg, reason } => write!(f, "invalid `{arg}`: {reason}"),
+            Error::Library {
+                library,
+                during,
+                detail,
+            } => write!(f, "{library} error while {during}: {detail}"),
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
         }
     }

@@ -5,7 +5,9 @@
 use cudarc::driver::CudaSlice;
 use fusekit::loss::verify::{self, feature_matrix, Case, STATS_TOLERANCE};
 use fusekit::loss::*;
-use fusekit::testing::{compare, first_bit_difference, gpu_or_skip, poisoned, seed_for, Dist, Rng};
+use fusekit::testing::{
+    compare, first_bit_difference, gpu_or_skip, poisoned, seed_for, Dist, Rng, Tolerance,
+};
 use fusekit::{Error, Gpu};
 use half::{bf16, f16};
 
@@ -857,4 +859,189 @@ fn bad_arguments_are_typed_errors() {
         shard_combine(&gpu, n, v, &st, 2, &t, &none, &cfg, &mut out),
         Error::Shape { arg: "stats", .. }
     );
+}
+
+#[test]
+fn linear_cross_entropy_matches_the_reference_for_every_chunking() {
+    let Some(gpu) = gpu_or_skip("linear_cross_entropy_matches_the_reference") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("linear_cross_entropy_matches_the_reference"));
+    let s = gpu.stream();
+    let (n, h, v) = (37, 64, 1003);
+    let hid: Vec<bf16> = rng
+        .sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
+            n * h,
+        )
+        .into_iter()
+        .map(bf16::from_f64)
+        .collect();
+    let w: Vec<bf16> = rng
+        .sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 0.3,
+            },
+            v * h,
+        )
+        .into_iter()
+        .map(bf16::from_f64)
+        .collect();
+    let t: Vec<i64> = (0..n)
+        .map(|i| {
+            if i == 5 {
+                -100
+            } else {
+                rng.below(v as u64) as i64
+            }
+        })
+        .collect();
+    let (hd, wd, td) = (
+        s.clone_htod(&hid).unwrap(),
+        s.clone_htod(&w).unwrap(),
+        s.clone_htod(&t).unwrap(),
+    );
+    let cfg = LossConfig {
+        z_loss: 1e-4,
+        ..LossConfig::default()
+    };
+    let h64: Vec<f64> = hid.iter().map(|x| x.to_f64()).collect();
+    let w64: Vec<f64> = w.iter().map(|x| x.to_f64()).collect();
+    let (rows_ref, loss_ref, dh_ref, dw_ref) = linear_ce_reference(&h64, &w64, n, h, v, &t, &cfg);
+    for chunking in [
+        Chunking::Rows(1),
+        Chunking::Rows(8),
+        Chunking::Rows(n),
+        Chunking::MemoryBudget(10 * v * 2),
+    ] {
+        let mut lce = LinearCrossEntropy::new(&gpu, v, h, chunking).unwrap();
+        let mut dh = poisoned::<bf16>(&gpu, n * h).unwrap();
+        let mut dw = poisoned::<f32>(&gpu, v * h).unwrap();
+        let mut out = LossOutputs::new(&gpu, n).unwrap();
+        lce.fwd_bwd(
+            &gpu,
+            n,
+            &hd,
+            &wd,
+            &td,
+            &Default::default(),
+            &cfg,
+            &mut dh,
+            &mut dw,
+            false,
+            &mut out,
+        )
+        .unwrap();
+        out.check_targets_sync(&gpu, &td, v, cfg.ignore_index)
+            .unwrap();
+        let what = format!("{chunking:?}");
+        // Logits are bf16 per chunk and the chunk gradient is bf16 before the GEMMs: bf16-level tolerances.
+        let tol = fusekit::testing::Tolerance {
+            rel_l2: 1e-2,
+            atol: 1e-6,
+            rtol: 3e-2,
+        };
+        compare(
+            &format!("rows {what}"),
+            &s.clone_dtoh(&out.rows).unwrap(),
+            &rows_ref,
+            tol,
+        )
+        .unwrap();
+        compare(
+            &format!("loss {what}"),
+            &s.clone_dtoh(&out.loss).unwrap(),
+            &[loss_ref],
+            tol,
+        )
+        .unwrap();
+        let dh_r = compare(
+            &format!("grad_hidden {what}"),
+            &s.clone_dtoh(&dh).unwrap(),
+            &dh_ref,
+            Tolerance {
+                rel_l2: 1e-2,
+                atol: 2e-4,
+                rtol: 5e-2,
+            },
+        );
+        let dw_r = compare(
+            &format!("grad_weight {what}"),
+            &s.clone_dtoh(&dw).unwrap(),
+            &dw_ref,
+            Tolerance {
+                rel_l2: 1e-2,
+                atol: 2e-4,
+                rtol: 5e-2,
+            },
+        );
+        println!(
+            "{what}: extra {} B, dh {:?}, dw {:?}",
+            lce.extra_bytes(),
+            dh_r.as_ref().map(|r| r.rel_l2),
+            dw_r.as_ref().map(|r| r.rel_l2)
+        );
+        dh_r.unwrap();
+        dw_r.unwrap();
+        // Accumulation adds a second identical gradient.
+        lce.fwd_bwd(
+            &gpu,
+            n,
+            &hd,
+            &wd,
+            &td,
+            &Default::default(),
+            &cfg,
+            &mut dh,
+            &mut dw,
+            true,
+            &mut out,
+        )
+        .unwrap();
+        let dw2: Vec<f64> = dw_ref.iter().map(|x| 2.0 * x).collect();
+        compare(
+            &format!("accumulated grad_weight {what}"),
+            &s.clone_dtoh(&dw).unwrap(),
+            &dw2,
+            Tolerance {
+                rel_l2: 1e-2,
+                atol: 4e-4,
+                rtol: 5e-2,
+            },
+        )
+        .unwrap();
+    }
+    // Bad input.
+    let mut lce = LinearCrossEntropy::new(&gpu, v, h, Chunking::Rows(8)).unwrap();
+    let mut dh = s.alloc_zeros::<bf16>(n * h).unwrap();
+    let mut dw = s.alloc_zeros::<f32>(v * h).unwrap();
+    let mut out = LossOutputs::new(&gpu, n).unwrap();
+    let r = lce.fwd_bwd(
+        &gpu,
+        n,
+        &hd,
+        &hd,
+        &td,
+        &Default::default(),
+        &cfg,
+        &mut dh,
+        &mut dw,
+        false,
+        &mut out,
+    );
+    assert!(
+        matches!(r, Err(Error::Shape { arg: "weight", .. })),
+        "{r:?}"
+    );
+    assert!(matches!(
+        LinearCrossEntropy::new(&gpu, v, h, Chunking::Rows(0)),
+        Err(Error::InvalidArgument {
+            arg: "chunking",
+            ..
+        })
+    ));
 }

@@ -86,6 +86,7 @@ def main():
             emit(f"loss/{name}_fwd_bwd_bf16/{n}x{v}", peer, n, v, *timed(fwd_bwd(f, x, t)), 2 * n * v * 2)
     del x
     torch.cuda.empty_cache()
+    linear_ce()
     try:
         from torchvision.ops import sigmoid_focal_loss
     except ImportError:
@@ -97,6 +98,37 @@ def main():
         f = lambda a, b: sigmoid_focal_loss(a, b, alpha=0.25, gamma=2.0, reduction="mean")
         for peer, g in [("torchvision_eager", f), ("torchvision_compile", torch.compile(f))]:
             emit(f"loss/sigmoid_focal_f32/{n}x{k}", peer, n, k, *timed(fwd_bwd(g, x, t)), 3 * n * k * 4)
+
+
+def linear_ce():
+    """The logits-materialising path a user writes: h @ W.T, cross_entropy, backward. Reports time and the
+    peak memory beyond inputs, weights and their gradients."""
+    h_dim, v = 4096, 128256
+    w = (torch.randn(v, h_dim, device=dev) * 0.02).to(torch.bfloat16).requires_grad_()
+    for n in (8192, 16384):
+        h = (torch.randn(n, h_dim, device=dev) * 0.02).to(torch.bfloat16).requires_grad_()
+        t = torch.randint(0, v, (n,), device=dev)
+
+        def run():
+            h.grad = None
+            w.grad = None
+            F.cross_entropy((h @ w.T).float(), t).backward()
+
+        try:
+            run()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()  # inputs, weights and their gradients
+            torch.cuda.reset_peak_memory_stats()
+            ms, lo, hi = timed(run, iters=10)
+            extra = torch.cuda.max_memory_allocated() - base
+            print("FUSEKIT_PEER " + json.dumps({"bench": f"loss/linear_ce_bf16/{n}x{h_dim}x{v}", "peer": "torch_eager",
+                                                 "n": n, "v": v, "median_ms": ms, "min_ms": lo, "max_ms": hi,
+                                                 "extra_bytes": extra, "logits_bytes": n * v * 2,
+                                                 "device": torch.cuda.get_device_name()}), flush=True)
+        except torch.OutOfMemoryError:
+            print(f"peer linear_ce OOM at n={n}", file=sys.stderr)
+        del h
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -736,6 +736,9 @@ where
 mod shard;
 pub use shard::{shard_backward, shard_combine, shard_stats, ShardSpec, SHARD_STAT_WIDTH};
 
+mod linear_ce;
+pub use linear_ce::{linear_ce_reference, Chunking, LinearCrossEntropy};
+
 mod sigmoid;
 pub use sigmoid::{sigmoid_focal_fwd_bwd, SigmoidFocalConfig, SigmoidFocalOutputs};
 

@@ -11,7 +11,9 @@ use std::ffi::c_void;
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::launch::{denominator, launch, reduce, reduction_code, row_grid, row_threads};
+use super::launch::{
+    denominator, launch, opt_ptr, reduce_rows, reduction_code, row_grid, row_threads,
+};
 use super::{
     check_common, check_ctx, check_len, LossConfig, LossElement, LossExtras, LossOutputs,
     Reduction, Rows, TargetIndex,
@@ -110,7 +112,7 @@ where
     let (lp, _a) = logits.device_ptr(s);
     let (tp, _b) = targets.device_ptr(s);
     let (sp, _c) = stats.device_ptr_mut(s);
-    let (wp, _d) = opt_ptr(gpu, extras.class_weights);
+    let (wp, _d) = opt_ptr(extras.class_weights, s);
     let p = fk_ce_shard_stats_params {
         logits: lp as *const c_void,
         targets: tp as *const c_void,
@@ -135,19 +137,6 @@ where
         lc,
         &p,
     )
-}
-
-fn opt_ptr<'a>(
-    gpu: &'a Gpu,
-    w: Option<&'a cudarc::driver::CudaSlice<f32>>,
-) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
-    match w {
-        Some(w) => {
-            let (p, g) = w.device_ptr(gpu.stream());
-            (p, Some(g))
-        }
-        None => (0, None),
-    }
 }
 
 fn weights_cfg(
@@ -228,14 +217,8 @@ where
     let ck = check_common(gpu, rows, usize::MAX, targets, extras, cfg, out)?;
     let stream = gpu.stream().clone();
     let (tp, _a) = targets.device_ptr(&stream);
-    let (wp, _b) = opt_ptr(gpu, extras.class_weights);
-    let (gop, _c) = match &extras.grad_output {
-        Some(g) => {
-            let (p, gd) = g.device_ptr(&stream);
-            (p, Some(gd))
-        }
-        None => (0, None),
-    };
+    let (wp, _b) = opt_ptr(extras.class_weights, &stream);
+    let (gop, _c) = opt_ptr(extras.grad_output.as_ref(), &stream);
     stream
         .memset_zeros(&mut out.status)
         .during("clearing the loss status")?;
@@ -277,23 +260,7 @@ where
         };
         launch(gpu, &format!("fk_ce_shard_combine_{}", I::SUFFIX), lc, &p)?;
     }
-    if cfg.reduction != Reduction::None {
-        let (rp, _a) = out.rows.device_ptr(&stream);
-        let (dp, _b) = out.denominator.device_ptr(&stream);
-        let (op, _c) = out.loss.device_ptr_mut(&stream);
-        reduce(
-            gpu,
-            rp,
-            n_rows,
-            if cfg.reduction == Reduction::Mean {
-                dp
-            } else {
-                0
-            },
-            op,
-        )?;
-    }
-    Ok(())
+    reduce_rows(gpu, n_rows, cfg.reduction, out)
 }
 
 /// One shard's gradient from the combined lse and coefficients in `out` (after [`shard_combine`]).
@@ -366,7 +333,7 @@ where
         return Err(Error::layout("grad", "partially overlaps logits"));
     }
     let (tp, _c) = targets.device_ptr(s);
-    let (wp, _d) = opt_ptr(gpu, extras.class_weights);
+    let (wp, _d) = opt_ptr(extras.class_weights, s);
     let (sp, _e) = out.lse.device_ptr(s);
     let (cp, _f) = out.coeffs.device_ptr(s);
     let p = fk_ce_shard_bwd_params {
