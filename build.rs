@@ -431,6 +431,8 @@ fn build_host_math(kernels: &Path) {
         .files(&sources)
         .include(kernels.join("include"))
         .flag_if_supported("-std=c11")
+        // fk_moe_math.h relies on every a*b+c staying two roundings, as on the device.
+        .flag_if_supported("-ffp-contract=off")
         .opt_level(2)
         .warnings(true)
         .compile("fusekit_host_math");

@@ -31,7 +31,7 @@ type CpuCheck = fn(&mut Rng) -> Vec<CheckRow>;
 type GpuCheck = fn(&Gpu, &mut Rng) -> Result<Vec<CheckRow>>;
 
 /// A family's self-check.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct SelfCheck {
     /// Family name, as the folder under kernels/.
     pub family: &'static str,
@@ -48,7 +48,11 @@ pub struct SelfCheck {
 /// assert!(fusekit::check::registry().iter().any(|c| c.family == "loss"));
 /// ```
 pub fn registry() -> Vec<SelfCheck> {
-    vec![crate::probe::self_check(), crate::loss::check::self_check()]
+    vec![
+        crate::probe::self_check(),
+        crate::loss::check::self_check(),
+        crate::moe::check::self_check(),
+    ]
 }
 
 /// Options of `fusekit check`.

@@ -21,13 +21,15 @@ mod fatbins {
 pub enum Family {
     /// Fused losses: cross-entropy family, focal, Poly-1, GCE, sigmoid focal, vocabulary shards.
     Loss,
+    /// MoE routing: fused gate, bias update, permutation, gather, combine, expert-parallel counts.
+    Moe,
     /// Device probes: the bandwidth probe every memory-bound floor is measured with.
     Probe,
 }
 
 impl Family {
     /// Every family, in fatbin order.
-    pub const ALL: &'static [Family] = &[Family::Loss, Family::Probe];
+    pub const ALL: &'static [Family] = &[Family::Loss, Family::Moe, Family::Probe];
 
     /// The folder name under `kernels/`.
     ///
@@ -37,6 +39,7 @@ impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Family::Loss => "loss",
+            Family::Moe => "moe",
             Family::Probe => "probe",
         }
     }

@@ -95,3 +95,20 @@ pub(crate) fn sigmoid_focal(x: f32, t: f32, alpha: f32, gamma: f32) -> (f32, f32
     let l = unsafe { fk_host_sigmoid_focal(x, t, alpha, gamma, &mut g) };
     (l, g)
 }
+
+extern "C" {
+    fn fk_host_exp_portable(x: f32) -> f32;
+    fn fk_host_moe_sigmoid(x: f32) -> f32;
+}
+
+/// The kernels' portable exp (fk_moe_math.h), bit for bit.
+pub(crate) fn exp_portable(x: f32) -> f32 {
+    // SAFETY: pure function.
+    unsafe { fk_host_exp_portable(x) }
+}
+
+/// The kernels' router sigmoid (fk_moe_math.h), bit for bit.
+pub(crate) fn moe_sigmoid(x: f32) -> f32 {
+    // SAFETY: pure function.
+    unsafe { fk_host_moe_sigmoid(x) }
+}

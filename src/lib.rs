@@ -18,7 +18,7 @@
 //! println!("{}: {:.0} GB/s device copy", gpu.props().name, bw.gbps());
 //! # Ok(()) }
 //! ```
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 
 pub mod check;
 mod device;
@@ -26,6 +26,7 @@ mod error;
 #[cfg_attr(not(test), allow(dead_code))]
 mod host_math;
 pub mod loss;
+pub mod moe;
 mod params;
 pub mod probe;
 pub mod testing;

@@ -21,3 +21,9 @@ unsafe impl DeviceRepr for fk_ce_shard_stats_params {}
 unsafe impl DeviceRepr for fk_ce_shard_combine_params {}
 unsafe impl DeviceRepr for fk_ce_shard_bwd_params {}
 unsafe impl DeviceRepr for fk_sigmoid_focal_params {}
+unsafe impl DeviceRepr for fk_moe_gate_params {}
+unsafe impl DeviceRepr for fk_moe_bias_update_params {}
+unsafe impl DeviceRepr for fk_moe_plan_params {}
+unsafe impl DeviceRepr for fk_moe_gather_params {}
+unsafe impl DeviceRepr for fk_moe_combine_params {}
+unsafe impl DeviceRepr for fk_moe_ep_params {}

@@ -48,6 +48,16 @@ pub struct LinearCrossEntropy {
     logits: CudaSlice<bf16>,
 }
 
+impl std::fmt::Debug for LinearCrossEntropy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinearCrossEntropy")
+            .field("vocab", &self.vocab)
+            .field("hidden", &self.hidden)
+            .field("chunk_rows", &self.chunk_rows)
+            .finish()
+    }
+}
+
 fn blas_err(during: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> Error + '_ {
     move |e| Error::Library {
         library: "cuBLAS",

@@ -745,6 +745,27 @@ pub use sigmoid::{sigmoid_focal_fwd_bwd, SigmoidFocalConfig, SigmoidFocalOutputs
 pub(crate) mod check;
 pub mod verify;
 
+impl std::fmt::Debug for LossOutputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LossOutputs")
+            .field("n_rows", &self.n_rows)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for LossExtras<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LossExtras")
+            .field("class_weights", &self.class_weights.map(|w| w.len()))
+            .field(
+                "class_weights_host",
+                &self.class_weights_host.map(|w| w.len()),
+            )
+            .field("grad_output", &self.grad_output.as_ref().map(|g| g.len()))
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -235,3 +235,11 @@ where
     }
     Ok(())
 }
+
+impl std::fmt::Debug for SigmoidFocalOutputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigmoidFocalOutputs")
+            .field("n", &self.n)
+            .finish()
+    }
+}

@@ -126,6 +126,7 @@ pub const STATS_TOLERANCE: Tolerance = Tolerance {
 };
 
 /// Random inputs for a case: logits (as T, and the same values widened), targets, weights, upstream.
+#[derive(Clone, Debug)]
 pub struct CaseInputs<T> {
     /// Logits as stored (row-padded).
     pub logits: Vec<T>,

@@ -13,3 +13,11 @@ fk_row_result fk_host_row_loss(const fk_loss_config *cfg, float lse, float logp,
 float fk_host_sigmoid_focal(float x, float t, float alpha, float gamma, float *grad) {
     return fk_sigmoid_focal(x, t, alpha, gamma, grad);
 }
+
+#include "fk_moe_math.h"
+
+float fk_host_exp_portable(float x) { return fk_exp_portable(x); }
+float fk_host_moe_sigmoid(float x) { return fk_moe_sigmoid(x); }
+float fk_host_fadd(float a, float b) { return FK_ADD(a, b); }
+float fk_host_fmul(float a, float b) { return FK_MUL(a, b); }
+float fk_host_fdiv(float a, float b) { return FK_DIV(a, b); }

@@ -1,0 +1,438 @@
+//! The MoE family's part of `fusekit check`, and GPU-vs-reference runs shared with the tests.
+
+use half::bf16;
+
+use super::{reference, GateConfig, Scoring};
+use crate::check::{CheckRow, SelfCheck};
+use crate::testing::{Dist, Element, Rng};
+use crate::Gpu;
+
+/// Gate configurations every check covers.
+pub fn gate_configs() -> Vec<GateConfig> {
+    let base = GateConfig::default();
+    vec![
+        base,
+        GateConfig::deepseek_v3(),
+        GateConfig {
+            n_experts: 160,
+            top_k: 6,
+            ..base
+        },
+        GateConfig {
+            n_experts: 512,
+            top_k: 10,
+            renormalize: false,
+            scaling: 1.0,
+            ..base
+        },
+        GateConfig {
+            n_experts: 1024,
+            top_k: 32,
+            scoring: Scoring::Softmax,
+            ..base
+        },
+        GateConfig {
+            n_experts: 1,
+            top_k: 1,
+            ..base
+        },
+        GateConfig {
+            n_experts: 33,
+            top_k: 5,
+            scoring: Scoring::Softmax,
+            ..base
+        },
+        GateConfig {
+            n_experts: 96,
+            top_k: 4,
+            n_group: 32,
+            topk_group: 2,
+            ..base
+        },
+        GateConfig {
+            n_experts: 8,
+            top_k: 8,
+            n_group: 8,
+            topk_group: 8,
+            ..base
+        },
+    ]
+}
+
+/// Random logits for `cfg` (with ties and outliers), as T.
+pub fn gate_inputs<T: Element>(
+    cfg: &GateConfig,
+    n_tokens: usize,
+    rng: &mut Rng,
+) -> (Vec<T>, Vec<f32>) {
+    let e = cfg.n_experts;
+    let mut v: Vec<T> = rng
+        .sample(
+            Dist::Logits {
+                std: 1.5,
+                outlier_frac: 0.01,
+                outlier_scale: 4.0,
+            },
+            n_tokens * e,
+        )
+        .into_iter()
+        .map(T::from_f64)
+        .collect();
+    // Exact ties: copy some experts' logits onto others.
+    for t in 0..n_tokens {
+        if e >= 2 && t % 3 == 0 {
+            let (a, b) = (rng.below(e as u64) as usize, rng.below(e as u64) as usize);
+            v[t * e + a] = v[t * e + b];
+        }
+    }
+    let bias = (0..e).map(|_| (rng.normal() * 0.05) as f32).collect();
+    (v, bias)
+}
+
+/// Runs the gate on the GPU and compares ids, weights (bit for bit: the reference emulates the kernel's
+/// arithmetic) and counts with the reference. Returns the number of tokens checked.
+pub fn run_gate<T: super::RouterElement>(
+    gpu: &Gpu,
+    cfg: &GateConfig,
+    n_tokens: usize,
+    rng: &mut Rng,
+) -> Result<usize, String> {
+    let (logits, bias) = gate_inputs::<T>(cfg, n_tokens, rng);
+    let s = gpu.stream();
+    let e = |x: cudarc::driver::DriverError| format!("{:?}", x.0);
+    let ld = s.clone_htod(&logits).map_err(e)?;
+    let bd = s.clone_htod(&bias).map_err(e)?;
+    let (k, ne) = (cfg.top_k, cfg.n_experts);
+    let mut ids = crate::testing::poisoned::<i32>(gpu, n_tokens * k).map_err(|x| x.to_string())?;
+    let mut w = crate::testing::poisoned::<f32>(gpu, n_tokens * k).map_err(|x| x.to_string())?;
+    let mut counts = s.alloc_zeros::<i32>(ne).map_err(e)?;
+    super::gate(
+        gpu,
+        cfg,
+        n_tokens,
+        &ld,
+        Some(&bd),
+        &mut ids,
+        &mut w,
+        &mut counts,
+        false,
+    )
+    .map_err(|x| x.to_string())?;
+    let (ih, wh, ch) = (
+        s.clone_dtoh(&ids).map_err(e)?,
+        s.clone_dtoh(&w).map_err(e)?,
+        s.clone_dtoh(&counts).map_err(e)?,
+    );
+    let lf: Vec<f32> = logits.iter().map(|x| x.to_f64() as f32).collect();
+    let (ri, rw, rc) = reference::gate(&lf, n_tokens, Some(&bias), cfg);
+    crate::testing::check_written("weights", &wh)?;
+    if let Some(i) = ih.iter().zip(&ri).position(|(a, b)| a != b) {
+        return Err(format!(
+            "{} {cfg:?}: ids differ at token {} slot {}: {} vs reference {}",
+            T::NAME,
+            i / k,
+            i % k,
+            ih[i],
+            ri[i]
+        ));
+    }
+    if let Some(i) = wh
+        .iter()
+        .zip(&rw)
+        .position(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        return Err(format!(
+            "{} {cfg:?}: weight {i} = {:e} vs reference {:e}",
+            T::NAME,
+            wh[i],
+            rw[i]
+        ));
+    }
+    if ch != rc {
+        return Err(format!("{} {cfg:?}: counts differ", T::NAME));
+    }
+    Ok(n_tokens)
+}
+
+/// Largest relative error of the portable exp against f64 exp over its range (ulp-level).
+pub(crate) fn exp_error(rng: &mut Rng) -> f64 {
+    let mut worst: f64 = 0.0;
+    for _ in 0..20000 {
+        let x = rng.uniform(-87.0, 88.0) as f32;
+        let got = crate::host_math::exp_portable(x) as f64;
+        let want = (x as f64).exp();
+        worst = worst.max((got - want).abs() / want);
+    }
+    worst
+}
+
+/// Reference self-consistency: the selection equals a sort by (biased key desc, index asc) restricted to
+/// the kept groups; counts equal the ids' histogram. Returns the number of mismatches.
+pub(crate) fn reference_selection_mismatches(rng: &mut Rng) -> usize {
+    let mut bad = 0;
+    for cfg in gate_configs() {
+        let (logits, bias) = gate_inputs::<f32>(&cfg, 16, rng);
+        let e = cfg.n_experts;
+        for t in 0..16 {
+            let row = &logits[t * e..(t + 1) * e];
+            let (ids, _) = reference::route_token(row, Some(&bias), &cfg);
+            let s = reference::scores(row, cfg.scoring);
+            let key = |i: usize| {
+                let v = s[i] + bias[i];
+                if v.is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    v
+                }
+            };
+            // Kept groups by the top-2 rule.
+            let gs = e / cfg.n_group;
+            let mut groups: Vec<(f32, usize)> = (0..cfg.n_group)
+                .map(|g| {
+                    let mut v: Vec<f32> = (g * gs..(g + 1) * gs).map(key).collect();
+                    v.sort_by(|a, b| b.total_cmp(a));
+                    (if gs >= 2 { v[0] + v[1] } else { v[0] }, g)
+                })
+                .collect();
+            groups.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let kept: Vec<usize> = groups[..if cfg.n_group > 1 { cfg.topk_group } else { 1 }]
+                .iter()
+                .map(|x| x.1)
+                .collect();
+            let mut cand: Vec<usize> = (0..e)
+                .filter(|i| cfg.n_group == 1 || kept.contains(&(i / gs)))
+                .collect();
+            cand.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+            let want: Vec<i32> = cand[..cfg.top_k].iter().map(|&i| i as i32).collect();
+            if want != ids {
+                bad += 1;
+            }
+        }
+    }
+    bad
+}
+
+fn row(
+    kernel: &str,
+    mode: &'static str,
+    err: f64,
+    pass: bool,
+    note: String,
+    gbps: Option<f64>,
+) -> CheckRow {
+    CheckRow {
+        kernel: kernel.into(),
+        mode,
+        max_err: err,
+        pass,
+        gbps,
+        note,
+    }
+}
+
+pub(crate) fn self_check() -> SelfCheck {
+    SelfCheck {
+        family: "moe",
+        cpu: |rng| {
+            let e = exp_error(rng);
+            let bad = reference_selection_mismatches(rng);
+            let sim = super::simulate::simulate_cpu(&super::simulate::SimConfig {
+                n_tokens: 1024,
+                ..super::simulate::SimConfig::paper_64x6(40)
+            });
+            vec![
+                row(
+                    "fk_moe_math.h exp (host)",
+                    "cpu-ref",
+                    e,
+                    e < 3e-7,
+                    "portable exp vs f64 exp".into(),
+                    None,
+                ),
+                row(
+                    "gate reference",
+                    "cpu-ref",
+                    bad as f64,
+                    bad == 0,
+                    format!("{} configs vs sort-based selection", gate_configs().len()),
+                    None,
+                ),
+                row(
+                    "balance (reference)",
+                    "cpu-ref",
+                    0.0,
+                    sim.weights_unbiased && sim.maxvio[sim.maxvio.len() - 1] < sim.maxvio[0],
+                    format!(
+                        "MaxVio {:.2} -> {:.2} in 40 steps",
+                        sim.maxvio[0],
+                        sim.maxvio[sim.maxvio.len() - 1]
+                    ),
+                    None,
+                ),
+            ]
+        },
+        gpu: |gpu, rng| {
+            let mut rows = Vec::new();
+            for (name, res) in [
+                (
+                    "fk_moe_gate_f32",
+                    gate_configs()
+                        .iter()
+                        .try_for_each(|c| run_gate::<f32>(gpu, c, 67, rng).map(|_| ())),
+                ),
+                (
+                    "fk_moe_gate_bf16",
+                    gate_configs()
+                        .iter()
+                        .try_for_each(|c| run_gate::<bf16>(gpu, c, 67, rng).map(|_| ())),
+                ),
+            ] {
+                rows.push(match res {
+                    Ok(()) => row(
+                        name,
+                        "gpu",
+                        0.0,
+                        true,
+                        format!(
+                            "{} configs, ids/weights/counts bit-exact",
+                            gate_configs().len()
+                        ),
+                        None,
+                    ),
+                    Err(m) => row(name, "gpu", f64::NAN, false, m, None),
+                });
+            }
+            rows.push(match run_permute(gpu, rng, 1000, 8, 64, 16, 256) {
+                Ok((err, gbps)) => row(
+                    "fk_moe_plan/gather/combine",
+                    "gpu",
+                    err,
+                    err < 1e-2,
+                    "T=1000 K=8 E=64 block 16, H=256 bf16".into(),
+                    Some(gbps),
+                ),
+                Err(m) => row(
+                    "fk_moe_plan/gather/combine",
+                    "gpu",
+                    f64::NAN,
+                    false,
+                    m,
+                    None,
+                ),
+            });
+            Ok(rows)
+        },
+    }
+}
+
+/// Plan + gather + identity "experts" + combine on the GPU against the reference; returns the relative
+/// L2 error of the combine and the combine's GB/s.
+pub fn run_permute(
+    gpu: &Gpu,
+    rng: &mut Rng,
+    t: usize,
+    k: usize,
+    e: usize,
+    block: usize,
+    h: usize,
+) -> Result<(f64, f64), String> {
+    let s = gpu.stream();
+    let er = |x: cudarc::driver::DriverError| format!("{:?}", x.0);
+    let ids: Vec<i32> = (0..t * k).map(|_| rng.below(e as u64) as i32).collect();
+    let hidden: Vec<bf16> = rng
+        .sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
+            t * h,
+        )
+        .into_iter()
+        .map(bf16::from_f64)
+        .collect();
+    let w: Vec<f32> = (0..t * k).map(|_| rng.uniform(0.0, 1.0) as f32).collect();
+    let idd = s.clone_htod(&ids).map_err(er)?;
+    let mut plan = super::PermutePlan::new(gpu, t, k, e, block).map_err(|x| x.to_string())?;
+    plan.build(gpu, &idd).map_err(|x| x.to_string())?;
+    plan.check_ids_sync(gpu, &idd).map_err(|x| x.to_string())?;
+    let (rs, rr, ro, rpo, rb) = reference::plan(&ids, e, block);
+    let got_sorted = s.clone_dtoh(&plan.sorted_slots).map_err(er)?;
+    if got_sorted[..rs.len()] != rs[..] || got_sorted[rs.len()..].iter().any(|&x| x != -1) {
+        return Err("sorted_slots differ from the reference".into());
+    }
+    if s.clone_dtoh(&plan.slot_row).map_err(er)? != rr {
+        return Err("slot_row differs".into());
+    }
+    if s.clone_dtoh(&plan.offsets).map_err(er)? != ro
+        || s.clone_dtoh(&plan.padded_offsets).map_err(er)? != rpo
+    {
+        return Err("offsets differ".into());
+    }
+    let be = s.clone_dtoh(&plan.block_expert).map_err(er)?;
+    if be[..rb.len()] != rb[..] || be[rb.len()..].iter().any(|&x| x != -1) {
+        return Err("block_expert differs".into());
+    }
+    let hd = s.clone_htod(&hidden).map_err(er)?;
+    let mut perm =
+        crate::testing::poisoned::<bf16>(gpu, plan.max_rows() * h).map_err(|x| x.to_string())?;
+    super::gather(gpu, &plan, &hd, h, &mut perm).map_err(|x| x.to_string())?;
+    let ph = s.clone_dtoh(&perm).map_err(er)?;
+    for (r, &slot) in rs.iter().enumerate() {
+        let want: &[bf16] = if slot < 0 {
+            &[]
+        } else {
+            &hidden[(slot as usize / k) * h..(slot as usize / k + 1) * h]
+        };
+        let got = &ph[r * h..(r + 1) * h];
+        let ok = if slot < 0 {
+            got.iter().all(|x| x.to_f32() == 0.0)
+        } else {
+            got.iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        };
+        if !ok {
+            return Err(format!("gather row {r} (slot {slot}) wrong"));
+        }
+    }
+    // Identity experts: expert_out = the gathered rows; combine = Σ_k w_k h_t.
+    let wd = s.clone_htod(&w).map_err(er)?;
+    let mut out = crate::testing::poisoned::<bf16>(gpu, t * h).map_err(|x| x.to_string())?;
+    super::combine(gpu, &plan, &perm, &wd, h, &mut out).map_err(|x| x.to_string())?;
+    let ph64: Vec<f64> = ph.iter().map(|x| x.to_f64()).collect();
+    let want = reference::combine(&ph64, &w, &rr, t, k, h);
+    let oh = s.clone_dtoh(&out).map_err(er)?;
+    let rep = crate::testing::compare(
+        "combine",
+        &oh,
+        &want,
+        crate::testing::Tolerance {
+            rel_l2: 1e-2,
+            atol: 1e-6,
+            rtol: 1e-2,
+        },
+    )?;
+    let tm = crate::timing::time_launches_sync(gpu, 2, 10, || {
+        super::combine(gpu, &plan, &perm, &wd, h, &mut out)
+    })
+    .map_err(|x| x.to_string())?;
+    Ok((rep.rel_l2, tm.gbps(((t * k + t) * h * 2) as u64)))
+}
+
+/// The kernels' portable exp, for tests.
+#[doc(hidden)]
+pub fn exp_portable_for_tests(x: f32) -> f32 {
+    crate::host_math::exp_portable(x)
+}
+
+/// [`exp_error`] for tests.
+#[doc(hidden)]
+pub fn exp_error_for_tests(rng: &mut Rng) -> f64 {
+    exp_error(rng)
+}
+
+/// [`reference_selection_mismatches`] for tests.
+#[doc(hidden)]
+pub fn reference_selection_mismatches_for_tests(rng: &mut Rng) -> usize {
+    reference_selection_mismatches(rng)
+}

@@ -1,0 +1,277 @@
+//! The unsafe boundary of the MoE family: parameter structs, launch shapes, launches.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::{BalanceState, GateConfig, HiddenElement, PermutePlan, RouterElement, Scoring};
+use crate::device::Family;
+use crate::error::{DriverContext, Result};
+use crate::params::*;
+use crate::Gpu;
+
+fn launch1(
+    gpu: &Gpu,
+    name: &str,
+    cfg: LaunchConfig,
+    params: &impl cudarc::driver::DeviceRepr,
+) -> Result<()> {
+    let f = gpu.function(Family::Moe, name)?;
+    // SAFETY: every kernel here takes one by-value parameter struct of the header's layout; the safe layer
+    // checked that each pointer in it addresses a live buffer of this context with the extent the kernel
+    // touches, and holds the stream guards until this returns.
+    unsafe { gpu.stream().launch_builder(&f).arg(params).launch(cfg) }
+        .during(&format!("launching {name}"))?;
+    Ok(())
+}
+
+fn grid(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Experts per lane of the gate kernel: the power of two with 32·NPL ≥ E.
+pub(crate) fn experts_per_lane(e: usize) -> usize {
+    e.div_ceil(32).next_power_of_two()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gate<T, L, I, W, C>(
+    gpu: &Gpu,
+    cfg: &GateConfig,
+    n_tokens: usize,
+    logits: &L,
+    bias: Option<&CudaSlice<f32>>,
+    ids: &mut I,
+    weights: &mut W,
+    counts: &mut C,
+) -> Result<()>
+where
+    T: RouterElement,
+    L: DevicePtr<T>,
+    I: DevicePtrMut<i32>,
+    W: DevicePtrMut<f32>,
+    C: DevicePtrMut<i32>,
+{
+    let s = gpu.stream();
+    let (lp, _a) = logits.device_ptr(s);
+    let (bp, _b) = match bias {
+        Some(b) => {
+            let (p, g) = b.device_ptr(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (ip, _c) = ids.device_ptr_mut(s);
+    let (wp, _d) = weights.device_ptr_mut(s);
+    let (cp, _e) = counts.device_ptr_mut(s);
+    let p = fk_moe_gate_params {
+        logits: lp as *const std::ffi::c_void,
+        bias: bp as *const f32,
+        ids: ip as *mut i32,
+        weights: wp as *mut f32,
+        counts: cp as *mut i32,
+        n_tokens: n_tokens as i64,
+        n_experts: cfg.n_experts as i32,
+        top_k: cfg.top_k as i32,
+        n_group: cfg.n_group as i32,
+        topk_group: cfg.topk_group as i32,
+        score: match cfg.scoring {
+            Scoring::Sigmoid => FK_MOE_SCORE_SIGMOID,
+            Scoring::Softmax => FK_MOE_SCORE_SOFTMAX,
+        },
+        renormalize: cfg.renormalize as u32,
+        scaling: cfg.scaling,
+    };
+    let warps = FK_MOE_GATE_WARPS as usize;
+    let blocks = n_tokens
+        .div_ceil(warps)
+        .min(gpu.props().sm_count as usize * 8);
+    let name = format!(
+        "fk_moe_gate_{}_e{}",
+        T::SUFFIX,
+        experts_per_lane(cfg.n_experts)
+    );
+    launch1(gpu, &name, grid(blocks, FK_MOE_GATE_WARPS * 32), &p)
+}
+
+pub(super) fn bias_update(
+    gpu: &Gpu,
+    st: &mut BalanceState,
+    rate: f32,
+    proportional: bool,
+    reset: bool,
+) -> Result<()> {
+    let s = gpu.stream();
+    let (cp, _a) = st.counts.device_ptr_mut(s);
+    let (bp, _b) = st.bias.device_ptr_mut(s);
+    let (mp, _c) = st.maxvio_batch.device_ptr_mut(s);
+    let (wp, _d) = match st.window.as_mut() {
+        Some(w) => {
+            let (p, g) = w.device_ptr_mut(s);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (wsp, _e) = st.window_sum.device_ptr_mut(s);
+    let (pp, _f) = st.window_pos.device_ptr_mut(s);
+    let (fp, _g) = st.window_fill.device_ptr_mut(s);
+    let (mwp, _h) = st.maxvio_window.device_ptr_mut(s);
+    let p = fk_moe_bias_update_params {
+        counts: cp as *mut i32,
+        bias: bp as *mut f32,
+        maxvio_batch: mp as *mut f32,
+        window: wp as *mut i32,
+        window_sum: wsp as *mut i64,
+        window_pos: pp as *mut i32,
+        window_fill: fp as *mut i32,
+        maxvio_window: mwp as *mut f32,
+        n_experts: st.n_experts as i32,
+        window_len: st.window_len as i32,
+        rate,
+        proportional: proportional as u32,
+        reset_counts: reset as u32,
+    };
+    launch1(gpu, "fk_moe_bias_update", grid(1, 1024), &p)
+}
+
+pub(super) fn plan<I: DevicePtr<i32>>(gpu: &Gpu, pl: &mut PermutePlan, ids: &I) -> Result<()> {
+    let s = gpu.stream().clone();
+    s.memset_zeros(&mut pl.status)
+        .during("clearing the plan status")?;
+    let slots = pl.n_tokens * pl.top_k;
+    let chunk = FK_MOE_PLAN_CHUNK as usize;
+    let n_chunks = slots.div_ceil(chunk);
+    let max_rows = pl.max_rows();
+    let (idp, _a) = ids.device_ptr(&s);
+    let (ccp, _b) = pl.chunk_counts.device_ptr_mut(&s);
+    let (op, _c) = pl.offsets.device_ptr_mut(&s);
+    let (pop, _d) = pl.padded_offsets.device_ptr_mut(&s);
+    let (bep, _e) = pl.block_expert.device_ptr_mut(&s);
+    let (ssp, _f) = pl.sorted_slots.device_ptr_mut(&s);
+    let (srp, _g) = pl.slot_row.device_ptr_mut(&s);
+    let (stp, _h) = pl.status.device_ptr_mut(&s);
+    let p = fk_moe_plan_params {
+        ids: idp as *const i32,
+        chunk_counts: ccp as *mut i32,
+        offsets: op as *mut i32,
+        padded_offsets: pop as *mut i32,
+        block_expert: bep as *mut i32,
+        sorted_slots: ssp as *mut i32,
+        slot_row: srp as *mut i32,
+        status: stp as *mut i32,
+        n_slots: slots as i64,
+        n_experts: pl.n_experts as i32,
+        chunk: chunk as i32,
+        n_chunks: n_chunks as i32,
+        block_size: pl.block_size as i32,
+        max_rows: max_rows as i64,
+        max_blocks: max_rows.div_ceil(pl.block_size) as i32,
+    };
+    launch1(gpu, "fk_moe_plan_count", grid(n_chunks, 256), &p)?;
+    launch1(gpu, "fk_moe_plan_scan", grid(1, 1024), &p)?;
+    launch1(gpu, "fk_moe_plan_scatter", grid(n_chunks, 32), &p)
+}
+
+fn row_blocks(gpu: &Gpu, rows: usize) -> usize {
+    rows.min(gpu.props().sm_count as usize * 16)
+}
+
+pub(super) fn gather<T: HiddenElement, Hs: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    pl: &PermutePlan,
+    hidden: &Hs,
+    h: usize,
+    out: &mut O,
+) -> Result<()> {
+    let s = gpu.stream();
+    let (hp, _a) = hidden.device_ptr(s);
+    let (op, _b) = out.device_ptr_mut(s);
+    let (ssp, _c) = pl.sorted_slots.device_ptr(s);
+    let (pop, _d) = pl.padded_offsets.device_ptr(s);
+    let p = fk_moe_gather_params {
+        hidden: hp as *const std::ffi::c_void,
+        sorted_slots: ssp as *const i32,
+        out: op as *mut std::ffi::c_void,
+        rows: pl.max_rows() as i64,
+        hidden_size: h as i64,
+        top_k: pl.top_k as i32,
+    };
+    // The total row count lives on the device (padded_offsets[E]); the kernel stops there.
+    let total = pop + 4 * pl.n_experts as u64;
+    let f = gpu.function(Family::Moe, &format!("fk_moe_gather_{}", T::SUFFIX))?;
+    let cfg = grid(row_blocks(gpu, pl.max_rows()), FK_MOE_ROW_THREADS);
+    let total_ptr = total;
+    // SAFETY: as launch1; `total` points at padded_offsets[E], inside the plan's [E + 1] buffer.
+    unsafe { s.launch_builder(&f).arg(&p).arg(&total_ptr).launch(cfg) }
+        .during("launching fk_moe_gather")?;
+    Ok(())
+}
+
+pub(super) fn combine<T: HiddenElement, X: DevicePtr<T>, W: DevicePtr<f32>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    pl: &PermutePlan,
+    expert_out: &X,
+    weights: &W,
+    h: usize,
+    out: &mut O,
+) -> Result<()> {
+    let s = gpu.stream();
+    let (xp, _a) = expert_out.device_ptr(s);
+    let (wp, _b) = weights.device_ptr(s);
+    let (op, _c) = out.device_ptr_mut(s);
+    let (srp, _d) = pl.slot_row.device_ptr(s);
+    let p = fk_moe_combine_params {
+        expert_out: xp as *const std::ffi::c_void,
+        weights: wp as *const f32,
+        slot_row: srp as *const i32,
+        out: op as *mut std::ffi::c_void,
+        n_tokens: pl.n_tokens as i64,
+        hidden_size: h as i64,
+        top_k: pl.top_k as i32,
+    };
+    launch1(
+        gpu,
+        &format!("fk_moe_combine_{}", T::SUFFIX),
+        grid(row_blocks(gpu, pl.n_tokens), FK_MOE_ROW_THREADS),
+        &p,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn ep_counts<I: DevicePtr<i32>, M: DevicePtrMut<u8>, R: DevicePtrMut<i32>>(
+    gpu: &Gpu,
+    ids: &I,
+    n_tokens: usize,
+    top_k: usize,
+    n_ranks: usize,
+    experts_per_rank: usize,
+    membership: &mut M,
+    tokens_per_rank: &mut R,
+) -> Result<()> {
+    let s = gpu.stream();
+    let (ip, _a) = ids.device_ptr(s);
+    let (mp, _b) = membership.device_ptr_mut(s);
+    let (tp, _c) = tokens_per_rank.device_ptr_mut(s);
+    let p = fk_moe_ep_params {
+        ids: ip as *const i32,
+        membership: mp as *mut u8,
+        tokens_per_rank: tp as *mut i32,
+        n_tokens: n_tokens as i64,
+        top_k: top_k as i32,
+        n_ranks: n_ranks as i32,
+        experts_per_rank: experts_per_rank as i32,
+    };
+    launch1(
+        gpu,
+        "fk_moe_ep_counts",
+        grid(
+            n_tokens
+                .div_ceil(256)
+                .min(gpu.props().sm_count as usize * 8),
+            256,
+        ),
+        &p,
+    )
+}

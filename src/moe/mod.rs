@@ -1,0 +1,743 @@
+//! MoE routing with auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3 "noaux_tc").
+//!
+//! * [`gate`]: router logits `[T, E]` and a selection bias `[E]` → top-k ids `[T, K]`, gate weights
+//!   `[T, K]` and per-expert counts `[E]`, in one launch. Selection uses `score + bias`; the weights use
+//!   the unbiased score, so the bias never reaches them (gate weights are bitwise independent of the
+//!   bias for the same selection). Optional group-limited routing, renormalisation, scaling factor.
+//! * [`BalanceState::update`]: `b_i += u·sign(c̄ − c_i)` (or proportional) from device counts, MaxVio of
+//!   the batch and of a running window, all on the device.
+//! * [`PermutePlan`], [`gather`], [`combine`]: the stable expert-major permutation for grouped GEMMs
+//!   (optionally padded to a block size, with the expert of each block), the gather of hidden states and
+//!   the weighted fp32 combine.
+//! * [`ep_counts`]: tokens per rank and the token × rank membership an expert-parallel all-to-all needs.
+//!
+//! # Determinism and ties
+//! Ties go to the lower expert index (and the lower group index). Everything is bitwise reproducible:
+//! scores use an exp implemented with single-rounding operations only (identical on the host, which is
+//! how the reference matches the kernel bit for bit), reductions have a fixed order, counts are integer.
+//!
+//! # Non-finite logits
+//! A NaN biased score sorts below every number (as −∞): it is chosen only when nothing better is left, and
+//! then its weight is NaN, so the NaN propagates instead of being hidden. A group whose score is NaN ranks
+//! as −∞. With softmax scoring, a NaN logit makes the whole row's scores NaN (the normaliser is NaN), and
+//! a +∞ logit gives NaN scores (∞ − ∞). With sigmoid scoring, ±∞ logits give scores 1 and 0.
+//! When renormalising, a zero sum of the selected scores leaves them unnormalised (zeros), not NaN; a NaN
+//! among them makes every weight of that token NaN.
+
+mod launch;
+pub mod reference;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::{bf16, f16};
+
+use crate::error::{DriverContext, Error, Result};
+use crate::params::{FK_MOE_MAX_EXPERTS, FK_MOE_MAX_GROUPS, FK_MOE_MAX_TOPK};
+use crate::testing::Element;
+use crate::Gpu;
+
+/// Router-logit element types: f32 and bf16.
+pub trait RouterElement: Element + sealed::Sealed {
+    /// Kernel-name suffix.
+    const SUFFIX: &'static str;
+}
+impl RouterElement for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl RouterElement for bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// Hidden-state element types for gather / combine: f32, f16, bf16.
+pub trait HiddenElement: Element + sealed::Sealed {
+    /// Kernel-name suffix.
+    const SUFFIX: &'static str;
+}
+impl HiddenElement for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl HiddenElement for f16 {
+    const SUFFIX: &'static str = "f16";
+}
+impl HiddenElement for bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// How router logits become scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// σ(x) per expert (DeepSeek-V3).
+    Sigmoid,
+    /// softmax over the experts.
+    Softmax,
+}
+
+/// The gate's configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GateConfig {
+    /// Experts E, 1..=1024.
+    pub n_experts: usize,
+    /// Experts per token K, 1..=32.
+    pub top_k: usize,
+    /// Score function.
+    pub scoring: Scoring,
+    /// Expert groups (1: no group limit). E must be a multiple; at most 32.
+    pub n_group: usize,
+    /// Groups kept per token (group score = sum of its top-2 biased scores).
+    pub topk_group: usize,
+    /// Divide the selected weights by their sum.
+    pub renormalize: bool,
+    /// Routed scaling factor, applied last.
+    pub scaling: f32,
+}
+
+impl Default for GateConfig {
+    /// 64 experts, top-6, sigmoid, no groups, renormalised, scale 1 (the paper's setting).
+    fn default() -> Self {
+        GateConfig {
+            n_experts: 64,
+            top_k: 6,
+            scoring: Scoring::Sigmoid,
+            n_group: 1,
+            topk_group: 1,
+            renormalize: true,
+            scaling: 1.0,
+        }
+    }
+}
+
+impl GateConfig {
+    /// DeepSeek-V3: 256 experts, top-8, 8 groups of which 4 kept, sigmoid, renormalised, × 2.5.
+    ///
+    /// ```
+    /// let c = fusekit::moe::GateConfig::deepseek_v3();
+    /// assert_eq!((c.n_experts, c.top_k, c.n_group, c.topk_group, c.scaling), (256, 8, 8, 4, 2.5));
+    /// ```
+    pub fn deepseek_v3() -> Self {
+        GateConfig {
+            n_experts: 256,
+            top_k: 8,
+            scoring: Scoring::Sigmoid,
+            n_group: 8,
+            topk_group: 4,
+            renormalize: true,
+            scaling: 2.5,
+        }
+    }
+
+    /// Checks the configuration (every error names the field).
+    ///
+    /// ```
+    /// use fusekit::moe::GateConfig;
+    /// let bad = GateConfig { n_experts: 250, ..GateConfig::deepseek_v3() };
+    /// assert!(bad.validate().unwrap_err().to_string().contains("n_group"));
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        let e = self.n_experts;
+        if e == 0 || e > FK_MOE_MAX_EXPERTS as usize {
+            return Err(Error::invalid(
+                "n_experts",
+                format!("must be in 1..={FK_MOE_MAX_EXPERTS}, got {e}"),
+            ));
+        }
+        if self.top_k == 0 || self.top_k > FK_MOE_MAX_TOPK as usize {
+            return Err(Error::invalid(
+                "top_k",
+                format!("must be in 1..={FK_MOE_MAX_TOPK}, got {}", self.top_k),
+            ));
+        }
+        if self.n_group == 0 || self.n_group > FK_MOE_MAX_GROUPS as usize || e % self.n_group != 0 {
+            return Err(Error::invalid(
+                "n_group",
+                format!(
+                    "must divide n_experts {e} and be in 1..={FK_MOE_MAX_GROUPS}, got {}",
+                    self.n_group
+                ),
+            ));
+        }
+        if self.topk_group == 0 || self.topk_group > self.n_group {
+            return Err(Error::invalid(
+                "topk_group",
+                format!(
+                    "must be in 1..=n_group {}, got {}",
+                    self.n_group, self.topk_group
+                ),
+            ));
+        }
+        let reachable = if self.n_group > 1 {
+            self.topk_group * (e / self.n_group)
+        } else {
+            e
+        };
+        if self.top_k > reachable {
+            return Err(Error::invalid(
+                "top_k",
+                format!(
+                    "{} exceeds the {reachable} experts reachable in {} kept group(s)",
+                    self.top_k, self.topk_group
+                ),
+            ));
+        }
+        if !self.scaling.is_finite() {
+            return Err(Error::invalid(
+                "scaling",
+                format!("must be finite, got {}", self.scaling),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_ctx<T, S: cudarc::driver::DeviceSlice<T>>(
+    gpu: &Gpu,
+    arg: &'static str,
+    s: &S,
+) -> Result<()> {
+    if std::sync::Arc::ptr_eq(s.stream().context(), gpu.context()) {
+        Ok(())
+    } else {
+        Err(Error::layout(
+            arg,
+            "belongs to another CUDA context than the Gpu handle",
+        ))
+    }
+}
+
+fn check_len(arg: &'static str, have: usize, need: usize, what: &str) -> Result<()> {
+    if have != need {
+        return Err(Error::shape(
+            arg,
+            format!("{need} elements ({what})"),
+            format!("{have}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The fused gate: ids `[T, K]` (best first), weights `[T, K]` and counts `[E]` from router logits
+/// `[T, E]` and an optional selection bias `[E]`. Counts are added to (`accumulate_counts`: over
+/// micro-batches) or overwritten. One kernel launch (plus a memset of the counts when not accumulating).
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::moe::{gate, GateConfig};
+/// let gpu = fusekit::Gpu::new(0)?;
+/// let cfg = GateConfig::deepseek_v3();
+/// let t = 4096;
+/// let s = gpu.stream();
+/// let logits = s.alloc_zeros::<half::bf16>(t * cfg.n_experts).unwrap();
+/// let bias = s.alloc_zeros::<f32>(cfg.n_experts).unwrap();
+/// let mut ids = s.alloc_zeros::<i32>(t * cfg.top_k).unwrap();
+/// let mut w = s.alloc_zeros::<f32>(t * cfg.top_k).unwrap();
+/// let mut counts = s.alloc_zeros::<i32>(cfg.n_experts).unwrap();
+/// gate(&gpu, &cfg, t, &logits, Some(&bias), &mut ids, &mut w, &mut counts, false)?;
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn gate<T, L, I, W, C>(
+    gpu: &Gpu,
+    cfg: &GateConfig,
+    n_tokens: usize,
+    logits: &L,
+    bias: Option<&CudaSlice<f32>>,
+    ids: &mut I,
+    weights: &mut W,
+    counts: &mut C,
+    accumulate_counts: bool,
+) -> Result<()>
+where
+    T: RouterElement,
+    L: DevicePtr<T>,
+    I: DevicePtrMut<i32>,
+    W: DevicePtrMut<f32>,
+    C: DevicePtrMut<i32>,
+{
+    cfg.validate()?;
+    if n_tokens == 0 {
+        return Err(Error::shape(
+            "logits",
+            "at least one token",
+            "an empty batch (0 tokens)",
+        ));
+    }
+    let (e, k) = (cfg.n_experts, cfg.top_k);
+    check_ctx(gpu, "logits", logits)?;
+    check_ctx(gpu, "ids", ids)?;
+    check_ctx(gpu, "weights", weights)?;
+    check_ctx(gpu, "counts", counts)?;
+    check_len("logits", logits.len(), n_tokens * e, "[T, E]")?;
+    check_len("ids", ids.len(), n_tokens * k, "[T, K]")?;
+    check_len("weights", weights.len(), n_tokens * k, "[T, K]")?;
+    check_len("counts", counts.len(), e, "[E]")?;
+    if let Some(b) = bias {
+        check_ctx(gpu, "bias", b)?;
+        check_len("bias", b.len(), e, "[E]")?;
+    }
+    if !accumulate_counts {
+        gpu.stream()
+            .memset_zeros(counts)
+            .during("clearing the expert counts")?;
+    }
+    launch::gate::<T, L, I, W, C>(gpu, cfg, n_tokens, logits, bias, ids, weights, counts)
+}
+
+/// How the bias moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateRule {
+    /// `b_i += u·sign(c̄ − c_i)` (the paper's rule, u = 1e-3).
+    Sign,
+    /// `b_i += u·(c̄ − c_i)/c̄`: proportional to the relative violation.
+    Proportional,
+}
+
+/// Device state of auxiliary-loss-free balancing: the bias, the per-expert counts the gate adds to, and
+/// load statistics. Everything stays on the device; read the statistics with the `_sync` methods.
+pub struct BalanceState {
+    /// Selection bias `[E]` (fp32), passed to [`gate`].
+    pub bias: CudaSlice<f32>,
+    /// Per-expert counts `[E]` of the current step, passed to [`gate`] (`accumulate_counts` over
+    /// micro-batches; all-reduce across ranks before [`BalanceState::update`]).
+    pub counts: CudaSlice<i32>,
+    maxvio_batch: CudaSlice<f32>,
+    window: Option<CudaSlice<i32>>,
+    window_sum: CudaSlice<i64>,
+    window_pos: CudaSlice<i32>,
+    window_fill: CudaSlice<i32>,
+    maxvio_window: CudaSlice<f32>,
+    window_len: usize,
+    n_experts: usize,
+}
+
+impl BalanceState {
+    /// Zero bias and counts for `n_experts`; `window` > 0 keeps the last `window` steps' counts for a
+    /// running MaxVio.
+    ///
+    /// ```no_run
+    /// # let gpu = fusekit::Gpu::new(0).unwrap();
+    /// let state = fusekit::moe::BalanceState::new(&gpu, 256, 100).unwrap();
+    /// ```
+    pub fn new(gpu: &Gpu, n_experts: usize, window: usize) -> Result<Self> {
+        if n_experts == 0 || n_experts > FK_MOE_MAX_EXPERTS as usize {
+            return Err(Error::invalid(
+                "n_experts",
+                format!("must be in 1..={FK_MOE_MAX_EXPERTS}, got {n_experts}"),
+            ));
+        }
+        let s = gpu.stream();
+        let e = |what: &'static str| move |err| Error::driver(format!("allocating {what}"), err);
+        Ok(BalanceState {
+            bias: s.alloc_zeros(n_experts).map_err(e("the bias"))?,
+            counts: s.alloc_zeros(n_experts).map_err(e("the counts"))?,
+            maxvio_batch: s.alloc_zeros(1).map_err(e("MaxVio"))?,
+            window: if window > 0 {
+                Some(s.alloc_zeros(window * n_experts).map_err(e("the window"))?)
+            } else {
+                None
+            },
+            window_sum: s.alloc_zeros(n_experts).map_err(e("the window sum"))?,
+            window_pos: s.alloc_zeros(1).map_err(e("the window position"))?,
+            window_fill: s.alloc_zeros(1).map_err(e("the window fill"))?,
+            maxvio_window: s.alloc_zeros(1).map_err(e("MaxVio"))?,
+            window_len: window,
+            n_experts,
+        })
+    }
+
+    /// Experts.
+    ///
+    /// ```no_run
+    /// # let gpu = fusekit::Gpu::new(0).unwrap();
+    /// assert_eq!(fusekit::moe::BalanceState::new(&gpu, 64, 0).unwrap().n_experts(), 64);
+    /// ```
+    pub fn n_experts(&self) -> usize {
+        self.n_experts
+    }
+
+    /// One bias update from `counts` (then zeroed for the next step when `reset_counts`), MaxVio of the
+    /// batch and of the window. One single-block kernel, no host round trip.
+    ///
+    /// ```no_run
+    /// # let gpu = fusekit::Gpu::new(0).unwrap();
+    /// let mut st = fusekit::moe::BalanceState::new(&gpu, 64, 10).unwrap();
+    /// st.update(&gpu, 1e-3, fusekit::moe::UpdateRule::Sign, true).unwrap();
+    /// println!("MaxVio {}", st.maxvio_batch_sync(&gpu).unwrap());
+    /// ```
+    pub fn update(
+        &mut self,
+        gpu: &Gpu,
+        rate: f32,
+        rule: UpdateRule,
+        reset_counts: bool,
+    ) -> Result<()> {
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(Error::invalid(
+                "rate",
+                format!("must be finite and >= 0, got {rate}"),
+            ));
+        }
+        check_ctx(gpu, "state", &self.bias)?;
+        launch::bias_update(
+            gpu,
+            self,
+            rate,
+            rule == UpdateRule::Proportional,
+            reset_counts,
+        )
+    }
+
+    /// MaxVio of the last update's batch, `(max_i c_i − c̄)/c̄`. Synchronises.
+    pub fn maxvio_batch_sync(&self, gpu: &Gpu) -> Result<f32> {
+        Ok(gpu
+            .stream()
+            .clone_dtoh(&self.maxvio_batch)
+            .during("reading MaxVio")?[0])
+    }
+
+    /// MaxVio of the counts summed over the last `window` updates (None without a window). Synchronises.
+    pub fn maxvio_window_sync(&self, gpu: &Gpu) -> Result<Option<f32>> {
+        if self.window.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(
+            gpu.stream()
+                .clone_dtoh(&self.maxvio_window)
+                .during("reading MaxVio")?[0],
+        ))
+    }
+
+    /// The bias, on the host. Synchronises.
+    pub fn bias_sync(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        gpu.stream()
+            .clone_dtoh(&self.bias)
+            .during("reading the bias")
+    }
+
+    /// The counts, on the host. Synchronises.
+    pub fn counts_sync(&self, gpu: &Gpu) -> Result<Vec<i32>> {
+        gpu.stream()
+            .clone_dtoh(&self.counts)
+            .during("reading the counts")
+    }
+}
+
+/// Buffers of the expert-major permutation of `T·K` slots (slot `s = t·K + k`), sized once per shape.
+pub struct PermutePlan {
+    /// Slot at each row of the (padded) expert-major layout, −1 for padding: `[max_rows]`.
+    pub sorted_slots: CudaSlice<i32>,
+    /// Row of each slot (−1 when its id was invalid): `[T·K]`.
+    pub slot_row: CudaSlice<i32>,
+    /// Unpadded start of each expert's rows, `[E + 1]` (the last is the number of routed slots).
+    pub offsets: CudaSlice<i32>,
+    /// Start of each expert's rows padded to `block_size`, `[E + 1]` (the last is the padded total).
+    pub padded_offsets: CudaSlice<i32>,
+    /// Expert of each block of `block_size` rows, −1 past the end: `[max_blocks]`.
+    pub block_expert: CudaSlice<i32>,
+    chunk_counts: CudaSlice<i32>,
+    status: CudaSlice<i32>,
+    n_tokens: usize,
+    top_k: usize,
+    n_experts: usize,
+    block_size: usize,
+}
+
+impl PermutePlan {
+    /// Buffers for `n_tokens × top_k` slots over `n_experts`, padded per expert to `block_size` rows
+    /// (1: no padding).
+    ///
+    /// ```no_run
+    /// # let gpu = fusekit::Gpu::new(0).unwrap();
+    /// let plan = fusekit::moe::PermutePlan::new(&gpu, 4096, 8, 256, 128).unwrap();
+    /// assert_eq!(plan.max_rows(), 4096 * 8 + 256 * 127);
+    /// ```
+    pub fn new(
+        gpu: &Gpu,
+        n_tokens: usize,
+        top_k: usize,
+        n_experts: usize,
+        block_size: usize,
+    ) -> Result<Self> {
+        if n_tokens == 0 {
+            return Err(Error::shape("ids", "at least one token", "0 tokens"));
+        }
+        if top_k == 0 || top_k > FK_MOE_MAX_TOPK as usize {
+            return Err(Error::invalid(
+                "top_k",
+                format!("must be in 1..={FK_MOE_MAX_TOPK}, got {top_k}"),
+            ));
+        }
+        if n_experts == 0 || n_experts > FK_MOE_MAX_EXPERTS as usize {
+            return Err(Error::invalid(
+                "n_experts",
+                format!("must be in 1..={FK_MOE_MAX_EXPERTS}, got {n_experts}"),
+            ));
+        }
+        if block_size == 0 {
+            return Err(Error::invalid("block_size", "must be >= 1 (1: no padding)"));
+        }
+        let slots = n_tokens * top_k;
+        let max_rows = slots + n_experts * (block_size - 1);
+        if max_rows > i32::MAX as usize {
+            return Err(Error::Unsupported {
+                what: format!("{max_rows} permuted rows exceed 2^31 - 1"),
+            });
+        }
+        let n_chunks = slots.div_ceil(crate::params::FK_MOE_PLAN_CHUNK as usize);
+        let s = gpu.stream();
+        let a = |n: usize| {
+            s.alloc_zeros::<i32>(n.max(1))
+                .during("allocating the permutation plan")
+        };
+        Ok(PermutePlan {
+            sorted_slots: a(max_rows)?,
+            slot_row: a(slots)?,
+            offsets: a(n_experts + 1)?,
+            padded_offsets: a(n_experts + 1)?,
+            block_expert: a(max_rows.div_ceil(block_size))?,
+            chunk_counts: a(n_chunks * n_experts)?,
+            status: a(1)?,
+            n_tokens,
+            top_k,
+            n_experts,
+            block_size,
+        })
+    }
+
+    /// Upper bound of the rows of the permuted layout: `T·K + E·(block_size − 1)`.
+    pub fn max_rows(&self) -> usize {
+        self.n_tokens * self.top_k + self.n_experts * (self.block_size - 1)
+    }
+
+    /// Tokens, experts per token, experts, block size.
+    pub fn shape(&self) -> (usize, usize, usize, usize) {
+        (self.n_tokens, self.top_k, self.n_experts, self.block_size)
+    }
+
+    /// Builds the plan from expert ids `[T, K]` (e.g. from [`gate`]): three small kernels, no sync.
+    /// Ids outside `[0, E)` are left out of the layout (their `slot_row` is −1) and reported by
+    /// [`PermutePlan::check_ids_sync`].
+    ///
+    /// ```no_run
+    /// # fn main() -> fusekit::Result<()> {
+    /// # let gpu = fusekit::Gpu::new(0)?;
+    /// let ids = gpu.stream().clone_htod(&[1i32, 0, 1, 0]).unwrap();
+    /// let mut plan = fusekit::moe::PermutePlan::new(&gpu, 2, 2, 2, 1)?;
+    /// plan.build(&gpu, &ids)?;
+    /// plan.check_ids_sync(&gpu, &ids)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn build<I: DevicePtr<i32>>(&mut self, gpu: &Gpu, ids: &I) -> Result<()> {
+        check_ctx(gpu, "ids", ids)?;
+        check_len(
+            "ids",
+            ids.len(),
+            self.n_tokens * self.top_k,
+            "[T, K] of the plan",
+        )?;
+        launch::plan(gpu, self, ids)
+    }
+
+    /// `Err(OutOfRange)` naming the first slot whose expert id was outside `[0, E)` in the last build.
+    /// Synchronises.
+    pub fn check_ids_sync<I: DevicePtr<i32>>(&self, gpu: &Gpu, ids: &I) -> Result<()> {
+        let st = gpu
+            .stream()
+            .clone_dtoh(&self.status)
+            .during("reading the plan status")?[0];
+        if st == 0 {
+            return Ok(());
+        }
+        let slot = self.n_tokens * self.top_k - st as usize;
+        let all = gpu.stream().clone_dtoh(ids).during("reading ids")?;
+        Err(Error::OutOfRange {
+            arg: "ids",
+            index: slot,
+            value: all.get(slot).copied().unwrap_or(-1) as i64,
+            allowed: format!("[0, {})", self.n_experts),
+        })
+    }
+
+    /// Rows of the permuted layout actually used (the padded total). Synchronises.
+    pub fn total_rows_sync(&self, gpu: &Gpu) -> Result<usize> {
+        let v = gpu
+            .stream()
+            .clone_dtoh(&self.padded_offsets)
+            .during("reading the offsets")?;
+        Ok(v[self.n_experts] as usize)
+    }
+}
+
+/// Gathers hidden states `[T, H]` into the plan's expert-major layout `out [max_rows, H]`: row r gets
+/// the hidden state of slot `sorted_slots[r]`'s token, padding rows get zeros; rows past the padded total
+/// are not written. One kernel, no sync.
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// # let gpu = fusekit::Gpu::new(0)?;
+/// # let plan = fusekit::moe::PermutePlan::new(&gpu, 2, 2, 2, 1)?;
+/// let hidden = gpu.stream().alloc_zeros::<half::bf16>(2 * 4096).unwrap();
+/// let mut out = gpu.stream().alloc_zeros::<half::bf16>(plan.max_rows() * 4096).unwrap();
+/// fusekit::moe::gather(&gpu, &plan, &hidden, 4096, &mut out)?;
+/// # Ok(()) }
+/// ```
+pub fn gather<T: HiddenElement, Hs: DevicePtr<T>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    plan: &PermutePlan,
+    hidden: &Hs,
+    hidden_size: usize,
+    out: &mut O,
+) -> Result<()> {
+    if hidden_size == 0 {
+        return Err(Error::shape("hidden", "hidden_size >= 1", "0"));
+    }
+    check_ctx(gpu, "hidden", hidden)?;
+    check_ctx(gpu, "out", out)?;
+    check_len(
+        "hidden",
+        hidden.len(),
+        plan.n_tokens * hidden_size,
+        "[T, H]",
+    )?;
+    check_len(
+        "out",
+        out.len(),
+        plan.max_rows() * hidden_size,
+        "[max_rows, H]",
+    )?;
+    launch::gather(gpu, plan, hidden, hidden_size, out)
+}
+
+/// Weighted combine of expert outputs `[max_rows, H]` (in the plan's layout) back to tokens:
+/// `out[t] = Σ_k weights[t, k] · expert_out[slot_row[t·K + k]]`, fp32 accumulation in k order.
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// # let gpu = fusekit::Gpu::new(0)?;
+/// # let plan = fusekit::moe::PermutePlan::new(&gpu, 2, 2, 2, 1)?;
+/// let expert_out = gpu.stream().alloc_zeros::<half::bf16>(plan.max_rows() * 64).unwrap();
+/// let weights = gpu.stream().alloc_zeros::<f32>(2 * 2).unwrap();
+/// let mut out = gpu.stream().alloc_zeros::<half::bf16>(2 * 64).unwrap();
+/// fusekit::moe::combine(&gpu, &plan, &expert_out, &weights, 64, &mut out)?;
+/// # Ok(()) }
+/// ```
+pub fn combine<T: HiddenElement, X: DevicePtr<T>, W: DevicePtr<f32>, O: DevicePtrMut<T>>(
+    gpu: &Gpu,
+    plan: &PermutePlan,
+    expert_out: &X,
+    weights: &W,
+    hidden_size: usize,
+    out: &mut O,
+) -> Result<()> {
+    if hidden_size == 0 {
+        return Err(Error::shape("expert_out", "hidden_size >= 1", "0"));
+    }
+    check_ctx(gpu, "expert_out", expert_out)?;
+    check_ctx(gpu, "weights", weights)?;
+    check_ctx(gpu, "out", out)?;
+    check_len(
+        "expert_out",
+        expert_out.len(),
+        plan.max_rows() * hidden_size,
+        "[max_rows, H]",
+    )?;
+    check_len(
+        "weights",
+        weights.len(),
+        plan.n_tokens * plan.top_k,
+        "[T, K]",
+    )?;
+    check_len("out", out.len(), plan.n_tokens * hidden_size, "[T, H]")?;
+    launch::combine(gpu, plan, expert_out, weights, hidden_size, out)
+}
+
+/// Expert-parallel dispatch counts for experts split evenly over `n_ranks` (rank r owns experts
+/// `[r·E/R, (r+1)·E/R)`): `membership [T, R]` (1 if token t has an expert on rank r) and
+/// `tokens_per_rank [R]` (distinct tokens each rank receives; overwritten). Ids outside `[0, E)` are
+/// skipped (the plan reports them).
+///
+/// ```no_run
+/// # fn main() -> fusekit::Result<()> {
+/// # let gpu = fusekit::Gpu::new(0)?;
+/// let ids = gpu.stream().clone_htod(&[0i32, 3, 1, 0]).unwrap(); // T = 2, K = 2, E = 4
+/// let mut m = gpu.stream().alloc_zeros::<u8>(2 * 2).unwrap();
+/// let mut tpr = gpu.stream().alloc_zeros::<i32>(2).unwrap();
+/// fusekit::moe::ep_counts(&gpu, &ids, 2, 2, 4, 2, &mut m, &mut tpr)?;
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn ep_counts<I: DevicePtr<i32>, M: DevicePtrMut<u8>, R: DevicePtrMut<i32>>(
+    gpu: &Gpu,
+    ids: &I,
+    n_tokens: usize,
+    top_k: usize,
+    n_experts: usize,
+    n_ranks: usize,
+    membership: &mut M,
+    tokens_per_rank: &mut R,
+) -> Result<()> {
+    if n_ranks == 0
+        || n_experts == 0
+        || n_experts % n_ranks != 0
+        || n_experts > FK_MOE_MAX_EXPERTS as usize
+    {
+        return Err(Error::invalid(
+            "n_ranks",
+            format!("must divide n_experts {n_experts} (<= {FK_MOE_MAX_EXPERTS}), got {n_ranks}"),
+        ));
+    }
+    if n_tokens == 0 || top_k == 0 {
+        return Err(Error::shape(
+            "ids",
+            "at least one token and top_k >= 1",
+            format!("T = {n_tokens}, K = {top_k}"),
+        ));
+    }
+    check_ctx(gpu, "ids", ids)?;
+    check_ctx(gpu, "membership", membership)?;
+    check_ctx(gpu, "tokens_per_rank", tokens_per_rank)?;
+    check_len("ids", ids.len(), n_tokens * top_k, "[T, K]")?;
+    check_len("membership", membership.len(), n_tokens * n_ranks, "[T, R]")?;
+    check_len("tokens_per_rank", tokens_per_rank.len(), n_ranks, "[R]")?;
+    gpu.stream()
+        .memset_zeros(tokens_per_rank)
+        .during("clearing tokens_per_rank")?;
+    launch::ep_counts(
+        gpu,
+        ids,
+        n_tokens,
+        top_k,
+        n_ranks,
+        n_experts / n_ranks,
+        membership,
+        tokens_per_rank,
+    )
+}
+
+pub mod check;
+pub mod simulate;
+
+impl std::fmt::Debug for PermutePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PermutePlan")
+            .field("n_tokens", &self.n_tokens)
+            .field("top_k", &self.top_k)
+            .field("n_experts", &self.n_experts)
+            .field("block_size", &self.block_size)
+            .field("max_rows", &self.max_rows())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for BalanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalanceState")
+            .field("n_experts", &self.n_experts)
+            .field("window", &self.window_len)
+            .finish()
+    }
+}

@@ -1,0 +1,220 @@
+//! The balance demonstration: a synthetic router with a persistent per-expert skew, run for a few hundred
+//! steps with and without the bias update. On the CPU through the reference (always available), and on
+//! the GPU through the kernels.
+
+use super::{reference, GateConfig, UpdateRule};
+use crate::testing::Rng;
+
+/// A demonstration run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SimConfig {
+    /// The gate.
+    pub gate: GateConfig,
+    /// Tokens per step (fresh every step).
+    pub n_tokens: usize,
+    /// Steps.
+    pub steps: usize,
+    /// Bias update rate u (0: no update, the baseline).
+    pub rate: f32,
+    /// Update rule.
+    pub rule: UpdateRule,
+    /// Standard deviation of the persistent per-expert logit skew.
+    pub skew: f64,
+    /// Seed of the skew and the tokens.
+    pub seed: u64,
+}
+
+impl SimConfig {
+    /// The paper's setting: 64 experts, top-6; 16384 tokens a step (sampling noise alone gives MaxVio
+    /// ≈ 0.06 at this size), u = 1e-3, sign rule.
+    ///
+    /// ```
+    /// let c = fusekit::moe::simulate::SimConfig::paper_64x6(300);
+    /// assert_eq!((c.gate.n_experts, c.gate.top_k, c.steps), (64, 6, 300));
+    /// ```
+    pub fn paper_64x6(steps: usize) -> Self {
+        SimConfig {
+            gate: GateConfig::default(),
+            n_tokens: 16384,
+            steps,
+            rate: 1e-3,
+            rule: UpdateRule::Sign,
+            skew: 0.5,
+            seed: 1,
+        }
+    }
+
+    /// DeepSeek-V3 routing: 256 experts, top-8, 8 groups / 4 kept; 65536 tokens a step (at 16384 the
+    /// sampling noise of 256 experts alone is MaxVio ≈ 0.12), u = 1e-3.
+    ///
+    /// ```
+    /// let c = fusekit::moe::simulate::SimConfig::deepseek_v3(300);
+    /// assert_eq!((c.gate.n_experts, c.gate.n_group), (256, 8));
+    /// ```
+    pub fn deepseek_v3(steps: usize) -> Self {
+        SimConfig {
+            gate: GateConfig::deepseek_v3(),
+            n_tokens: 65536,
+            ..Self::paper_64x6(steps)
+        }
+    }
+}
+
+/// What a run shows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimTrace {
+    /// MaxVio_batch of every step.
+    pub maxvio: Vec<f64>,
+    /// The bias at the end.
+    pub bias: Vec<f32>,
+    /// Every step's gate weights equalled, bit for bit, the weights recomputed from the unbiased scores
+    /// of the chosen experts (the bias never reached them).
+    pub weights_unbiased: bool,
+}
+
+impl SimTrace {
+    /// Mean MaxVio over the last `n` steps.
+    ///
+    /// ```
+    /// let t = fusekit::moe::simulate::SimTrace { maxvio: vec![1.0, 0.2, 0.1], bias: vec![], weights_unbiased: true };
+    /// assert!((t.tail_mean(2) - 0.15).abs() < 1e-12);
+    /// ```
+    pub fn tail_mean(&self, n: usize) -> f64 {
+        let n = n.min(self.maxvio.len()).max(1);
+        self.maxvio[self.maxvio.len() - n..].iter().sum::<f64>() / n as f64
+    }
+}
+
+/// The persistent skew and one step's router logits.
+pub fn skew(cfg: &SimConfig) -> Vec<f32> {
+    let mut rng = Rng::new(cfg.seed);
+    (0..cfg.gate.n_experts)
+        .map(|_| (cfg.skew * rng.normal()) as f32)
+        .collect()
+}
+
+/// Router logits of step `step`: the skew plus fresh N(0, 1) per token and expert.
+pub fn step_logits(cfg: &SimConfig, skew: &[f32], step: usize) -> Vec<f32> {
+    let mut rng = Rng::new(cfg.seed ^ (0x9e37_79b9 * (step as u64 + 1)));
+    let e = cfg.gate.n_experts;
+    (0..cfg.n_tokens * e)
+        .map(|i| skew[i % e] + rng.normal() as f32)
+        .collect()
+}
+
+/// Checks that `weights` are exactly the unbiased, renormalised, scaled scores of `ids`.
+pub fn weights_are_unbiased(
+    logits: &[f32],
+    ids: &[i32],
+    weights: &[f32],
+    cfg: &GateConfig,
+) -> bool {
+    let (e, k) = (cfg.n_experts, cfg.top_k);
+    for t in 0..ids.len() / k {
+        let s = reference::scores(&logits[t * e..(t + 1) * e], cfg.scoring);
+        let mut w: Vec<f32> = ids[t * k..(t + 1) * k]
+            .iter()
+            .map(|&i| s[i as usize])
+            .collect();
+        if cfg.renormalize {
+            let mut sum = 0.0f32;
+            for &x in &w {
+                sum += x;
+            }
+            if sum != 0.0 {
+                w.iter_mut().for_each(|x| *x /= sum);
+            }
+        }
+        w.iter_mut().for_each(|x| *x *= cfg.scaling);
+        if w.iter()
+            .zip(&weights[t * k..(t + 1) * k])
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// The demonstration on the CPU reference.
+///
+/// ```
+/// use fusekit::moe::simulate::{simulate_cpu, SimConfig};
+/// let cfg = SimConfig { n_tokens: 256, ..SimConfig::paper_64x6(3) };
+/// assert_eq!(simulate_cpu(&cfg).maxvio.len(), 3);
+/// ```
+pub fn simulate_cpu(cfg: &SimConfig) -> SimTrace {
+    let skew = skew(cfg);
+    let mut bias = vec![0.0f32; cfg.gate.n_experts];
+    let mut maxvio = Vec::with_capacity(cfg.steps);
+    let mut unbiased = true;
+    for step in 0..cfg.steps {
+        let logits = step_logits(cfg, &skew, step);
+        let (ids, w, counts) = reference::gate(&logits, cfg.n_tokens, Some(&bias), &cfg.gate);
+        if step % 50 == 0 {
+            unbiased &= weights_are_unbiased(&logits, &ids, &w, &cfg.gate);
+        }
+        maxvio.push(reference::max_vio(&counts));
+        if cfg.rate > 0.0 {
+            reference::update_bias(
+                &mut bias,
+                &counts,
+                cfg.rate,
+                cfg.rule == UpdateRule::Proportional,
+            );
+        }
+    }
+    SimTrace {
+        maxvio,
+        bias,
+        weights_unbiased: unbiased,
+    }
+}
+
+/// The demonstration on the GPU: the fused gate, the device bias update and the device MaxVio, with the
+/// unbiased-weights check done against the reference on every 50th step.
+///
+/// ```no_run
+/// # let gpu = fusekit::Gpu::new(0).unwrap();
+/// let trace = fusekit::moe::simulate::simulate_gpu(&gpu, &fusekit::moe::simulate::SimConfig::deepseek_v3(300)).unwrap();
+/// ```
+pub fn simulate_gpu(gpu: &crate::Gpu, cfg: &SimConfig) -> crate::Result<SimTrace> {
+    use crate::error::DriverContext;
+    let skew = skew(cfg);
+    let (e, k, t) = (cfg.gate.n_experts, cfg.gate.top_k, cfg.n_tokens);
+    let s = gpu.stream();
+    let mut state = super::BalanceState::new(gpu, e, 0)?;
+    let mut ids = s.alloc_zeros::<i32>(t * k).during("allocating ids")?;
+    let mut w = s.alloc_zeros::<f32>(t * k).during("allocating weights")?;
+    let mut logits_d = s.alloc_zeros::<f32>(t * e).during("allocating logits")?;
+    let mut maxvio = Vec::with_capacity(cfg.steps);
+    let mut unbiased = true;
+    for step in 0..cfg.steps {
+        let logits = step_logits(cfg, &skew, step);
+        s.memcpy_htod(&logits, &mut logits_d)
+            .during("uploading logits")?;
+        super::gate(
+            gpu,
+            &cfg.gate,
+            t,
+            &logits_d,
+            Some(&state.bias),
+            &mut ids,
+            &mut w,
+            &mut state.counts,
+            false,
+        )?;
+        if step % 50 == 0 {
+            let ih = s.clone_dtoh(&ids).during("reading ids")?;
+            let wh = s.clone_dtoh(&w).during("reading weights")?;
+            unbiased &= weights_are_unbiased(&logits, &ih, &wh, &cfg.gate);
+        }
+        state.update(gpu, cfg.rate, cfg.rule, true)?;
+        maxvio.push(state.maxvio_batch_sync(gpu)? as f64);
+    }
+    Ok(SimTrace {
+        maxvio,
+        bias: state.bias_sync(gpu)?,
+        weights_unbiased: unbiased,
+    })
+}
