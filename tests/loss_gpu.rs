@@ -1045,3 +1045,63 @@ fn linear_cross_entropy_matches_the_reference_for_every_chunking() {
         })
     ));
 }
+
+#[test]
+fn masked_minus_infinity_logits_are_handled() {
+    // Padded vocabularies mask their tail (and sometimes their head) with -inf.
+    let Some(gpu) = gpu_or_skip("masked_minus_infinity_logits_are_handled") else {
+        return;
+    };
+    let mut rng = Rng::new(seed_for("masked_minus_infinity_logits"));
+    let s = gpu.stream();
+    let (n, v) = (9, 5000);
+    let mut x: Vec<bf16> = rng
+        .sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 2.0,
+            },
+            n * v,
+        )
+        .into_iter()
+        .map(bf16::from_f64)
+        .collect();
+    let targets: Vec<i64> = (0..n).map(|_| 100 + rng.below(4000) as i64).collect();
+    for i in 0..n {
+        for j in (0..50).chain(4500..v) {
+            x[i * v + j] = bf16::NEG_INFINITY;
+        }
+    }
+    let xd = s.clone_htod(&x).unwrap();
+    let td = s.clone_htod(&targets).unwrap();
+    let mut g = poisoned::<bf16>(&gpu, n * v).unwrap();
+    let mut out = LossOutputs::new(&gpu, n).unwrap();
+    let cfg = LossConfig::default();
+    fwd_bwd(
+        &gpu,
+        Rows::contiguous(n, v),
+        &xd,
+        &td,
+        &mut g,
+        &Default::default(),
+        &cfg,
+        &mut out,
+    )
+    .unwrap();
+    let xf: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
+    let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg);
+    compare(
+        "masked grad",
+        &s.clone_dtoh(&g).unwrap(),
+        &r.grad,
+        verify::grad_tolerance::<bf16>(),
+    )
+    .unwrap();
+    compare(
+        "masked rows",
+        &s.clone_dtoh(&out.rows).unwrap(),
+        &r.rows,
+        STATS_TOLERANCE,
+    )
+    .unwrap();
+}

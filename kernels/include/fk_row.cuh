@@ -79,8 +79,10 @@ __device__ __forceinline__ void fk_maxsum_push(fk_maxsum &st, float x) {
     if (x > st.m) {
         st.s = st.s * __expf(st.m - x) + 1.0f;
         st.m = x;
-    } else {
-        st.s += __expf(x - st.m);  // NaN x lands here and poisons s, as it must
+    } else if (x != -INFINITY) {
+        // A masked logit (-inf) adds nothing; without the test, -inf - (-inf) would be NaN while the
+        // running max is still -inf. A NaN x lands here and poisons s, as it must.
+        st.s += __expf(x - st.m);
     }
 }
 
