@@ -65,6 +65,7 @@ done
 echo "== peers"
 for p in "$here"/peers/*.py; do
   [ -f "$p" ] || continue
+  case "$(basename "$p")" in _*) continue ;; esac  # helpers, not peers
   n=$(basename "$p" .py)
   timeout 1500 python3 "$p" > "$out/logs/peer-$n.log" 2>&1
   echo "$n exit=$?" | tee -a "$out/logs/peers.txt"

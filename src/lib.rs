@@ -22,15 +22,18 @@
 
 pub mod check;
 mod device;
+pub mod dtype;
 mod error;
 #[cfg_attr(not(test), allow(dead_code))]
 mod host_math;
+mod launch;
 pub mod loss;
 pub mod moe;
 mod params;
 pub mod probe;
 pub mod testing;
 pub mod timing;
+mod validate;
 
 pub use device::{
     compiled_families, probe_driver, DeviceProps, Family, Gpu, MIN_COMPUTE_CAPABILITY,

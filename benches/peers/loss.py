@@ -5,26 +5,12 @@ import json
 import sys
 
 import torch
+
+from _common import timed
 import torch.nn.functional as F
 
 dev = "cuda"
 torch.backends.cuda.matmul.allow_tf32 = True
-
-
-def timed(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2], ts[0], ts[-1]
 
 
 def emit(bench, peer, n, v, ms, lo, hi, nbytes):

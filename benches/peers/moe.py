@@ -5,23 +5,9 @@ import json
 
 import torch
 
+from _common import timed
+
 dev = "cuda"
-
-
-def timed(fn, iters=30, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2], ts[0]
 
 
 def route(logits, bias, k, n_group, topk_group, scale):
@@ -51,7 +37,7 @@ def main():
             logits = torch.randn(t, e, device=dev).to(torch.bfloat16)
             f = lambda: route(logits, bias, k, ng, tg, sc)
             for peer, fn in (("torch_eager", f), ("torch_compile", torch.compile(lambda: route(logits, bias, k, ng, tg, sc)))):
-                ms, lo = timed(fn)
+                ms, lo, _ = timed(fn, iters=30)
                 print("FUSEKIT_PEER " + json.dumps({"bench": f"moe/gate_{name}/{t}", "peer": peer, "t": t, "e": e, "k": k,
                                                      "median_us": ms * 1e3, "min_us": lo * 1e3,
                                                      "device": torch.cuda.get_device_name()}), flush=True)
@@ -63,7 +49,7 @@ def main():
         tok = order // k
         for h in (4096, 7168):
             hidden = torch.randn(t, h, device=dev).to(torch.bfloat16)
-            ms, _ = timed(lambda: hidden.index_select(0, tok))
+            ms, _, _ = timed(lambda: hidden.index_select(0, tok), iters=30)
             rows = t * k
             print("FUSEKIT_PEER " + json.dumps({"bench": f"moe/gather/{t}x{h}", "peer": "torch_index_select", "t": t, "h": h,
                                                  "median_us": ms * 1e3, "gbps": (rows + t) * h * 2 / (ms * 1e-3) / 1e9}), flush=True)
@@ -75,7 +61,7 @@ def main():
                 out.index_add_(0, tok, expert_out.float() * wf[:, None])
                 return out.to(torch.bfloat16)
 
-            ms, _ = timed(comb)
+            ms, _, _ = timed(comb, iters=30)
             print("FUSEKIT_PEER " + json.dumps({"bench": f"moe/combine/{t}x{h}", "peer": "torch_index_add", "t": t, "h": h,
                                                  "median_us": ms * 1e3, "gbps": ((t * k + t) * h * 2 + t * k * 8) / (ms * 1e-3) / 1e9}), flush=True)
 

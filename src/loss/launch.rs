@@ -2,12 +2,12 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::sys::CUfunction_attribute as FnAttr;
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{LossElement, LossExtras, LossOutputs, Reduction, Rows, TargetIndex};
 use crate::device::Family;
 use crate::error::{DriverContext, Result};
+use crate::launch::launch_kernel;
 use crate::params::*;
 use crate::Gpu;
 
@@ -39,29 +39,11 @@ pub(crate) fn launch(
     cfg: LaunchConfig,
     params: &impl cudarc::driver::DeviceRepr,
 ) -> Result<()> {
-    let f = gpu.function(Family::Loss, name)?;
-    if cfg.shared_mem_bytes > 48 * 1024 {
-        f.set_attribute(
-            FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            cfg.shared_mem_bytes as i32,
-        )
-        .during(&format!("raising the shared-memory limit of {name}"))?;
-    }
-    // SAFETY: every kernel of the family takes exactly one by-value parameter struct whose layout is the
-    // header's (bindgen); the safe layer has checked that every pointer in it addresses a live buffer of
-    // this context with at least the extent the kernel touches, and holds the buffers' stream guards
-    // until this call returns.
-    unsafe { gpu.stream().launch_builder(&f).arg(params).launch(cfg) }
-        .during(&format!("launching {name}"))?;
-    Ok(())
+    launch_kernel(gpu, Family::Loss, name, cfg, params, None)
 }
 
 pub(crate) fn one_block(threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    crate::launch::grid(1, threads)
 }
 
 /// Mean denominator into out.denominator.

@@ -41,56 +41,12 @@ pub mod reference;
 pub use launch::ROW_CACHE_LIMIT;
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::params::fk_loss_config;
-use crate::testing::Element;
 use crate::Gpu;
 
-/// Logit element types: f32, f16, bf16. Statistics are fp32 whatever the storage type.
-pub trait LossElement: Element + sealed::Sealed {
-    /// Kernel-name suffix.
-    const SUFFIX: &'static str;
-}
-impl LossElement for f32 {
-    const SUFFIX: &'static str = "f32";
-}
-impl LossElement for f16 {
-    const SUFFIX: &'static str = "f16";
-}
-impl LossElement for bf16 {
-    const SUFFIX: &'static str = "bf16";
-}
-
-/// Target index types: i32, i64.
-pub trait TargetIndex: Element + sealed::Sealed {
-    /// Kernel-name suffix.
-    const SUFFIX: &'static str;
-    /// Widening conversion.
-    fn to_i64(self) -> i64;
-}
-impl TargetIndex for i32 {
-    const SUFFIX: &'static str = "i32";
-    fn to_i64(self) -> i64 {
-        self as i64
-    }
-}
-impl TargetIndex for i64 {
-    const SUFFIX: &'static str = "i64";
-    fn to_i64(self) -> i64 {
-        self
-    }
-}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for half::bf16 {}
-    impl Sealed for i32 {}
-    impl Sealed for i64 {}
-}
+pub use crate::dtype::{Float as LossElement, Index as TargetIndex};
 
 /// Which row loss.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -457,31 +413,7 @@ impl LossOutputs {
     }
 }
 
-fn check_len(arg: &'static str, have: usize, need: usize, what: &str) -> Result<()> {
-    if have < need {
-        return Err(Error::shape(
-            arg,
-            format!("at least {need} elements ({what})"),
-            format!("{have} elements"),
-        ));
-    }
-    Ok(())
-}
-
-fn check_ctx<T, S: cudarc::driver::DeviceSlice<T>>(
-    gpu: &Gpu,
-    arg: &'static str,
-    s: &S,
-) -> Result<()> {
-    if std::sync::Arc::ptr_eq(s.stream().context(), gpu.context()) {
-        Ok(())
-    } else {
-        Err(Error::layout(
-            arg,
-            "belongs to another CUDA context than the Gpu handle",
-        ))
-    }
-}
+use crate::validate::{at_least as check_len, same_context as check_ctx};
 
 /// Validated, kernel-ready view of one fused call.
 struct Checked {

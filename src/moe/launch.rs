@@ -1,10 +1,11 @@
 //! The unsafe boundary of the MoE family: parameter structs, launch shapes, launches.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{BalanceState, GateConfig, HiddenElement, PermutePlan, RouterElement, Scoring};
 use crate::device::Family;
 use crate::error::{DriverContext, Result};
+use crate::launch::{grid, launch_kernel};
 use crate::params::*;
 use crate::Gpu;
 
@@ -14,21 +15,7 @@ fn launch1(
     cfg: LaunchConfig,
     params: &impl cudarc::driver::DeviceRepr,
 ) -> Result<()> {
-    let f = gpu.function(Family::Moe, name)?;
-    // SAFETY: every kernel here takes one by-value parameter struct of the header's layout; the safe layer
-    // checked that each pointer in it addresses a live buffer of this context with the extent the kernel
-    // touches, and holds the stream guards until this returns.
-    unsafe { gpu.stream().launch_builder(&f).arg(params).launch(cfg) }
-        .during(&format!("launching {name}"))?;
-    Ok(())
-}
-
-fn grid(blocks: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks.max(1) as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    launch_kernel(gpu, Family::Moe, name, cfg, params, None)
 }
 
 /// Experts per lane of the gate kernel: the power of two with 32·NPL ≥ E.
@@ -200,13 +187,16 @@ pub(super) fn gather<T: HiddenElement, Hs: DevicePtr<T>, O: DevicePtrMut<T>>(
     };
     // The total row count lives on the device (padded_offsets[E]); the kernel stops there.
     let total = pop + 4 * pl.n_experts as u64;
-    let f = gpu.function(Family::Moe, &format!("fk_moe_gather_{}", T::SUFFIX))?;
+    // `total` points at padded_offsets[E], inside the plan's [E + 1] buffer.
     let cfg = grid(row_blocks(gpu, pl.max_rows()), FK_MOE_ROW_THREADS);
-    let total_ptr = total;
-    // SAFETY: as launch1; `total` points at padded_offsets[E], inside the plan's [E + 1] buffer.
-    unsafe { s.launch_builder(&f).arg(&p).arg(&total_ptr).launch(cfg) }
-        .during("launching fk_moe_gather")?;
-    Ok(())
+    launch_kernel(
+        gpu,
+        Family::Moe,
+        &format!("fk_moe_gather_{}", T::SUFFIX),
+        cfg,
+        &p,
+        Some(total),
+    )
 }
 
 pub(super) fn combine<T: HiddenElement, X: DevicePtr<T>, W: DevicePtr<f32>, O: DevicePtrMut<T>>(

@@ -28,7 +28,7 @@ mod launch;
 pub mod reference;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-use half::{bf16, f16};
+use half::bf16;
 
 use crate::error::{DriverContext, Error, Result};
 use crate::params::{FK_MOE_MAX_EXPERTS, FK_MOE_MAX_GROUPS, FK_MOE_MAX_TOPK};
@@ -36,7 +36,7 @@ use crate::testing::Element;
 use crate::Gpu;
 
 /// Router-logit element types: f32 and bf16.
-pub trait RouterElement: Element + sealed::Sealed {
+pub trait RouterElement: Element + crate::dtype::sealed::Sealed {
     /// Kernel-name suffix.
     const SUFFIX: &'static str;
 }
@@ -47,27 +47,7 @@ impl RouterElement for bf16 {
     const SUFFIX: &'static str = "bf16";
 }
 
-/// Hidden-state element types for gather / combine: f32, f16, bf16.
-pub trait HiddenElement: Element + sealed::Sealed {
-    /// Kernel-name suffix.
-    const SUFFIX: &'static str;
-}
-impl HiddenElement for f32 {
-    const SUFFIX: &'static str = "f32";
-}
-impl HiddenElement for f16 {
-    const SUFFIX: &'static str = "f16";
-}
-impl HiddenElement for bf16 {
-    const SUFFIX: &'static str = "bf16";
-}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for half::bf16 {}
-}
+pub use crate::dtype::Float as HiddenElement;
 
 /// How router logits become scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,31 +174,7 @@ impl GateConfig {
     }
 }
 
-fn check_ctx<T, S: cudarc::driver::DeviceSlice<T>>(
-    gpu: &Gpu,
-    arg: &'static str,
-    s: &S,
-) -> Result<()> {
-    if std::sync::Arc::ptr_eq(s.stream().context(), gpu.context()) {
-        Ok(())
-    } else {
-        Err(Error::layout(
-            arg,
-            "belongs to another CUDA context than the Gpu handle",
-        ))
-    }
-}
-
-fn check_len(arg: &'static str, have: usize, need: usize, what: &str) -> Result<()> {
-    if have != need {
-        return Err(Error::shape(
-            arg,
-            format!("{need} elements ({what})"),
-            format!("{have}"),
-        ));
-    }
-    Ok(())
-}
+use crate::validate::{exactly as check_len, same_context as check_ctx};
 
 /// The fused gate: ids `[T, K]` (best first), weights `[T, K]` and counts `[E]` from router logits
 /// `[T, E]` and an optional selection bias `[E]`. Counts are added to (`accumulate_counts`: over

@@ -2,10 +2,11 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::device::Family;
-use crate::error::{DriverContext, Result};
+use crate::error::Result;
+use crate::launch::launch_kernel;
 use crate::params::{fk_copy_params, FK_COPY_THREADS, FK_COPY_UNROLL};
 use crate::Gpu;
 
@@ -25,7 +26,6 @@ pub(crate) fn streaming_grid(
 /// Launches `fk_copy_v16`. The caller has checked: same length, 16-byte aligned, no overlap, n_bytes > 0,
 /// and holds the stream guards of both buffers until this returns.
 pub(super) fn copy_v16(gpu: &Gpu, src: u64, dst: u64, n_bytes: u64) -> Result<()> {
-    let f = gpu.function(Family::Probe, "fk_copy_v16")?;
     let params = fk_copy_params {
         src: src as *const c_void,
         dst: dst as *mut c_void,
@@ -41,9 +41,6 @@ pub(super) fn copy_v16(gpu: &Gpu, src: u64, dst: u64, n_bytes: u64) -> Result<()
         block_dim: (FK_COPY_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the kernel reads n_bytes from src and writes n_bytes to dst; both are live device buffers of
-    // at least n_bytes on this context (checked by the caller), and the struct layout is the header's.
-    unsafe { gpu.stream().launch_builder(&f).arg(&params).launch(cfg) }
-        .during("launching fk_copy_v16")?;
-    Ok(())
+    // The kernel reads n_bytes from src and writes n_bytes to dst; the caller checked both.
+    launch_kernel(gpu, Family::Probe, "fk_copy_v16", cfg, &params, None)
 }
