@@ -24,37 +24,32 @@ fn matrix<T: LossElement>(gpu: &Gpu, rng: &mut Rng, n: usize, v: usize) {
     }
 }
 
+fn every_configuration<T: LossElement>(name: &str, sizes: &[(usize, usize)]) {
+    let Some(gpu) = gpu_or_skip(name) else { return };
+    let mut rng = Rng::new(seed_for(name));
+    for &(n, v) in sizes {
+        matrix::<T>(&gpu, &mut rng, n, v);
+    }
+}
+
+const EDGE_SIZES: &[(usize, usize)] = &[(1, 1), (3, 7), (5, 8), (7, 9), (8, 1003), (4, 4096 + 5)];
+
 #[test]
 fn every_configuration_matches_the_reference_f32() {
-    let Some(gpu) = gpu_or_skip("every_configuration_matches_the_reference_f32") else {
-        return;
-    };
-    let mut rng = Rng::new(seed_for("every_configuration_f32"));
-    for (n, v) in [(1, 1), (3, 7), (5, 8), (7, 9), (8, 1003), (4, 4096 + 5)] {
-        matrix::<f32>(&gpu, &mut rng, n, v);
-    }
+    every_configuration::<f32>("every_configuration_matches_the_reference_f32", EDGE_SIZES);
 }
 
 #[test]
 fn every_configuration_matches_the_reference_bf16() {
-    let Some(gpu) = gpu_or_skip("every_configuration_matches_the_reference_bf16") else {
-        return;
-    };
-    let mut rng = Rng::new(seed_for("every_configuration_bf16"));
-    for (n, v) in [(1, 1), (3, 7), (5, 8), (7, 9), (8, 1003), (4, 4096 + 5)] {
-        matrix::<bf16>(&gpu, &mut rng, n, v);
-    }
+    every_configuration::<bf16>("every_configuration_matches_the_reference_bf16", EDGE_SIZES);
 }
 
 #[test]
 fn every_configuration_matches_the_reference_f16() {
-    let Some(gpu) = gpu_or_skip("every_configuration_matches_the_reference_f16") else {
-        return;
-    };
-    let mut rng = Rng::new(seed_for("every_configuration_f16"));
-    for (n, v) in [(3, 7), (8, 1003)] {
-        matrix::<f16>(&gpu, &mut rng, n, v);
-    }
+    every_configuration::<f16>(
+        "every_configuration_matches_the_reference_f16",
+        &[(3, 7), (8, 1003)],
+    );
 }
 
 #[test]

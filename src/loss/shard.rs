@@ -83,31 +83,14 @@ where
     S: DevicePtr<I>,
     D: DevicePtrMut<f32>,
 {
-    rows.validate()?;
-    spec.validate(rows.vocab)?;
-    check_ctx(gpu, "logits", logits)?;
+    let kcfg = check_shard(gpu, rows, spec, logits, targets, extras, cfg)?;
     check_ctx(gpu, "stats", stats)?;
-    check_ctx(gpu, "targets", targets)?;
-    check_len(
-        "logits",
-        logits.len(),
-        (rows.n_rows - 1) * rows.row_stride + rows.vocab,
-        "the shard",
-    )?;
     check_len(
         "stats",
         stats.len(),
         rows.n_rows * SHARD_STAT_WIDTH,
         "[N, 4]",
     )?;
-    if targets.len() != rows.n_rows {
-        return Err(Error::shape(
-            "targets",
-            format!("{} elements", rows.n_rows),
-            format!("{}", targets.len()),
-        ));
-    }
-    let kcfg = weights_cfg(gpu, cfg, extras, spec.full_vocab)?;
     let s = gpu.stream();
     let (lp, _a) = logits.device_ptr(s);
     let (tp, _b) = targets.device_ptr(s);
@@ -137,6 +120,36 @@ where
         lc,
         &p,
     )
+}
+
+/// Checks shared by the per-shard kernels; returns the kernel's loss configuration.
+fn check_shard<T: LossElement, I: TargetIndex, L: DevicePtr<T>, S: DevicePtr<I>>(
+    gpu: &Gpu,
+    rows: Rows,
+    spec: ShardSpec,
+    logits: &L,
+    targets: &S,
+    extras: &LossExtras<'_>,
+    cfg: &LossConfig,
+) -> Result<fk_loss_config> {
+    rows.validate()?;
+    spec.validate(rows.vocab)?;
+    check_ctx(gpu, "logits", logits)?;
+    check_ctx(gpu, "targets", targets)?;
+    check_len(
+        "logits",
+        logits.len(),
+        (rows.n_rows - 1) * rows.row_stride + rows.vocab,
+        "the shard",
+    )?;
+    if targets.len() != rows.n_rows {
+        return Err(Error::shape(
+            "targets",
+            format!("{} elements", rows.n_rows),
+            format!("{}", targets.len()),
+        ));
+    }
+    weights_cfg(gpu, cfg, extras, spec.full_vocab)
 }
 
 fn weights_cfg(
@@ -298,31 +311,21 @@ where
     S: DevicePtr<I>,
     G: DevicePtrMut<T>,
 {
-    rows.validate()?;
-    spec.validate(rows.vocab)?;
-    check_ctx(gpu, "logits", logits)?;
+    let kcfg = check_shard(gpu, rows, spec, logits, targets, extras, cfg)?;
     check_ctx(gpu, "grad", grad)?;
-    check_ctx(gpu, "targets", targets)?;
-    check_len(
-        "logits",
-        logits.len(),
-        (rows.n_rows - 1) * rows.row_stride + rows.vocab,
-        "the shard",
-    )?;
     check_len(
         "grad",
         grad.len(),
         (rows.n_rows - 1) * rows.grad_stride + rows.vocab,
         "the shard gradient",
     )?;
-    if targets.len() != rows.n_rows || out.n_rows() < rows.n_rows {
+    if out.n_rows() < rows.n_rows {
         return Err(Error::shape(
-            "targets",
-            format!("{} elements, as the outputs' rows", rows.n_rows),
-            format!("{}", targets.len()),
+            "out",
+            format!("LossOutputs for >= {} rows", rows.n_rows),
+            format!("{} rows", out.n_rows()),
         ));
     }
-    let kcfg = weights_cfg(gpu, cfg, extras, spec.full_vocab)?;
     let s = gpu.stream();
     let (lp, _a) = logits.device_ptr(s);
     let (gp, _b) = grad.device_ptr_mut(s);
