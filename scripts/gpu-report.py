@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""gpu-report.py BUNDLE OUT: turn the logs of run.sh into OUT/report.json and OUT/report.md."""
+"""gpu-report.py ROOT: turn the logs of run.sh (ROOT/logs, one or several phases merged) into
+ROOT/report.json and ROOT/report.md."""
 import datetime
 import glob
 import json
@@ -7,7 +8,7 @@ import os
 import re
 import sys
 
-bundle, out = sys.argv[1], sys.argv[2]
+out = sys.argv[1]
 logs = os.path.join(out, "logs")
 
 
@@ -19,7 +20,7 @@ def read(path, default=""):
         return default
 
 
-commit_lines = read(os.path.join(bundle, "COMMIT")).split()
+commit_lines = read(os.path.join(logs, "COMMIT")).split()
 commit = commit_lines[0] if commit_lines else "unknown"
 dirty = "dirty" in commit_lines
 gpu_line = read(os.path.join(logs, "gpu.txt")).strip().splitlines()
@@ -75,11 +76,14 @@ stem = f"{now:%Y-%m-%d}-{slug}-{commit[:8]}"
 failed = [t for t in tests if t["status"] in ("FAILED", "skip")]
 san_bad = [s for s in sanitizer if s["exit"] != 0]
 bad_bins = [b for b in binaries if b["exit"] != 0]
-green = not failed and not san_bad and not bad_bins and check_exit == 0 and sanitizer != []
+phases = [p for p, f in (("tests", "tests.txt"), ("sanitize", "sanitizer.txt"), ("bench", "benches.txt"),
+                          ("peers", "peers.txt")) if os.path.exists(os.path.join(logs, f))]
+green = (not failed and not san_bad and not bad_bins and check_exit == 0 and sanitizer != []
+         and all(p in phases for p in ("tests", "sanitize", "bench", "peers")))
 
 report = {
     "stem": stem, "date": now.isoformat(timespec="seconds"), "gpu": gpu, "driver": driver,
-    "commit": commit, "dirty": dirty, "green": green, "tests": tests, "binaries": binaries,
+    "commit": commit, "dirty": dirty, "green": green, "phases": phases, "tests": tests, "binaries": binaries,
     "sanitizer": sanitizer, "check_exit": check_exit, "check": check_text, "benches": benches,
     "bench_exits": [l for l in bench_exits if l], "peer_exits": [l for l in peer_exits if l],
 }
@@ -89,7 +93,7 @@ with open(os.path.join(out, "report.json"), "w") as f:
 md = [f"# GPU verification {now:%Y-%m-%d %H:%M} UTC", "",
       f"- GPU: {gpu} (driver {driver})",
       f"- commit: `{commit}`{' + uncommitted changes' if dirty else ''}",
-      f"- verdict: {'GREEN' if green else 'NOT GREEN'}",
+      f"- verdict: {'GREEN' if green else 'NOT GREEN'} (phases run: {', '.join(phases) or 'none'})",
       f"- tests: {sum(t['status'] == 'ok' for t in tests)} ok, {len(failed)} failed/skipped, "
       f"{sum(t['status'] == 'ignored' for t in tests)} ignored, in {len(binaries)} binaries",
       f"- compute-sanitizer: " + (", ".join(f"{s['tool']} {s['binary']}: {s['errors']} errors (exit {s['exit']})" for s in sanitizer) or "not run"),
