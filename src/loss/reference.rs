@@ -45,6 +45,13 @@ pub fn effective_smoothing(s: LabelSmoothing, vocab: usize) -> f64 {
 
 /// Loss of one row and dloss/dz (before the softcap chain and the upstream scale).
 /// `z`: softcapped logits; `w`: class weights (None: all 1).
+///
+/// ```
+/// use fusekit::loss::{reference::row_loss_grad, LossConfig};
+/// let (loss, lse, grad) = row_loss_grad(&[0.0, 0.0], 0, None, &LossConfig::default());
+/// assert!((loss - 2f64.ln()).abs() < 1e-15 && (lse - 2f64.ln()).abs() < 1e-15);
+/// assert!((grad[0] + 0.5).abs() < 1e-15 && (grad[1] - 0.5).abs() < 1e-15);
+/// ```
 pub fn row_loss_grad(
     z: &[f64],
     y: usize,

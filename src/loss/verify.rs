@@ -95,6 +95,11 @@ impl CaseReport {
 
 /// Tolerance of a gradient stored as T. Gradient entries are mostly tiny (p_j / N), so the absolute
 /// slack is far below them: a wrong entry cannot hide under it.
+///
+/// ```
+/// let t = fusekit::loss::verify::grad_tolerance::<half::bf16>();
+/// assert!(t.rtol < 1e-2 && t.atol < 1e-8);
+/// ```
 pub fn grad_tolerance<T: Element>() -> Tolerance {
     match T::NAME {
         // One rounding to 8 significant bits is 2^-9 relative; the fp32 value before it is ~1e-6.
@@ -141,6 +146,13 @@ pub struct CaseInputs<T> {
 }
 
 /// Draws the inputs of `case`: LLM-like logits (Gaussian bulk, 0.5% large outliers), uniform targets.
+///
+/// ```
+/// use fusekit::loss::verify::{inputs, Case};
+/// let c = Case { row_pad: 2, ..Case::ce(3, 5) };
+/// let inp = inputs::<f32>(&c, &mut fusekit::testing::Rng::new(1));
+/// assert_eq!((inp.logits.len(), inp.logits_f64.len(), inp.targets.len()), (2 * 7 + 5, 15, 3));
+/// ```
 pub fn inputs<T: LossElement>(case: &Case, rng: &mut Rng) -> CaseInputs<T> {
     let (n, v, stride) = (case.n_rows, case.vocab, case.vocab + case.row_pad);
     let mut logits = vec![T::from_f64(0.0); (n - 1) * stride + v];
@@ -202,12 +214,29 @@ fn down<T: Element, S: DevicePtr<T>>(gpu: &Gpu, s: &S) -> Result<Vec<T>, String>
 }
 
 /// Runs `case` on the GPU against the reference. `Err` describes the first failed comparison.
+///
+/// ```
+/// let Some(gpu) = fusekit::testing::gpu_or_skip("verify::run doc") else { return };
+/// let mut rng = fusekit::testing::Rng::new(3);
+/// let rep = fusekit::loss::verify::run::<half::bf16>(&gpu, &mut rng, &fusekit::loss::verify::Case::ce(4, 1000)).unwrap();
+/// assert!(rep.worst_rel_l2() < 1e-2);
+/// ```
 pub fn run<T: LossElement>(gpu: &Gpu, rng: &mut Rng, case: &Case) -> Result<CaseReport, String> {
     let inp = inputs::<T>(case, rng);
     run_with(gpu, case, &inp).map(|(r, _)| r)
 }
 
 /// [`run`] on given inputs; also returns the gradient as read back (for determinism checks).
+///
+/// ```
+/// use fusekit::loss::verify::{inputs, run_with, Case};
+/// let Some(gpu) = fusekit::testing::gpu_or_skip("verify::run_with doc") else { return };
+/// let case = Case::ce(2, 100);
+/// let inp = inputs::<f32>(&case, &mut fusekit::testing::Rng::new(4));
+/// let (_, g1) = run_with(&gpu, &case, &inp).unwrap();
+/// let (_, g2) = run_with(&gpu, &case, &inp).unwrap();
+/// assert_eq!(fusekit::testing::first_bit_difference(&g1, &g2), None);
+/// ```
 pub fn run_with<T: LossElement>(
     gpu: &Gpu,
     case: &Case,
@@ -330,6 +359,11 @@ pub fn run_with<T: LossElement>(
 }
 
 /// The configurations every dtype is checked with (the family's feature matrix).
+///
+/// ```
+/// let cases = fusekit::loss::verify::feature_matrix(8, 1003);
+/// assert!(cases.len() >= 16 && cases.iter().all(|c| c.n_rows == 8));
+/// ```
 pub fn feature_matrix(n_rows: usize, vocab: usize) -> Vec<Case> {
     use super::LossKind::*;
     let base = Case::ce(n_rows, vocab);

@@ -8,6 +8,11 @@ use crate::testing::{Dist, Element, Rng};
 use crate::Gpu;
 
 /// Gate configurations every check covers.
+///
+/// ```
+/// let cfgs = fusekit::moe::check::gate_configs();
+/// assert!(cfgs.iter().all(|c| c.validate().is_ok()));
+/// ```
 pub fn gate_configs() -> Vec<GateConfig> {
     let base = GateConfig::default();
     vec![
@@ -60,6 +65,12 @@ pub fn gate_configs() -> Vec<GateConfig> {
 }
 
 /// Random logits for `cfg` (with ties and outliers), as T.
+///
+/// ```
+/// let cfg = fusekit::moe::GateConfig::deepseek_v3();
+/// let (logits, bias) = fusekit::moe::check::gate_inputs::<f32>(&cfg, 3, &mut fusekit::testing::Rng::new(2));
+/// assert_eq!((logits.len(), bias.len()), (3 * 256, 256));
+/// ```
 pub fn gate_inputs<T: Element>(
     cfg: &GateConfig,
     n_tokens: usize,
@@ -91,6 +102,12 @@ pub fn gate_inputs<T: Element>(
 
 /// Runs the gate on the GPU and compares ids, weights (bit for bit: the reference emulates the kernel's
 /// arithmetic) and counts with the reference. Returns the number of tokens checked.
+///
+/// ```
+/// let Some(gpu) = fusekit::testing::gpu_or_skip("run_gate doc") else { return };
+/// let cfg = fusekit::moe::GateConfig::deepseek_v3();
+/// fusekit::moe::check::run_gate::<half::bf16>(&gpu, &cfg, 100, &mut fusekit::testing::Rng::new(5)).unwrap();
+/// ```
 pub fn run_gate<T: super::RouterElement>(
     gpu: &Gpu,
     cfg: &GateConfig,
@@ -327,6 +344,12 @@ pub(crate) fn self_check() -> SelfCheck {
 
 /// Plan + gather + identity "experts" + combine on the GPU against the reference; returns the relative
 /// L2 error of the combine and the combine's GB/s.
+///
+/// ```
+/// let Some(gpu) = fusekit::testing::gpu_or_skip("run_permute doc") else { return };
+/// let (err, _gbps) = fusekit::moe::check::run_permute(&gpu, &mut fusekit::testing::Rng::new(6), 100, 4, 16, 8, 64).unwrap();
+/// assert!(err < 1e-2);
+/// ```
 pub fn run_permute(
     gpu: &Gpu,
     rng: &mut Rng,

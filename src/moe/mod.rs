@@ -348,6 +348,12 @@ impl BalanceState {
     }
 
     /// MaxVio of the last update's batch, `(max_i c_i − c̄)/c̄`. Synchronises.
+    ///
+    /// ```
+    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
+    /// let st = fusekit::moe::BalanceState::new(&gpu, 64, 0).unwrap();
+    /// let v: f32 = st.maxvio_batch_sync(&gpu).unwrap();
+    /// ```
     pub fn maxvio_batch_sync(&self, gpu: &Gpu) -> Result<f32> {
         Ok(gpu
             .stream()
@@ -356,6 +362,12 @@ impl BalanceState {
     }
 
     /// MaxVio of the counts summed over the last `window` updates (None without a window). Synchronises.
+    ///
+    /// ```
+    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
+    /// let st = fusekit::moe::BalanceState::new(&gpu, 64, 0).unwrap();
+    /// assert_eq!(st.maxvio_window_sync(&gpu).unwrap(), None); // no window
+    /// ```
     pub fn maxvio_window_sync(&self, gpu: &Gpu) -> Result<Option<f32>> {
         if self.window.is_none() {
             return Ok(None);
@@ -368,6 +380,12 @@ impl BalanceState {
     }
 
     /// The bias, on the host. Synchronises.
+    ///
+    /// ```
+    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
+    /// let st = fusekit::moe::BalanceState::new(&gpu, 64, 0).unwrap();
+    /// assert_eq!(st.bias_sync(&gpu).unwrap(), vec![0.0; 64]);
+    /// ```
     pub fn bias_sync(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         gpu.stream()
             .clone_dtoh(&self.bias)
@@ -375,6 +393,12 @@ impl BalanceState {
     }
 
     /// The counts, on the host. Synchronises.
+    ///
+    /// ```
+    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
+    /// let st = fusekit::moe::BalanceState::new(&gpu, 8, 0).unwrap();
+    /// assert_eq!(st.counts_sync(&gpu).unwrap(), vec![0; 8]);
+    /// ```
     pub fn counts_sync(&self, gpu: &Gpu) -> Result<Vec<i32>> {
         gpu.stream()
             .clone_dtoh(&self.counts)
@@ -465,11 +489,23 @@ impl PermutePlan {
     }
 
     /// Upper bound of the rows of the permuted layout: `T·K + E·(block_size − 1)`.
+    ///
+    /// ```
+    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
+    /// let plan = fusekit::moe::PermutePlan::new(&gpu, 10, 2, 4, 8).unwrap();
+    /// assert_eq!(plan.max_rows(), 20 + 4 * 7);
+    /// ```
     pub fn max_rows(&self) -> usize {
         self.n_tokens * self.top_k + self.n_experts * (self.block_size - 1)
     }
 
     /// Tokens, experts per token, experts, block size.
+    ///
+    /// ```
+    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
+    /// let plan = fusekit::moe::PermutePlan::new(&gpu, 10, 2, 4, 8).unwrap();
+    /// assert_eq!(plan.shape(), (10, 2, 4, 8));
+    /// ```
     pub fn shape(&self) -> (usize, usize, usize, usize) {
         (self.n_tokens, self.top_k, self.n_experts, self.block_size)
     }
@@ -500,6 +536,14 @@ impl PermutePlan {
 
     /// `Err(OutOfRange)` naming the first slot whose expert id was outside `[0, E)` in the last build.
     /// Synchronises.
+    ///
+    /// ```
+    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
+    /// let ids = gpu.stream().clone_htod(&[0i32, 7]).unwrap(); // 7 >= E = 4
+    /// let mut plan = fusekit::moe::PermutePlan::new(&gpu, 1, 2, 4, 1).unwrap();
+    /// plan.build(&gpu, &ids).unwrap();
+    /// assert!(plan.check_ids_sync(&gpu, &ids).is_err());
+    /// ```
     pub fn check_ids_sync<I: DevicePtr<i32>>(&self, gpu: &Gpu, ids: &I) -> Result<()> {
         let st = gpu
             .stream()
@@ -519,6 +563,14 @@ impl PermutePlan {
     }
 
     /// Rows of the permuted layout actually used (the padded total). Synchronises.
+    ///
+    /// ```
+    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
+    /// let ids = gpu.stream().clone_htod(&[0i32, 1, 1, 1]).unwrap();
+    /// let mut plan = fusekit::moe::PermutePlan::new(&gpu, 2, 2, 2, 4).unwrap();
+    /// plan.build(&gpu, &ids).unwrap();
+    /// assert_eq!(plan.total_rows_sync(&gpu).unwrap(), 8); // 1 -> 4 rows, 3 -> 4 rows
+    /// ```
     pub fn total_rows_sync(&self, gpu: &Gpu) -> Result<usize> {
         let v = gpu
             .stream()

@@ -260,6 +260,11 @@ pub fn plan(ids: &[i32], n_experts: usize, block_size: usize) -> Plan {
 }
 
 /// Weighted combine in f64: `out[t] = Σ_k w[t,k] · expert_out[slot_row[t·K+k]]`.
+///
+/// ```
+/// let out = fusekit::moe::reference::combine(&[1.0, 3.0], &[0.5, 0.25], &[0, 1], 1, 2, 1);
+/// assert_eq!(out, vec![0.5 * 1.0 + 0.25 * 3.0]);
+/// ```
 pub fn combine(
     expert_out: &[f64],
     weights: &[f32],

@@ -86,6 +86,11 @@ impl SimTrace {
 }
 
 /// The persistent skew and one step's router logits.
+///
+/// ```
+/// let c = fusekit::moe::simulate::SimConfig::paper_64x6(1);
+/// assert_eq!(fusekit::moe::simulate::skew(&c).len(), 64);
+/// ```
 pub fn skew(cfg: &SimConfig) -> Vec<f32> {
     let mut rng = Rng::new(cfg.seed);
     (0..cfg.gate.n_experts)
@@ -94,6 +99,12 @@ pub fn skew(cfg: &SimConfig) -> Vec<f32> {
 }
 
 /// Router logits of step `step`: the skew plus fresh N(0, 1) per token and expert.
+///
+/// ```
+/// use fusekit::moe::simulate::{skew, step_logits, SimConfig};
+/// let c = SimConfig { n_tokens: 4, ..SimConfig::paper_64x6(1) };
+/// assert_eq!(step_logits(&c, &skew(&c), 0).len(), 4 * 64);
+/// ```
 pub fn step_logits(cfg: &SimConfig, skew: &[f32], step: usize) -> Vec<f32> {
     let mut rng = Rng::new(cfg.seed ^ (0x9e37_79b9 * (step as u64 + 1)));
     let e = cfg.gate.n_experts;
@@ -103,6 +114,14 @@ pub fn step_logits(cfg: &SimConfig, skew: &[f32], step: usize) -> Vec<f32> {
 }
 
 /// Checks that `weights` are exactly the unbiased, renormalised, scaled scores of `ids`.
+///
+/// ```
+/// use fusekit::moe::{reference, simulate::weights_are_unbiased, GateConfig};
+/// let cfg = GateConfig { n_experts: 4, top_k: 2, ..GateConfig::default() };
+/// let logits = [0.1f32, 0.9, -0.3, 0.4];
+/// let (ids, w, _) = reference::gate(&logits, 1, Some(&[5.0, 0.0, 0.0, 0.0]), &cfg);
+/// assert!(weights_are_unbiased(&logits, &ids, &w, &cfg));
+/// ```
 pub fn weights_are_unbiased(
     logits: &[f32],
     ids: &[i32],
