@@ -85,7 +85,7 @@ impl SimTrace {
     }
 }
 
-/// The persistent skew and one step's router logits.
+/// The persistent per-expert skew.
 ///
 /// ```
 /// let c = fusekit::moe::simulate::SimConfig::paper_64x6(1);
@@ -98,19 +98,71 @@ pub fn skew(cfg: &SimConfig) -> Vec<f32> {
         .collect()
 }
 
-/// Router logits of step `step`: the skew plus fresh N(0, 1) per token and expert.
-///
-/// ```
-/// use fusekit::moe::simulate::{skew, step_logits, SimConfig};
-/// let c = SimConfig { n_tokens: 4, ..SimConfig::paper_64x6(1) };
-/// assert_eq!(step_logits(&c, &skew(&c), 0).len(), 4 * 64);
-/// ```
-pub fn step_logits(cfg: &SimConfig, skew: &[f32], step: usize) -> Vec<f32> {
-    let mut rng = Rng::new(cfg.seed ^ (0x9e37_79b9 * (step as u64 + 1)));
-    let e = cfg.gate.n_experts;
-    (0..cfg.n_tokens * e)
-        .map(|i| skew[i % e] + rng.normal() as f32)
-        .collect()
+/// Noise blocks the steps draw their tokens from: generating T·E fresh normals every step would make the
+/// host, not the router, the cost of a run (65536 × 256 per step).
+const NOISE_BLOCKS: usize = 8;
+
+/// The router logits of every step: the skew plus N(0, 1) noise per token and expert. Step s takes noise
+/// block s mod 8, its tokens rotated by a step-dependent offset, so consecutive batches hold different
+/// token mixes while the pool is generated once.
+#[derive(Clone, Debug)]
+pub struct StepLogits {
+    skew: Vec<f32>,
+    noise: Vec<Vec<f32>>,
+    n_tokens: usize,
+    n_experts: usize,
+    seed: u64,
+}
+
+impl StepLogits {
+    /// The skew and the noise pool of `cfg`.
+    ///
+    /// ```
+    /// use fusekit::moe::simulate::{SimConfig, StepLogits};
+    /// let c = SimConfig { n_tokens: 4, ..SimConfig::paper_64x6(1) };
+    /// assert_eq!(StepLogits::new(&c).step(0).len(), 4 * 64);
+    /// ```
+    pub fn new(cfg: &SimConfig) -> Self {
+        let (t, e) = (cfg.n_tokens, cfg.gate.n_experts);
+        let noise = (0..NOISE_BLOCKS)
+            .map(|b| {
+                let mut rng = Rng::new(cfg.seed ^ (0x9e37_79b9 * (b as u64 + 1)));
+                (0..t * e).map(|_| rng.normal() as f32).collect()
+            })
+            .collect();
+        StepLogits {
+            skew: skew(cfg),
+            noise,
+            n_tokens: t,
+            n_experts: e,
+            seed: cfg.seed,
+        }
+    }
+
+    /// Logits `[T, E]` of step `step`.
+    ///
+    /// ```
+    /// use fusekit::moe::simulate::{SimConfig, StepLogits};
+    /// let c = SimConfig { n_tokens: 8, ..SimConfig::paper_64x6(1) };
+    /// let l = StepLogits::new(&c);
+    /// assert_ne!(l.step(0), l.step(1));
+    /// ```
+    pub fn step(&self, step: usize) -> Vec<f32> {
+        let (t, e) = (self.n_tokens, self.n_experts);
+        let block = &self.noise[step % NOISE_BLOCKS];
+        let shift = (Rng::new(self.seed ^ step as u64).next_u64() % t as u64) as usize;
+        let mut out = Vec::with_capacity(t * e);
+        for i in 0..t {
+            let src = (i + shift) % t;
+            out.extend(
+                block[src * e..(src + 1) * e]
+                    .iter()
+                    .zip(&self.skew)
+                    .map(|(n, s)| s + n),
+            );
+        }
+        out
+    }
 }
 
 /// Checks that `weights` are exactly the unbiased, renormalised, scaled scores of `ids`.
@@ -163,12 +215,12 @@ pub fn weights_are_unbiased(
 /// assert_eq!(simulate_cpu(&cfg).maxvio.len(), 3);
 /// ```
 pub fn simulate_cpu(cfg: &SimConfig) -> SimTrace {
-    let skew = skew(cfg);
+    let logits_of = StepLogits::new(cfg);
     let mut bias = vec![0.0f32; cfg.gate.n_experts];
     let mut maxvio = Vec::with_capacity(cfg.steps);
     let mut unbiased = true;
     for step in 0..cfg.steps {
-        let logits = step_logits(cfg, &skew, step);
+        let logits = logits_of.step(step);
         let (ids, w, counts) = reference::gate(&logits, cfg.n_tokens, Some(&bias), &cfg.gate);
         if step % 50 == 0 {
             unbiased &= weights_are_unbiased(&logits, &ids, &w, &cfg.gate);
@@ -199,7 +251,7 @@ pub fn simulate_cpu(cfg: &SimConfig) -> SimTrace {
 /// ```
 pub fn simulate_gpu(gpu: &crate::Gpu, cfg: &SimConfig) -> crate::Result<SimTrace> {
     use crate::error::DriverContext;
-    let skew = skew(cfg);
+    let logits_of = StepLogits::new(cfg);
     let (e, k, t) = (cfg.gate.n_experts, cfg.gate.top_k, cfg.n_tokens);
     let s = gpu.stream();
     let mut state = super::BalanceState::new(gpu, e, 0)?;
@@ -209,7 +261,7 @@ pub fn simulate_gpu(gpu: &crate::Gpu, cfg: &SimConfig) -> crate::Result<SimTrace
     let mut maxvio = Vec::with_capacity(cfg.steps);
     let mut unbiased = true;
     for step in 0..cfg.steps {
-        let logits = step_logits(cfg, &skew, step);
+        let logits = logits_of.step(step);
         s.memcpy_htod(&logits, &mut logits_d)
             .during("uploading logits")?;
         super::gate(
