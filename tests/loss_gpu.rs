@@ -593,37 +593,23 @@ fn bad_arguments_are_typed_errors() {
             assert!(matches!(r, Err($pat)), "{:?}", r);
         }};
     }
+    // fwd_bwd on the logits `x`, varying what the case under test varies.
+    macro_rules! fb {
+        ($rows:expr, $t:expr, $g:expr, $ex:expr, $cfg:expr, $out:expr) => {
+            fwd_bwd(&gpu, $rows, &x, $t, $g, $ex, $cfg, $out)
+        };
+    }
     expect!(
-        fwd_bwd(
-            &gpu,
-            Rows::contiguous(0, v),
-            &x,
-            &t,
-            &mut g,
-            &none,
-            &cfg,
-            &mut out
-        ),
+        fb!(Rows::contiguous(0, v), &t, &mut g, &none, &cfg, &mut out),
         Error::Shape { arg: "logits", .. }
     );
     expect!(
-        fwd_bwd(
-            &gpu,
-            Rows::contiguous(n, 0),
-            &x,
-            &t,
-            &mut g,
-            &none,
-            &cfg,
-            &mut out
-        ),
+        fb!(Rows::contiguous(n, 0), &t, &mut g, &none, &cfg, &mut out),
         Error::Shape { arg: "logits", .. }
     );
     expect!(
-        fwd_bwd(
-            &gpu,
+        fb!(
             Rows::contiguous(n, v + 1),
-            &x,
             &t,
             &mut g,
             &none,
@@ -633,13 +619,11 @@ fn bad_arguments_are_typed_errors() {
         Error::Shape { arg: "logits", .. }
     );
     expect!(
-        fwd_bwd(
-            &gpu,
+        fb!(
             Rows {
                 row_stride: v - 1,
                 ..rows
             },
-            &x,
             &t,
             &mut g,
             &none,
@@ -650,12 +634,12 @@ fn bad_arguments_are_typed_errors() {
     );
     let mut short = s.alloc_zeros::<f32>(n * v - 1).unwrap();
     expect!(
-        fwd_bwd(&gpu, rows, &x, &t, &mut short, &none, &cfg, &mut out),
+        fb!(rows, &t, &mut short, &none, &cfg, &mut out),
         Error::Shape { arg: "grad", .. }
     );
     let t3 = s.alloc_zeros::<i32>(n - 1).unwrap();
     expect!(
-        fwd_bwd(&gpu, rows, &x, &t3, &mut g, &none, &cfg, &mut out),
+        fb!(rows, &t3, &mut g, &none, &cfg, &mut out),
         Error::Shape { arg: "targets", .. }
     );
     let w = s.alloc_zeros::<f32>(v + 1).unwrap();
@@ -664,7 +648,7 @@ fn bad_arguments_are_typed_errors() {
         ..Default::default()
     };
     expect!(
-        fwd_bwd(&gpu, rows, &x, &t, &mut g, &bad_w, &cfg, &mut out),
+        fb!(rows, &t, &mut g, &bad_w, &cfg, &mut out),
         Error::Shape {
             arg: "class_weights",
             ..
@@ -680,7 +664,7 @@ fn bad_arguments_are_typed_errors() {
         ..Default::default()
     };
     expect!(
-        fwd_bwd(&gpu, rows, &x, &t, &mut g, &w_only, &smooth, &mut out),
+        fb!(rows, &t, &mut g, &w_only, &smooth, &mut out),
         Error::InvalidArgument {
             arg: "class_weights_host",
             ..
@@ -692,7 +676,7 @@ fn bad_arguments_are_typed_errors() {
         ..Default::default()
     };
     expect!(
-        fwd_bwd(&gpu, rows, &x, &t, &mut g, &bad_go, &cfg, &mut out),
+        fb!(rows, &t, &mut g, &bad_go, &cfg, &mut out),
         Error::Shape {
             arg: "grad_output",
             ..
@@ -700,7 +684,7 @@ fn bad_arguments_are_typed_errors() {
     );
     let mut small_out = LossOutputs::new(&gpu, n - 1).unwrap();
     expect!(
-        fwd_bwd(&gpu, rows, &x, &t, &mut g, &none, &cfg, &mut small_out),
+        fb!(rows, &t, &mut g, &none, &cfg, &mut small_out),
         Error::Shape { arg: "out", .. }
     );
     // grad overlapping logits: only reachable through memory the caller wraps unsafely, e.g. a framework's
@@ -781,7 +765,7 @@ fn bad_arguments_are_typed_errors() {
             "label_smoothing",
         ),
     ] {
-        let r = fwd_bwd(&gpu, rows, &x, &t, &mut g, &none, &bad_cfg, &mut out);
+        let r = fb!(rows, &t, &mut g, &none, &bad_cfg, &mut out);
         assert!(
             matches!(&r, Err(Error::InvalidArgument { arg: a, .. }) if *a == arg),
             "{bad_cfg:?}: {r:?}"
