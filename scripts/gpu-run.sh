@@ -30,7 +30,8 @@ export FUSEKIT_BIN="$here/bin/fusekit"
 want() { [ "$phase" = all ] || [ "$phase" = "$1" ]; }
 
 # cuBLAS (linear + CE, GEMM-peak benchmark): the pip wheels' folder if the system has none on its path.
-if ! ldconfig -p 2>/dev/null | grep -q libcublas.so; then
+ld_cache=$(ldconfig -p 2>/dev/null || true)
+if ! grep -q libcublas.so <<<"$ld_cache"; then
   d=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
   [ -n "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 fi
