@@ -1084,3 +1084,153 @@ fn masked_minus_infinity_logits_are_handled() {
     )
     .unwrap();
 }
+
+/// Rows of NaN-free logits, a single NaN, a NaN run long enough to cover whole threads' shares, an
+/// all-NaN row, and NaN among otherwise masked (−inf) logits. A diverged model must see NaN: every row
+/// with a NaN logit has a NaN loss, lse and gradient, and the clean rows match the reference.
+fn nan_rows<T: LossElement>(gpu: &Gpu, rng: &mut Rng, v: usize) {
+    let s = gpu.stream();
+    let n = 6;
+    let mut x: Vec<f64> = rng.sample(
+        Dist::Logits {
+            std: 2.0,
+            outlier_frac: 0.01,
+            outlier_scale: 6.0,
+        },
+        n * v,
+    );
+    let targets: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
+    let at = |rng: &mut Rng| rng.below(v as u64) as usize;
+    let j = at(rng);
+    x[v + j] = f64::NAN; // row 1: one NaN
+    let a = at(rng);
+    let b = (a + v / 2 + 1).min(v);
+    x[2 * v + a..2 * v + b].fill(f64::NAN); // row 2: a run
+    x[3 * v..4 * v].fill(f64::NAN); // row 3: all NaN
+    x[4 * v..5 * v].fill(f64::NEG_INFINITY); // row 4: masked but for one NaN
+    x[4 * v + at(rng)] = f64::NAN;
+    let xt: Vec<T> = x.iter().map(|&z| T::from_f64(z)).collect();
+    let xr: Vec<f64> = xt.iter().map(|z| z.to_f64()).collect();
+    let xd = s.clone_htod(&xt).unwrap();
+    let td = s.clone_htod(&targets).unwrap();
+    let mut g = poisoned::<T>(gpu, n * v).unwrap();
+    let mut out = LossOutputs::new(gpu, n).unwrap();
+    let cfg = LossConfig {
+        reduction: Reduction::None,
+        ..LossConfig::default()
+    };
+    fwd_bwd(
+        gpu,
+        Rows::contiguous(n, v),
+        &xd,
+        &td,
+        &mut g,
+        &Default::default(),
+        &cfg,
+        &mut out,
+    )
+    .unwrap();
+    let rows = s.clone_dtoh(&out.rows).unwrap();
+    let lse = s.clone_dtoh(&out.lse).unwrap();
+    let gh = s.clone_dtoh(&g).unwrap();
+    let r = reference::fwd_bwd(&xr, n, v, &targets, None, None, &cfg);
+    for i in 0..n {
+        let has_nan = xr[i * v..(i + 1) * v].iter().any(|z| z.is_nan());
+        let ctx = format!("{} v={v} row {i}", T::NAME);
+        if has_nan {
+            assert!(rows[i].is_nan(), "{ctx}: loss {} should be NaN", rows[i]);
+            assert!(lse[i].is_nan(), "{ctx}: lse {} should be NaN", lse[i]);
+            let nan_grad = gh[i * v..(i + 1) * v]
+                .iter()
+                .filter(|z| z.to_f64().is_nan() && !z.is_poison())
+                .count();
+            assert_eq!(
+                nan_grad, v,
+                "{ctx}: every gradient element should be a written NaN"
+            );
+        } else {
+            compare(
+                &format!("{ctx} grad"),
+                &gh[i * v..(i + 1) * v],
+                &r.grad[i * v..(i + 1) * v],
+                verify::grad_tolerance::<T>(),
+            )
+            .unwrap();
+            compare(
+                &format!("{ctx} loss"),
+                &rows[i..i + 1],
+                &r.rows[i..i + 1],
+                STATS_TOLERANCE,
+            )
+            .unwrap();
+        }
+    }
+    // The shard path: split the all-NaN and the one-NaN rows so that one shard sees only NaN (row 3)
+    // and another sees none (row 1 away from its NaN); the combine must keep the NaN.
+    let cut = (j + 1).min(v - 1).max(1);
+    if v >= 2 {
+        let bounds = [0, cut, v];
+        let mut stats = s.alloc_zeros::<f32>(2 * n * SHARD_STAT_WIDTH).unwrap();
+        for (k, w) in bounds.windows(2).enumerate() {
+            let h: Vec<T> = (0..n)
+                .flat_map(|i| xt[i * v + w[0]..i * v + w[1]].to_vec())
+                .collect();
+            let hd = s.clone_htod(&h).unwrap();
+            let mut part =
+                stats.slice_mut(k * n * SHARD_STAT_WIDTH..(k + 1) * n * SHARD_STAT_WIDTH);
+            shard_stats(
+                gpu,
+                Rows::contiguous(n, w[1] - w[0]),
+                &hd,
+                &td,
+                ShardSpec {
+                    vocab_offset: w[0],
+                    full_vocab: v,
+                },
+                &Default::default(),
+                &cfg,
+                &mut part,
+            )
+            .unwrap();
+        }
+        let mut out2 = LossOutputs::new(gpu, n).unwrap();
+        shard_combine(
+            gpu,
+            n,
+            v,
+            &stats,
+            2,
+            &td,
+            &Default::default(),
+            &cfg,
+            &mut out2,
+        )
+        .unwrap();
+        let rows2 = s.clone_dtoh(&out2.rows).unwrap();
+        for i in 0..n {
+            let has_nan = xr[i * v..(i + 1) * v].iter().any(|z| z.is_nan());
+            assert_eq!(
+                rows2[i].is_nan(),
+                has_nan,
+                "{} v={v} row {i}: sharded loss {} (fused {})",
+                T::NAME,
+                rows2[i],
+                rows[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn nan_logits_make_their_rows_nan() {
+    let Some(gpu) = gpu_or_skip("nan_logits_make_their_rows_nan") else {
+        return;
+    };
+    let seed = seed_for("nan_logits_make_their_rows_nan");
+    println!("seed {seed:#x}");
+    let mut rng = Rng::new(seed);
+    for &v in &[1usize, 7, 1003, 32000, 131072] {
+        nan_rows::<f32>(&gpu, &mut rng, v);
+        nan_rows::<bf16>(&gpu, &mut rng, v);
+    }
+}

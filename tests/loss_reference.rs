@@ -262,6 +262,43 @@ fn vocabulary_shards_combine_to_the_unsharded_result() {
 }
 
 #[test]
+fn nan_reaches_the_combined_lse_from_any_shard_and_masked_shards_drop_out() {
+    let cfg = LossConfig::default();
+    let clean = [0.5, -1.0, 2.0, 0.25];
+    // Shard 1 is all NaN, all masked (−∞), or one NaN among masked logits.
+    for (shard1, want_nan) in [
+        ([f64::NAN; 4], true),
+        ([f64::NEG_INFINITY; 4], false),
+        (
+            [
+                f64::NEG_INFINITY,
+                f64::NAN,
+                f64::NEG_INFINITY,
+                f64::NEG_INFINITY,
+            ],
+            true,
+        ),
+    ] {
+        let a = shard_stats(&clean, 1, 4, 0, &[1], None, &cfg);
+        let b = shard_stats(&shard1, 1, 4, 4, &[1], None, &cfg);
+        for parts in [[a[0], b[0]], [b[0], a[0]]] {
+            let (lse, _, _) = combine_stats(&parts);
+            assert_eq!(lse.is_nan(), want_nan, "{shard1:?}: lse {lse}");
+            if !want_nan {
+                let full = fwd_bwd(&clean, 1, 4, &[1], None, None, &cfg);
+                assert!(close(lse, full.lse[0], 1e-15));
+            }
+        }
+    }
+    // The unsharded reference: a NaN logit makes the row and the mean NaN, other rows stay finite.
+    let x = [0.0, f64::NAN, 1.0, 0.0, 2.0, 3.0];
+    let out = fwd_bwd(&x, 2, 3, &[0, 2], None, None, &cfg);
+    assert!(out.rows[0].is_nan() && out.lse[0].is_nan() && out.loss.is_nan());
+    assert!(out.grad[..3].iter().all(|g| g.is_nan()));
+    assert!(out.rows[1].is_finite() && out.grad[3..].iter().all(|g| g.is_finite()));
+}
+
+#[test]
 fn linear_ce_reference_gradients_match_finite_differences() {
     // Values on a 1/8 grid with h = 2 keep every logit exactly representable in bf16, so the reference's
     // bf16 rounding of the logits is the identity and finite differences apply.

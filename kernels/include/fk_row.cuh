@@ -6,6 +6,7 @@
 #pragma once
 
 #include "fk_common.cuh"
+#include "fk_maxsum.h"
 
 // Elements of T before the first 16-byte boundary at or after p.
 template <typename T>
@@ -60,32 +61,7 @@ __device__ __forceinline__ void fk_row_map(const T *src, T *dst, int64_t n, F &&
     for (int64_t j = tail0 + threadIdx.x; j < n; j += blockDim.x) dst[j] = fk_from_f32<T>(f(j, fk_to_f32(src[j])));
 }
 
-// Running (max, sum of exp(x - max)) pair: the online-softmax state.
-struct fk_maxsum {
-    float m;
-    float s;
-};
-
-__device__ __forceinline__ fk_maxsum fk_maxsum_merge(fk_maxsum a, fk_maxsum b) {
-    if (a.m == -INFINITY) return b;
-    if (b.m == -INFINITY) return a;
-    const float m = fmaxf(a.m, b.m);
-    // NaN in either max propagates through the sum.
-    if (m != m) return fk_maxsum{m, m};
-    return fk_maxsum{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
-}
-
-__device__ __forceinline__ void fk_maxsum_push(fk_maxsum &st, float x) {
-    if (x > st.m) {
-        st.s = st.s * __expf(st.m - x) + 1.0f;
-        st.m = x;
-    } else if (x != -INFINITY) {
-        // A masked logit (-inf) adds nothing; without the test, -inf - (-inf) would be NaN while the
-        // running max is still -inf. A NaN x lands here and poisons s, as it must.
-        st.s += __expf(x - st.m);
-    }
-}
-
+// The online-softmax state and its push/merge rules live in fk_maxsum.h (host-tested).
 __device__ __forceinline__ float fk_shfl_xor(float v, int o) { return __shfl_xor_sync(FK_FULL_MASK, v, o); }
 __device__ __forceinline__ double fk_shfl_xor(double v, int o) { return __shfl_xor_sync(FK_FULL_MASK, v, o); }
 __device__ __forceinline__ fk_maxsum fk_shfl_xor(fk_maxsum v, int o) {

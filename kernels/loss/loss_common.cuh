@@ -62,7 +62,7 @@ __device__ __forceinline__ void fk_row_stats(const T *x, int64_t n, const fk_los
     fk_row_read<T>(x, n, [&](int64_t j, T raw) {
         if (cache) cache[j] = raw;
         const float z = cap > 0.0f ? cap * tanhf(fk_to_f32(raw) / cap) : fk_to_f32(raw);
-        fk_maxsum_push(st, z);
+        fk_maxsum_push(&st, z);
         if (want_swz) acc += fk_class_weight(weights ? weights + w_offset : nullptr, j) * z;
     });
     st = fk_block_reduce(st, fk_merge_op{}, fk_maxsum{-INFINITY, 0.0f}, red_ms);

@@ -99,10 +99,11 @@ pub(crate) fn host_math_error(rng: &mut Rng) -> f64 {
             .map(|j| w.as_ref().map_or(1.0, |w| w[j]) * z[j])
             .sum();
         let wy = w.as_ref().map_or(1.0, |w| w[y]);
-        // The kernel's order: (z_y − max) − log Σ exp(z − max), in fp32 from fp32 inputs.
+        // The kernel's order: (z_y − max) − log Σ exp(z − max), in fp32 from fp32 inputs, with the
+        // (max, Σ exp) of the row split over a 128-thread block and merged as the kernel merges it.
         let zf: Vec<f32> = z.iter().map(|&x| x as f32).collect();
-        let m = zf.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let ls = zf.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
+        let st = crate::host_math::row_maxsum_as_kernel(&zf, 128, 4, 0);
+        let (m, ls) = (st.m, st.s.ln());
         let r = crate::host_math::row_loss(&k, m + ls, (zf[y] - m) - ls, swz as f32, wy as f32);
         // fp32 log Σ exp carries ~1e-7 absolute error whatever the loss: an absolute floor of 1e-6
         // (1e-4 of the 1e-2 in the denominator) for small losses.

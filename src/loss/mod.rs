@@ -32,6 +32,10 @@
 //!   loss and lse become NaN, its gradient 0, and [`LossOutputs::check_targets_sync`] reports the first one
 //!   as [`Error::OutOfRange`]. (Checking device targets on the host would need a synchronisation the
 //!   launch functions never make.)
+//! * A NaN logit makes its row's loss, lse and every gradient element of the row NaN, and so a mean or
+//!   sum; a NaN is never averaged away, whichever threads of the block saw it (masked `−∞` logits are
+//!   fine: a row needs one finite logit). The vocabulary-shard path keeps the NaN through the combine,
+//!   even from a shard that saw nothing but NaN.
 //! * Deterministic: the same inputs give the same bits on every run (fixed-order reductions, no atomics
 //!   on data).
 

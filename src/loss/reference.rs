@@ -130,7 +130,8 @@ pub fn row_loss_grad(
 
 /// Fused forward + backward over `logits` [n, v] (row-major) with `targets` [n].
 /// `grad_output`: None (1), one value (mean/sum) or n values (none). Targets outside [0, v) that are not
-/// the ignore index make the row's loss NaN and its gradient zero, as the kernel does.
+/// the ignore index make the row's loss NaN and its gradient zero, as the kernel does; a NaN logit makes
+/// its row's loss, lse and gradient NaN. Either makes a mean or sum NaN.
 ///
 /// ```
 /// use fusekit::loss::{reference, LossConfig};
@@ -184,7 +185,8 @@ pub fn fwd_bwd(
             grad[i * v + j] = scale * gz[j] * dz[j];
         }
     }
-    let total: f64 = rows.iter().filter(|r| !r.is_nan()).sum();
+    // NaN rows (a NaN logit, or an invalid target) make the reduced loss NaN, as in the kernel.
+    let total: f64 = rows.iter().sum();
     let loss = match cfg.reduction {
         Reduction::Mean => {
             if denom > 0.0 {
@@ -233,7 +235,12 @@ pub fn shard_stats(
                 .map(|&x| softcap(x, cfg.softcap).0)
                 .collect();
             let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let s = z.iter().map(|zj| (zj - m).exp()).sum();
+            // Masked logits add nothing, so an all-masked shard is the empty {−∞, 0}; a NaN makes s NaN.
+            let s = z
+                .iter()
+                .filter(|&&zj| zj != f64::NEG_INFINITY)
+                .map(|zj| (zj - m).exp())
+                .sum();
             let local = targets[i] - offset as i64;
             let zy = if (0..vs as i64).contains(&local) {
                 z[local as usize]
@@ -265,7 +272,9 @@ pub fn combine_stats(parts: &[[f64; 4]]) -> (f64, f64, f64) {
     let m = parts.iter().map(|p| p[0]).fold(f64::NEG_INFINITY, f64::max);
     let s: f64 = parts
         .iter()
-        .filter(|p| p[0] > f64::NEG_INFINITY)
+        // Skip empty shards ({−∞, 0}: every logit masked) but not a shard that saw only NaN ({−∞, NaN}):
+        // its NaN must reach the loss.
+        .filter(|p| !(p[0] == f64::NEG_INFINITY && p[1] == 0.0))
         .map(|p| p[1] * (p[0] - m).exp())
         .sum();
     (

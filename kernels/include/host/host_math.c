@@ -21,3 +21,11 @@ float fk_host_moe_sigmoid(float x) { return fk_moe_sigmoid(x); }
 float fk_host_fadd(float a, float b) { return FK_ADD(a, b); }
 float fk_host_fmul(float a, float b) { return FK_MUL(a, b); }
 float fk_host_fdiv(float a, float b) { return FK_DIV(a, b); }
+
+#include "fk_maxsum.h"
+
+fk_maxsum fk_host_maxsum_merge(fk_maxsum a, fk_maxsum b) { return fk_maxsum_merge(a, b); }
+fk_maxsum fk_host_maxsum_push(fk_maxsum st, float x) {
+    fk_maxsum_push(&st, x);
+    return st;
+}
