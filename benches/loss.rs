@@ -61,13 +61,27 @@ fn problem(gpu: &Gpu, n: usize, v: usize) -> Problem {
 }
 
 fn run(gpu: &Gpu, p: &mut Problem, cfg: &LossConfig, inplace: bool) -> fusekit::Result<()> {
+    run_path(gpu, p, cfg, inplace, RowPath::Auto)
+}
+
+fn run_path(
+    gpu: &Gpu,
+    p: &mut Problem,
+    cfg: &LossConfig,
+    inplace: bool,
+    row_path: RowPath,
+) -> fusekit::Result<()> {
+    let extras = LossExtras {
+        row_path,
+        ..Default::default()
+    };
     if inplace {
         fwd_bwd_inplace(
             gpu,
             p.rows,
             &mut p.logits,
             &p.targets,
-            &Default::default(),
+            &extras,
             cfg,
             &mut p.out,
         )
@@ -78,7 +92,7 @@ fn run(gpu: &Gpu, p: &mut Problem, cfg: &LossConfig, inplace: bool) -> fusekit::
             &p.logits,
             &p.targets,
             &mut p.grad,
-            &Default::default(),
+            &extras,
             cfg,
             &mut p.out,
         )
@@ -154,6 +168,28 @@ fn cross_entropy(c: &mut Criterion) {
                 copy,
                 || run(&gpu, &mut p, &cfg, true),
             );
+            // What the automatic choice buys: every other row path that can run this shape.
+            let auto = RowPath::Auto.resolve(gpu.props(), v, 2, true).unwrap();
+            println!("loss/ce_fwd_bwd_bf16/{n}x{v}: Auto is {auto:?}");
+            for (label, path) in [
+                ("reread", RowPath::Reread),
+                ("cluster2", RowPath::Cluster { ctas: 2 }),
+                ("cluster4", RowPath::Cluster { ctas: 4 }),
+                ("cluster8", RowPath::Cluster { ctas: 8 }),
+            ] {
+                if path == auto || path.resolve(gpu.props(), v, 2, true).is_err() {
+                    continue;
+                }
+                record(
+                    &gpu,
+                    &format!("loss/ce_fwd_bwd_bf16_{label}/{n}x{v}"),
+                    n,
+                    v,
+                    bytes,
+                    copy,
+                    || run_path(&gpu, &mut p, &cfg, false, path),
+                );
+            }
         }
     }
     g.finish();

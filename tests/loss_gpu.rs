@@ -53,32 +53,116 @@ fn every_configuration_matches_the_reference_f16() {
 }
 
 #[test]
-fn llm_vocabularies_on_both_row_paths() {
-    // 32000 bf16 rows fit the shared-memory cache; 128256 and 256000 take the L2 re-read path; f32 32000
-    // (128 KB) is past ROW_CACHE_LIMIT too.
-    let Some(gpu) = gpu_or_skip("llm_vocabularies_on_both_row_paths") else {
+fn llm_vocabularies_on_every_row_path() {
+    // Auto: 32000 bf16 rows fit one block's shared memory; 50257, 128256 and 256000 bf16 and every f32
+    // size here go to a cluster on sm_90+ (else the re-read path). Each size also runs forced onto the
+    // re-read path and, where the GPU has clusters, onto every cluster size whose slice fits.
+    let Some(gpu) = gpu_or_skip("llm_vocabularies_on_every_row_path") else {
         return;
     };
-    let mut rng = Rng::new(seed_for("llm_vocabularies_on_both_row_paths"));
+    let mut rng = Rng::new(seed_for("llm_vocabularies_on_every_row_path"));
+    let props = gpu.props().clone();
     for v in [32000, 50257, 128256, 256000] {
-        for mut case in [
-            Case::ce(3, v),
-            Case {
-                inplace: true,
-                ..Case::ce(2, v)
-            },
+        let mut paths = vec![RowPath::Auto, RowPath::Reread];
+        for ctas in [2, 4, 8] {
+            let c = RowPath::Cluster { ctas };
+            if c.resolve(&props, v, 2, true).is_ok() {
+                paths.push(c);
+            }
+        }
+        for &row_path in &paths {
+            for mut case in [
+                Case {
+                    weights: true,
+                    ..Case::ce(3, v)
+                },
+                Case {
+                    inplace: true,
+                    targets_i64: true,
+                    ignore_frac: 0.3,
+                    ..Case::ce(4, v)
+                },
+            ] {
+                case.row_path = row_path;
+                case.cfg.label_smoothing = LabelSmoothing::PyTorch(0.1);
+                case.cfg.z_loss = 1e-4;
+                let resolved = row_path.resolve(&props, v, 2, true).unwrap();
+                let rep =
+                    verify::run::<bf16>(&gpu, &mut rng, &case).unwrap_or_else(|e| panic!("{e}"));
+                println!(
+                    "bf16 v={v} {row_path:?} -> {resolved:?} inplace={}: grad {} rows {}",
+                    case.inplace, rep.grad, rep.rows
+                );
+            }
+        }
+        let f32_case = Case {
+            row_pad: 3,
+            ..Case::ce(2, v)
+        };
+        let rep = verify::run::<f32>(&gpu, &mut rng, &f32_case).unwrap_or_else(|e| panic!("{e}"));
+        println!(
+            "f32 v={v} Auto -> {:?}: grad {}",
+            RowPath::Auto.resolve(&props, v, 4, true).unwrap(),
+            rep.grad
+        );
+    }
+}
+
+#[test]
+fn cluster_path_edges() {
+    // Vocabularies just past one block's limit, not multiples of the vector width, with a last slice
+    // that is short or empty, misaligned rows (row_pad), softcap and the focal family.
+    let Some(gpu) = gpu_or_skip("cluster_path_edges") else {
+        return;
+    };
+    if gpu.props().compute_capability.0 < 9 {
+        println!("no thread-block clusters on this GPU: the cluster path is not used here");
+        return;
+    }
+    let mut rng = Rng::new(seed_for("cluster_path_edges"));
+    let v_edge = (ROW_CACHE_LIMIT - 16) / 2;
+    for (v, ctas) in [
+        (v_edge + 1, 2),
+        (v_edge + 7, 4),
+        (v_edge * 2 + 13, 8),
+        (57, 8),
+        (9, 8),
+        (1, 2),
+    ] {
+        for (pad, cfg) in [
+            (0, LossConfig::default()),
+            (
+                1,
+                LossConfig {
+                    softcap: Some(30.0),
+                    kind: LossKind::Focal { gamma: 2.0 },
+                    ..LossConfig::default()
+                },
+            ),
+            (
+                5,
+                LossConfig {
+                    kind: LossKind::Poly1 { epsilon: 1.0 },
+                    reduction: Reduction::Sum,
+                    ..LossConfig::default()
+                },
+            ),
         ] {
-            case.cfg.label_smoothing = LabelSmoothing::PyTorch(0.1);
-            case.cfg.z_loss = 1e-4;
+            let case = Case {
+                row_pad: pad,
+                cfg,
+                grad_output: true,
+                row_path: RowPath::Cluster { ctas },
+                ..Case::ce(5, v)
+            };
             let rep = verify::run::<bf16>(&gpu, &mut rng, &case).unwrap_or_else(|e| panic!("{e}"));
             println!(
-                "bf16 v={v} inplace={}: grad {} rows {}",
-                case.inplace, rep.grad, rep.rows
+                "cluster{ctas} v={v} pad={pad}: grad {} rows {}",
+                rep.grad, rep.rows
             );
+            let rep = verify::run::<f32>(&gpu, &mut rng, &case).unwrap_or_else(|e| panic!("{e}"));
+            println!("cluster{ctas} f32 v={v} pad={pad}: grad {}", rep.grad);
         }
-        let rep =
-            verify::run::<f32>(&gpu, &mut rng, &Case::ce(2, v)).unwrap_or_else(|e| panic!("{e}"));
-        println!("f32 v={v}: grad {}", rep.grad);
     }
 }
 
@@ -110,7 +194,12 @@ fn results_are_bitwise_deterministic() {
     let mut rng = Rng::new(seed_for("results_are_bitwise_deterministic"));
     for case in [
         Case::ce(64, 32000),
+        // Auto: a cluster per row on sm_90+; then the re-read path.
         Case::ce(16, 128256),
+        Case {
+            row_path: RowPath::Reread,
+            ..Case::ce(16, 128256)
+        },
         Case {
             weights: true,
             ..Case::ce(33, 5000)
@@ -350,7 +439,7 @@ fn vocabulary_shards_equal_the_unsharded_kernel() {
     let extras = LossExtras {
         class_weights: Some(&wd),
         class_weights_host: Some(&w),
-        grad_output: None,
+        ..Default::default()
     };
     let td = s.clone_htod(&targets).unwrap();
     let mut stats = s.alloc_zeros::<f32>(p * n * SHARD_STAT_WIDTH).unwrap();
@@ -632,6 +721,55 @@ fn bad_arguments_are_typed_errors() {
         ),
         Error::Layout { arg: "logits", .. }
     );
+    // Row paths: a cluster size other than 2/4/8; shared memory for a row that cannot fit it; a cluster
+    // on a GPU without clusters.
+    let path = |row_path| LossExtras {
+        row_path,
+        ..Default::default()
+    };
+    expect!(
+        fb!(
+            rows,
+            &t,
+            &mut g,
+            &path(RowPath::Cluster { ctas: 3 }),
+            &cfg,
+            &mut out
+        ),
+        Error::InvalidArgument {
+            arg: "row_path",
+            ..
+        }
+    );
+    {
+        let vb = 1 << 20;
+        let xb = s.alloc_zeros::<f32>(vb).unwrap();
+        let mut gb = s.alloc_zeros::<f32>(vb).unwrap();
+        let r = fwd_bwd(
+            &gpu,
+            Rows::contiguous(1, vb),
+            &xb,
+            &t.slice(0..1),
+            &mut gb,
+            &path(RowPath::SharedMemory),
+            &cfg,
+            &mut LossOutputs::new(&gpu, 1).unwrap(),
+        );
+        expect!(r, Error::Unsupported { .. });
+    }
+    if gpu.props().compute_capability.0 < 9 {
+        expect!(
+            fb!(
+                rows,
+                &t,
+                &mut g,
+                &path(RowPath::Cluster { ctas: 2 }),
+                &cfg,
+                &mut out
+            ),
+            Error::Unsupported { .. }
+        );
+    }
     let mut short = s.alloc_zeros::<f32>(n * v - 1).unwrap();
     expect!(
         fb!(rows, &t, &mut short, &none, &cfg, &mut out),

@@ -48,8 +48,12 @@ typedef struct fk_ce_params {
     int64_t ignore_index;
     uint32_t reduction;       /* FK_REDUCTION_* */
     uint32_t cache_row;       /* 1: keep the row in shared memory between the passes (single HBM read) */
+    int64_t slice;            /* cluster kernels: elements per CTA (a multiple of 8); 0 otherwise */
     fk_loss_config cfg;
 } fk_ce_params;
+
+/* Cluster sizes of the fk_ce_fwd_bwd_cluster kernels (sm_90+): a row split over FK_CE_CLUSTER_* CTAs. */
+#define FK_CE_CLUSTER_MAX 8
 
 /* sum over non-ignored rows of w_{y_i} (1 without weights): the mean's denominator. One block. */
 typedef struct fk_loss_denominator_params {

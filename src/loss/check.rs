@@ -216,6 +216,39 @@ pub(crate) fn self_check() -> SelfCheck {
                     }),
                 }
             }
+            // A 128k vocabulary: past one block's shared memory, so the cluster path on sm_90+.
+            let long = Case {
+                weights: true,
+                inplace: true,
+                cfg: LossConfig {
+                    label_smoothing: super::LabelSmoothing::PyTorch(0.1),
+                    ..LossConfig::default()
+                },
+                ..Case::ce(4, 128256)
+            };
+            let path = super::RowPath::Auto
+                .resolve(gpu.props(), long.vocab, 2, true)
+                .map(|p| format!("{p:?}"))
+                .unwrap_or_else(|e| e.to_string());
+            let name = "fk_ce_fwd_bwd_bf16 V=128256";
+            rows.push(match super::verify::run::<bf16>(gpu, rng, &long) {
+                Ok(r) => row(
+                    name,
+                    "gpu",
+                    r.worst_rel_l2(),
+                    f64::INFINITY,
+                    format!("{path}, in place, weights, smoothing"),
+                    None,
+                ),
+                Err(msg) => CheckRow {
+                    kernel: name.into(),
+                    mode: "gpu",
+                    max_err: f64::NAN,
+                    pass: false,
+                    gbps: None,
+                    note: msg,
+                },
+            });
             // Throughput at a training-like size.
             let case = Case {
                 cfg: LossConfig {

@@ -6,7 +6,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{LossElement, LossExtras, LossOutputs, Reduction, Rows, TargetIndex};
 use crate::device::Family;
-use crate::error::{DriverContext, Result};
+use crate::error::{DriverContext, Error, Result};
 use crate::launch::launch_kernel;
 use crate::params::*;
 use crate::Gpu;
@@ -14,6 +14,134 @@ use crate::Gpu;
 /// Rows up to this many bytes (plus 16)  stay in shared memory between the two passes (one HBM read). Longer rows
 /// are re-read in pass 2, mostly from L2. 96 KiB keeps two blocks of 512 threads per SM on H100/A100.
 pub const ROW_CACHE_LIMIT: usize = 96 * 1024;
+
+/// How the fused kernel keeps a row between its statistics pass and its gradient pass.
+///
+/// [`RowPath::Auto`] (the default) picks, per call, the path that moves the fewest bytes: a row of at
+/// most [`ROW_CACHE_LIMIT`] bytes stays in one block's shared memory; a longer one, on a GPU with
+/// thread-block clusters (compute capability ≥ 9.0), is split over a cluster of 2, 4 or 8 blocks that
+/// each keep a slice of at most 64 KiB (96 KiB for rows above 512 KiB) in shared memory; anything else
+/// re-reads the row in pass 2. The explicit paths exist so tests and benchmarks can compare them; a path
+/// that cannot hold the row on this GPU is an [`Error::Unsupported`]. Forward-only calls make one pass
+/// and ignore the path.
+///
+/// ```
+/// use fusekit::loss::RowPath;
+/// let h100 = fusekit::DeviceProps::example_h100();
+/// // 32000 bf16 logits (62.5 KiB) fit one block; 128256 (250 KiB) go to a cluster of 4 blocks.
+/// assert_eq!(RowPath::Auto.resolve(&h100, 32000, 2, true).unwrap(), RowPath::SharedMemory);
+/// assert_eq!(RowPath::Auto.resolve(&h100, 128256, 2, true).unwrap(), RowPath::Cluster { ctas: 4 });
+/// let mut a100 = h100.clone();
+/// a100.compute_capability = (8, 0);
+/// assert_eq!(RowPath::Auto.resolve(&a100, 128256, 2, true).unwrap(), RowPath::Reread);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RowPath {
+    /// The fastest path for the shape and the GPU.
+    #[default]
+    Auto,
+    /// One block per row, the whole row in its shared memory (rows up to [`ROW_CACHE_LIMIT`] bytes).
+    SharedMemory,
+    /// A cluster of `ctas` blocks per row (2, 4 or 8; compute capability ≥ 9.0), each holding a slice of
+    /// the row in its shared memory; the slices' statistics are merged through distributed shared memory.
+    Cluster {
+        /// Blocks per row: 2, 4 or 8.
+        ctas: u32,
+    },
+    /// One block per row; pass 2 reads the row again from global memory (from L2 when it is still there).
+    Reread,
+}
+
+/// Cluster slices above this many bytes are used only for rows that need them (> 8 × 64 KiB): smaller
+/// slices leave room for more blocks, and more loads in flight, per SM.
+const CLUSTER_SLICE_TARGET: usize = 64 * 1024;
+
+impl RowPath {
+    /// The concrete path (never `Auto`) this choice takes for rows of `vocab` elements of `elem_size`
+    /// bytes on `props`' GPU; `with_grad == false` (forward only) always gives `Reread` (one pass, nothing
+    /// to keep).
+    ///
+    /// ```
+    /// use fusekit::loss::RowPath;
+    /// let h100 = fusekit::DeviceProps::example_h100();
+    /// assert_eq!(RowPath::Auto.resolve(&h100, 256000, 2, true).unwrap(), RowPath::Cluster { ctas: 8 });
+    /// assert!(RowPath::SharedMemory.resolve(&h100, 256000, 2, true).is_err());
+    /// assert_eq!(RowPath::Auto.resolve(&h100, 256000, 2, false).unwrap(), RowPath::Reread);
+    /// ```
+    pub fn resolve(
+        self,
+        props: &crate::DeviceProps,
+        vocab: usize,
+        elem_size: usize,
+        with_grad: bool,
+    ) -> Result<RowPath> {
+        if let RowPath::Cluster { ctas } = self {
+            if !matches!(ctas, 2 | 4 | 8) {
+                return Err(Error::invalid(
+                    "row_path",
+                    format!("Cluster {{ ctas: {ctas} }}: expected 2, 4 or 8 blocks per row"),
+                ));
+            }
+        }
+        if !with_grad {
+            return Ok(RowPath::Reread);
+        }
+        let limit = ROW_CACHE_LIMIT.min((props.smem_per_block_optin as usize).saturating_sub(1024));
+        let fits = |elems: usize, cap: usize| elems * elem_size + 16 <= cap.min(limit);
+        let clusters = props.compute_capability.0 >= 9;
+        match self {
+            RowPath::Auto => {
+                if fits(vocab, limit) {
+                    return Ok(RowPath::SharedMemory);
+                }
+                if clusters {
+                    for cap in [CLUSTER_SLICE_TARGET, limit] {
+                        for ctas in [2u32, 4, 8] {
+                            if fits(cluster_slice(vocab, ctas), cap) {
+                                return Ok(RowPath::Cluster { ctas });
+                            }
+                        }
+                    }
+                }
+                Ok(RowPath::Reread)
+            }
+            RowPath::SharedMemory if !fits(vocab, limit) => Err(Error::Unsupported {
+                what: format!(
+                    "RowPath::SharedMemory: a row of {vocab} x {elem_size} B does not fit one block's \
+                     shared memory ({limit} B)"
+                ),
+            }),
+            RowPath::Cluster { ctas } => {
+                if !clusters {
+                    return Err(Error::Unsupported {
+                        what: format!(
+                            "RowPath::Cluster needs thread-block clusters (compute capability >= 9.0); \
+                             this GPU is {}.{}",
+                            props.compute_capability.0, props.compute_capability.1
+                        ),
+                    });
+                }
+                if !fits(cluster_slice(vocab, ctas), limit) {
+                    return Err(Error::Unsupported {
+                        what: format!(
+                            "RowPath::Cluster {{ ctas: {ctas} }}: a slice of {} x {elem_size} B does not \
+                             fit one block's shared memory ({limit} B)",
+                            cluster_slice(vocab, ctas)
+                        ),
+                    });
+                }
+                Ok(self)
+            }
+            other => Ok(other),
+        }
+    }
+}
+
+/// Elements per CTA of a cluster row: V / ctas rounded up to a multiple of 8, so every slice starts on
+/// the same 16-byte alignment as the row (8 elements are 16 B in bf16/f16 and 32 B in f32).
+pub(crate) fn cluster_slice(vocab: usize, ctas: u32) -> usize {
+    vocab.div_ceil(ctas as usize).div_ceil(8) * 8
+}
 
 pub(crate) fn reduction_code(r: Reduction) -> u32 {
     match r {
@@ -98,6 +226,7 @@ pub(crate) struct FusedPtrs {
 }
 
 /// The fused row kernel alone. The caller holds the stream guards of every pointer.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn fused_kernel<T: LossElement, I: TargetIndex>(
     gpu: &Gpu,
     rows: Rows,
@@ -105,11 +234,15 @@ pub(crate) fn fused_kernel<T: LossElement, I: TargetIndex>(
     reduction: Reduction,
     ignore_index: i64,
     cfg: fk_loss_config,
+    path: RowPath,
 ) -> Result<()> {
     let size = std::mem::size_of::<T>();
-    let cache_bytes = rows.vocab * size + 16;
-    let cache_row = ptr.grad != 0
-        && cache_bytes <= ROW_CACHE_LIMIT.min(gpu.props().smem_per_block_optin as usize - 1024);
+    let path = path.resolve(gpu.props(), rows.vocab, size, ptr.grad != 0)?;
+    let cache_row = path == RowPath::SharedMemory;
+    let (slice, ctas) = match path {
+        RowPath::Cluster { ctas } => (cluster_slice(rows.vocab, ctas), ctas as usize),
+        _ => (0, 1),
+    };
     let p = fk_ce_params {
         logits: ptr.logits as *const c_void,
         grad: ptr.grad as *mut c_void,
@@ -131,12 +264,32 @@ pub(crate) fn fused_kernel<T: LossElement, I: TargetIndex>(
         ignore_index,
         reduction: reduction_code(reduction),
         cache_row: cache_row as u32,
+        slice: slice as i64,
         cfg,
     };
+    if ctas > 1 {
+        // One cluster per row, up to 2^20 clusters (grid-stride over rows beyond).
+        let clusters = rows.n_rows.min(1 << 20);
+        let lc = LaunchConfig {
+            grid_dim: ((clusters * ctas) as u32, 1, 1),
+            block_dim: (row_threads(slice, size), 1, 1),
+            shared_mem_bytes: (slice * size + 16) as u32,
+        };
+        return launch(
+            gpu,
+            &format!("fk_ce_fwd_bwd_cluster{ctas}_{}_{}", T::SUFFIX, I::SUFFIX),
+            lc,
+            &p,
+        );
+    }
     let lc = LaunchConfig {
         grid_dim: (row_grid(rows.n_rows), 1, 1),
         block_dim: (row_threads(rows.vocab, size), 1, 1),
-        shared_mem_bytes: if cache_row { cache_bytes as u32 } else { 0 },
+        shared_mem_bytes: if cache_row {
+            (rows.vocab * size + 16) as u32
+        } else {
+            0
+        },
     };
     launch(
         gpu,
@@ -174,6 +327,11 @@ pub(super) fn fused<T: LossElement, I: TargetIndex, S: DevicePtr<I>>(
     cfg: fk_loss_config,
     out: &mut LossOutputs,
 ) -> Result<()> {
+    // An unusable row path is an error before anything is queued.
+    let path =
+        extras
+            .row_path
+            .resolve(gpu.props(), rows.vocab, std::mem::size_of::<T>(), gp != 0)?;
     let stream = gpu.stream().clone();
     let (tp, _tg) = targets.device_ptr(&stream);
     let (wp, _wg) = opt_ptr(extras.class_weights, &stream);
@@ -200,7 +358,7 @@ pub(super) fn fused<T: LossElement, I: TargetIndex, S: DevicePtr<I>>(
             lse: sp,
             status: stp,
         };
-        fused_kernel::<T, I>(gpu, rows, &ptr, reduction, ignore_index, cfg)?;
+        fused_kernel::<T, I>(gpu, rows, &ptr, reduction, ignore_index, cfg, path)?;
     }
     reduce_rows(gpu, rows.n_rows, reduction, out)
 }
@@ -226,4 +384,139 @@ pub(crate) fn reduce_rows(
         if reduction == Reduction::Mean { dp } else { 0 },
         op,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host_math::{maxsum_merge, row_maxsum_as_kernel, MaxSum};
+    use crate::testing::Rng;
+
+    /// The kernel's slice of CTA `rank`: [j0, j0 + n).
+    fn slice_of(vocab: usize, ctas: u32, rank: usize) -> (usize, usize) {
+        let s = cluster_slice(vocab, ctas);
+        let j0 = rank * s;
+        (j0, if j0 >= vocab { 0 } else { s.min(vocab - j0) })
+    }
+
+    #[test]
+    fn cluster_slices_partition_the_row_on_vector_boundaries() {
+        for vocab in (1..300).chain([32000, 50257, 128256, 256000, 1 << 20, 1_000_003]) {
+            for ctas in [2u32, 4, 8] {
+                let mut next = 0;
+                for rank in 0..ctas as usize {
+                    let (j0, n) = slice_of(vocab, ctas, rank);
+                    assert_eq!(j0 % 8, 0, "V {vocab} ctas {ctas} rank {rank}");
+                    if n > 0 {
+                        assert_eq!(
+                            j0, next,
+                            "V {vocab} ctas {ctas} rank {rank}: gap or overlap"
+                        );
+                        next = j0 + n;
+                    }
+                }
+                assert_eq!(
+                    next, vocab,
+                    "V {vocab} ctas {ctas}: the slices must cover the row"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn auto_picks_a_path_that_resolves_and_fits() {
+        let h100 = crate::DeviceProps::example_h100();
+        let mut a100 = h100.clone();
+        a100.compute_capability = (8, 0);
+        a100.smem_per_block_optin = 163 * 1024;
+        for props in [&h100, &a100] {
+            for size in [2usize, 4] {
+                for vocab in [
+                    1,
+                    7,
+                    1003,
+                    32000,
+                    49144,
+                    49145,
+                    50257,
+                    128256,
+                    200_000,
+                    256000,
+                    1 << 20,
+                ] {
+                    let auto = RowPath::Auto.resolve(props, vocab, size, true).unwrap();
+                    assert_ne!(auto, RowPath::Auto);
+                    assert_eq!(auto.resolve(props, vocab, size, true).unwrap(), auto);
+                    let row_fits = vocab * size + 16 <= ROW_CACHE_LIMIT;
+                    assert_eq!(
+                        auto == RowPath::SharedMemory,
+                        row_fits,
+                        "V {vocab} x {size}"
+                    );
+                    if let RowPath::Cluster { ctas } = auto {
+                        assert!(props.compute_capability.0 >= 9);
+                        assert!(cluster_slice(vocab, ctas) * size + 16 <= ROW_CACHE_LIMIT);
+                    }
+                    if !row_fits && props.compute_capability.0 < 9 {
+                        assert_eq!(auto, RowPath::Reread);
+                    }
+                    // Forward only: one pass whatever was asked.
+                    assert_eq!(
+                        RowPath::Auto.resolve(props, vocab, size, false).unwrap(),
+                        RowPath::Reread
+                    );
+                }
+            }
+        }
+        // The issue's sizes on an H100, bf16: 32000 in one block, 128256 over 4, 256000 over 8.
+        let p = |v| RowPath::Auto.resolve(&h100, v, 2, true).unwrap();
+        assert_eq!(p(32000), RowPath::SharedMemory);
+        assert_eq!(p(128256), RowPath::Cluster { ctas: 4 });
+        assert_eq!(p(256000), RowPath::Cluster { ctas: 8 });
+        // f32 at 256000 (1 MB) fits no cluster of 8 × 96 KiB: re-read.
+        assert_eq!(
+            RowPath::Auto.resolve(&h100, 256000, 4, true).unwrap(),
+            RowPath::Reread
+        );
+    }
+
+    /// The cluster kernel's statistics, replayed on the host: each CTA reduces its slice as a block
+    /// does, then every CTA merges the C states in rank order. The result must be the row's lse, and a
+    /// NaN anywhere, even alone in a slice, must survive.
+    #[test]
+    fn cluster_merge_of_slices_gives_the_row_lse() {
+        let mut rng = Rng::new(crate::testing::seed_for("cluster_merge_of_slices"));
+        for vocab in [1usize, 9, 57, 1003, 50257, 128256] {
+            for ctas in [2u32, 4, 8] {
+                for nan_at in [None, Some(rng.below(vocab as u64) as usize)] {
+                    let mut row: Vec<f32> = (0..vocab).map(|_| rng.normal() as f32 * 3.0).collect();
+                    if let Some(j) = nan_at {
+                        row[j] = f32::NAN;
+                    }
+                    let mut st = MaxSum::EMPTY;
+                    for rank in 0..ctas as usize {
+                        let (j0, n) = slice_of(vocab, ctas, rank);
+                        let threads = row_threads(n, 2) as usize;
+                        let j0 = j0.min(vocab); // an empty slice past the row's end
+                        let part = row_maxsum_as_kernel(&row[j0..j0 + n], threads, 8, 0);
+                        st = maxsum_merge(st, part);
+                    }
+                    let lse = st.m as f64 + (st.s as f64).ln();
+                    if nan_at.is_some() {
+                        assert!(lse.is_nan(), "V {vocab} ctas {ctas}: NaN lost");
+                        continue;
+                    }
+                    let m = row
+                        .iter()
+                        .map(|&x| x as f64)
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    let want = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                    assert!(
+                        (lse - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "V {vocab} ctas {ctas}: {lse} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -6,8 +6,10 @@
 //! Every row loss here depends on the row only through `lse`, `z_y` and `Σ_j w_j z_j`, so its gradient is
 //! `∂ℓ/∂z_j = a·p_j + b·[j = y] + c·w_j` for three per-row scalars. One kernel computes the statistics
 //! (fp32, online max/sum-exp), the loss and `(a, b, c)` per row, then writes the gradient in a second
-//! sweep over the row, held in shared memory when it fits (then HBM sees one read of the logits and one
-//! write of the gradient: the traffic floor). The target column is computed in fp32 and rounded once.
+//! sweep over the row, held on chip between the sweeps when it fits (then HBM sees one read of the logits
+//! and one write of the gradient: the traffic floor): in one block's shared memory, or on sm_90+ split
+//! over a thread-block cluster whose slice statistics merge through distributed shared memory (see
+//! [`RowPath`]). The target column is computed in fp32 and rounded once.
 //!
 //! | [`LossKind`] | loss ℓ for target y (p = softmax(z), w_y = class weight or 1) |
 //! | --- | --- |
@@ -42,7 +44,7 @@
 mod launch;
 pub mod reference;
 
-pub use launch::ROW_CACHE_LIMIT;
+pub use launch::{RowPath, ROW_CACHE_LIMIT};
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
@@ -303,6 +305,8 @@ pub struct LossExtras<'a> {
     pub class_weights_host: Option<&'a [f32]>,
     /// Upstream gradient: `[1]` for mean/sum, `[N]` for `Reduction::None`. `None` means 1.
     pub grad_output: Option<CudaView<'a, f32>>,
+    /// How the fused kernel keeps a row between its passes ([`RowPath::Auto`]: the fastest available).
+    pub row_path: RowPath,
 }
 
 /// Outputs and device workspace of the loss kernels. Allocate once per batch shape and reuse: the launch

@@ -5,7 +5,8 @@
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::{
-    reference, LabelSmoothing, LossConfig, LossElement, LossExtras, LossOutputs, Reduction, Rows,
+    reference, LabelSmoothing, LossConfig, LossElement, LossExtras, LossOutputs, Reduction,
+    RowPath, Rows,
 };
 use crate::testing::{compare, poisoned, Dist, Element, Report, Rng, Tolerance};
 use crate::Gpu;
@@ -31,6 +32,8 @@ pub struct Case {
     pub targets_i64: bool,
     /// Fraction of rows whose target is the ignore index.
     pub ignore_frac: f64,
+    /// Row path of the fused kernel (tests force each one).
+    pub row_path: RowPath,
 }
 
 impl Case {
@@ -51,6 +54,7 @@ impl Case {
             inplace: false,
             targets_i64: false,
             ignore_frac: 0.0,
+            row_path: RowPath::Auto,
         }
     }
 }
@@ -262,6 +266,7 @@ pub fn run_with<T: LossElement>(
         class_weights: w_dev.as_ref(),
         class_weights_host: inp.weights.as_deref(),
         grad_output: go_dev.as_ref().map(|g| g.as_view()),
+        row_path: case.row_path,
     };
     let mut out = LossOutputs::new(gpu, n).map_err(|e| e.to_string())?;
     out.rows = poisoned(gpu, n).map_err(|e| e.to_string())?;
