@@ -166,6 +166,8 @@ pub const MIN_COMPUTE_CAPABILITY: (u32, u32) = (8, 0);
 struct ModuleCache {
     modules: Vec<OnceCell<Arc<CudaModule>>>,
     functions: Mutex<HashMap<(Family, String), CudaFunction>>,
+    /// (kernel, threads, dynamic shared memory) -> whether one of its clusters fits the GPU.
+    clusters: Mutex<HashMap<(String, u32, u32), bool>>,
 }
 
 type CacheRegistry = Mutex<Vec<(Weak<CudaContext>, Arc<ModuleCache>)>>;
@@ -183,6 +185,7 @@ fn cache_for(ctx: &Arc<CudaContext>) -> Arc<ModuleCache> {
     let cache = Arc::new(ModuleCache {
         modules: Family::ALL.iter().map(|_| OnceCell::new()).collect(),
         functions: Mutex::new(HashMap::new()),
+        clusters: Mutex::new(HashMap::new()),
     });
     caches.push((Arc::downgrade(ctx), cache.clone()));
     cache
@@ -378,6 +381,51 @@ impl Gpu {
         ))?;
         fns.insert((family, name.to_string()), f.clone());
         Ok(f)
+    }
+
+    /// Whether at least one cluster of kernel `name` (compiled with fixed cluster dimensions) fits on this
+    /// GPU with `threads` threads and `smem` bytes of dynamic shared memory per block, as the driver's
+    /// occupancy calculator says (a MIG slice or a GPU with small GPCs may fit none). Cached per context.
+    pub(crate) fn cluster_fits(
+        &self,
+        family: Family,
+        name: &str,
+        threads: u32,
+        smem: u32,
+    ) -> Result<bool> {
+        let key = (name.to_string(), threads, smem);
+        if let Some(&ok) = self
+            .cache
+            .clusters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(ok);
+        }
+        let f = self.function(family, name)?;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .during(&format!("raising the shared-memory limit of {name}"))?;
+        }
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (8, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let ok = f
+            .occupancy_max_active_clusters(cfg, &self.stream)
+            .during(&format!("asking how many clusters of {name} fit"))?
+            > 0;
+        self.cache
+            .clusters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, ok);
+        Ok(ok)
     }
 
     fn load(&self, family: Family) -> Result<Arc<CudaModule>> {

@@ -21,9 +21,10 @@ pub const ROW_CACHE_LIMIT: usize = 96 * 1024;
 /// most [`ROW_CACHE_LIMIT`] bytes stays in one block's shared memory; a longer one, on a GPU with
 /// thread-block clusters (compute capability ≥ 9.0), is split over a cluster of 2, 4 or 8 blocks that
 /// each keep a slice of at most 64 KiB (96 KiB for rows above 512 KiB) in shared memory; anything else
-/// re-reads the row in pass 2. The explicit paths exist so tests and benchmarks can compare them; a path
-/// that cannot hold the row on this GPU is an [`Error::Unsupported`]. Forward-only calls make one pass
-/// and ignore the path.
+/// re-reads the row in pass 2. `Auto` also asks the driver whether its cluster fits the GPU (a MIG
+/// slice may fit none) and re-reads when it does not. The explicit paths exist so tests and benchmarks
+/// can compare them; a path that cannot hold the row on this GPU is an [`Error::Unsupported`].
+/// Forward-only calls make one pass and ignore the path.
 ///
 /// ```
 /// use fusekit::loss::RowPath;
@@ -237,7 +238,17 @@ pub(crate) fn fused_kernel<T: LossElement, I: TargetIndex>(
     path: RowPath,
 ) -> Result<()> {
     let size = std::mem::size_of::<T>();
-    let path = path.resolve(gpu.props(), rows.vocab, size, ptr.grad != 0)?;
+    let mut resolved = path.resolve(gpu.props(), rows.vocab, size, ptr.grad != 0)?;
+    if let (RowPath::Auto, RowPath::Cluster { ctas }) = (path, resolved) {
+        // Auto only takes a cluster the driver can place (a MIG slice may fit none); a forced one errs.
+        let slice = cluster_slice(rows.vocab, ctas);
+        let name = format!("fk_ce_fwd_bwd_cluster{ctas}_{}_{}", T::SUFFIX, I::SUFFIX);
+        let (threads, smem) = (row_threads(slice, size), (slice * size + 16) as u32);
+        if !gpu.cluster_fits(Family::Loss, &name, threads, smem)? {
+            resolved = RowPath::Reread;
+        }
+    }
+    let path = resolved;
     let cache_row = path == RowPath::SharedMemory;
     let (slice, ctas) = match path {
         RowPath::Cluster { ctas } => (cluster_slice(rows.vocab, ctas), ctas as usize),
@@ -328,10 +339,9 @@ pub(super) fn fused<T: LossElement, I: TargetIndex, S: DevicePtr<I>>(
     out: &mut LossOutputs,
 ) -> Result<()> {
     // An unusable row path is an error before anything is queued.
-    let path =
-        extras
-            .row_path
-            .resolve(gpu.props(), rows.vocab, std::mem::size_of::<T>(), gp != 0)?;
+    extras
+        .row_path
+        .resolve(gpu.props(), rows.vocab, std::mem::size_of::<T>(), gp != 0)?;
     let stream = gpu.stream().clone();
     let (tp, _tg) = targets.device_ptr(&stream);
     let (wp, _wg) = opt_ptr(extras.class_weights, &stream);
@@ -358,7 +368,15 @@ pub(super) fn fused<T: LossElement, I: TargetIndex, S: DevicePtr<I>>(
             lse: sp,
             status: stp,
         };
-        fused_kernel::<T, I>(gpu, rows, &ptr, reduction, ignore_index, cfg, path)?;
+        fused_kernel::<T, I>(
+            gpu,
+            rows,
+            &ptr,
+            reduction,
+            ignore_index,
+            cfg,
+            extras.row_path,
+        )?;
     }
     reduce_rows(gpu, rows.n_rows, reduction, out)
 }

@@ -230,7 +230,8 @@ impl LinearCrossEntropy {
         }
         let rows = Rows::contiguous(n_rows, v);
         let ck = check_common(gpu, rows, usize::MAX, targets, extras, cfg, out)?;
-        let row_path = extras.row_path.resolve(gpu.props(), v, 2, true)?;
+        // An unusable row path is an error before any work is queued.
+        extras.row_path.resolve(gpu.props(), v, 2, true)?;
         if hidden.len() != n_rows * h {
             return Err(Error::shape(
                 "hidden",
@@ -328,7 +329,7 @@ impl LinearCrossEntropy {
                 cfg.reduction,
                 cfg.ignore_index,
                 ck.cfg,
-                row_path,
+                extras.row_path,
             )?;
             // dH_c (col-major H×C) = W(H×V col-major) · dL_c(V×C col-major)
             // SAFETY: as above; dH_c is C·H elements inside grad_hidden (length checked >= N·H).
