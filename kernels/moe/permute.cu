@@ -1,8 +1,9 @@
 // kernels/moe/permute.cu: the data movement around grouped expert GEMMs.
 //
-// plan (3 small kernels): a stable counting sort of the S = T K slots by expert: per-chunk histograms,
-//   a scan (per-expert offsets, optionally padded to block_size, with the expert of each block), and a
-//   warp-synchronous scatter that keeps slot order within an expert (__match_any_sync ranks).
+// plan (4 small kernels): a stable counting sort of the S = T K slots by expert: per-chunk histograms,
+//   a per-expert scan over the chunks, a scan over the experts (offsets, optionally padded to block_size,
+//   with the expert of each block), and a warp-synchronous scatter that keeps slot order within an expert
+//   (__match_any_sync ranks).
 //   Floor: read S ids twice, write S rows + S slot->row: ~16 S bytes, microseconds.
 // gather:  out[r, :] = hidden[sorted_slots[r] / K, :] for r < total rows (0 for padding rows).
 //   Floor: write rows H b, read T H b once (repeat reads of a token hit L2): (rows + T) H b bytes.
@@ -58,18 +59,61 @@ __device__ __forceinline__ int fk_block_exclusive_scan(int v, int &total) {
     return x - v + (warp > 0 ? warp_sums[warp - 1] : 0);
 }
 
-extern "C" __global__ void __launch_bounds__(1024) fk_moe_plan_scan(const fk_moe_plan_params p) {
-    const int E = p.n_experts, e = threadIdx.x, bs = p.block_size;
-    int n = 0;
+// Per expert, the exclusive prefix of its per-chunk counts over the chunks (in chunk order, which keeps
+// the sort stable), in place, and the expert's total into offsets[e] (fk_moe_plan_scan turns the totals
+// into offsets). Grid: ceil(E / 32) blocks of 1024 threads; lane l of every warp is expert 32 b + l (so a
+// warp reads 128 contiguous bytes per chunk), warp w owns a contiguous segment of the chunks. Every load
+// of a segment is independent, so a thread keeps several in flight: a T = 65536, K = 8 plan (2048 chunks)
+// is 64 chunks per thread, not 2048 dependent round trips.
+extern "C" __global__ void __launch_bounds__(1024) fk_moe_plan_scan_chunks(const fk_moe_plan_params p) {
+    __shared__ int seg_base[32][33];
+    constexpr int U = 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int E = p.n_experts, nc = p.n_chunks;
+    const int e = blockIdx.x * 32 + lane;
+    const int seg = (nc + 31) / 32;
+    const int c0 = min(warp * seg, nc), c1 = min(c0 + seg, nc);
+    int sum = 0;
     if (e < E) {
-        // Per-expert exclusive prefix over chunks, in chunk order (this keeps the sort stable).
-        for (int c = 0; c < p.n_chunks; ++c) {
-            int *cc = p.chunk_counts + (int64_t)c * E + e;
-            const int k = *cc;
-            *cc = n;
-            n += k;
+#pragma unroll U
+        for (int c = c0; c < c1; ++c) sum += p.chunk_counts[(int64_t)c * E + e];
+    }
+    seg_base[warp][lane] = sum;
+    __syncthreads();
+    if (warp == 0) {
+        int run = 0;
+        for (int w = 0; w < 32; ++w) {
+            const int t = seg_base[w][lane];
+            seg_base[w][lane] = run;
+            run += t;
+        }
+        if (e < E) p.offsets[e] = run;
+    }
+    __syncthreads();
+    if (e < E) {
+        int n = seg_base[warp][lane];
+        for (int c = c0; c < c1; c += U) {
+            int k[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) k[u] = c + u < c1 ? p.chunk_counts[(int64_t)(c + u) * E + e] : 0;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (c + u < c1) {
+                    p.chunk_counts[(int64_t)(c + u) * E + e] = n;
+                    n += k[u];
+                }
+            }
         }
     }
+}
+
+// Offsets and padded offsets over the experts (one block, thread e = expert e), the padding rows of each
+// expert, and the expert of every block of block_size rows (a binary search in the padded offsets, so no
+// thread loops over a hot expert's blocks).
+extern "C" __global__ void __launch_bounds__(1024) fk_moe_plan_scan(const fk_moe_plan_params p) {
+    __shared__ int s_poff[FK_MOE_MAX_EXPERTS + 1];
+    const int E = p.n_experts, e = threadIdx.x, bs = p.block_size;
+    const int n = e < E ? p.offsets[e] : 0;  // the expert's total, from fk_moe_plan_scan_chunks
     int total, ptotal;
     const int off = fk_block_exclusive_scan(n, total);
     const int padded = (n + bs - 1) / bs * bs;
@@ -77,15 +121,32 @@ extern "C" __global__ void __launch_bounds__(1024) fk_moe_plan_scan(const fk_moe
     if (e < E) {
         p.offsets[e] = off;
         p.padded_offsets[e] = poff;
-        for (int c = 0; c < p.n_chunks; ++c) p.chunk_counts[(int64_t)c * E + e] += poff;
+        s_poff[e] = poff;
         for (int r = poff + n; r < poff + padded; ++r) p.sorted_slots[r] = -1;
-        for (int b = poff / bs; b < (poff + padded) / bs; ++b) p.block_expert[b] = e;
     }
     if (e == 0) {
         p.offsets[E] = total;
         p.padded_offsets[E] = ptotal;
     }
-    for (int b = ptotal / bs + e; b < p.max_blocks; b += blockDim.x) p.block_expert[b] = -1;
+    __syncthreads();
+    for (int64_t b = e; b < p.max_blocks; b += blockDim.x) {
+        const int64_t r0 = b * bs;
+        int who = -1;
+        if (r0 < ptotal) {
+            // The largest expert whose padded start is <= r0: the one whose (non-empty) range holds r0.
+            int lo = 0, hi = E - 1;
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) >> 1;
+                if (s_poff[mid] <= r0) {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            who = lo;
+        }
+        p.block_expert[b] = who;
+    }
     for (int64_t r = ptotal + e; r < p.max_rows; r += blockDim.x) p.sorted_slots[r] = -1;
 }
 
@@ -95,7 +156,7 @@ extern "C" __global__ void __launch_bounds__(32) fk_moe_plan_scatter(const fk_mo
     const int E = p.n_experts, lane = threadIdx.x;
     const int64_t s0 = (int64_t)blockIdx.x * p.chunk;
     const int64_t s1 = min(s0 + p.chunk, p.n_slots);
-    for (int e = lane; e < E; e += 32) base[e] = p.chunk_counts[(int64_t)blockIdx.x * E + e];
+    for (int e = lane; e < E; e += 32) base[e] = p.padded_offsets[e] + p.chunk_counts[(int64_t)blockIdx.x * E + e];
     __syncwarp();
     for (int64_t s = s0; s < s1; s += 32) {
         const int64_t my = s + lane;

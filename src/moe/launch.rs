@@ -157,6 +157,12 @@ pub(super) fn plan<I: DevicePtr<i32>>(gpu: &Gpu, pl: &mut PermutePlan, ids: &I) 
         max_blocks: max_rows.div_ceil(pl.block_size) as i32,
     };
     launch1(gpu, "fk_moe_plan_count", grid(n_chunks, 256), &p)?;
+    launch1(
+        gpu,
+        "fk_moe_plan_scan_chunks",
+        grid(pl.n_experts.div_ceil(32), 1024),
+        &p,
+    )?;
     launch1(gpu, "fk_moe_plan_scan", grid(1, 1024), &p)?;
     launch1(gpu, "fk_moe_plan_scatter", grid(n_chunks, 32), &p)
 }
@@ -264,4 +270,170 @@ pub(super) fn ep_counts<I: DevicePtr<i32>, M: DevicePtrMut<u8>, R: DevicePtrMut<
         ),
         &p,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::params::FK_MOE_PLAN_CHUNK;
+    use crate::testing::Rng;
+
+    /// The four plan kernels replayed on the host step by step (chunk histograms; per-expert scan over
+    /// the chunks in 32 warp segments; scan over the experts with padding and the binary search for each
+    /// block's expert; the warp-synchronous scatter), returning the reference's tuple plus block_expert
+    /// over all max_blocks.
+    #[allow(clippy::needless_range_loop)] // indices as the kernels use them
+    fn plan_as_kernels(ids: &[i32], e: usize, bs: usize) -> crate::moe::reference::Plan {
+        let chunk = FK_MOE_PLAN_CHUNK as usize;
+        let s = ids.len();
+        let nc = s.div_ceil(chunk);
+        let max_rows = s + e * (bs - 1);
+        let max_blocks = max_rows.div_ceil(bs);
+        let valid = |id: i32| id >= 0 && (id as usize) < e;
+        // fk_moe_plan_count
+        let mut cc = vec![0i32; nc * e];
+        for c in 0..nc {
+            for &id in &ids[c * chunk..(c * chunk + chunk).min(s)] {
+                if valid(id) {
+                    cc[c * e + id as usize] += 1;
+                }
+            }
+        }
+        // fk_moe_plan_scan_chunks
+        let mut offsets = vec![0i32; e + 1];
+        let seg = nc.div_ceil(32);
+        for x in 0..e {
+            let mut base = [0i32; 32];
+            let mut run = 0;
+            for (w, b) in base.iter_mut().enumerate() {
+                let (c0, c1) = ((w * seg).min(nc), ((w * seg).min(nc) + seg).min(nc));
+                *b = run;
+                run += (c0..c1).map(|c| cc[c * e + x]).sum::<i32>();
+            }
+            offsets[x] = run;
+            for (w, &b) in base.iter().enumerate() {
+                let (c0, c1) = ((w * seg).min(nc), ((w * seg).min(nc) + seg).min(nc));
+                let mut n = b;
+                for c in c0..c1 {
+                    let k = cc[c * e + x];
+                    cc[c * e + x] = n;
+                    n += k;
+                }
+            }
+        }
+        // fk_moe_plan_scan
+        let mut sorted = vec![i32::MIN; max_rows];
+        let mut poff = vec![0i32; e + 1];
+        let (mut total, mut ptotal) = (0, 0);
+        for x in 0..e {
+            let n = offsets[x];
+            let padded = (n + bs as i32 - 1) / bs as i32 * bs as i32;
+            offsets[x] = total;
+            poff[x] = ptotal;
+            for r in ptotal + n..ptotal + padded {
+                sorted[r as usize] = -1;
+            }
+            total += n;
+            ptotal += padded;
+        }
+        offsets[e] = total;
+        poff[e] = ptotal;
+        let mut block_expert = vec![i32::MIN; max_blocks];
+        for (b, be) in block_expert.iter_mut().enumerate() {
+            let r0 = (b * bs) as i32;
+            *be = if r0 < ptotal {
+                let (mut lo, mut hi) = (0usize, e - 1);
+                while lo < hi {
+                    let mid = (lo + hi).div_ceil(2);
+                    if poff[mid] <= r0 {
+                        lo = mid;
+                    } else {
+                        hi = mid - 1;
+                    }
+                }
+                lo as i32
+            } else {
+                -1
+            };
+        }
+        for r in ptotal as usize..max_rows {
+            sorted[r] = -1;
+        }
+        // fk_moe_plan_scatter: one warp per chunk, groups of 32 slots ranked among equal ids.
+        let mut slot_row = vec![i32::MIN; s];
+        for c in 0..nc {
+            let mut base: Vec<i32> = (0..e).map(|x| poff[x] + cc[c * e + x]).collect();
+            let (s0, s1) = (c * chunk, (c * chunk + chunk).min(s));
+            for g in (s0..s1).step_by(32) {
+                let lanes: Vec<i32> = (g..g + 32)
+                    .map(|m| if m < s1 { ids[m] } else { -2 })
+                    .map(|id| if id != -2 && !valid(id) { -1 } else { id })
+                    .collect();
+                for (l, &id) in lanes.iter().enumerate() {
+                    let my = g + l;
+                    if id >= 0 {
+                        let rank = lanes[..l].iter().filter(|&&o| o == id).count() as i32;
+                        let row = base[id as usize] + rank;
+                        sorted[row as usize] = my as i32;
+                        slot_row[my] = row;
+                    } else if my < s1 {
+                        slot_row[my] = -1;
+                    }
+                }
+                for x in 0..e {
+                    base[x] += lanes.iter().filter(|&&o| o == x as i32).count() as i32;
+                }
+            }
+        }
+        (sorted, slot_row, offsets, poff, block_expert)
+    }
+
+    #[test]
+    fn plan_kernels_replayed_on_the_host_equal_the_reference() {
+        let seed = crate::testing::seed_for("plan_kernels_replayed_on_the_host");
+        let mut rng = Rng::new(seed);
+        let chunk = FK_MOE_PLAN_CHUNK as usize;
+        for &(t, k, e, bs) in &[
+            (1usize, 1usize, 1usize, 1usize),
+            (7, 2, 3, 4),
+            (100, 6, 64, 1),
+            (513, 8, 256, 128),
+            (4096, 8, 256, 64),
+            (65536 / 8, 8, 160, 16),
+            (3000, 10, 512, 7),
+            (2 * chunk * 33 + 5, 1, 1024, 3),
+        ] {
+            // Skewed ids (a hot expert), a few invalid ones.
+            let ids: Vec<i32> = (0..t * k)
+                .map(|_| {
+                    let u = rng.below(100);
+                    if u < 2 {
+                        -1
+                    } else if u < 4 {
+                        e as i32
+                    } else if u < 40 {
+                        0
+                    } else {
+                        rng.below(e as u64) as i32
+                    }
+                })
+                .collect();
+            let got = plan_as_kernels(&ids, e, bs);
+            let (sorted, slot_row, off, poff, blocks) = super::super::reference::plan(&ids, e, bs);
+            let ctx = format!("seed {seed:#x} T {t} K {k} E {e} bs {bs}");
+            let used = *poff.last().unwrap() as usize;
+            assert_eq!(&got.0[..used], &sorted[..], "{ctx}: sorted slots");
+            assert!(
+                got.0[used..].iter().all(|&r| r == -1),
+                "{ctx}: rows past the end"
+            );
+            assert_eq!(got.1, slot_row, "{ctx}: slot_row");
+            assert_eq!(got.2, off, "{ctx}: offsets");
+            assert_eq!(got.3, poff, "{ctx}: padded offsets");
+            assert_eq!(&got.4[..blocks.len()], &blocks[..], "{ctx}: block experts");
+            assert!(
+                got.4[blocks.len()..].iter().all(|&b| b == -1),
+                "{ctx}: blocks past the end"
+            );
+        }
+    }
 }
