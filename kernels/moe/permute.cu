@@ -206,21 +206,34 @@ template <typename T>
 __device__ __forceinline__ void moe_combine(const fk_moe_combine_params &p) {
     using V = fk_vec16<T>;
     constexpr int N = V::N;
+    // The token's K rows and weights, read once per block into shared memory: the loop below then issues
+    // only the expert-output loads (independent across k, unrolled so several are in flight), not a
+    // dependent slot_row -> row chain per k and per thread. K <= FK_MOE_MAX_TOPK <= blockDim.x.
+    __shared__ int s_row[FK_MOE_MAX_TOPK];
+    __shared__ float s_w[FK_MOE_MAX_TOPK];
     const int64_t H = p.hidden_size;
     const int K = p.top_k;
+    const T *xo = reinterpret_cast<const T *>(p.expert_out);
     const bool vec = H % N == 0 && ((((uint64_t)p.expert_out) | ((uint64_t)p.out)) & 15u) == 0;
     for (int64_t t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
+        __syncthreads();  // the previous token's s_row / s_w are no longer read
+        if (threadIdx.x < K) {
+            s_row[threadIdx.x] = p.slot_row[t * K + threadIdx.x];
+            s_w[threadIdx.x] = p.weights[t * K + threadIdx.x];
+        }
+        __syncthreads();
         T *dst = reinterpret_cast<T *>(p.out) + t * H;
         if (vec) {
             for (int64_t i = threadIdx.x; i < H / N; i += blockDim.x) {
                 float acc[N];
 #pragma unroll
                 for (int q = 0; q < N; ++q) acc[q] = 0.0f;
+#pragma unroll 4
                 for (int k = 0; k < K; ++k) {
-                    const int row = p.slot_row[t * K + k];
+                    const int row = s_row[k];
                     if (row < 0) continue;
-                    const float w = p.weights[t * K + k];
-                    const V x = reinterpret_cast<const V *>(reinterpret_cast<const T *>(p.expert_out) + (int64_t)row * H)[i];
+                    const float w = s_w[k];
+                    const V x = reinterpret_cast<const V *>(xo + (int64_t)row * H)[i];
 #pragma unroll
                     for (int q = 0; q < N; ++q) acc[q] = fmaf(w, fk_to_f32(x.v[q]), acc[q]);
                 }
@@ -232,10 +245,11 @@ __device__ __forceinline__ void moe_combine(const fk_moe_combine_params &p) {
         } else {
             for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
                 float acc = 0.0f;
+#pragma unroll 4
                 for (int k = 0; k < K; ++k) {
-                    const int row = p.slot_row[t * K + k];
+                    const int row = s_row[k];
                     if (row < 0) continue;
-                    acc = fmaf(p.weights[t * K + k], fk_to_f32(reinterpret_cast<const T *>(p.expert_out)[(int64_t)row * H + i]), acc);
+                    acc = fmaf(s_w[k], fk_to_f32(xo[(int64_t)row * H + i]), acc);
                 }
                 dst[i] = fk_from_f32<T>(acc);
             }
