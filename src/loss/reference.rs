@@ -128,7 +128,7 @@ pub fn row_loss_grad(
     (loss, lse, grad)
 }
 
-/// Fused forward + backward over `logits` [n, v] (row-major) with `targets` [n].
+/// Fused forward + backward over `logits` `[n, v]` (row-major) with `targets` `[n]`.
 /// `grad_output`: None (1), one value (mean/sum) or n values (none). Targets outside [0, v) that are not
 /// the ignore index make the row's loss NaN and its gradient zero, as the kernel does; a NaN logit makes
 /// its row's loss, lse and gradient NaN. Either makes a mean or sum NaN.
