@@ -151,51 +151,60 @@ pub(crate) fn maxsum_push(st: MaxSum, x: f32) -> MaxSum {
 /// order, and fk_block_reduce merges the states (xor-shuffle tree per warp, then warp 0 over the warps).
 /// `head` is the number of elements before the first 16-byte boundary (from the row's address).
 pub(crate) fn row_maxsum_as_kernel(row: &[f32], threads: usize, vec: usize, head: usize) -> MaxSum {
+    let per_thread = thread_elements(row.len(), threads, vec, head)
+        .into_iter()
+        .map(|js| {
+            js.into_iter()
+                .fold(MaxSum::EMPTY, |s, j| maxsum_push(s, row[j]))
+        })
+        .collect();
+    block_reduce_as_kernel(per_thread, MaxSum::EMPTY, maxsum_merge)
+}
+
+/// The elements of a row of `n` that each of `threads` threads visits in fk_row_read, in its order.
+pub(crate) fn thread_elements(
+    n: usize,
+    threads: usize,
+    vec: usize,
+    head: usize,
+) -> Vec<Vec<usize>> {
     assert!(threads % 32 == 0 && (32..=1024).contains(&threads) && vec > 0);
-    let n = row.len();
     let head = head.min(n);
     let nvec = (n - head) / vec;
     let tail0 = head + nvec * vec;
-    let mut st = vec![MaxSum::EMPTY; threads];
-    for (t, s) in st.iter_mut().enumerate() {
-        let mut j = t;
-        while j < head {
-            *s = maxsum_push(*s, row[j]);
-            j += threads;
-        }
-        let mut v = t;
-        while v < nvec {
-            for k in 0..vec {
-                *s = maxsum_push(*s, row[head + v * vec + k]);
+    (0..threads)
+        .map(|t| {
+            let mut js: Vec<usize> = (t..head).step_by(threads).collect();
+            for v in (t..nvec).step_by(threads) {
+                js.extend(head + v * vec..head + (v + 1) * vec);
             }
-            v += threads;
-        }
-        let mut j = tail0 + t;
-        while j < n {
-            *s = maxsum_push(*s, row[j]);
-            j += threads;
-        }
-    }
-    let warp_tree = |lanes: &mut [MaxSum]| {
+            js.extend((tail0 + t..n).step_by(threads));
+            js
+        })
+        .collect()
+}
+
+/// fk_block_reduce on the host: an xor-shuffle tree in every warp, then warp 0 over the warps' results
+/// (lanes past the warp count hold `identity`); returns what lane 0 ends with.
+pub(crate) fn block_reduce_as_kernel<V: Copy>(
+    mut v: Vec<V>,
+    identity: V,
+    op: impl Fn(V, V) -> V,
+) -> V {
+    let warp_tree = |lanes: &mut [V]| {
         for o in [16, 8, 4, 2, 1] {
             let before = lanes.to_vec();
             for (l, x) in lanes.iter_mut().enumerate() {
-                *x = maxsum_merge(before[l], before[l ^ o]);
+                *x = op(before[l], before[l ^ o]);
             }
         }
     };
-    for w in st.chunks_mut(32) {
+    for w in v.chunks_mut(32) {
         warp_tree(w);
     }
-    let nwarps = threads / 32;
-    let mut lanes: Vec<MaxSum> = (0..32)
-        .map(|l| {
-            if l < nwarps {
-                st[l * 32]
-            } else {
-                MaxSum::EMPTY
-            }
-        })
+    let nwarps = v.len() / 32;
+    let mut lanes: Vec<V> = (0..32)
+        .map(|l| if l < nwarps { v[l * 32] } else { identity })
         .collect();
     warp_tree(&mut lanes);
     lanes[0]

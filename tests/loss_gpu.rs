@@ -3,7 +3,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use cudarc::driver::CudaSlice;
-use fusekit::loss::verify::{self, feature_matrix, Case, STATS_TOLERANCE};
+use fusekit::loss::verify::{self, feature_matrix, Case};
 use fusekit::loss::*;
 use fusekit::testing::{
     compare, first_bit_difference, gpu_or_skip, poisoned, seed_for, Dist, Rng, Tolerance,
@@ -294,20 +294,20 @@ fn more_than_2_pow_31_elements() {
         let xi: Vec<f64> = (0..v).map(|j| host[i * v + j].to_f64()).collect();
         let r = reference::fwd_bwd(&xi, 1, v, &[targets[i]], None, None, &cfg);
         let g = s.clone_dtoh(&x.slice(i * v..(i + 1) * v)).unwrap();
-        compare(
+        verify::compare_loss_grad(
             &format!("grad row {i}"),
+            &cfg,
+            1,
+            v,
+            &xi,
+            &[targets[i]],
+            None,
+            None,
             &g,
-            &r.grad,
-            verify::grad_tolerance::<bf16>(),
+            &r,
         )
         .unwrap();
-        compare(
-            &format!("loss row {i}"),
-            &rows_out[i..i + 1],
-            &r.rows,
-            STATS_TOLERANCE,
-        )
-        .unwrap();
+        verify::compare_stats(&format!("loss row {i}"), &rows_out[i..i + 1], &r.rows).unwrap();
     }
 }
 
@@ -385,20 +385,8 @@ fn forward_only_matches_fused_rows() {
     .unwrap();
     let xf: Vec<f64> = inp.logits.iter().map(|z| z.to_f64()).collect();
     let r = reference::fwd_bwd(&xf, n, v, &inp.targets, None, None, &case.cfg);
-    compare(
-        "rows",
-        &s.clone_dtoh(&out.rows).unwrap(),
-        &r.rows,
-        STATS_TOLERANCE,
-    )
-    .unwrap();
-    compare(
-        "loss",
-        &s.clone_dtoh(&out.loss).unwrap(),
-        &[r.loss],
-        STATS_TOLERANCE,
-    )
-    .unwrap();
+    verify::compare_stats("rows", &s.clone_dtoh(&out.rows).unwrap(), &r.rows).unwrap();
+    verify::compare_stats("loss", &s.clone_dtoh(&out.loss).unwrap(), &[r.loss]).unwrap();
 }
 
 #[test]
@@ -502,34 +490,22 @@ fn vocabulary_shards_equal_the_unsharded_kernel() {
     let xf: Vec<f64> = x.iter().map(|&z| z as f64).collect();
     let wf: Vec<f64> = w.iter().map(|&z| z as f64).collect();
     let r = reference::fwd_bwd(&xf, n, v, &targets, Some(&wf), None, &cfg);
-    compare(
+    verify::compare_loss_grad(
         "shard grad",
+        &cfg,
+        n,
+        v,
+        &xf,
+        &targets,
+        Some(&w),
+        None,
         &grad,
-        &r.grad,
-        verify::grad_tolerance::<f32>(),
+        &r,
     )
     .unwrap();
-    compare(
-        "shard rows",
-        &s.clone_dtoh(&out.rows).unwrap(),
-        &r.rows,
-        STATS_TOLERANCE,
-    )
-    .unwrap();
-    compare(
-        "shard lse",
-        &s.clone_dtoh(&out.lse).unwrap(),
-        &r.lse,
-        STATS_TOLERANCE,
-    )
-    .unwrap();
-    compare(
-        "shard loss",
-        &s.clone_dtoh(&out.loss).unwrap(),
-        &[r.loss],
-        STATS_TOLERANCE,
-    )
-    .unwrap();
+    verify::compare_stats("shard rows", &s.clone_dtoh(&out.rows).unwrap(), &r.rows).unwrap();
+    verify::compare_stats("shard lse", &s.clone_dtoh(&out.lse).unwrap(), &r.lse).unwrap();
+    verify::compare_stats("shard loss", &s.clone_dtoh(&out.loss).unwrap(), &[r.loss]).unwrap();
 }
 
 #[test]
@@ -620,22 +596,20 @@ fn sigmoid_focal_matches_the_reference() {
         .unwrap();
         match cfg.reduction {
             Reduction::None => {
-                compare(
+                verify::compare_stats(
                     "sigmoid focal elements",
                     &s.clone_dtoh(&out.elements).unwrap()[..n],
                     &rl,
-                    STATS_TOLERANCE,
                 )
                 .unwrap();
             }
             r => {
                 let total: f64 =
                     rl.iter().sum::<f64>() / if r == Reduction::Mean { n as f64 } else { 1.0 };
-                compare(
+                verify::compare_stats(
                     "sigmoid focal loss",
                     &s.clone_dtoh(&out.loss).unwrap(),
                     &[total],
-                    STATS_TOLERANCE,
                 )
                 .unwrap();
             }
@@ -1207,20 +1181,20 @@ fn masked_minus_infinity_logits_are_handled() {
     .unwrap();
     let xf: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
     let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg);
-    compare(
+    verify::compare_loss_grad(
         "masked grad",
+        &cfg,
+        n,
+        v,
+        &xf,
+        &targets,
+        None,
+        None,
         &s.clone_dtoh(&g).unwrap(),
-        &r.grad,
-        verify::grad_tolerance::<bf16>(),
+        &r,
     )
     .unwrap();
-    compare(
-        "masked rows",
-        &s.clone_dtoh(&out.rows).unwrap(),
-        &r.rows,
-        STATS_TOLERANCE,
-    )
-    .unwrap();
+    verify::compare_stats("masked rows", &s.clone_dtoh(&out.rows).unwrap(), &r.rows).unwrap();
 }
 
 /// Rows of NaN-free logits, a single NaN, a NaN run long enough to cover whole threads' shares, an
@@ -1287,20 +1261,30 @@ fn nan_rows<T: LossElement>(gpu: &Gpu, rng: &mut Rng, v: usize) {
                 "{ctx}: every gradient element should be a written NaN"
             );
         } else {
-            compare(
+            let ri = reference::fwd_bwd(
+                &xr[i * v..(i + 1) * v],
+                1,
+                v,
+                &targets[i..i + 1],
+                None,
+                None,
+                &cfg,
+            );
+            verify::compare_loss_grad(
                 &format!("{ctx} grad"),
+                &cfg,
+                1,
+                v,
+                &xr[i * v..(i + 1) * v],
+                &targets[i..i + 1],
+                None,
+                None,
                 &gh[i * v..(i + 1) * v],
-                &r.grad[i * v..(i + 1) * v],
-                verify::grad_tolerance::<T>(),
+                &ri,
             )
             .unwrap();
-            compare(
-                &format!("{ctx} loss"),
-                &rows[i..i + 1],
-                &r.rows[i..i + 1],
-                STATS_TOLERANCE,
-            )
-            .unwrap();
+            verify::compare_stats(&format!("{ctx} loss"), &rows[i..i + 1], &r.rows[i..i + 1])
+                .unwrap();
         }
     }
     // The shard path: split the all-NaN and the one-NaN rows so that one shard sees only NaN (row 3)

@@ -180,6 +180,23 @@ pub(crate) fn self_check() -> SelfCheck {
                     "fp32 row maths vs f64 reference".into(),
                     None,
                 ),
+                {
+                    let (worst, note) = match replay_error(rng) {
+                        Ok(e) => (
+                            e,
+                            "fp32 replay of fk_ce_fwd_bwd, GPU tolerances".to_string(),
+                        ),
+                        Err(e) => (f64::NAN, e),
+                    };
+                    row(
+                        "fk_ce_fwd_bwd (host replay)",
+                        "cpu-ref",
+                        worst,
+                        f64::INFINITY,
+                        note,
+                        None,
+                    )
+                },
                 row(
                     "sigmoid focal maths",
                     "cpu-ref",
@@ -280,6 +297,24 @@ pub(crate) fn self_check() -> SelfCheck {
             Ok(rows)
         },
     }
+}
+
+/// The fused kernel replayed on the host (fp32, the kernel's reduction order) over the feature matrix
+/// at N = 8, V = 1003 in f32 and bf16, through the GPU tests' checks; the worst relative L2 error.
+fn replay_error(rng: &mut Rng) -> Result<f64, String> {
+    use super::verify::{check_outputs, host_replay, inputs};
+    let mut worst: f64 = 0.0;
+    for case in feature_matrix(8, 1003) {
+        let inp = inputs::<f32>(&case, rng);
+        let r = host_replay(&case, &inp)?;
+        let rep = check_outputs(&case, &inp, &r.grad, &r.rows, &r.lse, r.loss)?;
+        worst = worst.max(rep.worst_rel_l2());
+        let inp = inputs::<half::bf16>(&case, rng);
+        let r = host_replay(&case, &inp)?;
+        let rep = check_outputs(&case, &inp, &r.grad, &r.rows, &r.lse, r.loss)?;
+        worst = worst.max(rep.worst_rel_l2());
+    }
+    Ok(worst)
 }
 
 fn run_matrix<T: super::LossElement>(gpu: &crate::Gpu, rng: &mut Rng) -> Result<f64, String> {

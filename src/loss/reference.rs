@@ -16,7 +16,13 @@ pub struct RefOutput {
     pub loss: f64,
 }
 
-fn softcap(x: f64, c: Option<f32>) -> (f64, f64) {
+/// The softcapped logit `c·tanh(x/c)` and its derivative `1 − tanh²` (x and 1 without a cap).
+///
+/// ```
+/// let (z, dz) = fusekit::loss::reference::softcap(0.0, Some(30.0));
+/// assert_eq!((z, dz), (0.0, 1.0));
+/// ```
+pub fn softcap(x: f64, c: Option<f32>) -> (f64, f64) {
     match c {
         Some(c) if c > 0.0 => {
             let c = c as f64;
