@@ -243,3 +243,88 @@ impl std::fmt::Debug for SigmoidFocalOutputs {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::{reference, verify};
+    use crate::testing::{compare, Dist, Element, Rng};
+    use half::bf16;
+
+    /// The GPU test's inputs and gradient comparison, with the kernel's per-element maths (the host build
+    /// of fk_sigmoid_focal, the same scaling): a correct kernel must pass them.
+    fn replay<T: Element>(rng: &mut Rng, n: usize, cfg: SigmoidFocalConfig) -> Result<(), String> {
+        let xs: Vec<T> = rng
+            .sample(
+                Dist::Normal {
+                    mean: -1.0,
+                    std: 3.0,
+                },
+                n,
+            )
+            .into_iter()
+            .map(T::from_f64)
+            .collect();
+        let ts: Vec<T> = (0..n)
+            .map(|_| T::from_f64(if rng.unit() < 0.1 { 1.0 } else { 0.0 }))
+            .collect();
+        let go: Vec<f32> = (0..if cfg.reduction == Reduction::None {
+            n
+        } else {
+            1
+        })
+            .map(|_| rng.uniform(0.5, 2.0) as f32)
+            .collect();
+        let scale = if cfg.reduction == Reduction::Mean {
+            1.0 / n as f32
+        } else {
+            1.0
+        };
+        let (mut got, mut want) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..n {
+            let (x, t) = (xs[i].to_f64(), ts[i].to_f64());
+            let up = if cfg.reduction == Reduction::None {
+                go[i]
+            } else {
+                go[0]
+            };
+            let (_, g) = crate::host_math::sigmoid_focal(x as f32, t as f32, cfg.alpha, cfg.gamma);
+            got.push(T::from_f64((g * (scale * up)) as f64));
+            let (_, d) = reference::sigmoid_focal(x, t, cfg.alpha as f64, cfg.gamma as f64);
+            want.push(d * up as f64 * scale as f64);
+        }
+        compare(
+            "sigmoid focal grad",
+            &got,
+            &want,
+            verify::grad_tolerance::<T>(),
+        )
+        .map(|_| ())
+    }
+
+    #[test]
+    fn kernel_maths_meet_the_gpu_test_tolerances() {
+        let seed = crate::testing::seed_for("sigmoid_focal_kernel_maths_meet_the_gpu_tolerances");
+        let mut rng = Rng::new(seed);
+        for n in [1, 7, 4099, 200_003] {
+            for cfg in [
+                SigmoidFocalConfig::default(),
+                SigmoidFocalConfig {
+                    alpha: -1.0,
+                    gamma: 0.0,
+                    reduction: Reduction::Sum,
+                },
+                SigmoidFocalConfig {
+                    alpha: 0.5,
+                    gamma: 1.5,
+                    reduction: Reduction::None,
+                },
+            ] {
+                replay::<f32>(&mut rng, n, cfg)
+                    .unwrap_or_else(|e| panic!("seed {seed:#x} f32 {cfg:?}: {e}"));
+                replay::<bf16>(&mut rng, n, cfg)
+                    .unwrap_or_else(|e| panic!("seed {seed:#x} bf16 {cfg:?}: {e}"));
+            }
+        }
+    }
+}
