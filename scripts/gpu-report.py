@@ -31,10 +31,11 @@ now = datetime.datetime.now(datetime.timezone.utc)
 
 tests, binaries = [], []
 for line in read(os.path.join(logs, "tests.txt")).splitlines():
-    m = re.match(r"(\S+) exit=(\d+)", line)
+    m = re.match(r"(\S+) (?:exit=(\d+)|skipped=budget)", line)
     if not m:
         continue
-    name, code = m.group(1), int(m.group(2))
+    # exit None: not run, the call's time budget was spent (run.sh --budget)
+    name, code = m.group(1), (int(m.group(2)) if m.group(2) else None)
     binaries.append({"binary": name, "exit": code})
     log = read(os.path.join(logs, f"test-{name}.log"))
     for t in re.finditer(r"^test (.+?) \.\.\. (ok|FAILED|ignored)", log, re.M):
@@ -44,10 +45,10 @@ for line in read(os.path.join(logs, "tests.txt")).splitlines():
 
 sanitizer = []
 for line in read(os.path.join(logs, "sanitizer.txt")).splitlines():
-    m = re.match(r"(\w+) (\S+) exit=(\d+)", line)
+    m = re.match(r"(\w+) (\S+) (?:exit=(\d+)|skipped=budget)", line)
     if not m:
         continue
-    tool, name, code = m.group(1), m.group(2), int(m.group(3))
+    tool, name, code = m.group(1), m.group(2), (int(m.group(3)) if m.group(3) else None)
     log = read(os.path.join(logs, f"sanitizer-{tool}-{name}.log"))
     e = re.search(r"ERROR SUMMARY: (\d+) error", log)
     sanitizer.append({"tool": tool, "binary": name, "exit": code,
@@ -55,7 +56,7 @@ for line in read(os.path.join(logs, "sanitizer.txt")).splitlines():
 
 check_text = read(os.path.join(logs, "check.log"))
 m = re.search(r"check exit=(\d+)", check_text)
-check_exit = int(m.group(1)) if m else None
+check_exit = int(m.group(1)) if m else None  # None: not run (or skipped for the time budget)
 
 benches = []
 for path in sorted(glob.glob(os.path.join(logs, "bench-*.log")) + glob.glob(os.path.join(logs, "peer-*.log"))):
@@ -96,12 +97,17 @@ md = [f"# GPU verification {now:%Y-%m-%d %H:%M} UTC", "",
       f"- verdict: {'GREEN' if green else 'NOT GREEN'} (phases run: {', '.join(phases) or 'none'})",
       f"- tests: {sum(t['status'] == 'ok' for t in tests)} ok, {len(failed)} failed/skipped, "
       f"{sum(t['status'] == 'ignored' for t in tests)} ignored, in {len(binaries)} binaries",
-      f"- compute-sanitizer: " + (", ".join(f"{s['tool']} {s['binary']}: {s['errors']} errors (exit {s['exit']})" for s in sanitizer) or "not run"),
-      f"- fusekit check exit: {check_exit}", ""]
+      f"- compute-sanitizer: " + (", ".join(
+          f"{s['tool']} {s['binary']}: " + ("not run (time budget)" if s["exit"] is None
+                                            else f"{s['errors']} errors (exit {s['exit']})")
+          for s in sanitizer) or "not run"),
+      f"- fusekit check exit: {check_exit if check_exit is not None else 'not run'}", ""]
 if failed or bad_bins:
     md += ["## Failures", ""]
     md += [f"- `{t['binary']}` {t['name']}: {t['status']}" for t in failed]
-    md += [f"- binary `{b['binary']}` exited {b['exit']}" for b in bad_bins]
+    md += [f"- binary `{b['binary']}` " + ("not run: the call's time budget was spent" if b["exit"] is None
+                                          else f"exited {b['exit']}" + (" (timeout)" if b["exit"] == 124 else ""))
+           for b in bad_bins]
     md.append("")
 md += ["## Tests", "", "| binary | test | status |", "| --- | --- | --- |"]
 md += [f"| {t['binary']} | {t['name']} | {t['status']} |" for t in tests]

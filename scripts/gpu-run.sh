@@ -1,24 +1,55 @@
 #!/usr/bin/env bash
-# run.sh OUT [--phase all|tests|sanitize|bench|peers] [--quick]: the GPU half of scripts/gpu-suite, run from
-# the bundle folder on a GPU host. Needs an NVIDIA driver and python3; uses compute-sanitizer and PyTorch
-# (the peers) when present. A device session allows 10 minutes a call: run the phases as separate calls
-# when the whole suite does not fit one. Each call leaves in OUT (few files, as the device tool wants):
+# run.sh OUT [--phase all|tests|sanitize|bench|peers] [--quick] [--budget SECONDS] [--only REGEX]:
+# the GPU half of scripts/gpu-suite, run from the bundle folder on a GPU host. Needs an NVIDIA driver and
+# python3; uses compute-sanitizer and PyTorch (the peers) when present.
+#
+# A device call lasts at most 10 minutes, and a command killed at that limit leaves nothing behind, so
+# run.sh keeps to a time budget (--budget, default 540 s): every step's timeout is cut to what is left,
+# a step that would start with under 15 s left is recorded as `skipped=budget`, and the report and the
+# logs tarball are always written. The peers stop early themselves (FUSEKIT_DEADLINE). --only restricts
+# the tests and the sanitizer to binaries whose name matches REGEX (e.g. 'loss_gpu'), to split a phase
+# over several calls. Each call leaves in OUT (few files, as the device tool wants):
 #   logs-PHASE.tar.gz   every log of the phase
 #   report.md/.json     the report of this phase alone
 # `scripts/gpu-suite record DIR...` merges the phases of one bundle into one report.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-out=${1:?usage: run.sh OUT [--phase all|tests|sanitize|bench|peers] [--quick]}
+out=${1:?usage: run.sh OUT [--phase all|tests|sanitize|bench|peers] [--quick] [--budget SECONDS] [--only REGEX]}
 shift
 phase=all
 quick=""
+budget=540
+only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --phase) phase=$2; shift 2 ;;
     --quick) quick=--quick; shift ;;
+    --budget) budget=$2; shift 2 ;;
+    --only) only=$2; shift 2 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 64 ;;
   esac
 done
+deadline=$(( $(date +%s) + budget ))
+export FUSEKIT_DEADLINE=$deadline
+[ -n "$quick" ] && export FUSEKIT_QUICK=1
+# Seconds left for steps, keeping 20 s for the report and the tarball.
+left() { echo $(( deadline - $(date +%s) - 20 )); }
+# run_capped LIMIT LOG CMD...: runs CMD (output to LOG) under a timeout of min(LIMIT, what is left);
+# prints `exit=N`, or `skipped=budget` without running it when under 15 s are left.
+run_capped() {
+  local limit=$1 log=$2 l
+  shift 2
+  l=$(left)
+  [ "$l" -lt "$limit" ] && limit=$l
+  if [ "$limit" -lt 15 ]; then
+    echo "skipped: the run's time budget was spent" > "$log"
+    echo "skipped=budget"
+    return 0
+  fi
+  timeout "$limit" "$@" > "$log" 2>&1
+  echo "exit=$?"
+}
+selected() { [ -z "$only" ] || [[ $1 =~ $only ]]; }
 mkdir -p "$out"
 root=$(mktemp -d)
 logs="$root/logs"
@@ -26,6 +57,7 @@ mkdir -p "$logs"
 cp "$here/COMMIT" "$here/BUILT" "$logs/" 2>/dev/null
 export FUSEKIT_REQUIRE_GPU=1
 export RUST_BACKTRACE=1
+export PYTHONUNBUFFERED=1
 export FUSEKIT_BIN="$here/bin/fusekit"
 want() { [ "$phase" = all ] || [ "$phase" = "$1" ]; }
 
@@ -41,14 +73,20 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 
 if want tests; then
   echo "== GPU tests"
-  for t in "$here"/tests/*; do
+  # The binaries that launch kernels first: when the budget runs short, the CPU-only ones (which CI
+  # runs anyway) are the ones left out.
+  for t in "$here"/tests/*_gpu "$here"/tests/probe "$here"/tests/device "$here"/tests/cli \
+      $(ls "$here"/tests/* | grep -v -e '_gpu$' -e '/probe$' -e '/device$' -e '/cli$'); do
+    [ -x "$t" ] || continue
     n=$(basename "$t")
-    timeout 900 "$t" --test-threads=1 > "$logs/test-$n.log" 2>&1
-    echo "$n exit=$?" | tee -a "$logs/tests.txt"
+    selected "$n" || continue
+    echo "$n $(run_capped 900 "$logs/test-$n.log" "$t" --test-threads=1)" | tee -a "$logs/tests.txt"
   done
-  echo "== fusekit check"
-  "$here/bin/fusekit" check --require-gpu > "$logs/check.log" 2>&1
-  echo "check exit=$?" >> "$logs/check.log"
+  if selected check; then
+    echo "== fusekit check"
+    st=$(run_capped 300 "$logs/check.log" "$here/bin/fusekit" check --require-gpu)
+    echo "check $st" >> "$logs/check.log"
+  fi
 fi
 
 if want sanitize; then
@@ -63,10 +101,11 @@ if want sanitize; then
       for t in "$here"/tests/*_gpu "$here"/tests/probe "$here"/tests/cli; do
         [ -x "$t" ] || continue
         n=$(basename "$t")
-        timeout 1200 "$san" --tool "$tool" --error-exitcode 99 --print-limit 50 \
-          "$t" --test-threads=1 --skip more_than_2_pow_31_elements --skip balance_demonstration_at_full_scale \
-          > "$logs/sanitizer-$tool-$n.log" 2>&1
-        echo "$tool $n exit=$?" | tee -a "$logs/sanitizer.txt"
+        selected "$n" || continue
+        st=$(run_capped 1200 "$logs/sanitizer-$tool-$n.log" "$san" --tool "$tool" --error-exitcode 99 \
+          --print-limit 50 "$t" --test-threads=1 --skip more_than_2_pow_31_elements \
+          --skip balance_demonstration_at_full_scale)
+        echo "$tool $n $st" | tee -a "$logs/sanitizer.txt"
       done
     done
   else
@@ -80,8 +119,7 @@ if want bench; then
     n=$(basename "$b")
     args=(--bench)
     [ "$quick" = "--quick" ] && args+=(--warm-up-time 0.5 --measurement-time 1)
-    timeout 1500 "$b" "${args[@]}" > "$logs/bench-$n.log" 2>&1
-    echo "$n exit=$?" | tee -a "$logs/benches.txt"
+    echo "$n $(run_capped 1500 "$logs/bench-$n.log" "$b" "${args[@]}")" | tee -a "$logs/benches.txt"
   done
 fi
 
@@ -91,8 +129,7 @@ if want peers; then
     [ -f "$p" ] || continue
     case "$(basename "$p")" in _*) continue ;; esac  # helpers, not peers
     n=$(basename "$p" .py)
-    PYTHONUNBUFFERED=1 timeout 1500 python3 "$p" > "$logs/peer-$n.log" 2>&1
-    echo "$n exit=$?" | tee -a "$logs/peers.txt"
+    echo "$n $(run_capped 1500 "$logs/peer-$n.log" python3 "$p")" | tee -a "$logs/peers.txt"
   done
 fi
 

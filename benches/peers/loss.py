@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from _common import timed
+from _common import QUICK, out_of_time, timed
 import torch.nn.functional as F
 
 dev = "cuda"
@@ -48,7 +48,11 @@ def fwd_bwd(loss_fn, x, t):
 def main():
     torch.manual_seed(0)
     sizes = [(4096, 32000), (4096, 128256), (4096, 256000), (16384, 32000), (16384, 128256), (16384, 256000)]
+    if QUICK:
+        sizes = [s for s in sizes if s[0] == 16384]
     for n, v in sizes:
+        if out_of_time(f"CE {n}x{v}"):
+            break
         x = (torch.randn(n, v, device=dev) * 2).to(torch.bfloat16).requires_grad_()
         t = torch.randint(0, v, (n,), device=dev)
         nbytes = 2 * n * v * 2
@@ -58,10 +62,12 @@ def main():
         except torch.OutOfMemoryError:
             print(f"peer torch_eager OOM at {n}x{v}", file=sys.stderr)
         torch.cuda.empty_cache()
-        try:
-            emit(name, "torch_compile", n, v, *timed(fwd_bwd(torch.compile(ce), x, t)), nbytes)
-        except torch.OutOfMemoryError:
-            print(f"peer torch_compile OOM at {n}x{v}", file=sys.stderr)
+        # torch.compile compiles once per shape: allow it a minute.
+        if not out_of_time(f"compiled CE {n}x{v}", need=60):
+            try:
+                emit(name, "torch_compile", n, v, *timed(fwd_bwd(torch.compile(ce), x, t)), nbytes)
+            except torch.OutOfMemoryError:
+                print(f"peer torch_compile OOM at {n}x{v}", file=sys.stderr)
         del x
         torch.cuda.empty_cache()
     n, v = 4096, 128256
@@ -69,6 +75,8 @@ def main():
     t = torch.randint(0, v, (n,), device=dev)
     for name, fn in [("focal", focal), ("poly1", poly1), ("gce", gce)]:
         for peer, f in [("torch_eager", fn), ("torch_compile", torch.compile(fn))]:
+            if out_of_time(f"{peer} {name}", need=60 if peer == "torch_compile" else 30):
+                continue
             emit(f"loss/{name}_fwd_bwd_bf16/{n}x{v}", peer, n, v, *timed(fwd_bwd(f, x, t)), 2 * n * v * 2)
     del x
     torch.cuda.empty_cache()
@@ -83,6 +91,8 @@ def main():
         t = (torch.rand(n, k, device=dev) < 0.02).float()
         f = lambda a, b: sigmoid_focal_loss(a, b, alpha=0.25, gamma=2.0, reduction="mean")
         for peer, g in [("torchvision_eager", f), ("torchvision_compile", torch.compile(f))]:
+            if out_of_time(f"{peer} sigmoid focal {n}x{k}", need=60 if "compile" in peer else 30):
+                continue
             emit(f"loss/sigmoid_focal_f32/{n}x{k}", peer, n, k, *timed(fwd_bwd(g, x, t)), 3 * n * k * 4)
 
 
@@ -92,6 +102,8 @@ def linear_ce():
     h_dim, v = 4096, 128256
     w = (torch.randn(v, h_dim, device=dev) * 0.02).to(torch.bfloat16).requires_grad_()
     for n in (8192, 16384):
+        if out_of_time(f"linear + CE n={n}"):
+            break
         h = (torch.randn(n, h_dim, device=dev) * 0.02).to(torch.bfloat16).requires_grad_()
         t = torch.randint(0, v, (n,), device=dev)
 
