@@ -522,31 +522,16 @@ fn sigmoid_focal_matches_the_reference() {
         offset: usize,
     ) {
         let s = gpu.stream();
-        let xs: Vec<T> = rng
-            .sample(
-                Dist::Normal {
-                    mean: -1.0,
-                    std: 3.0,
-                },
-                n + offset,
-            )
-            .into_iter()
-            .map(T::from_f64)
-            .collect();
-        let ts: Vec<T> = (0..n + offset)
-            .map(|_| T::from_f64(if rng.unit() < 0.1 { 1.0 } else { 0.0 }))
-            .collect();
-        let xd = s.clone_htod(&xs).unwrap();
-        let td = s.clone_htod(&ts).unwrap();
-        let mut g = poisoned::<T>(gpu, n + offset).unwrap();
-        let go: Vec<f32> = (0..if cfg.reduction == Reduction::None {
+        let (xs, ts, go) = verify::sigmoid_focal_inputs::<T>(rng, n + offset, &cfg);
+        let go = &go[..if cfg.reduction == Reduction::None {
             n
         } else {
             1
-        })
-            .map(|_| rng.uniform(0.5, 2.0) as f32)
-            .collect();
-        let god = s.clone_htod(&go).unwrap();
+        }];
+        let xd = s.clone_htod(&xs).unwrap();
+        let td = s.clone_htod(&ts).unwrap();
+        let mut g = poisoned::<T>(gpu, n + offset).unwrap();
+        let god = s.clone_htod(go).unwrap();
         let mut out = SigmoidFocalOutputs::new(gpu, n, cfg.reduction == Reduction::None).unwrap();
         out.loss = poisoned(gpu, 1).unwrap();
         {
@@ -616,19 +601,7 @@ fn sigmoid_focal_matches_the_reference() {
         }
     }
     for n in [1, 7, 4099, 1_000_003] {
-        for cfg in [
-            SigmoidFocalConfig::default(),
-            SigmoidFocalConfig {
-                alpha: -1.0,
-                gamma: 0.0,
-                reduction: Reduction::Sum,
-            },
-            SigmoidFocalConfig {
-                alpha: 0.5,
-                gamma: 1.5,
-                reduction: Reduction::None,
-            },
-        ] {
+        for cfg in verify::SIGMOID_FOCAL_CONFIGS {
             one::<f32>(&gpu, &mut rng, n, cfg, 0);
             one::<bf16>(&gpu, &mut rng, n, cfg, 0);
             one::<bf16>(&gpu, &mut rng, n, cfg, 3);
@@ -1137,6 +1110,35 @@ fn linear_cross_entropy_matches_the_reference_for_every_chunking() {
     ));
 }
 
+/// Uploads logits `[n, v]` and targets, runs the fused kernel into a poisoned gradient, and returns the
+/// gradient (read back) and the outputs.
+fn fused_from_host<T: LossElement>(
+    gpu: &Gpu,
+    n: usize,
+    v: usize,
+    x: &[T],
+    targets: &[i64],
+    cfg: &LossConfig,
+) -> (Vec<T>, LossOutputs) {
+    let s = gpu.stream();
+    let xd = s.clone_htod(x).unwrap();
+    let td = s.clone_htod(targets).unwrap();
+    let mut g = poisoned::<T>(gpu, n * v).unwrap();
+    let mut out = LossOutputs::new(gpu, n).unwrap();
+    fwd_bwd(
+        gpu,
+        Rows::contiguous(n, v),
+        &xd,
+        &td,
+        &mut g,
+        &Default::default(),
+        cfg,
+        &mut out,
+    )
+    .unwrap();
+    (s.clone_dtoh(&g).unwrap(), out)
+}
+
 #[test]
 fn masked_minus_infinity_logits_are_handled() {
     // Padded vocabularies mask their tail (and sometimes their head) with -inf.
@@ -1163,37 +1165,12 @@ fn masked_minus_infinity_logits_are_handled() {
             x[i * v + j] = bf16::NEG_INFINITY;
         }
     }
-    let xd = s.clone_htod(&x).unwrap();
-    let td = s.clone_htod(&targets).unwrap();
-    let mut g = poisoned::<bf16>(&gpu, n * v).unwrap();
-    let mut out = LossOutputs::new(&gpu, n).unwrap();
     let cfg = LossConfig::default();
-    fwd_bwd(
-        &gpu,
-        Rows::contiguous(n, v),
-        &xd,
-        &td,
-        &mut g,
-        &Default::default(),
-        &cfg,
-        &mut out,
-    )
-    .unwrap();
+    let (g, out) = fused_from_host(&gpu, n, v, &x, &targets, &cfg);
     let xf: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
     let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg);
-    verify::compare_loss_grad(
-        "masked grad",
-        &cfg,
-        n,
-        v,
-        &xf,
-        &targets,
-        None,
-        None,
-        &s.clone_dtoh(&g).unwrap(),
-        &r,
-    )
-    .unwrap();
+    verify::compare_loss_grad("masked grad", &cfg, n, v, &xf, &targets, None, None, &g, &r)
+        .unwrap();
     verify::compare_stats("masked rows", &s.clone_dtoh(&out.rows).unwrap(), &r.rows).unwrap();
 }
 
@@ -1223,28 +1200,14 @@ fn nan_rows<T: LossElement>(gpu: &Gpu, rng: &mut Rng, v: usize) {
     x[4 * v + at(rng)] = f64::NAN;
     let xt: Vec<T> = x.iter().map(|&z| T::from_f64(z)).collect();
     let xr: Vec<f64> = xt.iter().map(|z| z.to_f64()).collect();
-    let xd = s.clone_htod(&xt).unwrap();
     let td = s.clone_htod(&targets).unwrap();
-    let mut g = poisoned::<T>(gpu, n * v).unwrap();
-    let mut out = LossOutputs::new(gpu, n).unwrap();
     let cfg = LossConfig {
         reduction: Reduction::None,
         ..LossConfig::default()
     };
-    fwd_bwd(
-        gpu,
-        Rows::contiguous(n, v),
-        &xd,
-        &td,
-        &mut g,
-        &Default::default(),
-        &cfg,
-        &mut out,
-    )
-    .unwrap();
+    let (gh, out) = fused_from_host(gpu, n, v, &xt, &targets, &cfg);
     let rows = s.clone_dtoh(&out.rows).unwrap();
     let lse = s.clone_dtoh(&out.lse).unwrap();
-    let gh = s.clone_dtoh(&g).unwrap();
     let r = reference::fwd_bwd(&xr, n, v, &targets, None, None, &cfg);
     for i in 0..n {
         let has_nan = xr[i * v..(i + 1) * v].iter().any(|z| z.is_nan());

@@ -101,12 +101,7 @@ __device__ __forceinline__ void ce_fwd_bwd(const fk_ce_params &p) {
     extern "C" __global__ void __launch_bounds__(FK_CE_MAX_THREADS) fk_ce_fwd_bwd_##TN##_##IN(const fk_ce_params p) { \
         ce_fwd_bwd<T, I>(p);                                                                           \
     }
-FK_CE_ENTRY(f32, float, i32, int32_t)
-FK_CE_ENTRY(f32, float, i64, int64_t)
-FK_CE_ENTRY(f16, __half, i32, int32_t)
-FK_CE_ENTRY(f16, __half, i64, int64_t)
-FK_CE_ENTRY(bf16, __nv_bfloat16, i32, int32_t)
-FK_CE_ENTRY(bf16, __nv_bfloat16, i64, int64_t)
+FK_LOSS_TYPES(FK_CE_ENTRY)
 
 // Thread-block clusters exist from sm_90: the cluster kernels are in the sm_90a SASS and the compute_90
 // PTX only (the host never asks for them on an older GPU).
@@ -182,12 +177,7 @@ __device__ __forceinline__ void ce_fwd_bwd_cluster(const fk_ce_params &p) {
     FK_CE_CLUSTER_ENTRY(TN, T, IN, I, 2)      \
     FK_CE_CLUSTER_ENTRY(TN, T, IN, I, 4)      \
     FK_CE_CLUSTER_ENTRY(TN, T, IN, I, 8)
-FK_CE_CLUSTER_ENTRIES(f32, float, i32, int32_t)
-FK_CE_CLUSTER_ENTRIES(f32, float, i64, int64_t)
-FK_CE_CLUSTER_ENTRIES(f16, __half, i32, int32_t)
-FK_CE_CLUSTER_ENTRIES(f16, __half, i64, int64_t)
-FK_CE_CLUSTER_ENTRIES(bf16, __nv_bfloat16, i32, int32_t)
-FK_CE_CLUSTER_ENTRIES(bf16, __nv_bfloat16, i64, int64_t)
+FK_LOSS_TYPES(FK_CE_CLUSTER_ENTRIES)
 #endif
 
 // The mean's denominator: sum over rows with a valid target of w_y (1 without weights), in f64 and in a

@@ -5,6 +5,15 @@
 #include "fk_row.cuh"
 #include "loss_params.h"
 
+// Calls M(TN, T, IN, I) for every (storage type, target index type) the row kernels are built for.
+#define FK_LOSS_TYPES(M)                 \
+    M(f32, float, i32, int32_t)          \
+    M(f32, float, i64, int64_t)          \
+    M(f16, __half, i32, int32_t)         \
+    M(f16, __half, i64, int64_t)         \
+    M(bf16, __nv_bfloat16, i32, int32_t) \
+    M(bf16, __nv_bfloat16, i64, int64_t)
+
 template <typename I>
 __device__ __forceinline__ int64_t fk_target(const void *targets, int64_t row) {
     return (int64_t)(reinterpret_cast<const I *>(targets)[row]);

@@ -94,12 +94,7 @@ __device__ __forceinline__ void ce_shard_bwd(const fk_ce_shard_bwd_params &p) {
         fk_ce_shard_stats_##TN##_##IN(const fk_ce_shard_stats_params p) { ce_shard_stats<T, I>(p); } \
     extern "C" __global__ void __launch_bounds__(FK_CE_MAX_THREADS)                                               \
         fk_ce_shard_bwd_##TN##_##IN(const fk_ce_shard_bwd_params p) { ce_shard_bwd<T, I>(p); }
-FK_SHARD_ENTRIES(f32, float, i32, int32_t)
-FK_SHARD_ENTRIES(f32, float, i64, int64_t)
-FK_SHARD_ENTRIES(f16, __half, i32, int32_t)
-FK_SHARD_ENTRIES(f16, __half, i64, int64_t)
-FK_SHARD_ENTRIES(bf16, __nv_bfloat16, i32, int32_t)
-FK_SHARD_ENTRIES(bf16, __nv_bfloat16, i64, int64_t)
+FK_LOSS_TYPES(FK_SHARD_ENTRIES)
 
 extern "C" __global__ void __launch_bounds__(256) fk_ce_shard_combine_i32(const fk_ce_shard_combine_params p) {
     ce_shard_combine<int32_t>(p);

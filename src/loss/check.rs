@@ -159,6 +159,27 @@ fn row(
     }
 }
 
+/// A GPU row from a check that may fail: `Ok(err)` judged against `tol`, `Err(msg)` a failed row.
+fn gpu_row(
+    name: &str,
+    res: Result<f64, String>,
+    tol: f64,
+    note: String,
+    gbps: Option<f64>,
+) -> CheckRow {
+    match res {
+        Ok(e) => row(name, "gpu", e, tol, note, gbps),
+        Err(msg) => CheckRow {
+            kernel: name.into(),
+            mode: "gpu",
+            max_err: f64::NAN,
+            pass: false,
+            gbps: None,
+            note: msg,
+        },
+    }
+}
+
 pub(crate) fn self_check() -> SelfCheck {
     SelfCheck {
         family: "loss",
@@ -214,24 +235,8 @@ pub(crate) fn self_check() -> SelfCheck {
                 ("fk_ce_fwd_bwd_f32", run_matrix::<f32>(gpu, rng)),
                 ("fk_ce_fwd_bwd_bf16", run_matrix::<bf16>(gpu, rng)),
             ] {
-                match res {
-                    Ok(e) => rows.push(row(
-                        name,
-                        "gpu",
-                        e,
-                        f64::INFINITY,
-                        "16 configs, N=8 V=1003, rel L2".into(),
-                        None,
-                    )),
-                    Err(msg) => rows.push(CheckRow {
-                        kernel: name.into(),
-                        mode: "gpu",
-                        max_err: f64::NAN,
-                        pass: false,
-                        gbps: None,
-                        note: msg,
-                    }),
-                }
+                let note = "16 configs, N=8 V=1003, rel L2".to_string();
+                rows.push(gpu_row(name, res, f64::INFINITY, note, None));
             }
             // A 128k vocabulary: past one block's shared memory, so the cluster path on sm_90+.
             let long = Case {
@@ -247,25 +252,15 @@ pub(crate) fn self_check() -> SelfCheck {
                 .resolve(gpu.props(), long.vocab, 2, true)
                 .map(|p| format!("{p:?}"))
                 .unwrap_or_else(|e| e.to_string());
-            let name = "fk_ce_fwd_bwd_bf16 V=128256";
-            rows.push(match super::verify::run::<bf16>(gpu, rng, &long) {
-                Ok(r) => row(
-                    name,
-                    "gpu",
-                    r.worst_rel_l2(),
-                    f64::INFINITY,
-                    format!("{path}, in place, weights, smoothing"),
-                    None,
-                ),
-                Err(msg) => CheckRow {
-                    kernel: name.into(),
-                    mode: "gpu",
-                    max_err: f64::NAN,
-                    pass: false,
-                    gbps: None,
-                    note: msg,
-                },
-            });
+            let res = super::verify::run::<bf16>(gpu, rng, &long).map(|r| r.worst_rel_l2());
+            let note = format!("{path}, in place, weights, smoothing");
+            rows.push(gpu_row(
+                "fk_ce_fwd_bwd_bf16 V=128256",
+                res,
+                f64::INFINITY,
+                note,
+                None,
+            ));
             // Throughput at a training-like size.
             let case = Case {
                 cfg: LossConfig {
@@ -275,24 +270,11 @@ pub(crate) fn self_check() -> SelfCheck {
                 ..Case::ce(512, 32000)
             };
             let inp = super::verify::inputs::<bf16>(&case, rng);
-            let gb = throughput(gpu, &case, &inp);
-            rows.push(match gb {
-                Ok(g) => row(
-                    "fk_ce_fwd_bwd_bf16 512x32000",
-                    "gpu",
-                    0.0,
-                    0.0,
-                    "GB/s of the 2·N·V·2 B floor".into(),
-                    Some(g),
-                ),
-                Err(e) => CheckRow {
-                    kernel: "fk_ce_fwd_bwd_bf16 512x32000".into(),
-                    mode: "gpu",
-                    max_err: f64::NAN,
-                    pass: false,
-                    gbps: None,
-                    note: e,
-                },
+            let name = "fk_ce_fwd_bwd_bf16 512x32000";
+            let note = "GB/s of the 2·N·V·2 B floor".to_string();
+            rows.push(match throughput(gpu, &case, &inp) {
+                Ok(g) => row(name, "gpu", 0.0, 0.0, note, Some(g)),
+                Err(e) => gpu_row(name, Err(e), 0.0, note, None),
             });
             Ok(rows)
         },

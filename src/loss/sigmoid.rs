@@ -248,33 +248,17 @@ impl std::fmt::Debug for SigmoidFocalOutputs {
 mod tests {
     use super::*;
     use crate::loss::{reference, verify};
-    use crate::testing::{compare, Dist, Element, Rng};
+    use crate::testing::{compare, Rng};
     use half::bf16;
 
     /// The GPU test's inputs and gradient comparison, with the kernel's per-element maths (the host build
     /// of fk_sigmoid_focal, the same scaling): a correct kernel must pass them.
-    fn replay<T: Element>(rng: &mut Rng, n: usize, cfg: SigmoidFocalConfig) -> Result<(), String> {
-        let xs: Vec<T> = rng
-            .sample(
-                Dist::Normal {
-                    mean: -1.0,
-                    std: 3.0,
-                },
-                n,
-            )
-            .into_iter()
-            .map(T::from_f64)
-            .collect();
-        let ts: Vec<T> = (0..n)
-            .map(|_| T::from_f64(if rng.unit() < 0.1 { 1.0 } else { 0.0 }))
-            .collect();
-        let go: Vec<f32> = (0..if cfg.reduction == Reduction::None {
-            n
-        } else {
-            1
-        })
-            .map(|_| rng.uniform(0.5, 2.0) as f32)
-            .collect();
+    fn replay<T: crate::loss::LossElement>(
+        rng: &mut Rng,
+        n: usize,
+        cfg: SigmoidFocalConfig,
+    ) -> Result<(), String> {
+        let (xs, ts, go) = verify::sigmoid_focal_inputs::<T>(rng, n, &cfg);
         let scale = if cfg.reduction == Reduction::Mean {
             1.0 / n as f32
         } else {
@@ -307,19 +291,7 @@ mod tests {
         let seed = crate::testing::seed_for("sigmoid_focal_kernel_maths_meet_the_gpu_tolerances");
         let mut rng = Rng::new(seed);
         for n in [1, 7, 4099, 200_003] {
-            for cfg in [
-                SigmoidFocalConfig::default(),
-                SigmoidFocalConfig {
-                    alpha: -1.0,
-                    gamma: 0.0,
-                    reduction: Reduction::Sum,
-                },
-                SigmoidFocalConfig {
-                    alpha: 0.5,
-                    gamma: 1.5,
-                    reduction: Reduction::None,
-                },
-            ] {
+            for cfg in verify::SIGMOID_FOCAL_CONFIGS {
                 replay::<f32>(&mut rng, n, cfg)
                     .unwrap_or_else(|e| panic!("seed {seed:#x} f32 {cfg:?}: {e}"));
                 replay::<bf16>(&mut rng, n, cfg)

@@ -134,6 +134,66 @@ pub const STATS_TOLERANCE: Tolerance = Tolerance {
     rtol: 1e-5,
 };
 
+/// The sigmoid focal configurations every test runs: torchvision's defaults (mean), plain BCE without
+/// α (sum), and α = 0.5, γ = 1.5 (none).
+///
+/// ```
+/// assert_eq!(fusekit::loss::verify::SIGMOID_FOCAL_CONFIGS.len(), 3);
+/// ```
+pub const SIGMOID_FOCAL_CONFIGS: [super::SigmoidFocalConfig; 3] = [
+    super::SigmoidFocalConfig {
+        alpha: 0.25,
+        gamma: 2.0,
+        reduction: Reduction::Mean,
+    },
+    super::SigmoidFocalConfig {
+        alpha: -1.0,
+        gamma: 0.0,
+        reduction: Reduction::Sum,
+    },
+    super::SigmoidFocalConfig {
+        alpha: 0.5,
+        gamma: 1.5,
+        reduction: Reduction::None,
+    },
+];
+
+/// Sigmoid focal test inputs: logits N(−1, 3²) (a detector's mostly negative scores, with tails on both
+/// sides), targets 1 with probability 0.1, and the upstream gradient (n values for `None`, else 1).
+///
+/// ```
+/// use fusekit::loss::verify::{sigmoid_focal_inputs, SIGMOID_FOCAL_CONFIGS};
+/// let (x, t, go) = sigmoid_focal_inputs::<f32>(&mut fusekit::testing::Rng::new(1), 10, &SIGMOID_FOCAL_CONFIGS[2]);
+/// assert_eq!((x.len(), t.len(), go.len()), (10, 10, 10));
+/// ```
+pub fn sigmoid_focal_inputs<T: LossElement>(
+    rng: &mut Rng,
+    n: usize,
+    cfg: &super::SigmoidFocalConfig,
+) -> (Vec<T>, Vec<T>, Vec<f32>) {
+    let xs = rng
+        .sample(
+            Dist::Normal {
+                mean: -1.0,
+                std: 3.0,
+            },
+            n,
+        )
+        .into_iter()
+        .map(T::from_f64)
+        .collect();
+    let ts = (0..n)
+        .map(|_| T::from_f64(if rng.unit() < 0.1 { 1.0 } else { 0.0 }))
+        .collect();
+    let k = if cfg.reduction == Reduction::None {
+        n
+    } else {
+        1
+    };
+    let go = (0..k).map(|_| rng.uniform(0.5, 2.0) as f32).collect();
+    (xs, ts, go)
+}
+
 /// Slack of a per-row loss or lse beyond [`STATS_TOLERANCE`]: its fp32 resolution, `2^-22·max(1, |ref|)`.
 /// A confident row's loss (1e-8, say) computed in fp32 from `log Σ exp` rounds to a few 1e-8 whatever
 /// the implementation: fine against `atol`, but alone in a vector of such rows it would fail a relative
