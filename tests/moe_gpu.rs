@@ -170,6 +170,8 @@ fn permutation_gather_combine_match_the_reference() {
         (4099, 8, 256, 128, 4096),
         (513, 32, 1024, 64, 7168),
         (20000, 6, 160, 1, 64),
+        // 2048 chunks of slots: every warp of the chunk scan walks a 64-chunk segment.
+        (65536, 8, 256, 128, 64),
     ] {
         let (err, gbps) = run_permute(&gpu, &mut rng, t, k, e, block, h)
             .unwrap_or_else(|m| panic!("T={t} K={k} E={e} block={block} H={h}: {m}"));
