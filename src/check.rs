@@ -27,6 +27,32 @@ pub struct CheckRow {
     pub note: String,
 }
 
+impl CheckRow {
+    /// A row of the table.
+    ///
+    /// ```
+    /// let r = fusekit::check::CheckRow::new("k", "cpu-ref", 1e-7, true, "n=8".into(), None);
+    /// assert!(r.pass && r.gbps.is_none());
+    /// ```
+    pub fn new(
+        kernel: &str,
+        mode: &'static str,
+        max_err: f64,
+        pass: bool,
+        note: String,
+        gbps: Option<f64>,
+    ) -> Self {
+        CheckRow {
+            kernel: kernel.into(),
+            mode,
+            max_err,
+            pass,
+            gbps,
+            note,
+        }
+    }
+}
+
 type CpuCheck = fn(&mut Rng) -> Vec<CheckRow>;
 type GpuCheck = fn(&Gpu, &mut Rng) -> Result<Vec<CheckRow>>;
 

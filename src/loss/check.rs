@@ -149,14 +149,7 @@ fn row(
     note: String,
     gbps: Option<f64>,
 ) -> CheckRow {
-    CheckRow {
-        kernel: kernel.into(),
-        mode,
-        max_err: err,
-        pass: err <= tol,
-        gbps,
-        note,
-    }
+    CheckRow::new(kernel, mode, err, err <= tol, note, gbps)
 }
 
 /// A GPU row from a check that may fail: `Ok(err)` judged against `tol`, `Err(msg)` a failed row.
@@ -169,14 +162,7 @@ fn gpu_row(
 ) -> CheckRow {
     match res {
         Ok(e) => row(name, "gpu", e, tol, note, gbps),
-        Err(msg) => CheckRow {
-            kernel: name.into(),
-            mode: "gpu",
-            max_err: f64::NAN,
-            pass: false,
-            gbps: None,
-            note: msg,
-        },
+        Err(msg) => CheckRow::new(name, "gpu", f64::NAN, false, msg, None),
     }
 }
 

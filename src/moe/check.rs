@@ -229,24 +229,6 @@ pub(crate) fn reference_selection_mismatches(rng: &mut Rng) -> usize {
     bad
 }
 
-fn row(
-    kernel: &str,
-    mode: &'static str,
-    err: f64,
-    pass: bool,
-    note: String,
-    gbps: Option<f64>,
-) -> CheckRow {
-    CheckRow {
-        kernel: kernel.into(),
-        mode,
-        max_err: err,
-        pass,
-        gbps,
-        note,
-    }
-}
-
 pub(crate) fn self_check() -> SelfCheck {
     SelfCheck {
         family: "moe",
@@ -258,7 +240,7 @@ pub(crate) fn self_check() -> SelfCheck {
                 ..super::simulate::SimConfig::paper_64x6(40)
             });
             vec![
-                row(
+                CheckRow::new(
                     "fk_moe_math.h exp (host)",
                     "cpu-ref",
                     e,
@@ -266,7 +248,7 @@ pub(crate) fn self_check() -> SelfCheck {
                     "portable exp vs f64 exp".into(),
                     None,
                 ),
-                row(
+                CheckRow::new(
                     "gate reference",
                     "cpu-ref",
                     bad as f64,
@@ -274,7 +256,7 @@ pub(crate) fn self_check() -> SelfCheck {
                     format!("{} configs vs sort-based selection", gate_configs().len()),
                     None,
                 ),
-                row(
+                CheckRow::new(
                     "balance (reference)",
                     "cpu-ref",
                     0.0,
@@ -305,7 +287,7 @@ pub(crate) fn self_check() -> SelfCheck {
                 ),
             ] {
                 rows.push(match res {
-                    Ok(()) => row(
+                    Ok(()) => CheckRow::new(
                         name,
                         "gpu",
                         0.0,
@@ -316,11 +298,11 @@ pub(crate) fn self_check() -> SelfCheck {
                         ),
                         None,
                     ),
-                    Err(m) => row(name, "gpu", f64::NAN, false, m, None),
+                    Err(m) => CheckRow::new(name, "gpu", f64::NAN, false, m, None),
                 });
             }
             rows.push(match run_permute(gpu, rng, 1000, 8, 64, 16, 256) {
-                Ok((err, gbps)) => row(
+                Ok((err, gbps)) => CheckRow::new(
                     "fk_moe_plan/gather/combine",
                     "gpu",
                     err,
@@ -328,7 +310,7 @@ pub(crate) fn self_check() -> SelfCheck {
                     "T=1000 K=8 E=64 block 16, H=256 bf16".into(),
                     Some(gbps),
                 ),
-                Err(m) => row(
+                Err(m) => CheckRow::new(
                     "fk_moe_plan/gather/combine",
                     "gpu",
                     f64::NAN,
