@@ -11,8 +11,10 @@ use crate::launch::launch_kernel;
 use crate::params::*;
 use crate::Gpu;
 
-/// Rows up to this many bytes (plus 16)  stay in shared memory between the two passes (one HBM read). Longer rows
-/// are re-read in pass 2, mostly from L2. 96 KiB keeps two blocks of 512 threads per SM on H100/A100.
+/// Rows up to this many bytes (plus 16) stay in one block's shared memory between the two passes (one HBM
+/// read); it is also the largest slice a cluster block keeps. Longer rows are split over a cluster on
+/// sm_90+, or re-read in pass 2 (see [`RowPath`]). 96 KiB keeps two blocks of 512 threads per SM on
+/// H100/A100.
 pub const ROW_CACHE_LIMIT: usize = 96 * 1024;
 
 /// How the fused kernel keeps a row between its statistics pass and its gradient pass.
