@@ -101,7 +101,9 @@ md = [f"# GPU verification {now:%Y-%m-%d %H:%M} UTC", "",
           f"{s['tool']} {s['binary']}: " + ("not run (time budget)" if s["exit"] is None
                                             else f"{s['errors']} errors (exit {s['exit']})")
           for s in sanitizer) or "not run"),
-      f"- fusekit check exit: {check_exit if check_exit is not None else 'not run'}", ""]
+      f"- fusekit check exit: {check_exit if check_exit is not None else 'not run'}"]
+md += [f"- host: {line}" for line in read(os.path.join(logs, "host.txt")).strip().splitlines()]
+md.append("")
 if failed or bad_bins:
     md += ["## Failures", ""]
     md += [f"- `{t['binary']}` {t['name']}: {t['status']}" for t in failed]

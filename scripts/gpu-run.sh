@@ -70,6 +70,14 @@ fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader \
   > "$logs/gpu.txt" 2>&1 || echo "nvidia-smi unavailable" > "$logs/gpu.txt"
+# What the host offers, for reading a failure later (each line bounded in time).
+{
+  echo "uname: $(uname -srm)"
+  echo "glibc: $(ldd --version 2>&1 | head -n 1)"
+  echo "compute-sanitizer: $(timeout 20 compute-sanitizer --version 2>&1 | tail -n 1)"
+  echo "torch: $(timeout 60 python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -n 1)"
+  echo "budget: ${budget} s, phase ${phase}${quick:+, quick}${only:+, only ${only}}"
+} > "$logs/host.txt" 2>&1
 
 if want tests; then
   echo "== GPU tests"
