@@ -1,6 +1,8 @@
 //! build.rs: kernels/<family>/*.cu -> one fatbin per family (SASS per supported GPU + PTX), launch-parameter
-//! headers -> Rust (bindgen), host-testable device maths -> a static library (cc), and the ptxas resource
-//! report checked for spills. Writes to OUT_DIR only.
+//! headers -> Rust (bindgen), host-testable device maths -> a static library (cc), the ptxas resource
+//! report checked for spills, and the same .cu sources compiled as host C++ for the SIMT emulator
+//! (kernels/emu/): one shared library per family and emulator variant, with a launch table by kernel
+//! name. Writes to OUT_DIR only.
 
 use std::collections::hash_map::DefaultHasher;
 use std::env;
@@ -22,7 +24,16 @@ fn main() {
     let include = kernels.join("include");
 
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "FUSEKIT_SASS", "DOCS_RS"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "FUSEKIT_SASS",
+        "DOCS_RS",
+        "FUSEKIT_EMU_VARIANTS",
+        "FUSEKIT_REQUIRE_EMU",
+        "CXX",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -106,6 +117,7 @@ fn main() {
     }
     fs::write(out.join("ptxas-report.txt"), &report).unwrap();
     write_families_rs(&out, &families);
+    build_emulator(&kernels, &out, &families, docs_only);
 }
 
 fn fail(msg: &str) -> ! {
@@ -120,7 +132,7 @@ fn families(kernels: &Path) -> Vec<String> {
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "include")
+        .filter(|n| n != "include" && n != "emu")
         .collect();
     fams.sort();
     fams
@@ -406,11 +418,15 @@ fn generate_params(include: &Path, out: &Path) {
     {
         let _ = writeln!(wrapper, "#include \"{}\"", h.display());
     }
+    // The emulator's C interface (launch descriptors, kernel tables), for src/emu/.
+    let emu_abi = include.parent().unwrap().join("emu").join("fk_emu_abi.h");
+    let _ = writeln!(wrapper, "#include \"{}\"", emu_abi.display());
     let bindings = bindgen::Builder::default()
         .header_contents("fusekit_params_wrapper.h", &wrapper)
         .clang_arg(format!("-I{}", include.display()))
         .allowlist_type("fk_.*")
         .allowlist_var("FK_.*")
+        .allowlist_function("fk_emu_.*")
         .derive_debug(true)
         .derive_default(true)
         .derive_copy(true)
@@ -455,4 +471,450 @@ fn write_families_rs(out: &Path, families: &[String]) {
     }
     text.push_str("];\n");
     fs::write(out.join("families.rs"), text).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The SIMT emulator: every family's .cu sources compiled as host C++ against kernels/emu/fk_emu.h.
+
+/// An emulator variant: name, sanitizer code (fk_emu_abi.h), the kernel unit's sanitizer flags.
+type EmuVariant = (&'static str, u32, &'static [&'static str]);
+
+/// Emulator variants: the plain build, AddressSanitizer + UBSan, ThreadSanitizer.
+const EMU_VARIANTS: &[EmuVariant] = &[
+    ("plain", 0, &[]),
+    (
+        "asan",
+        1,
+        &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+    ),
+    ("tsan", 2, &["-fsanitize=thread"]),
+];
+
+/// Builds the emulated families for the variants in FUSEKIT_EMU_VARIANTS (default `plain`; `none` builds
+/// nothing) and writes OUT_DIR/emu_libs.rs: (variant, family, library path) per library, or why there is
+/// none. Kernel sources that do not compile as host C++ fail the build; a missing C++ compiler only does
+/// when FUSEKIT_REQUIRE_EMU=1 (downstream users who never run the emulator need none).
+fn build_emulator(kernels: &Path, out: &Path, families: &[String], docs_only: bool) {
+    let requested = env::var("FUSEKIT_EMU_VARIANTS").unwrap_or_else(|_| "plain".into());
+    let require = env::var("FUSEKIT_REQUIRE_EMU").is_ok_and(|v| v == "1");
+    let mut libs: Vec<(String, String, PathBuf)> = Vec::new();
+    let mut why_not: Option<String> = None;
+    let variants: Vec<&EmuVariant> = if requested.trim() == "none" {
+        why_not = Some("this build was made with FUSEKIT_EMU_VARIANTS=none".into());
+        Vec::new()
+    } else {
+        let mut v = Vec::new();
+        for name in requested
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
+            match EMU_VARIANTS.iter().find(|(n, _, _)| *n == name) {
+                Some(x) => v.push(x),
+                None => fail(&format!(
+                    "FUSEKIT_EMU_VARIANTS: unknown variant `{name}` (known: plain, asan, tsan, none)"
+                )),
+            }
+        }
+        v
+    };
+    if docs_only && why_not.is_none() {
+        why_not = Some("docs.rs build: the emulator was not compiled".into());
+    }
+    if why_not.is_none() && !variants.is_empty() {
+        let tool = cc::Build::new()
+            .cpp(true)
+            .opt_level(2)
+            .debug(true)
+            .pic(true)
+            .cargo_metadata(false)
+            .cargo_warnings(false)
+            .try_get_compiler();
+        match tool {
+            Err(e) => why_not = Some(format!("no C++ compiler for the emulator: {e}")),
+            Ok(tool) => {
+                let version =
+                    run_capture(Command::new(tool.path()).arg("--version")).unwrap_or_default();
+                if version.is_empty() {
+                    why_not = Some(format!(
+                        "the C++ compiler `{}` does not run",
+                        tool.path().display()
+                    ));
+                } else {
+                    let jobs: Vec<(&EmuVariant, &String)> = variants
+                        .iter()
+                        .flat_map(|v| families.iter().map(move |f| (*v, f)))
+                        .collect();
+                    let results: Vec<Result<PathBuf, String>> = std::thread::scope(|s| {
+                        let handles: Vec<_> = jobs
+                            .iter()
+                            .map(|(variant, fam)| {
+                                let tool = &tool;
+                                let version = &version;
+                                s.spawn(move || {
+                                    build_emu_family(tool, version, kernels, out, variant, fam)
+                                })
+                            })
+                            .collect();
+                        handles.into_iter().map(|h| h.join().unwrap()).collect()
+                    });
+                    let mut errors = Vec::new();
+                    for ((variant, fam), r) in jobs.iter().zip(results) {
+                        match r {
+                            Ok(p) => libs.push((variant.0.to_string(), fam.to_string(), p)),
+                            Err(e) => errors.push(e),
+                        }
+                    }
+                    if !errors.is_empty() {
+                        fail(&errors.join("\n\n"));
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(why), true) = (&why_not, require) {
+        fail(&format!(
+            "FUSEKIT_REQUIRE_EMU=1 but the emulator was not built: {why}"
+        ));
+    }
+    let mut text = String::from(
+        "/// (variant, family, shared library) of every emulated family this build compiled.\n\
+         pub(crate) static EMU_LIBS: &[(&str, &str, &str)] = &[\n",
+    );
+    for (v, f, p) in &libs {
+        let _ = writeln!(text, "    ({v:?}, {f:?}, {:?}),", p.display().to_string());
+    }
+    text.push_str("];\n/// Why the emulator was not built, if it was not.\n");
+    let _ = writeln!(
+        text,
+        "pub(crate) static EMU_NOT_BUILT: Option<&str> = {why_not:?};"
+    );
+    fs::write(out.join("emu_libs.rs"), text).unwrap();
+}
+
+/// One emulated family library: scan the preprocessed sources for kernels, generate the unit with the
+/// launch table, compile it (with the variant's sanitizer) and the runtime (without), link.
+fn build_emu_family(
+    tool: &cc::Tool,
+    compiler_version: &str,
+    kernels: &Path,
+    out: &Path,
+    variant: &EmuVariant,
+    fam: &str,
+) -> Result<PathBuf, String> {
+    let (vname, vcode, sanitize) = *variant;
+    let emu = kernels.join("emu");
+    let dir = out.join("emu").join(vname);
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let fam_dir = kernels.join(fam);
+    let sources = files_with_ext(&fam_dir, &["cu"]);
+    let lib = dir.join(format!("libfk_emu_{fam}.so"));
+
+    let base: Vec<String> = vec![
+        "-std=c++17".into(),
+        "-O2".into(),
+        "-g".into(),
+        "-fPIC".into(),
+        "-fno-omit-frame-pointer".into(),
+        // Device arithmetic: every a*b+c stays two roundings unless the source asks for fmaf.
+        "-ffp-contract=off".into(),
+        // `extern __shared__` declarations inside kernels name a thread_local defined by the runtime.
+        "-fno-extern-tls-init".into(),
+        "-Wall".into(),
+        "-Wno-unknown-pragmas".into(),
+        "-Wno-unused-function".into(),
+        format!("-DFK_EMU_SANITIZER={vcode}"),
+        format!("-I{}", emu.join("include").display()),
+        format!("-I{}", emu.display()),
+        format!("-I{}", kernels.join("include").display()),
+        format!("-I{}", fam_dir.display()),
+    ];
+
+    // Stamp: sources, headers, flags, compiler.
+    let mut hasher = DefaultHasher::new();
+    compiler_version.hash(&mut hasher);
+    base.hash(&mut hasher);
+    sanitize.hash(&mut hasher);
+    for f in sources
+        .iter()
+        .chain(files_with_ext(&fam_dir, &["h", "cuh"]).iter())
+        .chain(files_with_ext(&kernels.join("include"), &["h", "cuh"]).iter())
+        .chain(files_with_ext(&emu, &["h", "cpp"]).iter())
+        .chain(files_with_ext(&emu.join("include"), &["h"]).iter())
+    {
+        f.hash(&mut hasher);
+        fs::read(f).map_err(|e| e.to_string())?.hash(&mut hasher);
+    }
+    let stamp = format!("{:016x}", hasher.finish());
+    let stamp_file = dir.join(format!("{fam}.stamp"));
+    if lib.is_file() && fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
+        return Ok(lib);
+    }
+
+    let mut unity = String::new();
+    for s in &sources {
+        let _ = writeln!(unity, "#include \"{}\"", s.display());
+    }
+    let scan_src = dir.join(format!("{fam}_scan.cpp"));
+    fs::write(&scan_src, &unity).map_err(|e| e.to_string())?;
+    let mut cmd = tool.to_command();
+    cmd.args(&base)
+        .arg("-DFK_EMU_SCAN")
+        .arg("-E")
+        .arg("-include")
+        .arg(emu.join("fk_emu.h"))
+        .arg(&scan_src);
+    let pre = cmd
+        .output()
+        .map_err(|e| format!("running the C++ preprocessor: {e}"))?;
+    if !pre.status.success() {
+        return Err(format!(
+            "emulator: preprocessing family `{fam}` failed:\n{}",
+            String::from_utf8_lossy(&pre.stderr)
+        ));
+    }
+    let kernels_found = scan_kernels(&String::from_utf8_lossy(&pre.stdout))
+        .map_err(|e| format!("emulator: family `{fam}`: {e}"))?;
+    if kernels_found.is_empty() {
+        return Err(format!(
+            "emulator: family `{fam}` defines no extern \"C\" __global__ kernel"
+        ));
+    }
+    let _ = writeln!(unity, "#include \"fk_emu_table.h\"\nFK_EMU_TABLE(");
+    for (i, k) in kernels_found.iter().enumerate() {
+        let _ = writeln!(
+            unity,
+            "    FK_EMU_KERNEL({}, {}, {}, {}, {}){}",
+            k.name,
+            k.max_threads,
+            k.cluster[0],
+            k.cluster[1],
+            k.cluster[2],
+            if i + 1 < kernels_found.len() {
+                ","
+            } else {
+                ")"
+            }
+        );
+    }
+    let unit = dir.join(format!("{fam}_emu.cpp"));
+    fs::write(&unit, &unity).map_err(|e| e.to_string())?;
+
+    let compile =
+        |src: &Path, obj: &Path, extra: &[&str], include_emu: bool| -> Result<(), String> {
+            let mut cmd = tool.to_command();
+            cmd.args(&base).args(extra);
+            if include_emu {
+                cmd.arg("-include").arg(emu.join("fk_emu.h"));
+            }
+            cmd.arg("-c").arg(src).arg("-o").arg(obj);
+            let o = cmd
+                .output()
+                .map_err(|e| format!("running the C++ compiler: {e}"))?;
+            if !o.status.success() {
+                return Err(format!(
+                    "emulator ({vname}): compiling {} failed:\n{}",
+                    src.display(),
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+            Ok(())
+        };
+    let kobj = dir.join(format!("{fam}_emu.o"));
+    compile(&unit, &kobj, sanitize, true)?;
+    // The runtime is never instrumented: it calls the sanitizers' fiber and sync interfaces itself.
+    let mut objs = vec![kobj];
+    for rt in ["fk_emu_runtime", "fk_emu_mma"] {
+        let o = dir.join(format!("{fam}_{rt}.o"));
+        compile(&emu.join(format!("{rt}.cpp")), &o, &[], false)?;
+        objs.push(o);
+    }
+    let mut cmd = tool.to_command();
+    cmd.args(sanitize)
+        .arg("-shared")
+        .arg("-o")
+        .arg(&lib)
+        .args(&objs)
+        .arg("-lpthread")
+        .arg("-ldl");
+    let o = cmd
+        .output()
+        .map_err(|e| format!("running the linker: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "emulator ({vname}): linking {} failed:\n{}",
+            lib.display(),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    fs::write(&stamp_file, &stamp).map_err(|e| e.to_string())?;
+    Ok(lib)
+}
+
+struct EmuKernel {
+    name: String,
+    max_threads: String,
+    cluster: [String; 3],
+}
+
+/// Tokens of preprocessed C++: identifiers, numbers, string literals, single punctuation characters.
+fn cpp_tokens(text: &str) -> Vec<&str> {
+    let b = text.as_bytes();
+    let mut toks = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if c == b'#' && (i == 0 || b[i - 1] == b'\n') {
+            // A line marker: skip the line.
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+        } else if c == b'"' || c == b'\'' {
+            let start = i;
+            i += 1;
+            while i < b.len() && b[i] != c {
+                if b[i] == b'\\' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            i = (i + 1).min(b.len());
+            toks.push(&text[start..i]);
+        } else if c.is_ascii_alphanumeric() || c == b'_' {
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.') {
+                i += 1;
+            }
+            toks.push(&text[start..i]);
+        } else {
+            toks.push(&text[i..i + 1]);
+            i += 1;
+        }
+    }
+    toks
+}
+
+/// The text inside the balanced parentheses opening at toks[open] and the index after them.
+fn paren_text(toks: &[&str], open: usize) -> Option<(String, usize)> {
+    if toks.get(open) != Some(&"(") {
+        return None;
+    }
+    let mut depth = 0;
+    let mut parts = Vec::new();
+    for (j, t) in toks.iter().enumerate().skip(open) {
+        match *t {
+            "(" => {
+                depth += 1;
+                if depth == 1 {
+                    continue;
+                }
+            }
+            ")" => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some((parts.join(" "), j + 1));
+                }
+            }
+            _ => {}
+        }
+        parts.push(*t);
+    }
+    None
+}
+
+/// The top-level comma-separated arguments of a macro-argument text.
+fn split_args(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut depth = 0;
+    let mut cur = String::new();
+    for c in text.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(cur.trim().to_string());
+                cur.clear();
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_string());
+    }
+    out
+}
+
+/// Finds the kernels (`extern "C" __global__ void [attributes] name(`) of a family preprocessed with
+/// FK_EMU_SCAN, with their launch bounds and cluster dims, and checks the emulator's conventions.
+fn scan_kernels(text: &str) -> Result<Vec<EmuKernel>, String> {
+    let toks = cpp_tokens(text);
+    let mut found = Vec::new();
+    for i in 0..toks.len() {
+        if toks[i] == "__fk_shared__" && i > 0 && toks[i - 1] == "extern" {
+            // Dynamic shared memory: every kernel names it fk_smem (the runtime defines it).
+            let name = toks[i + 1..]
+                .iter()
+                .take_while(|t| **t != "[")
+                .last()
+                .copied()
+                .unwrap_or("");
+            if name != "fk_smem" {
+                return Err(format!(
+                    "`extern __shared__ ... {name}[]`: dynamic shared memory must be named fk_smem \
+                     (the emulator backs that name)"
+                ));
+            }
+        }
+        if toks[i] != "__fk_global__" {
+            continue;
+        }
+        let mut j = i + 1;
+        let mut max_threads = "0".to_string();
+        let mut cluster = ["0".to_string(), "0".to_string(), "0".to_string()];
+        let mut name = None;
+        while j + 1 < toks.len() {
+            match toks[j] {
+                "__fk_launch_bounds__" | "__fk_cluster_dims__" => {
+                    let (inner, next) = paren_text(&toks, j + 1)
+                        .ok_or_else(|| format!("unbalanced {} near token {j}", toks[j]))?;
+                    let args = split_args(&inner);
+                    if toks[j] == "__fk_launch_bounds__" {
+                        max_threads = format!("({})", args.first().cloned().unwrap_or_default());
+                    } else {
+                        for (k, c) in cluster.iter_mut().enumerate() {
+                            *c = args
+                                .get(k)
+                                .map(|a| format!("({a})"))
+                                .unwrap_or_else(|| "1".into());
+                        }
+                    }
+                    j = next;
+                }
+                t if toks[j + 1] == "("
+                    && (t.as_bytes()[0].is_ascii_alphabetic() || t.starts_with('_')) =>
+                {
+                    name = Some(t.to_string());
+                    break;
+                }
+                _ => j += 1,
+            }
+        }
+        let name = name.ok_or("a __global__ without a kernel name")?;
+        if !(i >= 2 && toks[i - 2] == "extern" && toks[i - 1] == "\"C\"") {
+            return Err(format!(
+                "kernel `{name}` is not extern \"C\": the emulator (and the Rust launcher) find kernels \
+                 by their unmangled names"
+            ));
+        }
+        found.push(EmuKernel {
+            name,
+            max_threads,
+            cluster,
+        });
+    }
+    Ok(found)
 }

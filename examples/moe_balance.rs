@@ -4,7 +4,7 @@
 //!
 //!     cargo run --release --example moe_balance [steps]
 
-use fusekit::moe::simulate::{simulate_cpu, simulate_gpu, SimConfig, SimTrace};
+use fusekit::moe::simulate::{simulate_cpu, simulate_device, SimConfig, SimTrace};
 
 fn main() -> fusekit::Result<()> {
     let steps: usize = std::env::args()
@@ -23,7 +23,7 @@ fn main() -> fusekit::Result<()> {
     };
     let run = |cfg: &SimConfig| -> fusekit::Result<SimTrace> {
         match &gpu {
-            Some(g) => simulate_gpu(g, cfg),
+            Some(g) => simulate_device(g, cfg),
             None => Ok(simulate_cpu(cfg)),
         }
     };

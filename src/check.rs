@@ -1,14 +1,16 @@
 //! `fusekit check`: every kernel family's self-check against its CPU reference, as one table.
 //!
 //! A family plugs in by adding its [`SelfCheck`]s to [`registry`]. Each check has a CPU part (the reference
-//! on known values and identities, always run) and a GPU part (kernel vs reference on small random inputs,
-//! plus an achieved-bandwidth figure), run when a GPU is present.
+//! on known values and identities, always run) and a kernel part (kernel vs reference on small random
+//! inputs), run on the GPU when one is present and on the SIMT emulator otherwise (mode `emu`; both with
+//! `--emu`), plus GPU-only figures (achieved bandwidth).
 
 use std::fmt::Write as _;
 
+use crate::emu::Emulator;
 use crate::error::{Error, Result};
 use crate::testing::Rng;
-use crate::Gpu;
+use crate::{Backend, Gpu};
 
 /// One line of the check table.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,6 +57,7 @@ impl CheckRow {
 
 type CpuCheck = fn(&mut Rng) -> Vec<CheckRow>;
 type GpuCheck = fn(&Gpu, &mut Rng) -> Result<Vec<CheckRow>>;
+type EmuCheck = fn(&Emulator, &mut Rng) -> Result<Vec<CheckRow>>;
 
 /// A family's self-check.
 #[derive(Clone, Copy, Debug)]
@@ -63,8 +66,12 @@ pub struct SelfCheck {
     pub family: &'static str,
     /// CPU-reference checks (run everywhere).
     pub cpu: CpuCheck,
-    /// Kernel-vs-reference checks (run with a GPU).
+    /// Kernel-vs-reference checks on a GPU (run with a GPU).
     pub gpu: GpuCheck,
+    /// The same checks on the SIMT emulator (run without a GPU, or with `--emu`).
+    pub emu: EmuCheck,
+    /// What only a GPU measures (bandwidth, throughput).
+    pub gpu_extra: Option<GpuCheck>,
 }
 
 /// Every family's self-check.
@@ -86,6 +93,8 @@ pub fn registry() -> Vec<SelfCheck> {
 pub struct CheckOptions {
     /// Exit non-zero when no GPU is present.
     pub require_gpu: bool,
+    /// Run the kernels on the SIMT emulator too when a GPU is present (without one they always do).
+    pub emu: bool,
     /// Seed for the random inputs (fresh when `None`).
     pub seed: Option<u64>,
 }
@@ -101,11 +110,11 @@ pub struct CheckOutcome {
     pub exit_code: i32,
 }
 
-/// Runs every family's self-check. Without a GPU it says so, runs the CPU references, and succeeds
-/// unless `require_gpu` is set.
+/// Runs every family's self-check. Without a GPU it says so and runs every kernel on the SIMT emulator
+/// (rows of mode `emu`), and succeeds unless `require_gpu` is set.
 ///
 /// ```
-/// let out = fusekit::check::run(&fusekit::check::CheckOptions { require_gpu: false, seed: Some(1) });
+/// let out = fusekit::check::run(&fusekit::check::CheckOptions { require_gpu: false, emu: false, seed: Some(1) });
 /// assert!(out.text.contains("copy"));
 /// ```
 pub fn run(opts: &CheckOptions) -> CheckOutcome {
@@ -117,8 +126,9 @@ pub fn run(opts: &CheckOptions) -> CheckOutcome {
 /// ```
 /// use fusekit::{check::{run_with, CheckOptions}, Error};
 /// let none = Err(Error::NoDevice { reason: "test".into() });
-/// let out = run_with(&CheckOptions { require_gpu: true, seed: Some(1) }, none);
+/// let out = run_with(&CheckOptions { require_gpu: true, emu: false, seed: Some(1) }, none);
 /// assert_eq!(out.exit_code, 2);
+/// assert!(out.rows.iter().any(|r| r.mode == "emu"));
 /// ```
 pub fn run_with(opts: &CheckOptions, gpu: Result<Gpu>) -> CheckOutcome {
     let seed = opts
@@ -136,32 +146,59 @@ pub fn run_with(opts: &CheckOptions, gpu: Result<Gpu>) -> CheckOutcome {
             Some(g)
         }
         Err(e @ Error::NoDevice { .. }) => {
-            let _ = writeln!(text, "{e}: running the CPU references only");
+            let _ = writeln!(text, "{e}: running the kernels on the SIMT emulator");
             None
         }
         Err(e) => {
             let _ = writeln!(
                 text,
-                "the GPU could not be used: {e}: running the CPU references only"
+                "the GPU could not be used: {e}: running the kernels on the SIMT emulator"
             );
             None
         }
+    };
+    let emu = if gpu.is_none() || opts.emu {
+        match Emulator::new().and_then(|e| e.check_available().map(|_| e)) {
+            Ok(e) => {
+                let _ = writeln!(
+                    text,
+                    "emulator: {} ({:?} schedule, {} build); kernels run as host C++ from the same .cu sources",
+                    e.props().name,
+                    e.options().schedule,
+                    e.options().sanitizer.name()
+                );
+                Some(e)
+            }
+            Err(err) => {
+                let _ = writeln!(text, "the emulator could not be used: {err}");
+                None
+            }
+        }
+    } else {
+        None
     };
     let mut rows = Vec::new();
     for check in registry() {
         let mut rng = Rng::new(seed ^ fnv(check.family));
         rows.extend((check.cpu)(&mut rng));
+        let mut kernel_rows = |mode: &'static str, res: Result<Vec<CheckRow>>| match res {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(CheckRow {
+                kernel: format!("{} ({mode})", check.family),
+                mode,
+                max_err: f64::NAN,
+                pass: false,
+                gbps: None,
+                note: e.to_string(),
+            }),
+        };
+        if let Some(e) = &emu {
+            kernel_rows("emu", (check.emu)(e, &mut rng));
+        }
         if let Some(g) = &gpu {
-            match (check.gpu)(g, &mut rng) {
-                Ok(r) => rows.extend(r),
-                Err(e) => rows.push(CheckRow {
-                    kernel: format!("{} (gpu)", check.family),
-                    mode: "gpu",
-                    max_err: f64::NAN,
-                    pass: false,
-                    gbps: None,
-                    note: e.to_string(),
-                }),
+            kernel_rows("gpu", (check.gpu)(g, &mut rng));
+            if let Some(extra) = check.gpu_extra {
+                kernel_rows("gpu", extra(g, &mut rng));
             }
         }
     }
@@ -186,6 +223,18 @@ pub fn run_with(opts: &CheckOptions, gpu: Result<Gpu>) -> CheckOutcome {
             r.note
         );
     }
+    if let Some(e) = &emu {
+        let st = e.stats();
+        let _ = writeln!(
+            text,
+            "\nemulator: {} launches, {} blocks, {} GPU threads, {:.1} M context switches/s over {:.2} s",
+            st.launches,
+            st.blocks,
+            st.threads,
+            st.switches_per_second() / 1e6,
+            st.seconds
+        );
+    }
     let failed = rows.iter().filter(|r| !r.pass).count();
     let exit_code = if failed > 0 {
         let _ = writeln!(text, "\n{failed} check(s) FAILED");
@@ -193,11 +242,22 @@ pub fn run_with(opts: &CheckOptions, gpu: Result<Gpu>) -> CheckOutcome {
     } else if gpu.is_none() && opts.require_gpu {
         let _ = writeln!(
             text,
-            "\n--require-gpu: no GPU was usable, so no kernel was checked"
+            "\n--require-gpu: no GPU was usable, so no kernel ran on hardware"
         );
         2
+    } else if gpu.is_none() && emu.is_some() {
+        let _ = writeln!(
+            text,
+            "\nall {} checks passed; the kernels ran on the emulator only (no GPU): logic, indexing, \
+             barriers, not speed or the memory model",
+            rows.len()
+        );
+        0
     } else if gpu.is_none() {
-        let _ = writeln!(text, "\nCPU references passed; kernels not run (no GPU)");
+        let _ = writeln!(
+            text,
+            "\nCPU references passed; kernels not run (no GPU, no emulator)"
+        );
         0
     } else {
         let _ = writeln!(text, "\nall {} checks passed", rows.len());

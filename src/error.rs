@@ -89,6 +89,15 @@ pub enum Error {
         /// What is unsupported and what is.
         what: String,
     },
+    /// A kernel failed while running on the SIMT emulator: a divergent barrier or warp collective, a
+    /// deadlock, a shuffle reading outside its mask, a cluster misuse... ([`crate::emu`]). The report
+    /// names the kernel, the block, the threads and the source lines.
+    Emulation {
+        /// The kernel.
+        kernel: String,
+        /// What the emulator's checker found.
+        report: String,
+    },
 }
 
 impl Error {
@@ -186,6 +195,9 @@ impl fmt::Display for Error {
                 detail,
             } => write!(f, "{library} error while {during}: {detail}"),
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
+            Error::Emulation { kernel, report } => {
+                write!(f, "kernel `{kernel}` failed on the emulator: {report}")
+            }
         }
     }
 }

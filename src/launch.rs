@@ -1,44 +1,27 @@
 //! The one place kernels are launched: a family's `launch.rs` builds the parameter struct and the launch
-//! shape, this calls cudarc.
+//! shape, this hands them to the backend (cudarc on a GPU, the SIMT emulator on the CPU).
 
-use cudarc::driver::sys::CUfunction_attribute as FnAttr;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 use crate::device::Family;
-use crate::error::{DriverContext, Result};
-use crate::Gpu;
+use crate::error::Result;
+use crate::Backend;
 
 /// Launches kernel `name` of `family` with its by-value parameter struct (and, for the few kernels that
-/// take one, a second device-pointer argument), raising the dynamic shared-memory limit when the launch
-/// asks for more than the default 48 KiB.
+/// take one, a second device-pointer argument).
 ///
 /// Contract, upheld by every family's safe layer before it gets here: the struct has the header's layout
-/// (bindgen), and every pointer in it addresses a live buffer of this context with at least the extent
-/// the kernel touches, whose stream guards the caller holds until this returns.
-pub(crate) fn launch_kernel<P: DeviceRepr>(
-    gpu: &Gpu,
+/// (bindgen), and every pointer in it addresses a live buffer of this device with at least the extent
+/// the kernel touches, whose guards the caller holds until this returns.
+pub(crate) fn launch_kernel<B: Backend, P: DeviceRepr>(
+    dev: &B,
     family: Family,
     name: &str,
     cfg: LaunchConfig,
     params: &P,
     extra_ptr: Option<u64>,
 ) -> Result<()> {
-    let f = gpu.function(family, name)?;
-    if cfg.shared_mem_bytes > 48 * 1024 {
-        f.set_attribute(
-            FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            cfg.shared_mem_bytes as i32,
-        )
-        .during(&format!("raising the shared-memory limit of {name}"))?;
-    }
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(params);
-    if let Some(p) = &extra_ptr {
-        b.arg(p);
-    }
-    // SAFETY: see the contract above.
-    unsafe { b.launch(cfg) }.during(&format!("launching {name}"))?;
-    Ok(())
+    dev.launch(family, name, cfg, params, extra_ptr)
 }
 
 /// A one-dimensional launch shape.

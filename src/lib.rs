@@ -20,9 +20,11 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod backend;
 pub mod check;
 mod device;
 pub mod dtype;
+pub mod emu;
 mod error;
 #[cfg_attr(not(test), allow(dead_code))]
 mod host_math;
@@ -35,6 +37,7 @@ pub mod testing;
 pub mod timing;
 mod validate;
 
+pub use backend::{Backend, DeviceRead, DeviceWrite, Scalar};
 pub use device::{
     compiled_families, probe_driver, DeviceProps, Family, Gpu, MIN_COMPUTE_CAPABILITY,
 };

@@ -4,11 +4,10 @@
 
 use std::fmt;
 
-use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
-use crate::Gpu;
+use crate::{Backend, Gpu};
 
 /// Environment variable that turns a GPU test's skip into a failure.
 pub const REQUIRE_GPU_ENV: &str = "FUSEKIT_REQUIRE_GPU";
@@ -67,6 +66,91 @@ pub fn gpu_or_skip(name: &str) -> Option<Gpu> {
         Ok(g) => g,
         Err(msg) => panic!("{msg}"),
     }
+}
+
+/// Environment variable naming the backends the kernel tests run on: `emu`, `gpu` or `emu,gpu` (the
+/// default: the emulator always, the GPU when one is present). The GPU suite sets `gpu`.
+pub const BACKENDS_ENV: &str = "FUSEKIT_BACKENDS";
+/// Environment variable that lets the emulator run the sizes a GPU test runs but CI cannot afford
+/// (multi-gigabyte buffers, hundreds of LLM-vocabulary rows).
+pub const EMU_LARGE_ENV: &str = "FUSEKIT_EMU_LARGE";
+
+fn backend_enabled(which: &str) -> bool {
+    match std::env::var(BACKENDS_ENV) {
+        Ok(v) => v.split(',').any(|b| b.trim() == which),
+        Err(_) => true,
+    }
+}
+
+/// The emulator for a kernel test (options from the environment: schedule, sanitizer), or `None` when
+/// `FUSEKIT_BACKENDS` leaves it out. A build without the emulator fails the test with the reason.
+///
+/// ```
+/// if let Some(dev) = fusekit::testing::emulator_for("doc_example") {
+///     println!("{:?}", dev.options());
+/// }
+/// ```
+pub fn emulator_for(name: &str) -> Option<crate::emu::Emulator> {
+    if !backend_enabled("emu") {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "SKIP (emulator, {BACKENDS_ENV}): {name}"
+        );
+        return None;
+    }
+    let dev = crate::emu::Emulator::new().unwrap_or_else(|e| panic!("{name}: {e}"));
+    if let Err(e) = dev.check_available() {
+        panic!("{name}: the emulator cannot run here: {e}");
+    }
+    Some(dev)
+}
+
+/// GPU 0 for the GPU half of a kernel test: like [`gpu_or_skip`], and `None` when `FUSEKIT_BACKENDS`
+/// leaves the GPU out.
+///
+/// ```
+/// if let Some(gpu) = fusekit::testing::gpu_for("doc_example") { println!("{}", gpu.props()); }
+/// ```
+pub fn gpu_for(name: &str) -> Option<Gpu> {
+    if !backend_enabled("gpu") {
+        return None;
+    }
+    gpu_or_skip(name)
+}
+
+/// True when the emulator should also run the large sizes (`FUSEKIT_EMU_LARGE=1`).
+///
+/// ```
+/// let _ = fusekit::testing::emu_large();
+/// ```
+pub fn emu_large() -> bool {
+    std::env::var(EMU_LARGE_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+/// Runs a kernel test's body on every backend: the SIMT emulator, then GPU 0 when one is present
+/// ([`emulator_for`], [`gpu_for`]). The body sees `$dev: &impl Backend` and is compiled once per
+/// backend.
+///
+/// ```
+/// use fusekit::Backend;
+/// fusekit::on_every_backend!("doc_example", |dev| {
+///     let b = dev.upload(&[1u8, 2]).unwrap();
+///     assert_eq!(dev.download(&b).unwrap(), vec![1, 2]);
+/// });
+/// ```
+#[macro_export]
+macro_rules! on_every_backend {
+    ($name:expr, |$dev:ident| $body:expr) => {{
+        if let Some(emu) = $crate::testing::emulator_for($name) {
+            let $dev = &emu;
+            $body;
+        }
+        if let Some(gpu) = $crate::testing::gpu_for($name) {
+            let $dev = &gpu;
+            $body;
+        }
+    }};
 }
 
 /// The seed for a test: `FUSEKIT_SEED` if set, else fresh from the clock. Printed either way, so a
@@ -266,7 +350,7 @@ pub enum Dist {
 
 /// An element type fusekit tests read back: convertible to f64, with a poison bit pattern that a kernel
 /// never legitimately writes.
-pub trait Element: Copy + DeviceRepr + fmt::Debug + PartialEq + Send + Sync + 'static {
+pub trait Element: crate::Scalar + PartialEq {
     /// Type name for messages.
     const NAME: &'static str;
     /// The poison value written before a launch.
@@ -361,18 +445,32 @@ int_element!(i64, "i64", i64::MIN + 0x5a5a);
 int_element!(u32, "u32", 0xdead_5a5a);
 int_element!(u8, "u8", 0xa5);
 
-/// Allocates `n` elements on the handle's stream, every one set to `T::poison()`, so a test can prove the
-/// kernel wrote every output.
+/// Allocates `n` elements on the device, every one set to `T::poison()`, so a test can prove the kernel
+/// wrote every output.
 ///
-/// ```no_run
-/// # let gpu = fusekit::Gpu::new(0).unwrap();
-/// let out = fusekit::testing::poisoned::<f32>(&gpu, 1000).unwrap();
 /// ```
-pub fn poisoned<T: Element>(gpu: &Gpu, n: usize) -> Result<CudaSlice<T>> {
-    let host = vec![T::poison(); n];
-    gpu.stream()
-        .clone_htod(&host)
-        .map_err(|e| Error::driver(format!("uploading {n} poisoned {}", T::NAME), e))
+/// # use fusekit::Backend;
+/// let dev = fusekit::emu::Emulator::new().unwrap();
+/// let out = fusekit::testing::poisoned::<_, f32>(&dev, 1000).unwrap();
+/// assert!(dev.download(&out).unwrap().iter().all(|x| fusekit::testing::Element::is_poison(x)));
+/// ```
+pub fn poisoned<B: Backend, T: Element>(dev: &B, n: usize) -> Result<B::Buffer<T>> {
+    dev.upload(&vec![T::poison(); n])
+}
+
+/// Sets every element of `buf` to `T::poison()`.
+///
+/// ```
+/// # use fusekit::Backend;
+/// let dev = fusekit::emu::Emulator::new().unwrap();
+/// let mut b = dev.alloc_zeros::<i32>(3).unwrap();
+/// fusekit::testing::poison(&dev, &mut b).unwrap();
+/// ```
+pub fn poison<B: Backend, T: Element, D: crate::DeviceWrite<T, B>>(
+    dev: &B,
+    buf: &mut D,
+) -> Result<()> {
+    dev.write(&vec![T::poison(); buf.len()], buf)
 }
 
 /// Err naming the first elements still holding the poison value.

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use cudarc::driver::DeviceSlice;
 
 use crate::error::{Error, Result};
-use crate::Gpu;
+use crate::{Backend, DeviceRead, Gpu};
 
 /// `Err(Layout)` unless `s` lives in the handle's CUDA context.
-pub(crate) fn same_context<T, S: DeviceSlice<T>>(
+pub(crate) fn same_context<T, S: DeviceSlice<T> + ?Sized>(
     gpu: &Gpu,
     arg: &'static str,
     s: &S,
@@ -21,6 +21,15 @@ pub(crate) fn same_context<T, S: DeviceSlice<T>>(
             "belongs to another CUDA context than the Gpu handle",
         ))
     }
+}
+
+/// `Err(Layout)` unless `s` belongs to `dev` (its CUDA context; every buffer belongs to an emulator).
+pub(crate) fn owned<T, B: Backend, S: DeviceRead<T, B> + ?Sized>(
+    dev: &B,
+    arg: &'static str,
+    s: &S,
+) -> Result<()> {
+    s.check_owner(dev, arg)
 }
 
 /// `Err(Shape)` unless `have >= need`.

@@ -338,3 +338,23 @@ fn linear_ce_reference_gradients_match_finite_differences() {
         assert!((fd - dw[k]).abs() < 1e-7, "dw[{k}] {} vs {fd}", dw[k]);
     }
 }
+
+/// Found by the emulator (through this reference): a row with a masked (−∞) logit and no label
+/// smoothing had a NaN loss, `0 · Σ_j (lse − z_j)` with one term infinite.
+#[test]
+fn masked_logit_without_smoothing_has_a_finite_loss() {
+    let x = [1.0, f64::NEG_INFINITY, 0.5, -2.0];
+    let finite = [1.0f64, 0.5, -2.0];
+    let lse = finite.iter().map(|z| z.exp()).sum::<f64>().ln();
+    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &LossConfig::default());
+    assert!((r.rows[0] - (lse - 0.5)).abs() < 1e-12, "{:?}", r.rows);
+    assert!(r.grad.iter().all(|g| g.is_finite()), "{:?}", r.grad);
+    assert_eq!(r.grad[1], 0.0);
+    // With smoothing, the masked class carries ε/V of the target mass: the loss is +∞ (as in PyTorch).
+    let smooth = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.1),
+        ..LossConfig::default()
+    };
+    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &smooth);
+    assert_eq!(r.rows[0], f64::INFINITY);
+}

@@ -1,15 +1,19 @@
-//! The copy probe on a GPU: every size exact, outputs poisoned first, bad input rejected. Skips loudly
-//! without a GPU.
+//! The copy probe against the reference, on the SIMT emulator always and on a GPU when one is present:
+//! every size exact, outputs poisoned first, bad input rejected; on a GPU also the context check and the
+//! bandwidth figure.
 
 use fusekit::probe;
 use fusekit::testing::{check_written, gpu_or_skip, poisoned, seed_for, Rng};
-use fusekit::Error;
+use fusekit::{Backend, Error};
 
 #[test]
 fn copy_is_exact_for_edge_and_random_sizes() {
-    let Some(gpu) = gpu_or_skip("copy_is_exact_for_edge_and_random_sizes") else {
-        return;
-    };
+    fusekit::on_every_backend!("copy_is_exact_for_edge_and_random_sizes", |dev| {
+        copy_is_exact_on(dev)
+    });
+}
+
+fn copy_is_exact_on<B: Backend>(dev: &B) {
     let mut rng = Rng::new(seed_for("copy_is_exact_for_edge_and_random_sizes"));
     let mut sizes = vec![
         1usize,
@@ -27,10 +31,10 @@ fn copy_is_exact_for_edge_and_random_sizes() {
     sizes.extend((0..6).map(|_| 1 + rng.below(3 << 20) as usize));
     for n in sizes {
         let data: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
-        let src = gpu.stream().clone_htod(&data).unwrap();
-        let mut dst = poisoned::<u8>(&gpu, n).unwrap();
-        probe::copy(&gpu, &src, &mut dst).unwrap();
-        let back = gpu.stream().clone_dtoh(&dst).unwrap();
+        let src = dev.upload(&data).unwrap();
+        let mut dst = poisoned::<B, u8>(dev, n).unwrap();
+        probe::copy(dev, &src, &mut dst).unwrap();
+        let back = dev.download(&dst).unwrap();
         let first_bad = back.iter().zip(&data).position(|(a, b)| a != b);
         assert_eq!(first_bad, None, "size {n}: first mismatch at {first_bad:?}");
     }
@@ -38,18 +42,21 @@ fn copy_is_exact_for_edge_and_random_sizes() {
 
 #[test]
 fn copy_of_f32_keeps_every_bit_and_writes_everything() {
-    let Some(gpu) = gpu_or_skip("copy_of_f32_keeps_every_bit_and_writes_everything") else {
-        return;
-    };
+    fusekit::on_every_backend!("copy_of_f32_keeps_every_bit_and_writes_everything", |dev| {
+        copy_of_f32_on(dev)
+    });
+}
+
+fn copy_of_f32_on<B: Backend>(dev: &B) {
     let mut rng = Rng::new(seed_for("copy_of_f32_keeps_every_bit"));
     let n = 1_000_003;
     let data: Vec<f32> = (0..n)
         .map(|_| f32::from_bits(rng.next_u64() as u32))
         .collect();
-    let src = gpu.stream().clone_htod(&data).unwrap();
-    let mut dst = poisoned::<f32>(&gpu, n).unwrap();
-    probe::copy(&gpu, &src, &mut dst).unwrap();
-    let back = gpu.stream().clone_dtoh(&dst).unwrap();
+    let src = dev.upload(&data).unwrap();
+    let mut dst = poisoned::<B, f32>(dev, n).unwrap();
+    probe::copy(dev, &src, &mut dst).unwrap();
+    let back = dev.download(&dst).unwrap();
     let same = back
         .iter()
         .zip(&data)
@@ -67,33 +74,56 @@ fn copy_of_f32_keeps_every_bit_and_writes_everything() {
 
 #[test]
 fn copy_rejects_bad_arguments() {
-    let Some(gpu) = gpu_or_skip("copy_rejects_bad_arguments") else {
-        return;
-    };
-    let src = gpu.stream().alloc_zeros::<u8>(1024).unwrap();
-    let mut short = gpu.stream().alloc_zeros::<u8>(1000).unwrap();
-    let e = probe::copy(&gpu, &src, &mut short).unwrap_err();
+    fusekit::on_every_backend!("copy_rejects_bad_arguments", |dev| {
+        copy_rejects_bad_arguments_on(dev)
+    });
+}
+
+fn copy_rejects_bad_arguments_on<B: Backend>(dev: &B) {
+    let src = dev.alloc_zeros::<u8>(1024).unwrap();
+    let mut short = dev.alloc_zeros::<u8>(1000).unwrap();
+    let e = probe::copy(dev, &src, &mut short).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "dst", .. }), "{e}");
 
-    let mut dst = gpu.stream().alloc_zeros::<u8>(1024).unwrap();
-    let src_off = src.slice(3..1003);
-    let mut dst_view = dst.slice_mut(0..1000);
-    let e = probe::copy(&gpu, &src_off, &mut dst_view).unwrap_err();
-    assert!(matches!(e, Error::Layout { arg: "src", .. }), "{e}");
-    let e = probe::copy(&gpu, &src.slice(0..1000), &mut dst.slice_mut(5..1005)).unwrap_err();
+    let mut dst = dev.alloc_zeros::<u8>(1024).unwrap();
+    {
+        let src_off = dev.view(&src, 3..1003).unwrap();
+        let mut dst_view = dev.view_mut(&mut dst, 0..1000).unwrap();
+        let e = probe::copy(dev, &src_off, &mut dst_view).unwrap_err();
+        assert!(matches!(e, Error::Layout { arg: "src", .. }), "{e}");
+    }
+    let e = probe::copy(
+        dev,
+        &dev.view(&src, 0..1000).unwrap(),
+        &mut dev.view_mut(&mut dst, 5..1005).unwrap(),
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::Layout { arg: "dst", .. }), "{e}");
 
-    // Overlap inside one allocation, through two views that do not alias in Rust's eyes.
-    let mut buf = gpu.stream().alloc_zeros::<u8>(4096).unwrap();
-    let (a, mut b) = buf.split_at_mut(2048);
-    // Disjoint halves are fine.
-    probe::copy(&gpu, &a, &mut b).unwrap();
+    // Views past the end are an error, not a panic.
+    assert!(dev.view(&src, 1000..1025).is_err());
 
     // Empty copies are a no-op, not an error.
-    let e0 = gpu.stream().alloc_zeros::<u8>(16).unwrap();
-    let mut d0 = gpu.stream().alloc_zeros::<u8>(16).unwrap();
-    probe::copy(&gpu, &e0.slice(0..0), &mut d0.slice_mut(0..0)).unwrap();
-    gpu.synchronize().unwrap();
+    let e0 = dev.alloc_zeros::<u8>(16).unwrap();
+    let mut d0 = dev.alloc_zeros::<u8>(16).unwrap();
+    probe::copy(
+        dev,
+        &dev.view(&e0, 0..0).unwrap(),
+        &mut dev.view_mut(&mut d0, 0..0).unwrap(),
+    )
+    .unwrap();
+    dev.synchronize().unwrap();
+}
+
+#[test]
+fn copy_of_disjoint_halves_of_one_allocation() {
+    // Two views of one allocation that do not alias in Rust's eyes (cudarc's split_at_mut).
+    let Some(gpu) = gpu_or_skip("copy_of_disjoint_halves_of_one_allocation") else {
+        return;
+    };
+    let mut buf = gpu.stream().alloc_zeros::<u8>(4096).unwrap();
+    let (a, mut b) = buf.split_at_mut(2048);
+    probe::copy(&gpu, &a, &mut b).unwrap();
 }
 
 #[test]

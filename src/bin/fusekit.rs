@@ -1,9 +1,12 @@
-//! The `fusekit` command: `fusekit check [--require-gpu] [--seed N]`, `fusekit ptxas`.
+//! The `fusekit` command: `fusekit check [--require-gpu] [--emu] [--seed N]`, `fusekit ptxas`.
 
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
-  fusekit check [--require-gpu] [--seed N]   self-check every kernel family against its CPU reference
+  fusekit check [--require-gpu] [--emu] [--seed N]
+                                             self-check every kernel family against its CPU reference
+                                             (kernels on the GPU; on the SIMT emulator without one,
+                                             or also with --emu)
   fusekit ptxas                              print the build's ptxas resource report
   fusekit help";
 
@@ -16,6 +19,7 @@ fn main() -> ExitCode {
             while let Some(a) = it.next() {
                 match a.as_str() {
                     "--require-gpu" => opts.require_gpu = true,
+                    "--emu" => opts.emu = true,
                     "--seed" => match it.next().and_then(|s| s.parse().ok()) {
                         Some(s) => opts.seed = Some(s),
                         None => return usage_error("--seed takes an unsigned integer"),

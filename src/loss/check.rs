@@ -152,17 +152,18 @@ fn row(
     CheckRow::new(kernel, mode, err, err <= tol, note, gbps)
 }
 
-/// A GPU row from a check that may fail: `Ok(err)` judged against `tol`, `Err(msg)` a failed row.
-fn gpu_row(
+/// A kernel row from a check that may fail: `Ok(err)` judged against `tol`, `Err(msg)` a failed row.
+fn kernel_row(
     name: &str,
+    mode: &'static str,
     res: Result<f64, String>,
     tol: f64,
     note: String,
     gbps: Option<f64>,
 ) -> CheckRow {
     match res {
-        Ok(e) => row(name, "gpu", e, tol, note, gbps),
-        Err(msg) => CheckRow::new(name, "gpu", f64::NAN, false, msg, None),
+        Ok(e) => row(name, mode, e, tol, note, gbps),
+        Err(msg) => CheckRow::new(name, mode, f64::NAN, false, msg, None),
     }
 }
 
@@ -214,39 +215,9 @@ pub(crate) fn self_check() -> SelfCheck {
                 ),
             ]
         },
-        gpu: |gpu, rng| {
-            use half::bf16;
-            let mut rows = Vec::new();
-            for (name, res) in [
-                ("fk_ce_fwd_bwd_f32", run_matrix::<f32>(gpu, rng)),
-                ("fk_ce_fwd_bwd_bf16", run_matrix::<bf16>(gpu, rng)),
-            ] {
-                let note = "16 configs, N=8 V=1003, rel L2".to_string();
-                rows.push(gpu_row(name, res, f64::INFINITY, note, None));
-            }
-            // A 128k vocabulary: past one block's shared memory, so the cluster path on sm_90+.
-            let long = Case {
-                weights: true,
-                inplace: true,
-                cfg: LossConfig {
-                    label_smoothing: super::LabelSmoothing::PyTorch(0.1),
-                    ..LossConfig::default()
-                },
-                ..Case::ce(4, 128256)
-            };
-            let path = super::RowPath::Auto
-                .resolve(gpu.props(), long.vocab, 2, true)
-                .map(|p| format!("{p:?}"))
-                .unwrap_or_else(|e| e.to_string());
-            let res = super::verify::run::<bf16>(gpu, rng, &long).map(|r| r.worst_rel_l2());
-            let note = format!("{path}, in place, weights, smoothing");
-            rows.push(gpu_row(
-                "fk_ce_fwd_bwd_bf16 V=128256",
-                res,
-                f64::INFINITY,
-                note,
-                None,
-            ));
+        gpu: kernels_check::<crate::Gpu>,
+        emu: kernels_check::<crate::emu::Emulator>,
+        gpu_extra: Some(|gpu, rng| {
             // Throughput at a training-like size.
             let case = Case {
                 cfg: LossConfig {
@@ -255,16 +226,54 @@ pub(crate) fn self_check() -> SelfCheck {
                 },
                 ..Case::ce(512, 32000)
             };
-            let inp = super::verify::inputs::<bf16>(&case, rng);
+            let inp = super::verify::inputs::<half::bf16>(&case, rng);
             let name = "fk_ce_fwd_bwd_bf16 512x32000";
             let note = "GB/s of the 2·N·V·2 B floor".to_string();
-            rows.push(match throughput(gpu, &case, &inp) {
+            Ok(vec![match throughput(gpu, &case, &inp) {
                 Ok(g) => row(name, "gpu", 0.0, 0.0, note, Some(g)),
-                Err(e) => gpu_row(name, Err(e), 0.0, note, None),
-            });
-            Ok(rows)
-        },
+                Err(e) => kernel_row(name, "gpu", Err(e), 0.0, note, None),
+            }])
+        }),
     }
+}
+
+/// The fused kernel on a device against the reference: the feature matrix in f32 and bf16, and a 128k
+/// vocabulary (past one block's shared memory: the cluster path on sm_90+).
+fn kernels_check<B: crate::Backend>(dev: &B, rng: &mut Rng) -> crate::Result<Vec<CheckRow>> {
+    use half::bf16;
+    let mode = dev.kind();
+    let mut rows = Vec::new();
+    for (name, res) in [
+        ("fk_ce_fwd_bwd_f32", run_matrix::<B, f32>(dev, rng)),
+        ("fk_ce_fwd_bwd_bf16", run_matrix::<B, bf16>(dev, rng)),
+    ] {
+        let note = "16 configs, N=8 V=1003, rel L2".to_string();
+        rows.push(kernel_row(name, mode, res, f64::INFINITY, note, None));
+    }
+    let long = Case {
+        weights: true,
+        inplace: true,
+        cfg: LossConfig {
+            label_smoothing: super::LabelSmoothing::PyTorch(0.1),
+            ..LossConfig::default()
+        },
+        ..Case::ce(4, 128256)
+    };
+    let path = super::RowPath::Auto
+        .resolve(dev.props(), long.vocab, 2, true)
+        .map(|p| format!("{p:?}"))
+        .unwrap_or_else(|e| e.to_string());
+    let res = super::verify::run::<B, bf16>(dev, rng, &long).map(|r| r.worst_rel_l2());
+    let note = format!("{path}, in place, weights, smoothing");
+    rows.push(kernel_row(
+        "fk_ce_fwd_bwd_bf16 V=128256",
+        mode,
+        res,
+        f64::INFINITY,
+        note,
+        None,
+    ));
+    Ok(rows)
 }
 
 /// The fused kernel replayed on the host (fp32, the kernel's reduction order) over the feature matrix
@@ -285,10 +294,13 @@ fn replay_error(rng: &mut Rng) -> Result<f64, String> {
     Ok(worst)
 }
 
-fn run_matrix<T: super::LossElement>(gpu: &crate::Gpu, rng: &mut Rng) -> Result<f64, String> {
+fn run_matrix<B: crate::Backend, T: super::LossElement>(
+    dev: &B,
+    rng: &mut Rng,
+) -> Result<f64, String> {
     let mut worst: f64 = 0.0;
     for case in feature_matrix(8, 1003) {
-        worst = worst.max(super::verify::run::<T>(gpu, rng, &case)?.worst_rel_l2());
+        worst = worst.max(super::verify::run::<B, T>(dev, rng, &case)?.worst_rel_l2());
     }
     Ok(worst)
 }

@@ -2,14 +2,16 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 
 use super::{LossElement, LossExtras, LossOutputs, Reduction, Rows, TargetIndex};
+use crate::backend::opt_addr;
+use crate::backend::private::{Addr, AddrMut};
 use crate::device::Family;
-use crate::error::{DriverContext, Error, Result};
+use crate::error::{Error, Result};
 use crate::launch::launch_kernel;
 use crate::params::*;
-use crate::Gpu;
+use crate::{Backend, DeviceRead};
 
 /// Rows up to this many bytes (plus 16) stay in one block's shared memory between the two passes (one HBM
 /// read); it is also the largest slice a cluster block keeps. Longer rows are split over a cluster on
@@ -164,13 +166,13 @@ pub(crate) fn row_grid(n_rows: usize) -> u32 {
     n_rows.min(1 << 22) as u32
 }
 
-pub(crate) fn launch(
-    gpu: &Gpu,
+pub(crate) fn launch<B: Backend>(
+    dev: &B,
     name: &str,
     cfg: LaunchConfig,
     params: &impl cudarc::driver::DeviceRepr,
 ) -> Result<()> {
-    launch_kernel(gpu, Family::Loss, name, cfg, params, None)
+    launch_kernel(dev, Family::Loss, name, cfg, params, None)
 }
 
 pub(crate) fn one_block(threads: u32) -> LaunchConfig {
@@ -178,16 +180,16 @@ pub(crate) fn one_block(threads: u32) -> LaunchConfig {
 }
 
 /// Mean denominator into out.denominator.
-pub(crate) fn denominator<I: TargetIndex>(
-    gpu: &Gpu,
+pub(crate) fn denominator<B: Backend, I: TargetIndex>(
+    dev: &B,
     targets: u64,
     weights: u64,
     n_rows: usize,
     vocab: usize,
     ignore_index: i64,
-    out: &mut LossOutputs,
+    out: &mut LossOutputs<B>,
 ) -> Result<()> {
-    let (dp, _dg) = out.denominator.device_ptr_mut(gpu.stream());
+    let (dp, _dg) = out.denominator.addr_mut(dev);
     let p = fk_loss_denominator_params {
         targets: targets as *const c_void,
         weights: weights as *const f32,
@@ -197,7 +199,7 @@ pub(crate) fn denominator<I: TargetIndex>(
         ignore_index,
     };
     launch(
-        gpu,
+        dev,
         &format!("fk_loss_denominator_{}", I::SUFFIX),
         one_block(FK_LOSS_REDUCE_THREADS),
         &p,
@@ -205,14 +207,20 @@ pub(crate) fn denominator<I: TargetIndex>(
 }
 
 /// Fixed-order sum of `n` floats at `values` into `out` (divided by `denominator` when non-zero).
-pub(crate) fn reduce(gpu: &Gpu, values: u64, n: usize, denominator: u64, out: u64) -> Result<()> {
+pub(crate) fn reduce<B: Backend>(
+    dev: &B,
+    values: u64,
+    n: usize,
+    denominator: u64,
+    out: u64,
+) -> Result<()> {
     let p = fk_loss_reduce_params {
         values: values as *const f32,
         denominator: denominator as *const f32,
         out: out as *mut f32,
         n: n as i64,
     };
-    launch(gpu, "fk_loss_reduce", one_block(FK_LOSS_REDUCE_THREADS), &p)
+    launch(dev, "fk_loss_reduce", one_block(FK_LOSS_REDUCE_THREADS), &p)
 }
 
 /// Device pointers of one launch of the fused row kernel (0 = absent).
@@ -228,10 +236,10 @@ pub(crate) struct FusedPtrs {
     pub status: u64,
 }
 
-/// The fused row kernel alone. The caller holds the stream guards of every pointer.
+/// The fused row kernel alone. The caller holds the guards of every pointer.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn fused_kernel<T: LossElement, I: TargetIndex>(
-    gpu: &Gpu,
+pub(crate) fn fused_kernel<B: Backend, T: LossElement, I: TargetIndex>(
+    dev: &B,
     rows: Rows,
     ptr: &FusedPtrs,
     reduction: Reduction,
@@ -240,13 +248,13 @@ pub(crate) fn fused_kernel<T: LossElement, I: TargetIndex>(
     path: RowPath,
 ) -> Result<()> {
     let size = std::mem::size_of::<T>();
-    let mut resolved = path.resolve(gpu.props(), rows.vocab, size, ptr.grad != 0)?;
+    let mut resolved = path.resolve(dev.props(), rows.vocab, size, ptr.grad != 0)?;
     if let (RowPath::Auto, RowPath::Cluster { ctas }) = (path, resolved) {
         // Auto only takes a cluster the driver can place (a MIG slice may fit none); a forced one errs.
         let slice = cluster_slice(rows.vocab, ctas);
         let name = format!("fk_ce_fwd_bwd_cluster{ctas}_{}_{}", T::SUFFIX, I::SUFFIX);
         let (threads, smem) = (row_threads(slice, size), (slice * size + 16) as u32);
-        if !gpu.cluster_fits(Family::Loss, &name, threads, smem)? {
+        if !dev.cluster_fits(Family::Loss, &name, threads, smem)? {
             resolved = RowPath::Reread;
         }
     }
@@ -289,7 +297,7 @@ pub(crate) fn fused_kernel<T: LossElement, I: TargetIndex>(
             shared_mem_bytes: (slice * size + 16) as u32,
         };
         return launch(
-            gpu,
+            dev,
             &format!("fk_ce_fwd_bwd_cluster{ctas}_{}_{}", T::SUFFIX, I::SUFFIX),
             lc,
             &p,
@@ -305,60 +313,43 @@ pub(crate) fn fused_kernel<T: LossElement, I: TargetIndex>(
         },
     };
     launch(
-        gpu,
+        dev,
         &format!("fk_ce_fwd_bwd_{}_{}", T::SUFFIX, I::SUFFIX),
         lc,
         &p,
     )
 }
 
-/// Device pointer of an optional buffer, with its stream guard.
-pub(crate) fn opt_ptr<'a, T, S: DevicePtr<T>>(
-    s: Option<&'a S>,
-    stream: &'a std::sync::Arc<cudarc::driver::CudaStream>,
-) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
-    match s {
-        Some(s) => {
-            let (p, g) = s.device_ptr(stream);
-            (p, Some(g))
-        }
-        None => (0, None),
-    }
-}
-
 /// The fused kernel plus its mean-denominator prologue and reduction epilogue. `gp == 0`: forward only.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn fused<T: LossElement, I: TargetIndex, S: DevicePtr<I>>(
-    gpu: &Gpu,
+pub(super) fn fused<B: Backend, T: LossElement, I: TargetIndex, S: DeviceRead<I, B>>(
+    dev: &B,
     rows: Rows,
     lp: u64,
     gp: u64,
     targets: &S,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     reduction: Reduction,
     ignore_index: i64,
     cfg: fk_loss_config,
-    out: &mut LossOutputs,
+    out: &mut LossOutputs<B>,
 ) -> Result<()> {
     // An unusable row path is an error before anything is queued.
     extras
         .row_path
-        .resolve(gpu.props(), rows.vocab, std::mem::size_of::<T>(), gp != 0)?;
-    let stream = gpu.stream().clone();
-    let (tp, _tg) = targets.device_ptr(&stream);
-    let (wp, _wg) = opt_ptr(extras.class_weights, &stream);
-    let (gop, _gog) = opt_ptr(extras.grad_output.as_ref(), &stream);
-    stream
-        .memset_zeros(&mut out.status)
-        .during("clearing the loss status")?;
+        .resolve(dev.props(), rows.vocab, std::mem::size_of::<T>(), gp != 0)?;
+    let (tp, _tg) = targets.addr(dev);
+    let (wp, _wg) = opt_addr(extras.class_weights, dev);
+    let (gop, _gog) = opt_addr(extras.grad_output.as_ref(), dev);
+    dev.zero(&mut out.status)?;
     if reduction == Reduction::Mean {
-        denominator::<I>(gpu, tp, wp, rows.n_rows, rows.vocab, ignore_index, out)?;
+        denominator::<B, I>(dev, tp, wp, rows.n_rows, rows.vocab, ignore_index, out)?;
     }
     {
-        let (rp, _rg) = out.rows.device_ptr_mut(&stream);
-        let (sp, _sg) = out.lse.device_ptr_mut(&stream);
-        let (dp, _dg) = out.denominator.device_ptr(&stream);
-        let (stp, _stg) = out.status.device_ptr_mut(&stream);
+        let (rp, _rg) = out.rows.addr_mut(dev);
+        let (sp, _sg) = out.lse.addr_mut(dev);
+        let (dp, _dg) = out.denominator.addr(dev);
+        let (stp, _stg) = out.status.addr_mut(dev);
         let ptr = FusedPtrs {
             logits: lp,
             grad: gp,
@@ -370,8 +361,8 @@ pub(super) fn fused<T: LossElement, I: TargetIndex, S: DevicePtr<I>>(
             lse: sp,
             status: stp,
         };
-        fused_kernel::<T, I>(
-            gpu,
+        fused_kernel::<B, T, I>(
+            dev,
             rows,
             &ptr,
             reduction,
@@ -380,25 +371,24 @@ pub(super) fn fused<T: LossElement, I: TargetIndex, S: DevicePtr<I>>(
             extras.row_path,
         )?;
     }
-    reduce_rows(gpu, rows.n_rows, reduction, out)
+    reduce_rows(dev, rows.n_rows, reduction, out)
 }
 
 /// The reduced loss from the per-row losses (mean/sum); nothing for `Reduction::None`.
-pub(crate) fn reduce_rows(
-    gpu: &Gpu,
+pub(crate) fn reduce_rows<B: Backend>(
+    dev: &B,
     n_rows: usize,
     reduction: Reduction,
-    out: &mut LossOutputs,
+    out: &mut LossOutputs<B>,
 ) -> Result<()> {
     if reduction == Reduction::None {
         return Ok(());
     }
-    let stream = gpu.stream();
-    let (rp, _rg) = out.rows.device_ptr(stream);
-    let (dp, _dg) = out.denominator.device_ptr(stream);
-    let (op, _og) = out.loss.device_ptr_mut(stream);
+    let (rp, _rg) = out.rows.addr(dev);
+    let (dp, _dg) = out.denominator.addr(dev);
+    let (op, _og) = out.loss.addr_mut(dev);
     reduce(
-        gpu,
+        dev,
         rp,
         n_rows,
         if reduction == Reduction::Mean { dp } else { 0 },

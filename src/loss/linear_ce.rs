@@ -13,21 +13,18 @@
 //! Like Liger-Kernel, the logits of a chunk are materialised in bf16 (the GEMM's output type); the loss
 //! statistics and the gradient's target column are fp32.
 
-use std::sync::Arc;
-
-use cudarc::cublas::result as blas;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::launch::{denominator, fused_kernel, opt_ptr, reduce_rows, FusedPtrs};
+use super::launch::{denominator, fused_kernel, reduce_rows, FusedPtrs};
 use super::{
     check_common, check_ctx, check_len, LossConfig, LossExtras, LossOutputs, Reduction, Rows,
     TargetIndex,
 };
-use crate::error::{DriverContext, Error, Result};
-use crate::Gpu;
+use crate::backend::opt_addr;
+use crate::backend::private::{Addr, AddrMut, Device};
+use crate::backend::Gemm;
+use crate::error::{Error, Result};
+use crate::{Backend, DeviceRead, DeviceWrite, Gpu};
 
 /// How many rows a chunk holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,17 +35,17 @@ pub enum Chunking {
     MemoryBudget(usize),
 }
 
-/// Workspace and cuBLAS handle of fused linear + cross-entropy for one (V, H) pair.
-pub struct LinearCrossEntropy {
-    blas: CudaBlas,
-    stream: Arc<cudarc::driver::CudaStream>,
+/// Workspace and GEMM handle (cuBLAS on a GPU) of fused linear + cross-entropy for one (V, H) pair.
+pub struct LinearCrossEntropy<B: Backend = Gpu> {
+    blas: <B as Device>::Blas,
+    dev: B,
     chunk_rows: usize,
     vocab: usize,
     hidden: usize,
-    logits: CudaSlice<bf16>,
+    logits: B::Buffer<bf16>,
 }
 
-impl std::fmt::Debug for LinearCrossEntropy {
+impl<B: Backend> std::fmt::Debug for LinearCrossEntropy<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinearCrossEntropy")
             .field("vocab", &self.vocab)
@@ -58,27 +55,20 @@ impl std::fmt::Debug for LinearCrossEntropy {
     }
 }
 
-fn blas_err(during: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> Error + '_ {
-    move |e| Error::Library {
-        library: "cuBLAS",
-        during: during.to_string(),
-        detail: format!("{:?}", e.0),
-    }
-}
-
-impl LinearCrossEntropy {
-    /// Workspace for classifier weights `[vocab, hidden]`, chunked as asked. Opens cuBLAS on the handle's
-    /// stream (`Err(Library)` when libcublas cannot be found).
+impl<B: Backend> LinearCrossEntropy<B> {
+    /// Workspace for classifier weights `[vocab, hidden]`, chunked as asked. On a GPU it opens cuBLAS on
+    /// the handle's stream (`Err(Library)` when libcublas cannot be found); the emulator multiplies on
+    /// the host.
     ///
-    /// ```no_run
+    /// ```
     /// # fn main() -> fusekit::Result<()> {
     /// use fusekit::loss::{Chunking, LinearCrossEntropy};
-    /// let gpu = fusekit::Gpu::new(0)?;
-    /// let lce = LinearCrossEntropy::new(&gpu, 128256, 4096, Chunking::MemoryBudget(512 << 20))?;
-    /// println!("{} rows per chunk, {} MiB extra", lce.chunk_rows(), lce.extra_bytes() >> 20);
+    /// let dev = fusekit::emu::Emulator::new()?; // or fusekit::Gpu::new(0)?
+    /// let lce = LinearCrossEntropy::new(&dev, 1000, 64, Chunking::MemoryBudget(64 << 10))?;
+    /// assert_eq!(lce.chunk_rows(), 32);
     /// # Ok(()) }
     /// ```
-    pub fn new(gpu: &Gpu, vocab: usize, hidden: usize, chunking: Chunking) -> Result<Self> {
+    pub fn new(dev: &B, vocab: usize, hidden: usize, chunking: Chunking) -> Result<Self> {
         if vocab == 0 || hidden == 0 {
             return Err(Error::shape(
                 "weight",
@@ -101,29 +91,21 @@ impl LinearCrossEntropy {
             Chunking::Rows(c) => c,
             Chunking::MemoryBudget(b) => (b / (2 * vocab)).max(1),
         };
-        if chunk_rows * vocab > i32::MAX as usize {
-            return Err(Error::invalid(
-                "chunking",
-                format!("{chunk_rows} rows x vocab {vocab} exceed cuBLAS's 32-bit sizes"),
-            ));
+        // Checked: a product that wrapped would allocate too small a chunk for the GEMM to write.
+        match chunk_rows.checked_mul(vocab) {
+            Some(e) if e <= i32::MAX as usize => {}
+            _ => {
+                return Err(Error::invalid(
+                    "chunking",
+                    format!("{chunk_rows} rows x vocab {vocab} exceed cuBLAS's 32-bit sizes"),
+                ))
+            }
         }
-        // SAFETY: only tries to dlopen libcublas by its known names.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(Error::Library {
-                library: "cuBLAS",
-                during: "opening the library".into(),
-                detail: "libcublas was not found (install the CUDA toolkit or the nvidia-cublas wheel and add its lib folder to LD_LIBRARY_PATH)".into(),
-            });
-        }
-        let blas =
-            CudaBlas::new(gpu.stream().clone()).map_err(blas_err("creating a cuBLAS handle"))?;
-        let logits = gpu
-            .stream()
-            .alloc_zeros::<bf16>(chunk_rows * vocab)
-            .during("allocating the logits chunk")?;
+        let blas = dev.blas()?;
+        let logits = dev.alloc_zeros::<bf16>(chunk_rows * vocab)?;
         Ok(LinearCrossEntropy {
             blas,
-            stream: gpu.stream().clone(),
+            dev: dev.clone(),
             chunk_rows,
             vocab,
             hidden,
@@ -133,9 +115,9 @@ impl LinearCrossEntropy {
 
     /// Rows per chunk.
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// # let lce = fusekit::loss::LinearCrossEntropy::new(&gpu, 1000, 64, fusekit::loss::Chunking::Rows(256)).unwrap();
+    /// ```
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// # let lce = fusekit::loss::LinearCrossEntropy::new(&dev, 1000, 64, fusekit::loss::Chunking::Rows(256)).unwrap();
     /// assert_eq!(lce.chunk_rows(), 256);
     /// ```
     pub fn chunk_rows(&self) -> usize {
@@ -144,9 +126,9 @@ impl LinearCrossEntropy {
 
     /// Peak device memory this path needs beyond its inputs and outputs: the bf16 logits of one chunk.
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// # let lce = fusekit::loss::LinearCrossEntropy::new(&gpu, 1000, 64, fusekit::loss::Chunking::Rows(256)).unwrap();
+    /// ```
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// # let lce = fusekit::loss::LinearCrossEntropy::new(&dev, 1000, 64, fusekit::loss::Chunking::Rows(256)).unwrap();
     /// assert_eq!(lce.extra_bytes(), 256 * 1000 * 2);
     /// ```
     pub fn extra_bytes(&self) -> usize {
@@ -157,85 +139,74 @@ impl LinearCrossEntropy {
     /// `grad_weight [V, H]` (fp32; overwritten, or added to with `accumulate` for gradient accumulation over
     /// micro-batches). Every [`LossConfig`] option applies. Queued on the handle's stream.
     ///
-    /// ```no_run
+    /// ```
     /// # fn main() -> fusekit::Result<()> {
+    /// use fusekit::Backend;
     /// use fusekit::loss::{Chunking, LinearCrossEntropy, LossConfig, LossOutputs};
     /// use half::bf16;
-    /// let gpu = fusekit::Gpu::new(0)?;
-    /// let (n, h, v) = (1024, 256, 32000);
-    /// let s = gpu.stream();
-    /// let hidden = s.alloc_zeros::<bf16>(n * h).unwrap();
-    /// let weight = s.alloc_zeros::<bf16>(v * h).unwrap();
-    /// let targets = s.alloc_zeros::<i64>(n).unwrap();
-    /// let mut dh = s.alloc_zeros::<bf16>(n * h).unwrap();
-    /// let mut dw = s.alloc_zeros::<f32>(v * h).unwrap();
-    /// let mut out = LossOutputs::new(&gpu, n)?;
-    /// let mut lce = LinearCrossEntropy::new(&gpu, v, h, Chunking::Rows(256))?;
-    /// lce.fwd_bwd(&gpu, n, &hidden, &weight, &targets, &Default::default(), &LossConfig::default(), &mut dh, &mut dw, false, &mut out)?;
+    /// let dev = fusekit::emu::Emulator::new()?; // or fusekit::Gpu::new(0)? (n = 1024, V = 32000, ...)
+    /// let (n, h, v) = (4, 8, 16);
+    /// let hidden = dev.alloc_zeros::<bf16>(n * h)?;
+    /// let weight = dev.alloc_zeros::<bf16>(v * h)?;
+    /// let targets = dev.alloc_zeros::<i64>(n)?;
+    /// let mut dh = dev.alloc_zeros::<bf16>(n * h)?;
+    /// let mut dw = dev.alloc_zeros::<f32>(v * h)?;
+    /// let mut out = LossOutputs::new(&dev, n)?;
+    /// let mut lce = LinearCrossEntropy::new(&dev, v, h, Chunking::Rows(3))?;
+    /// lce.fwd_bwd(&dev, n, &hidden, &weight, &targets, &Default::default(), &LossConfig::default(), &mut dh, &mut dw, false, &mut out)?;
+    /// assert!((out.loss_sync(&dev)? - 16f32.ln()).abs() < 1e-5);
     /// # Ok(()) }
     /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn fwd_bwd<I, Hs, Ws, S, Gh, Gw>(
         &mut self,
-        gpu: &Gpu,
+        dev: &B,
         n_rows: usize,
         hidden: &Hs,
         weight: &Ws,
         targets: &S,
-        extras: &LossExtras<'_>,
+        extras: &LossExtras<'_, B>,
         cfg: &LossConfig,
         grad_hidden: &mut Gh,
         grad_weight: &mut Gw,
         accumulate: bool,
-        out: &mut LossOutputs,
+        out: &mut LossOutputs<B>,
     ) -> Result<()>
     where
         I: TargetIndex,
-        Hs: DevicePtr<bf16>,
-        Ws: DevicePtr<bf16>,
-        S: DevicePtr<I>,
-        Gh: DevicePtrMut<bf16>,
-        Gw: DevicePtrMut<f32>,
+        Hs: DeviceRead<bf16, B>,
+        Ws: DeviceRead<bf16, B>,
+        S: DeviceRead<I, B>,
+        Gh: DeviceWrite<bf16, B>,
+        Gw: DeviceWrite<f32, B>,
     {
         let (v, h) = (self.vocab, self.hidden);
-        if !Arc::ptr_eq(gpu.stream(), &self.stream) {
+        if !dev.same_queue(&self.dev) {
             return Err(Error::layout(
-                "gpu",
+                "dev",
                 "is not the handle this LinearCrossEntropy was made with (its cuBLAS stream)",
             ));
         }
-        for (arg, ok) in [
-            (
-                "hidden",
-                Arc::ptr_eq(hidden.stream().context(), gpu.context()),
-            ),
-            (
-                "weight",
-                Arc::ptr_eq(weight.stream().context(), gpu.context()),
-            ),
-        ] {
-            if !ok {
-                return Err(Error::layout(
-                    arg,
-                    "belongs to another CUDA context than the Gpu handle",
-                ));
-            }
-        }
-        check_ctx(gpu, "grad_hidden", grad_hidden)?;
-        check_ctx(gpu, "grad_weight", grad_weight)?;
+        check_ctx(dev, "hidden", hidden)?;
+        check_ctx(dev, "weight", weight)?;
+        check_ctx(dev, "grad_hidden", grad_hidden)?;
+        check_ctx(dev, "grad_weight", grad_weight)?;
         if n_rows > i32::MAX as usize {
             return Err(Error::Unsupported {
                 what: format!("{n_rows} rows beyond cuBLAS's 32-bit dimensions"),
             });
         }
         let rows = Rows::contiguous(n_rows, v);
-        let ck = check_common(gpu, rows, usize::MAX, targets, extras, cfg, out)?;
+        let ck = check_common(dev, rows, usize::MAX, targets, extras, cfg, out)?;
         // An unusable row path is an error before any work is queued.
-        extras.row_path.resolve(gpu.props(), v, 2, true)?;
-        if hidden.len() != n_rows * h {
+        extras.row_path.resolve(dev.props(), v, 2, true)?;
+        let nh = n_rows
+            .checked_mul(h)
+            .ok_or_else(|| Error::shape("hidden", "N * H below 2^64", "more"))?;
+        if hidden.len() != nh {
             return Err(Error::shape(
                 "hidden",
-                format!("[{n_rows}, {h}] = {} elements", n_rows * h),
+                format!("[{n_rows}, {h}] = {nh} elements"),
                 format!("{}", hidden.len()),
             ));
         }
@@ -246,67 +217,52 @@ impl LinearCrossEntropy {
                 format!("{}", weight.len()),
             ));
         }
-        check_len("grad_hidden", grad_hidden.len(), n_rows * h, "[N, H]")?;
+        check_len("grad_hidden", grad_hidden.len(), nh, "[N, H]")?;
         check_len("grad_weight", grad_weight.len(), v * h, "[V, H]")?;
 
-        let stream = gpu.stream().clone();
-        let (hp, _a) = hidden.device_ptr(&stream);
-        let (wp, _b) = weight.device_ptr(&stream);
-        let (tp, _c) = targets.device_ptr(&stream);
-        let (cwp, _d) = opt_ptr(extras.class_weights, &stream);
-        let (gop, _e) = opt_ptr(extras.grad_output.as_ref(), &stream);
-        let (ghp, _f) = grad_hidden.device_ptr_mut(&stream);
+        let (hp, _a) = hidden.addr(dev);
+        let (wp, _b) = weight.addr(dev);
+        let (tp, _c) = targets.addr(dev);
+        let (cwp, _d) = opt_addr(extras.class_weights, dev);
+        let (gop, _e) = opt_addr(extras.grad_output.as_ref(), dev);
+        let (ghp, _f) = grad_hidden.addr_mut(dev);
         if !accumulate {
-            stream
-                .memset_zeros(grad_weight)
-                .during("clearing grad_weight")?;
+            dev.zero(grad_weight)?;
         }
-        let (gwp, _g) = grad_weight.device_ptr_mut(&stream);
-        stream
-            .memset_zeros(&mut out.status)
-            .during("clearing the loss status")?;
+        let (gwp, _g) = grad_weight.addr_mut(dev);
+        dev.zero(&mut out.status)?;
         if cfg.reduction == Reduction::Mean {
-            denominator::<I>(gpu, tp, cwp, n_rows, v, cfg.ignore_index, out)?;
+            denominator::<B, I>(dev, tp, cwp, n_rows, v, cfg.ignore_index, out)?;
         }
-        let (lp, _h) = self.logits.device_ptr_mut(&stream);
-        let (rp, _i) = out.rows.device_ptr_mut(&stream);
-        let (sp, _j) = out.lse.device_ptr_mut(&stream);
-        let (dp, _k) = out.denominator.device_ptr(&stream);
-        let (stp, _l) = out.status.device_ptr_mut(&stream);
-        let handle = *self.blas.handle();
-        let (one, zero) = (1.0f32, 0.0f32);
+        let (lp, _h) = self.logits.addr_mut(dev);
+        let (rp, _i) = out.rows.addr_mut(dev);
+        let (sp, _j) = out.lse.addr_mut(dev);
+        let (dp, _k) = out.denominator.addr(dev);
+        let (stp, _l) = out.status.addr_mut(dev);
         let isz = std::mem::size_of::<I>() as u64;
         let mut r0 = 0;
         while r0 < n_rows {
             let c = self.chunk_rows.min(n_rows - r0);
             let hc = hp + (r0 * h * 2) as u64;
             // L_c (col-major V×C) = W(H×V col-major)ᵀ · H_c(H×C col-major)
+            let logits_gemm = Gemm {
+                trans_a: true,
+                trans_b: false,
+                m: v,
+                n: c,
+                k: h,
+                a: wp,
+                lda: h,
+                b: hc,
+                ldb: h,
+                c: lp,
+                ldc: v,
+                c_f32: false,
+                beta: 0.0,
+            };
             // SAFETY: W is V·H, H_c is C·H elements at hc, the chunk buffer holds chunk_rows·V >= C·V; the
             // leading dimensions are the row lengths of these row-major matrices.
-            unsafe {
-                blas::gemm_ex(
-                    handle,
-                    cublasOperation_t::CUBLAS_OP_T,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    v as i32,
-                    c as i32,
-                    h as i32,
-                    &one as *const f32 as *const _,
-                    wp as *const _,
-                    cudaDataType::CUDA_R_16BF,
-                    h as i32,
-                    hc as *const _,
-                    cudaDataType::CUDA_R_16BF,
-                    h as i32,
-                    &zero as *const f32 as *const _,
-                    lp as *mut _,
-                    cudaDataType::CUDA_R_16BF,
-                    v as i32,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(blas_err("computing a logits chunk"))?;
+            unsafe { dev.gemm(&self.blas, &logits_gemm)? };
             let ptr = FusedPtrs {
                 logits: lp,
                 grad: lp,
@@ -322,8 +278,8 @@ impl LinearCrossEntropy {
                 lse: sp + 4 * r0 as u64,
                 status: stp,
             };
-            fused_kernel::<bf16, I>(
-                gpu,
+            fused_kernel::<B, bf16, I>(
+                dev,
                 Rows::contiguous(c, v),
                 &ptr,
                 cfg.reduction,
@@ -332,61 +288,45 @@ impl LinearCrossEntropy {
                 extras.row_path,
             )?;
             // dH_c (col-major H×C) = W(H×V col-major) · dL_c(V×C col-major)
-            // SAFETY: as above; dH_c is C·H elements inside grad_hidden (length checked >= N·H).
-            unsafe {
-                blas::gemm_ex(
-                    handle,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    h as i32,
-                    c as i32,
-                    v as i32,
-                    &one as *const f32 as *const _,
-                    wp as *const _,
-                    cudaDataType::CUDA_R_16BF,
-                    h as i32,
-                    lp as *const _,
-                    cudaDataType::CUDA_R_16BF,
-                    v as i32,
-                    &zero as *const f32 as *const _,
-                    (ghp + (r0 * h * 2) as u64) as *mut _,
-                    cudaDataType::CUDA_R_16BF,
-                    h as i32,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(blas_err("computing grad_hidden"))?;
+            let dh = Gemm {
+                trans_a: false,
+                trans_b: false,
+                m: h,
+                n: c,
+                k: v,
+                a: wp,
+                lda: h,
+                b: lp,
+                ldb: v,
+                c: ghp + (r0 * h * 2) as u64,
+                ldc: h,
+                c_f32: false,
+                beta: 0.0,
+            };
+            // SAFETY: as above; dH_c is C·H elements inside grad_hidden (length checked == N·H).
+            unsafe { dev.gemm(&self.blas, &dh)? };
             // dW (col-major H×V) += H_c(H×C col-major) · dL_c(V×C col-major)ᵀ, fp32 output
+            let dw = Gemm {
+                trans_a: false,
+                trans_b: true,
+                m: h,
+                n: v,
+                k: c,
+                a: hc,
+                lda: h,
+                b: lp,
+                ldb: v,
+                c: gwp,
+                ldc: h,
+                c_f32: true,
+                beta: 1.0,
+            };
             // SAFETY: grad_weight holds V·H fp32 (checked); H_c and the chunk as above.
-            unsafe {
-                blas::gemm_ex(
-                    handle,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    cublasOperation_t::CUBLAS_OP_T,
-                    h as i32,
-                    v as i32,
-                    c as i32,
-                    &one as *const f32 as *const _,
-                    hc as *const _,
-                    cudaDataType::CUDA_R_16BF,
-                    h as i32,
-                    lp as *const _,
-                    cudaDataType::CUDA_R_16BF,
-                    v as i32,
-                    &one as *const f32 as *const _,
-                    gwp as *mut _,
-                    cudaDataType::CUDA_R_32F,
-                    h as i32,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(blas_err("accumulating grad_weight"))?;
+            unsafe { dev.gemm(&self.blas, &dw)? };
             r0 += c;
         }
         drop((_i, _j, _k, _l));
-        reduce_rows(gpu, n_rows, cfg.reduction, out)
+        reduce_rows(dev, n_rows, cfg.reduction, out)
     }
 }
 

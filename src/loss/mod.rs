@@ -46,11 +46,9 @@ pub mod reference;
 
 pub use launch::{RowPath, ROW_CACHE_LIMIT};
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-
 use crate::error::{Error, Result};
 use crate::params::fk_loss_config;
-use crate::Gpu;
+use crate::{Backend, DeviceRead, DeviceWrite, Gpu};
 
 pub use crate::dtype::{Float as LossElement, Index as TargetIndex};
 
@@ -296,122 +294,119 @@ impl Rows {
 }
 
 /// Optional per-call buffers.
-#[derive(Default)]
-pub struct LossExtras<'a> {
+pub struct LossExtras<'a, B: Backend + 'a = Gpu> {
     /// Class weights `[V]` (f32). For the focal family they are the per-class α.
-    pub class_weights: Option<&'a CudaSlice<f32>>,
+    pub class_weights: Option<&'a B::Buffer<f32>>,
     /// Host copy of the same weights, used for `Σ_j w_j` (label smoothing). Required with smoothing and
     /// weights; otherwise unused. (Reading the device copy would need a synchronisation.)
     pub class_weights_host: Option<&'a [f32]>,
     /// Upstream gradient: `[1]` for mean/sum, `[N]` for `Reduction::None`. `None` means 1.
-    pub grad_output: Option<CudaView<'a, f32>>,
+    pub grad_output: Option<B::View<'a, f32>>,
     /// How the fused kernel keeps a row between its passes ([`RowPath::Auto`]: the fastest available).
     pub row_path: RowPath,
 }
 
+impl<B: Backend> Default for LossExtras<'_, B> {
+    fn default() -> Self {
+        LossExtras {
+            class_weights: None,
+            class_weights_host: None,
+            grad_output: None,
+            row_path: RowPath::Auto,
+        }
+    }
+}
+
 /// Outputs and device workspace of the loss kernels. Allocate once per batch shape and reuse: the launch
 /// functions allocate nothing, so they are CUDA-graph safe.
-pub struct LossOutputs {
+pub struct LossOutputs<B: Backend = Gpu> {
     /// Per-row loss `[N]` (0 for ignored rows, NaN for rows with an invalid target).
-    pub rows: CudaSlice<f32>,
+    pub rows: B::Buffer<f32>,
     /// Per-row log-sum-exp of the softcapped logits `[N]` (0 for ignored rows).
-    pub lse: CudaSlice<f32>,
+    pub lse: B::Buffer<f32>,
     /// The reduced loss `[1]`: written for `Reduction::Mean` and `Reduction::Sum`.
-    pub loss: CudaSlice<f32>,
+    pub loss: B::Buffer<f32>,
     /// Per-row gradient coefficients `[N, 4]` (vocabulary-shard path only).
-    pub coeffs: CudaSlice<f32>,
-    pub(crate) denominator: CudaSlice<f32>,
-    pub(crate) status: CudaSlice<u64>,
+    pub coeffs: B::Buffer<f32>,
+    pub(crate) denominator: B::Buffer<f32>,
+    pub(crate) status: B::Buffer<u64>,
     n_rows: usize,
 }
 
-impl LossOutputs {
-    /// Allocates outputs for `n_rows` rows on the handle's stream.
+impl<B: Backend> LossOutputs<B> {
+    /// Allocates outputs for `n_rows` rows on the device.
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// let out = fusekit::loss::LossOutputs::new(&gpu, 4096).unwrap();
     /// ```
-    pub fn new(gpu: &Gpu, n_rows: usize) -> Result<Self> {
-        let s = gpu.stream();
-        let alloc = |n: usize| {
-            s.alloc_zeros::<f32>(n.max(1))
-                .map_err(|e| Error::driver("allocating loss outputs", e))
-        };
+    /// let dev = fusekit::emu::Emulator::new().unwrap(); // or fusekit::Gpu::new(0)
+    /// let out = fusekit::loss::LossOutputs::new(&dev, 4096).unwrap();
+    /// ```
+    pub fn new(dev: &B, n_rows: usize) -> Result<Self> {
+        let coeffs = n_rows
+            .checked_mul(4)
+            .ok_or_else(|| Error::shape("n_rows", "n_rows * 4 below 2^64", format!("{n_rows}")))?;
         Ok(LossOutputs {
-            rows: alloc(n_rows)?,
-            lse: alloc(n_rows)?,
-            loss: alloc(1)?,
-            coeffs: alloc(4 * n_rows)?,
-            denominator: alloc(1)?,
-            status: s
-                .alloc_zeros::<u64>(1)
-                .map_err(|e| Error::driver("allocating loss status", e))?,
+            rows: dev.alloc_zeros(n_rows.max(1))?,
+            lse: dev.alloc_zeros(n_rows.max(1))?,
+            loss: dev.alloc_zeros(1)?,
+            coeffs: dev.alloc_zeros(coeffs.max(1))?,
+            denominator: dev.alloc_zeros(1)?,
+            status: dev.alloc_zeros(1)?,
             n_rows,
         })
     }
 
     /// Rows these outputs hold.
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// assert_eq!(fusekit::loss::LossOutputs::new(&gpu, 8).unwrap().n_rows(), 8);
+    /// ```
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// assert_eq!(fusekit::loss::LossOutputs::new(&dev, 8).unwrap().n_rows(), 8);
     /// ```
     pub fn n_rows(&self) -> usize {
         self.n_rows
     }
 
-    /// Waits for the stream and returns the reduced loss.
+    /// Waits for the device and returns the reduced loss.
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// # let out = fusekit::loss::LossOutputs::new(&gpu, 8).unwrap();
-    /// let loss: f32 = out.loss_sync(&gpu).unwrap();
     /// ```
-    pub fn loss_sync(&self, gpu: &Gpu) -> Result<f32> {
-        let v = gpu
-            .stream()
-            .clone_dtoh(&self.loss)
-            .map_err(|e| Error::driver("reading the loss", e))?;
-        Ok(v[0])
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// # let out = fusekit::loss::LossOutputs::new(&dev, 8).unwrap();
+    /// let loss: f32 = out.loss_sync(&dev).unwrap();
+    /// ```
+    pub fn loss_sync(&self, dev: &B) -> Result<f32> {
+        Ok(dev.download(&self.loss)?[0])
     }
 
-    /// Waits for the stream; `Err(OutOfRange)` naming the first row whose target was outside `[0, V)`
+    /// Waits for the device; `Err(OutOfRange)` naming the first row whose target was outside `[0, V)`
     /// (and not `ignore_index`) in the last launch that used these outputs.
     ///
-    /// ```no_run
+    /// ```
     /// # fn main() -> fusekit::Result<()> {
-    /// # let gpu = fusekit::Gpu::new(0)?;
-    /// let logits = gpu.stream().clone_htod(&[0.0f32; 8]).unwrap();
-    /// let targets = gpu.stream().clone_htod(&[1i32, 9]).unwrap(); // 9 >= V = 4
-    /// let mut grad = gpu.stream().alloc_zeros::<f32>(8).unwrap();
-    /// let mut out = fusekit::loss::LossOutputs::new(&gpu, 2)?;
+    /// use fusekit::Backend;
+    /// let dev = fusekit::emu::Emulator::new()?;
+    /// let logits = dev.upload(&[0.0f32; 8])?;
+    /// let targets = dev.upload(&[1i32, 9])?; // 9 >= V = 4
+    /// let mut grad = dev.alloc_zeros::<f32>(8)?;
+    /// let mut out = fusekit::loss::LossOutputs::new(&dev, 2)?;
     /// let rows = fusekit::loss::Rows::contiguous(2, 4);
     /// let cfg = fusekit::loss::LossConfig::default();
-    /// fusekit::loss::fwd_bwd(&gpu, rows, &logits, &targets, &mut grad, &Default::default(), &cfg, &mut out)?;
-    /// let err = out.check_targets_sync(&gpu, &targets, rows.vocab, cfg.ignore_index).unwrap_err();
+    /// fusekit::loss::fwd_bwd(&dev, rows, &logits, &targets, &mut grad, &Default::default(), &cfg, &mut out)?;
+    /// let err = out.check_targets_sync(&dev, &targets, rows.vocab, cfg.ignore_index).unwrap_err();
     /// assert_eq!(err.to_string(), "targets[1] = 9 is outside [0, 4) (or ignore_index -100)");
     /// # Ok(()) }
     /// ```
-    pub fn check_targets_sync<I: TargetIndex, S: DevicePtr<I>>(
+    pub fn check_targets_sync<I: TargetIndex, S: DeviceRead<I, B>>(
         &self,
-        gpu: &Gpu,
+        dev: &B,
         targets: &S,
         vocab: usize,
         ignore_index: i64,
     ) -> Result<()> {
-        let st = gpu
-            .stream()
-            .clone_dtoh(&self.status)
-            .map_err(|e| Error::driver("reading the loss status", e))?;
+        let st = dev.download(&self.status)?;
         if st[0] == 0 {
             return Ok(());
         }
         let row = self.n_rows.saturating_sub(st[0] as usize);
-        let all = gpu
-            .stream()
-            .clone_dtoh(targets)
-            .map_err(|e| Error::driver("reading targets", e))?;
+        let all = dev.download(targets)?;
         Err(Error::OutOfRange {
             arg: "targets",
             index: row,
@@ -421,21 +416,21 @@ impl LossOutputs {
     }
 }
 
-use crate::validate::{at_least as check_len, same_context as check_ctx};
+use crate::validate::{at_least as check_len, owned as check_ctx};
 
 /// Validated, kernel-ready view of one fused call.
 struct Checked {
     cfg: fk_loss_config,
 }
 
-fn check_common<I: TargetIndex, S: DevicePtr<I>>(
-    gpu: &Gpu,
+fn check_common<B: Backend, I: TargetIndex, S: DeviceRead<I, B>>(
+    dev: &B,
     rows: Rows,
     logits_len: usize,
     targets: &S,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
-    out: &LossOutputs,
+    out: &LossOutputs<B>,
 ) -> Result<Checked> {
     rows.validate()?;
     check_len(
@@ -444,7 +439,7 @@ fn check_common<I: TargetIndex, S: DevicePtr<I>>(
         rows.extent(rows.row_stride),
         "(n_rows - 1) * row_stride + vocab",
     )?;
-    check_ctx(gpu, "targets", targets)?;
+    check_ctx(dev, "targets", targets)?;
     if targets.len() != rows.n_rows {
         return Err(Error::shape(
             "targets",
@@ -460,7 +455,7 @@ fn check_common<I: TargetIndex, S: DevicePtr<I>>(
         ));
     }
     if let Some(w) = extras.class_weights {
-        check_ctx(gpu, "class_weights", w)?;
+        check_ctx(dev, "class_weights", w)?;
         if w.len() != rows.vocab {
             return Err(Error::shape(
                 "class_weights",
@@ -488,7 +483,7 @@ fn check_common<I: TargetIndex, S: DevicePtr<I>>(
         _ => None,
     };
     if let Some(g) = &extras.grad_output {
-        check_ctx(gpu, "grad_output", g)?;
+        check_ctx(dev, "grad_output", g)?;
         let need = if cfg.reduction == Reduction::None {
             rows.n_rows
         } else {
@@ -509,51 +504,52 @@ fn check_common<I: TargetIndex, S: DevicePtr<I>>(
 
 /// Fused forward + backward: per-row loss and lse into `out`, the reduced loss into `out.loss` (mean/sum),
 /// and the gradient of the (reduced, upstream-scaled) loss into `grad`, in one pass over the logits.
-/// Queued on the handle's stream; nothing is synchronised.
+/// Queued on the device's stream; nothing is synchronised.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
 /// use fusekit::loss::{fwd_bwd, LossConfig, LossOutputs, Rows};
-/// let gpu = fusekit::Gpu::new(0)?;
+/// let dev = fusekit::emu::Emulator::new()?; // or fusekit::Gpu::new(0)?
 /// let (n, v) = (2, 3);
-/// let logits = gpu.stream().clone_htod(&[1.0f32, 2.0, 3.0, 1.0, 1.0, 1.0]).unwrap();
-/// let targets = gpu.stream().clone_htod(&[2i64, 0]).unwrap();
-/// let mut grad = gpu.stream().alloc_zeros::<f32>(n * v).unwrap();
-/// let mut out = LossOutputs::new(&gpu, n)?;
-/// fwd_bwd(&gpu, Rows::contiguous(n, v), &logits, &targets, &mut grad, &Default::default(), &LossConfig::default(), &mut out)?;
-/// println!("loss = {}", out.loss_sync(&gpu)?);
+/// let logits = dev.upload(&[1.0f32, 2.0, 3.0, 1.0, 1.0, 1.0])?;
+/// let targets = dev.upload(&[2i64, 0])?;
+/// let mut grad = dev.alloc_zeros::<f32>(n * v)?;
+/// let mut out = LossOutputs::new(&dev, n)?;
+/// fwd_bwd(&dev, Rows::contiguous(n, v), &logits, &targets, &mut grad, &Default::default(), &LossConfig::default(), &mut out)?;
+/// println!("loss = {}", out.loss_sync(&dev)?);
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn fwd_bwd<T, I, L, S, G>(
-    gpu: &Gpu,
+pub fn fwd_bwd<B, T, I, L, S, G>(
+    dev: &B,
     rows: Rows,
     logits: &L,
     targets: &S,
     grad: &mut G,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
-    out: &mut LossOutputs,
+    out: &mut LossOutputs<B>,
 ) -> Result<()>
 where
+    B: Backend,
     T: LossElement,
     I: TargetIndex,
-    L: DevicePtr<T>,
-    S: DevicePtr<I>,
-    G: DevicePtrMut<T>,
+    L: DeviceRead<T, B>,
+    S: DeviceRead<I, B>,
+    G: DeviceWrite<T, B>,
 {
-    check_ctx(gpu, "logits", logits)?;
-    check_ctx(gpu, "grad", grad)?;
-    let ck = check_common(gpu, rows, logits.len(), targets, extras, cfg, out)?;
+    check_ctx(dev, "logits", logits)?;
+    check_ctx(dev, "grad", grad)?;
+    let ck = check_common(dev, rows, logits.len(), targets, extras, cfg, out)?;
     check_len(
         "grad",
         grad.len(),
         rows.extent(rows.grad_stride),
         "(n_rows - 1) * grad_stride + vocab",
     )?;
-    let stream = gpu.stream();
-    let (lp, _lg) = logits.device_ptr(stream);
-    let (gp, _gg) = grad.device_ptr_mut(stream);
+    let (lp, _lg) = logits.addr(dev);
+    let (gp, _gg) = grad.addr_mut(dev);
     let size = std::mem::size_of::<T>() as u64;
     let (l_end, g_end) = (
         lp + rows.extent(rows.row_stride) as u64 * size,
@@ -565,8 +561,8 @@ where
             "overlaps logits; use fwd_bwd_inplace to overwrite the logits",
         ));
     }
-    launch::fused::<T, I, S>(
-        gpu,
+    launch::fused::<B, T, I, S>(
+        dev,
         rows,
         lp,
         gp,
@@ -582,40 +578,42 @@ where
 /// [`fwd_bwd`] writing the gradient over the logits (`grad_stride` is taken equal to `row_stride`): no
 /// second `[N, V]` buffer.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
 /// use fusekit::loss::{fwd_bwd_inplace, LossConfig, LossOutputs, Rows};
-/// let gpu = fusekit::Gpu::new(0)?;
-/// let mut logits = gpu.stream().clone_htod(&[half::bf16::ONE; 6]).unwrap();
-/// let targets = gpu.stream().clone_htod(&[2i32, 0]).unwrap();
-/// let mut out = LossOutputs::new(&gpu, 2)?;
-/// fwd_bwd_inplace(&gpu, Rows::contiguous(2, 3), &mut logits, &targets, &Default::default(), &LossConfig::default(), &mut out)?;
+/// let dev = fusekit::emu::Emulator::new()?;
+/// let mut logits = dev.upload(&[half::bf16::ONE; 6])?;
+/// let targets = dev.upload(&[2i32, 0])?;
+/// let mut out = LossOutputs::new(&dev, 2)?;
+/// fwd_bwd_inplace(&dev, Rows::contiguous(2, 3), &mut logits, &targets, &Default::default(), &LossConfig::default(), &mut out)?;
 /// # Ok(()) }
 /// ```
-pub fn fwd_bwd_inplace<T, I, L, S>(
-    gpu: &Gpu,
+pub fn fwd_bwd_inplace<B, T, I, L, S>(
+    dev: &B,
     rows: Rows,
     logits: &mut L,
     targets: &S,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
-    out: &mut LossOutputs,
+    out: &mut LossOutputs<B>,
 ) -> Result<()>
 where
+    B: Backend,
     T: LossElement,
     I: TargetIndex,
-    L: DevicePtrMut<T>,
-    S: DevicePtr<I>,
+    L: DeviceWrite<T, B>,
+    S: DeviceRead<I, B>,
 {
     let rows = Rows {
         grad_stride: rows.row_stride,
         ..rows
     };
-    check_ctx(gpu, "logits", logits)?;
-    let ck = check_common(gpu, rows, logits.len(), targets, extras, cfg, out)?;
-    let (lp, _lg) = logits.device_ptr_mut(gpu.stream());
-    launch::fused::<T, I, S>(
-        gpu,
+    check_ctx(dev, "logits", logits)?;
+    let ck = check_common(dev, rows, logits.len(), targets, extras, cfg, out)?;
+    let (lp, _lg) = logits.addr_mut(dev);
+    launch::fused::<B, T, I, S>(
+        dev,
         rows,
         lp,
         lp,
@@ -630,37 +628,39 @@ where
 
 /// Forward only: per-row loss and lse, and the reduced loss; no gradient (one read of the logits).
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
 /// use fusekit::loss::{forward, LossConfig, LossOutputs, Rows};
-/// let gpu = fusekit::Gpu::new(0)?;
-/// let logits = gpu.stream().clone_htod(&[0.5f32; 6]).unwrap();
-/// let targets = gpu.stream().clone_htod(&[2i32, 0]).unwrap();
-/// let mut out = LossOutputs::new(&gpu, 2)?;
-/// forward(&gpu, Rows::contiguous(2, 3), &logits, &targets, &Default::default(), &LossConfig::default(), &mut out)?;
-/// assert!((out.loss_sync(&gpu)? - 3f32.ln()).abs() < 1e-6);
+/// let dev = fusekit::emu::Emulator::new()?;
+/// let logits = dev.upload(&[0.5f32; 6])?;
+/// let targets = dev.upload(&[2i32, 0])?;
+/// let mut out = LossOutputs::new(&dev, 2)?;
+/// forward(&dev, Rows::contiguous(2, 3), &logits, &targets, &Default::default(), &LossConfig::default(), &mut out)?;
+/// assert!((out.loss_sync(&dev)? - 3f32.ln()).abs() < 1e-6);
 /// # Ok(()) }
 /// ```
-pub fn forward<T, I, L, S>(
-    gpu: &Gpu,
+pub fn forward<B, T, I, L, S>(
+    dev: &B,
     rows: Rows,
     logits: &L,
     targets: &S,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
-    out: &mut LossOutputs,
+    out: &mut LossOutputs<B>,
 ) -> Result<()>
 where
+    B: Backend,
     T: LossElement,
     I: TargetIndex,
-    L: DevicePtr<T>,
-    S: DevicePtr<I>,
+    L: DeviceRead<T, B>,
+    S: DeviceRead<I, B>,
 {
-    check_ctx(gpu, "logits", logits)?;
-    let ck = check_common(gpu, rows, logits.len(), targets, extras, cfg, out)?;
-    let (lp, _lg) = logits.device_ptr(gpu.stream());
-    launch::fused::<T, I, S>(
-        gpu,
+    check_ctx(dev, "logits", logits)?;
+    let ck = check_common(dev, rows, logits.len(), targets, extras, cfg, out)?;
+    let (lp, _lg) = logits.addr(dev);
+    launch::fused::<B, T, I, S>(
+        dev,
         rows,
         lp,
         0,
@@ -685,7 +685,7 @@ pub use sigmoid::{sigmoid_focal_fwd_bwd, SigmoidFocalConfig, SigmoidFocalOutputs
 pub(crate) mod check;
 pub mod verify;
 
-impl std::fmt::Debug for LossOutputs {
+impl<B: Backend> std::fmt::Debug for LossOutputs<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LossOutputs")
             .field("n_rows", &self.n_rows)
@@ -693,7 +693,7 @@ impl std::fmt::Debug for LossOutputs {
     }
 }
 
-impl std::fmt::Debug for LossExtras<'_> {
+impl<B: Backend> std::fmt::Debug for LossExtras<'_, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LossExtras")
             .field("class_weights", &self.class_weights.map(|w| w.len()))

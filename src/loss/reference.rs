@@ -78,8 +78,13 @@ pub fn row_loss_grad(
         LossKind::CrossEntropy => {
             let eps = effective_smoothing(cfg.label_smoothing, v);
             let wsum: f64 = (0..v).map(wj).sum();
-            let smooth: f64 = (0..v).map(|j| wj(j) * (lse - z[j])).sum();
-            let loss = (1.0 - eps) * wy * (-logp) + eps / v as f64 * smooth;
+            // Without smoothing the term is absent, not 0 · Σ: a masked (−∞) logit would make it 0 · ∞.
+            let smooth = if eps == 0.0 {
+                0.0
+            } else {
+                eps / v as f64 * (0..v).map(|j| wj(j) * (lse - z[j])).sum::<f64>()
+            };
+            let loss = (1.0 - eps) * wy * (-logp) + smooth;
             let grad = (0..v)
                 .map(|j| {
                     (1.0 - eps) * wy * (p[j] - delta(j)) + eps / v as f64 * (wsum * p[j] - wj(j))

@@ -9,18 +9,18 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 
-use super::launch::{
-    denominator, launch, opt_ptr, reduce_rows, reduction_code, row_grid, row_threads,
-};
+use super::launch::{denominator, launch, reduce_rows, reduction_code, row_grid, row_threads};
 use super::{
     check_common, check_ctx, check_len, LossConfig, LossElement, LossExtras, LossOutputs,
     Reduction, Rows, TargetIndex,
 };
-use crate::error::{DriverContext, Error, Result};
+use crate::backend::opt_addr;
+use crate::backend::private::{Addr, AddrMut};
+use crate::error::{Error, Result};
 use crate::params::*;
-use crate::Gpu;
+use crate::{Backend, DeviceRead, DeviceWrite};
 
 /// f32 values per row in a shard's statistics: max, Σ exp(z − max), z_y (or 0), Σ w_j z_j.
 pub const SHARD_STAT_WIDTH: usize = 4;
@@ -53,49 +53,50 @@ impl ShardSpec {
 /// Per-row statistics of one vocabulary shard into `stats` (`[N, 4]` f32), to be all-gathered.
 /// `rows.vocab` is the shard width; class weights (if any) are the whole vocabulary's `[V]`.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
 /// use fusekit::loss::*;
-/// let gpu = fusekit::Gpu::new(0)?;
+/// let dev = fusekit::emu::Emulator::new()?; // or fusekit::Gpu::new(0)?
 /// let (n, vs) = (2, 3);
-/// let shard = gpu.stream().clone_htod(&[0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6]).unwrap();
-/// let targets = gpu.stream().clone_htod(&[4i64, 0]).unwrap();
-/// let mut stats = gpu.stream().alloc_zeros::<f32>(n * SHARD_STAT_WIDTH).unwrap();
+/// let shard = dev.upload(&[0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6])?;
+/// let targets = dev.upload(&[4i64, 0])?;
+/// let mut stats = dev.alloc_zeros::<f32>(n * SHARD_STAT_WIDTH)?;
 /// let spec = ShardSpec { vocab_offset: 3, full_vocab: 6 };
-/// shard_stats(&gpu, Rows::contiguous(n, vs), &shard, &targets, spec, &Default::default(), &LossConfig::default(), &mut stats)?;
+/// shard_stats(&dev, Rows::contiguous(n, vs), &shard, &targets, spec, &Default::default(), &LossConfig::default(), &mut stats)?;
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn shard_stats<T, I, L, S, D>(
-    gpu: &Gpu,
+pub fn shard_stats<B, T, I, L, S, D>(
+    dev: &B,
     rows: Rows,
     logits: &L,
     targets: &S,
     spec: ShardSpec,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
     stats: &mut D,
 ) -> Result<()>
 where
+    B: Backend,
     T: LossElement,
     I: TargetIndex,
-    L: DevicePtr<T>,
-    S: DevicePtr<I>,
-    D: DevicePtrMut<f32>,
+    L: DeviceRead<T, B>,
+    S: DeviceRead<I, B>,
+    D: DeviceWrite<f32, B>,
 {
-    let kcfg = check_shard(gpu, rows, spec, logits, targets, extras, cfg)?;
-    check_ctx(gpu, "stats", stats)?;
+    let kcfg = check_shard(dev, rows, spec, logits, targets, extras, cfg)?;
+    check_ctx(dev, "stats", stats)?;
     check_len(
         "stats",
         stats.len(),
         rows.n_rows * SHARD_STAT_WIDTH,
         "[N, 4]",
     )?;
-    let s = gpu.stream();
-    let (lp, _a) = logits.device_ptr(s);
-    let (tp, _b) = targets.device_ptr(s);
-    let (sp, _c) = stats.device_ptr_mut(s);
-    let (wp, _d) = opt_ptr(extras.class_weights, s);
+    let (lp, _a) = logits.addr(dev);
+    let (tp, _b) = targets.addr(dev);
+    let (sp, _c) = stats.addr_mut(dev);
+    let (wp, _d) = opt_addr(extras.class_weights, dev);
     let p = fk_ce_shard_stats_params {
         logits: lp as *const c_void,
         targets: tp as *const c_void,
@@ -115,7 +116,7 @@ where
         shared_mem_bytes: 0,
     };
     launch(
-        gpu,
+        dev,
         &format!("fk_ce_shard_stats_{}_{}", T::SUFFIX, I::SUFFIX),
         lc,
         &p,
@@ -123,19 +124,25 @@ where
 }
 
 /// Checks shared by the per-shard kernels; returns the kernel's loss configuration.
-fn check_shard<T: LossElement, I: TargetIndex, L: DevicePtr<T>, S: DevicePtr<I>>(
-    gpu: &Gpu,
+fn check_shard<
+    B: Backend,
+    T: LossElement,
+    I: TargetIndex,
+    L: DeviceRead<T, B>,
+    S: DeviceRead<I, B>,
+>(
+    dev: &B,
     rows: Rows,
     spec: ShardSpec,
     logits: &L,
     targets: &S,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
 ) -> Result<fk_loss_config> {
     rows.validate()?;
     spec.validate(rows.vocab)?;
-    check_ctx(gpu, "logits", logits)?;
-    check_ctx(gpu, "targets", targets)?;
+    check_ctx(dev, "logits", logits)?;
+    check_ctx(dev, "targets", targets)?;
     check_len(
         "logits",
         logits.len(),
@@ -149,17 +156,17 @@ fn check_shard<T: LossElement, I: TargetIndex, L: DevicePtr<T>, S: DevicePtr<I>>
             format!("{}", targets.len()),
         ));
     }
-    weights_cfg(gpu, cfg, extras, spec.full_vocab)
+    weights_cfg(dev, cfg, extras, spec.full_vocab)
 }
 
-fn weights_cfg(
-    gpu: &Gpu,
+fn weights_cfg<B: Backend>(
+    dev: &B,
     cfg: &LossConfig,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     vocab: usize,
 ) -> Result<fk_loss_config> {
     if let Some(w) = extras.class_weights {
-        check_ctx(gpu, "class_weights", w)?;
+        check_ctx(dev, "class_weights", w)?;
         if w.len() != vocab {
             return Err(Error::shape(
                 "class_weights",
@@ -188,38 +195,40 @@ fn weights_cfg(
 /// gradient coefficients in `out`, and the reduced loss. Validates targets against `full_vocab` (see
 /// [`LossOutputs::check_targets_sync`]).
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
 /// use fusekit::loss::*;
-/// let gpu = fusekit::Gpu::new(0)?;
+/// let dev = fusekit::emu::Emulator::new()?; // or fusekit::Gpu::new(0)?
 /// let (n, p) = (2, 2);
-/// let stats = gpu.stream().alloc_zeros::<f32>(p * n * SHARD_STAT_WIDTH).unwrap(); // gathered
-/// let targets = gpu.stream().clone_htod(&[4i64, 0]).unwrap();
-/// let mut out = LossOutputs::new(&gpu, n)?;
-/// shard_combine(&gpu, n, 6, &stats, p, &targets, &Default::default(), &LossConfig::default(), &mut out)?;
+/// let stats = dev.alloc_zeros::<f32>(p * n * SHARD_STAT_WIDTH)?; // gathered
+/// let targets = dev.upload(&[4i64, 0])?;
+/// let mut out = LossOutputs::new(&dev, n)?;
+/// shard_combine(&dev, n, 6, &stats, p, &targets, &Default::default(), &LossConfig::default(), &mut out)?;
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn shard_combine<I, D, S>(
-    gpu: &Gpu,
+pub fn shard_combine<B, I, D, S>(
+    dev: &B,
     n_rows: usize,
     full_vocab: usize,
     stats: &D,
     n_shards: usize,
     targets: &S,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
-    out: &mut LossOutputs,
+    out: &mut LossOutputs<B>,
 ) -> Result<()>
 where
+    B: Backend,
     I: TargetIndex,
-    D: DevicePtr<f32>,
-    S: DevicePtr<I>,
+    D: DeviceRead<f32, B>,
+    S: DeviceRead<I, B>,
 {
     if n_shards == 0 {
         return Err(Error::invalid("n_shards", "must be >= 1"));
     }
-    check_ctx(gpu, "stats", stats)?;
+    check_ctx(dev, "stats", stats)?;
     check_len(
         "stats",
         stats.len(),
@@ -227,24 +236,21 @@ where
         "[n_shards, N, 4]",
     )?;
     let rows = Rows::contiguous(n_rows, full_vocab);
-    let ck = check_common(gpu, rows, usize::MAX, targets, extras, cfg, out)?;
-    let stream = gpu.stream().clone();
-    let (tp, _a) = targets.device_ptr(&stream);
-    let (wp, _b) = opt_ptr(extras.class_weights, &stream);
-    let (gop, _c) = opt_ptr(extras.grad_output.as_ref(), &stream);
-    stream
-        .memset_zeros(&mut out.status)
-        .during("clearing the loss status")?;
+    let ck = check_common(dev, rows, usize::MAX, targets, extras, cfg, out)?;
+    let (tp, _a) = targets.addr(dev);
+    let (wp, _b) = opt_addr(extras.class_weights, dev);
+    let (gop, _c) = opt_addr(extras.grad_output.as_ref(), dev);
+    dev.zero(&mut out.status)?;
     if cfg.reduction == Reduction::Mean {
-        denominator::<I>(gpu, tp, wp, n_rows, full_vocab, cfg.ignore_index, out)?;
+        denominator::<B, I>(dev, tp, wp, n_rows, full_vocab, cfg.ignore_index, out)?;
     }
     {
-        let (sp, _d) = stats.device_ptr(&stream);
-        let (rp, _e) = out.rows.device_ptr_mut(&stream);
-        let (lp, _f) = out.lse.device_ptr_mut(&stream);
-        let (cp, _g) = out.coeffs.device_ptr_mut(&stream);
-        let (dp, _h) = out.denominator.device_ptr(&stream);
-        let (stp, _i) = out.status.device_ptr_mut(&stream);
+        let (sp, _d) = stats.addr(dev);
+        let (rp, _e) = out.rows.addr_mut(dev);
+        let (lp, _f) = out.lse.addr_mut(dev);
+        let (cp, _g) = out.coeffs.addr_mut(dev);
+        let (dp, _h) = out.denominator.addr(dev);
+        let (stp, _i) = out.status.addr_mut(dev);
         let p = fk_ce_shard_combine_params {
             stats: sp as *const fk_shard_stat,
             targets: tp as *const c_void,
@@ -271,48 +277,50 @@ where
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch(gpu, &format!("fk_ce_shard_combine_{}", I::SUFFIX), lc, &p)?;
+        launch(dev, &format!("fk_ce_shard_combine_{}", I::SUFFIX), lc, &p)?;
     }
-    reduce_rows(gpu, n_rows, cfg.reduction, out)
+    reduce_rows(dev, n_rows, cfg.reduction, out)
 }
 
 /// One shard's gradient from the combined lse and coefficients in `out` (after [`shard_combine`]).
 /// `grad` is a separate buffer with `rows.grad_stride`.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
 /// use fusekit::loss::*;
-/// let gpu = fusekit::Gpu::new(0)?;
+/// let dev = fusekit::emu::Emulator::new()?; // or fusekit::Gpu::new(0)?
 /// let (n, vs) = (2, 3);
-/// let shard = gpu.stream().clone_htod(&[0.1f32; 6]).unwrap();
-/// let targets = gpu.stream().clone_htod(&[4i64, 0]).unwrap();
-/// let out = LossOutputs::new(&gpu, n)?; // filled by shard_combine
-/// let mut grad = gpu.stream().alloc_zeros::<f32>(n * vs).unwrap();
+/// let shard = dev.upload(&[0.1f32; 6])?;
+/// let targets = dev.upload(&[4i64, 0])?;
+/// let out = LossOutputs::new(&dev, n)?; // filled by shard_combine
+/// let mut grad = dev.alloc_zeros::<f32>(n * vs)?;
 /// let spec = ShardSpec { vocab_offset: 3, full_vocab: 6 };
-/// shard_backward(&gpu, Rows::contiguous(n, vs), &shard, &targets, spec, &Default::default(), &LossConfig::default(), &out, &mut grad)?;
+/// shard_backward(&dev, Rows::contiguous(n, vs), &shard, &targets, spec, &Default::default(), &LossConfig::default(), &out, &mut grad)?;
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn shard_backward<T, I, L, S, G>(
-    gpu: &Gpu,
+pub fn shard_backward<B, T, I, L, S, G>(
+    dev: &B,
     rows: Rows,
     logits: &L,
     targets: &S,
     spec: ShardSpec,
-    extras: &LossExtras<'_>,
+    extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
-    out: &LossOutputs,
+    out: &LossOutputs<B>,
     grad: &mut G,
 ) -> Result<()>
 where
+    B: Backend,
     T: LossElement,
     I: TargetIndex,
-    L: DevicePtr<T>,
-    S: DevicePtr<I>,
-    G: DevicePtrMut<T>,
+    L: DeviceRead<T, B>,
+    S: DeviceRead<I, B>,
+    G: DeviceWrite<T, B>,
 {
-    let kcfg = check_shard(gpu, rows, spec, logits, targets, extras, cfg)?;
-    check_ctx(gpu, "grad", grad)?;
+    let kcfg = check_shard(dev, rows, spec, logits, targets, extras, cfg)?;
+    check_ctx(dev, "grad", grad)?;
     check_len(
         "grad",
         grad.len(),
@@ -326,19 +334,18 @@ where
             format!("{} rows", out.n_rows()),
         ));
     }
-    let s = gpu.stream();
-    let (lp, _a) = logits.device_ptr(s);
-    let (gp, _b) = grad.device_ptr_mut(s);
+    let (lp, _a) = logits.addr(dev);
+    let (gp, _b) = grad.addr_mut(dev);
     let size = std::mem::size_of::<T>() as u64;
     let l_end = lp + ((rows.n_rows - 1) * rows.row_stride + rows.vocab) as u64 * size;
     let g_end = gp + ((rows.n_rows - 1) * rows.grad_stride + rows.vocab) as u64 * size;
     if lp != gp && lp < g_end && gp < l_end {
         return Err(Error::layout("grad", "partially overlaps logits"));
     }
-    let (tp, _c) = targets.device_ptr(s);
-    let (wp, _d) = opt_ptr(extras.class_weights, s);
-    let (sp, _e) = out.lse.device_ptr(s);
-    let (cp, _f) = out.coeffs.device_ptr(s);
+    let (tp, _c) = targets.addr(dev);
+    let (wp, _d) = opt_addr(extras.class_weights, dev);
+    let (sp, _e) = out.lse.addr(dev);
+    let (cp, _f) = out.coeffs.addr(dev);
     let p = fk_ce_shard_bwd_params {
         logits: lp as *const c_void,
         grad: gp as *mut c_void,
@@ -360,7 +367,7 @@ where
         shared_mem_bytes: 0,
     };
     launch(
-        gpu,
+        dev,
         &format!("fk_ce_shard_bwd_{}_{}", T::SUFFIX, I::SUFFIX),
         lc,
         &p,

@@ -2,13 +2,15 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 
 use super::launch::{launch, reduce, reduction_code};
 use super::{check_ctx, LossElement, Reduction};
-use crate::error::{DriverContext, Error, Result};
+use crate::backend::opt_addr;
+use crate::backend::private::{Addr, AddrMut};
+use crate::error::{Error, Result};
 use crate::params::*;
-use crate::Gpu;
+use crate::{Backend, DeviceRead, DeviceWrite, Gpu};
 
 /// Blocks of the sigmoid-focal kernel at most. The grid depends on n only (not on the GPU), so the
 /// partial sums, and the reduced loss, are the same bits on every device.
@@ -36,37 +38,29 @@ impl Default for SigmoidFocalConfig {
 }
 
 /// Outputs and workspace of [`sigmoid_focal_fwd_bwd`]; allocate once per size and reuse.
-pub struct SigmoidFocalOutputs {
+pub struct SigmoidFocalOutputs<B: Backend = Gpu> {
     /// The reduced loss `[1]` (mean/sum).
-    pub loss: CudaSlice<f32>,
+    pub loss: B::Buffer<f32>,
     /// Per-element loss `[n]` (written for `Reduction::None` only; empty otherwise).
-    pub elements: CudaSlice<f32>,
-    block_sums: CudaSlice<f32>,
-    count: CudaSlice<f32>,
+    pub elements: B::Buffer<f32>,
+    block_sums: B::Buffer<f32>,
+    count: B::Buffer<f32>,
     n: usize,
 }
 
-impl SigmoidFocalOutputs {
+impl<B: Backend> SigmoidFocalOutputs<B> {
     /// Allocates for `n` elements; `per_element` allocates the `[n]` loss output (`Reduction::None`).
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// let out = fusekit::loss::SigmoidFocalOutputs::new(&gpu, 1 << 20, false).unwrap();
     /// ```
-    pub fn new(gpu: &Gpu, n: usize, per_element: bool) -> Result<Self> {
-        let s = gpu.stream();
-        let alloc = |k: usize| {
-            s.alloc_zeros::<f32>(k.max(1))
-                .map_err(|e| Error::driver("allocating focal outputs", e))
-        };
-        let mut count = alloc(1)?;
-        s.memcpy_htod(&[n as f32], &mut count)
-            .during("uploading the element count")?;
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let out = fusekit::loss::SigmoidFocalOutputs::new(&dev, 1 << 20, false).unwrap();
+    /// ```
+    pub fn new(dev: &B, n: usize, per_element: bool) -> Result<Self> {
         Ok(SigmoidFocalOutputs {
-            loss: alloc(1)?,
-            elements: alloc(if per_element { n } else { 0 })?,
-            block_sums: alloc(SIGMOID_FOCAL_MAX_BLOCKS)?,
-            count,
+            loss: dev.alloc_zeros(1)?,
+            elements: dev.alloc_zeros(if per_element { n.max(1) } else { 1 })?,
+            block_sums: dev.alloc_zeros(SIGMOID_FOCAL_MAX_BLOCKS)?,
+            count: dev.upload(&[n as f32])?,
             n,
         })
     }
@@ -76,31 +70,33 @@ impl SigmoidFocalOutputs {
 /// flattened): loss (reduced, or per element) and the gradient of the reduced loss, times the upstream
 /// gradient, in one pass. Targets in between 0 and 1 follow the same formula (soft labels).
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
 /// use fusekit::loss::{sigmoid_focal_fwd_bwd, SigmoidFocalConfig, SigmoidFocalOutputs};
-/// let gpu = fusekit::Gpu::new(0)?;
-/// let x = gpu.stream().clone_htod(&[0.3f32, -1.2, 2.0, 0.0]).unwrap();
-/// let t = gpu.stream().clone_htod(&[1.0f32, 0.0, 1.0, 0.0]).unwrap();
-/// let mut grad = gpu.stream().alloc_zeros::<f32>(4).unwrap();
-/// let mut out = SigmoidFocalOutputs::new(&gpu, 4, false)?;
-/// sigmoid_focal_fwd_bwd(&gpu, &x, &t, &mut grad, None, &SigmoidFocalConfig::default(), &mut out)?;
+/// let dev = fusekit::emu::Emulator::new()?; // or fusekit::Gpu::new(0)?
+/// let x = dev.upload(&[0.3f32, -1.2, 2.0, 0.0])?;
+/// let t = dev.upload(&[1.0f32, 0.0, 1.0, 0.0])?;
+/// let mut grad = dev.alloc_zeros::<f32>(4)?;
+/// let mut out = SigmoidFocalOutputs::new(&dev, 4, false)?;
+/// sigmoid_focal_fwd_bwd(&dev, &x, &t, &mut grad, None, &SigmoidFocalConfig::default(), &mut out)?;
 /// # Ok(()) }
 /// ```
-pub fn sigmoid_focal_fwd_bwd<T, L, Tt, G>(
-    gpu: &Gpu,
+pub fn sigmoid_focal_fwd_bwd<B, T, L, Tt, G>(
+    dev: &B,
     logits: &L,
     targets: &Tt,
     grad: &mut G,
-    grad_output: Option<CudaView<'_, f32>>,
+    grad_output: Option<B::View<'_, f32>>,
     cfg: &SigmoidFocalConfig,
-    out: &mut SigmoidFocalOutputs,
+    out: &mut SigmoidFocalOutputs<B>,
 ) -> Result<()>
 where
+    B: Backend,
     T: LossElement,
-    L: DevicePtr<T>,
-    Tt: DevicePtr<T>,
-    G: DevicePtrMut<T>,
+    L: DeviceRead<T, B>,
+    Tt: DeviceRead<T, B>,
+    G: DeviceWrite<T, B>,
 {
     let n = logits.len();
     if n == 0 {
@@ -110,9 +106,9 @@ where
             "an empty tensor",
         ));
     }
-    check_ctx(gpu, "logits", logits)?;
-    check_ctx(gpu, "targets", targets)?;
-    check_ctx(gpu, "grad", grad)?;
+    check_ctx(dev, "logits", logits)?;
+    check_ctx(dev, "targets", targets)?;
+    check_ctx(dev, "grad", grad)?;
     for (arg, len) in [("targets", targets.len()), ("grad", grad.len())] {
         if len != n {
             return Err(Error::shape(
@@ -149,7 +145,7 @@ where
         ));
     }
     if let Some(g) = &grad_output {
-        check_ctx(gpu, "grad_output", g)?;
+        check_ctx(dev, "grad_output", g)?;
         let need = if cfg.reduction == Reduction::None {
             n
         } else {
@@ -163,28 +159,21 @@ where
             ));
         }
     }
-    let s = gpu.stream().clone();
-    let (lp, _a) = logits.device_ptr(&s);
-    let (tp, _b) = targets.device_ptr(&s);
-    let (gp, _c) = grad.device_ptr_mut(&s);
+    let (lp, _a) = logits.addr(dev);
+    let (tp, _b) = targets.addr(dev);
+    let (gp, _c) = grad.addr_mut(dev);
     let bytes = n as u64 * std::mem::size_of::<T>() as u64;
     if lp < gp + bytes && gp < lp + bytes {
         return Err(Error::layout("grad", "overlaps logits"));
     }
-    let (gop, _d) = match &grad_output {
-        Some(g) => {
-            let (p, gd) = g.device_ptr(&s);
-            (p, Some(gd))
-        }
-        None => (0, None),
-    };
+    let (gop, _d) = opt_addr(grad_output.as_ref(), dev);
     let per_vec = 16 / std::mem::size_of::<T>();
     let blocks = n
         .div_ceil(FK_SIGMOID_FOCAL_THREADS as usize * per_vec * 4)
         .clamp(1, SIGMOID_FOCAL_MAX_BLOCKS);
     {
-        let (ep, _e) = out.elements.device_ptr_mut(&s);
-        let (bp, _f) = out.block_sums.device_ptr_mut(&s);
+        let (ep, _e) = out.elements.addr_mut(dev);
+        let (bp, _f) = out.block_sums.addr_mut(dev);
         let p = fk_sigmoid_focal_params {
             logits: lp as *const c_void,
             targets: tp as *const c_void,
@@ -215,14 +204,14 @@ where
             block_dim: (FK_SIGMOID_FOCAL_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch(gpu, &format!("fk_sigmoid_focal_{}", T::SUFFIX), lc, &p)?;
+        launch(dev, &format!("fk_sigmoid_focal_{}", T::SUFFIX), lc, &p)?;
     }
     if cfg.reduction != Reduction::None {
-        let (bp, _a) = out.block_sums.device_ptr(&s);
-        let (cp, _b) = out.count.device_ptr(&s);
-        let (op, _c) = out.loss.device_ptr_mut(&s);
+        let (bp, _a) = out.block_sums.addr(dev);
+        let (cp, _b) = out.count.addr(dev);
+        let (op, _c) = out.loss.addr_mut(dev);
         reduce(
-            gpu,
+            dev,
             bp,
             blocks,
             if cfg.reduction == Reduction::Mean {
@@ -236,7 +225,7 @@ where
     Ok(())
 }
 
-impl std::fmt::Debug for SigmoidFocalOutputs {
+impl<B: Backend> std::fmt::Debug for SigmoidFocalOutputs<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SigmoidFocalOutputs")
             .field("n", &self.n)

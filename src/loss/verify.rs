@@ -2,14 +2,12 @@
 //! poisoned outputs, the kernel, the f64 reference, and a comparison. Used by the tests, `fusekit check` and
 //! the GPU suite; callers may run it to validate a device.
 
-use cudarc::driver::{CudaSlice, DevicePtr};
-
 use super::{
     reference, LabelSmoothing, LossConfig, LossElement, LossExtras, LossOutputs, Reduction,
     RowPath, Rows,
 };
 use crate::testing::{compare_with_floor, poisoned, Dist, Element, Report, Rng, Tolerance};
-use crate::Gpu;
+use crate::{Backend, DeviceRead};
 
 /// One verification case.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -291,44 +289,45 @@ pub fn inputs<T: LossElement>(case: &Case, rng: &mut Rng) -> CaseInputs<T> {
     }
 }
 
-fn up<T: Element>(gpu: &Gpu, v: &[T]) -> Result<CudaSlice<T>, String> {
-    gpu.stream()
-        .clone_htod(v)
-        .map_err(|e| format!("upload: {e:?}", e = e.0))
+fn up<B: Backend, T: Element>(dev: &B, v: &[T]) -> Result<B::Buffer<T>, String> {
+    dev.upload(v).map_err(|e| format!("upload: {e}"))
 }
 
-fn down<T: Element, S: DevicePtr<T>>(gpu: &Gpu, s: &S) -> Result<Vec<T>, String> {
-    gpu.stream()
-        .clone_dtoh(s)
-        .map_err(|e| format!("download: {:?}", e.0))
+fn down<B: Backend, T: Element, S: DeviceRead<T, B>>(dev: &B, s: &S) -> Result<Vec<T>, String> {
+    dev.download(s).map_err(|e| format!("download: {e}"))
 }
 
-/// Runs `case` on the GPU against the reference. `Err` describes the first failed comparison.
+/// Runs `case` on a device (the emulator or a GPU) against the reference. `Err` describes the first
+/// failed comparison.
 ///
 /// ```
-/// let Some(gpu) = fusekit::testing::gpu_or_skip("verify::run doc") else { return };
+/// let dev = fusekit::emu::Emulator::new().unwrap();
 /// let mut rng = fusekit::testing::Rng::new(3);
-/// let rep = fusekit::loss::verify::run::<half::bf16>(&gpu, &mut rng, &fusekit::loss::verify::Case::ce(4, 1000)).unwrap();
+/// let rep = fusekit::loss::verify::run::<_, half::bf16>(&dev, &mut rng, &fusekit::loss::verify::Case::ce(4, 1000)).unwrap();
 /// assert!(rep.worst_rel_l2() < 1e-2);
 /// ```
-pub fn run<T: LossElement>(gpu: &Gpu, rng: &mut Rng, case: &Case) -> Result<CaseReport, String> {
+pub fn run<B: Backend, T: LossElement>(
+    dev: &B,
+    rng: &mut Rng,
+    case: &Case,
+) -> Result<CaseReport, String> {
     let inp = inputs::<T>(case, rng);
-    run_with(gpu, case, &inp).map(|(r, _)| r)
+    run_with(dev, case, &inp).map(|(r, _)| r)
 }
 
 /// [`run`] on given inputs; also returns the gradient as read back (for determinism checks).
 ///
 /// ```
 /// use fusekit::loss::verify::{inputs, run_with, Case};
-/// let Some(gpu) = fusekit::testing::gpu_or_skip("verify::run_with doc") else { return };
+/// let dev = fusekit::emu::Emulator::new().unwrap();
 /// let case = Case::ce(2, 100);
 /// let inp = inputs::<f32>(&case, &mut fusekit::testing::Rng::new(4));
-/// let (_, g1) = run_with(&gpu, &case, &inp).unwrap();
-/// let (_, g2) = run_with(&gpu, &case, &inp).unwrap();
+/// let (_, g1) = run_with(&dev, &case, &inp).unwrap();
+/// let (_, g2) = run_with(&dev, &case, &inp).unwrap();
 /// assert_eq!(fusekit::testing::first_bit_difference(&g1, &g2), None);
 /// ```
-pub fn run_with<T: LossElement>(
-    gpu: &Gpu,
+pub fn run_with<B: Backend, T: LossElement>(
+    dev: &B,
     case: &Case,
     inp: &CaseInputs<T>,
 ) -> Result<(CaseReport, Vec<T>), String> {
@@ -339,43 +338,56 @@ pub fn run_with<T: LossElement>(
         row_stride: stride,
         grad_stride: stride,
     };
-    let mut logits = up(gpu, &inp.logits)?;
+    let e = |e: crate::Error| e.to_string();
+    let mut logits = up(dev, &inp.logits)?;
     let w_dev = match &inp.weights {
-        Some(w) => Some(up(gpu, w)?),
+        Some(w) => Some(up(dev, w)?),
         None => None,
     };
     let go_dev = match &inp.grad_output {
-        Some(g) => Some(up(gpu, g)?),
+        Some(g) => Some(up(dev, g)?),
+        None => None,
+    };
+    let go_view = match &go_dev {
+        Some(g) => Some(dev.view(g, 0..g.len()).map_err(e)?),
         None => None,
     };
     let extras = LossExtras {
         class_weights: w_dev.as_ref(),
         class_weights_host: inp.weights.as_deref(),
-        grad_output: go_dev.as_ref().map(|g| g.as_view()),
+        grad_output: go_view,
         row_path: case.row_path,
     };
-    let mut out = LossOutputs::new(gpu, n).map_err(|e| e.to_string())?;
-    out.rows = poisoned(gpu, n).map_err(|e| e.to_string())?;
-    out.lse = poisoned(gpu, n).map_err(|e| e.to_string())?;
-    out.loss = poisoned(gpu, 1).map_err(|e| e.to_string())?;
-    let run = |logits: &mut CudaSlice<T>, out: &mut LossOutputs| -> Result<Vec<T>, String> {
+    let mut out = LossOutputs::new(dev, n).map_err(e)?;
+    out.rows = poisoned(dev, n).map_err(e)?;
+    out.lse = poisoned(dev, n).map_err(e)?;
+    out.loss = poisoned(dev, 1).map_err(e)?;
+    let grad_full = {
         macro_rules! go {
             ($I:ty) => {{
                 let t: Vec<$I> = inp.targets.iter().map(|&y| y as $I).collect();
-                let t = up(gpu, &t)?;
+                let t = up(dev, &t)?;
                 if case.inplace {
-                    super::fwd_bwd_inplace(gpu, rows, logits, &t, &extras, &case.cfg, out)
-                        .map_err(|e| e.to_string())?;
-                    out.check_targets_sync(gpu, &t, v, case.cfg.ignore_index)
-                        .map_err(|e| e.to_string())?;
-                    down(gpu, logits)
+                    super::fwd_bwd_inplace(
+                        dev,
+                        rows,
+                        &mut logits,
+                        &t,
+                        &extras,
+                        &case.cfg,
+                        &mut out,
+                    )
+                    .map_err(e)?;
+                    out.check_targets_sync(dev, &t, v, case.cfg.ignore_index)
+                        .map_err(e)?;
+                    down(dev, &logits)?
                 } else {
-                    let mut g = poisoned::<T>(gpu, logits.len()).map_err(|e| e.to_string())?;
-                    super::fwd_bwd(gpu, rows, logits, &t, &mut g, &extras, &case.cfg, out)
-                        .map_err(|e| e.to_string())?;
-                    out.check_targets_sync(gpu, &t, v, case.cfg.ignore_index)
-                        .map_err(|e| e.to_string())?;
-                    down(gpu, &g)
+                    let mut g = poisoned::<B, T>(dev, logits.len()).map_err(e)?;
+                    super::fwd_bwd(dev, rows, &logits, &t, &mut g, &extras, &case.cfg, &mut out)
+                        .map_err(e)?;
+                    out.check_targets_sync(dev, &t, v, case.cfg.ignore_index)
+                        .map_err(e)?;
+                    down(dev, &g)?
                 }
             }};
         }
@@ -385,14 +397,13 @@ pub fn run_with<T: LossElement>(
             go!(i32)
         }
     };
-    let grad_full = run(&mut logits, &mut out)?;
     // Dense view of the gradient rows (padding elements are not part of the output).
     let grad: Vec<T> = (0..n)
         .flat_map(|i| grad_full[i * stride..i * stride + v].to_vec())
         .collect();
-    let rows_out = down(gpu, &out.rows)?;
-    let lse_out = down(gpu, &out.lse)?;
-    let loss_out = down(gpu, &out.loss)?;
+    let rows_out = down(dev, &out.rows)?;
+    let lse_out = down(dev, &out.lse)?;
+    let loss_out = down(dev, &out.loss)?;
     let rep = check_outputs(case, inp, &grad, &rows_out, &lse_out, loss_out[0])?;
     Ok((rep, grad))
 }

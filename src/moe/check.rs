@@ -5,7 +5,7 @@ use half::bf16;
 use super::{reference, GateConfig, Scoring};
 use crate::check::{CheckRow, SelfCheck};
 use crate::testing::{Dist, Element, Rng};
-use crate::Gpu;
+use crate::{Backend, Gpu};
 
 /// Gate configurations every check covers.
 ///
@@ -100,31 +100,31 @@ pub fn gate_inputs<T: Element>(
     (v, bias)
 }
 
-/// Runs the gate on the GPU and compares ids, weights (bit for bit: the reference emulates the kernel's
-/// arithmetic) and counts with the reference. Returns the number of tokens checked.
+/// Runs the gate on a device (the emulator or a GPU) and compares ids, weights (bit for bit: the
+/// reference emulates the kernel's arithmetic) and counts with the reference. Returns the number of
+/// tokens checked.
 ///
 /// ```
-/// let Some(gpu) = fusekit::testing::gpu_or_skip("run_gate doc") else { return };
+/// let dev = fusekit::emu::Emulator::new().unwrap();
 /// let cfg = fusekit::moe::GateConfig::deepseek_v3();
-/// fusekit::moe::check::run_gate::<half::bf16>(&gpu, &cfg, 100, &mut fusekit::testing::Rng::new(5)).unwrap();
+/// fusekit::moe::check::run_gate::<_, half::bf16>(&dev, &cfg, 20, &mut fusekit::testing::Rng::new(5)).unwrap();
 /// ```
-pub fn run_gate<T: super::RouterElement>(
-    gpu: &Gpu,
+pub fn run_gate<B: Backend, T: super::RouterElement>(
+    dev: &B,
     cfg: &GateConfig,
     n_tokens: usize,
     rng: &mut Rng,
 ) -> Result<usize, String> {
     let (logits, bias) = gate_inputs::<T>(cfg, n_tokens, rng);
-    let s = gpu.stream();
-    let e = |x: cudarc::driver::DriverError| format!("{:?}", x.0);
-    let ld = s.clone_htod(&logits).map_err(e)?;
-    let bd = s.clone_htod(&bias).map_err(e)?;
+    let e = |x: crate::Error| x.to_string();
+    let ld = dev.upload(&logits).map_err(e)?;
+    let bd = dev.upload(&bias).map_err(e)?;
     let (k, ne) = (cfg.top_k, cfg.n_experts);
-    let mut ids = crate::testing::poisoned::<i32>(gpu, n_tokens * k).map_err(|x| x.to_string())?;
-    let mut w = crate::testing::poisoned::<f32>(gpu, n_tokens * k).map_err(|x| x.to_string())?;
-    let mut counts = s.alloc_zeros::<i32>(ne).map_err(e)?;
+    let mut ids = crate::testing::poisoned::<B, i32>(dev, n_tokens * k).map_err(e)?;
+    let mut w = crate::testing::poisoned::<B, f32>(dev, n_tokens * k).map_err(e)?;
+    let mut counts = crate::testing::poisoned::<B, i32>(dev, ne).map_err(e)?;
     super::gate(
-        gpu,
+        dev,
         cfg,
         n_tokens,
         &ld,
@@ -134,11 +134,11 @@ pub fn run_gate<T: super::RouterElement>(
         &mut counts,
         false,
     )
-    .map_err(|x| x.to_string())?;
+    .map_err(e)?;
     let (ih, wh, ch) = (
-        s.clone_dtoh(&ids).map_err(e)?,
-        s.clone_dtoh(&w).map_err(e)?,
-        s.clone_dtoh(&counts).map_err(e)?,
+        dev.download(&ids).map_err(e)?,
+        dev.download(&w).map_err(e)?,
+        dev.download(&counts).map_err(e)?,
     );
     let lf: Vec<f32> = logits.iter().map(|x| x.to_f64() as f32).collect();
     let (ri, rw, rc) = reference::gate(&lf, n_tokens, Some(&bias), cfg);
@@ -270,79 +270,78 @@ pub(crate) fn self_check() -> SelfCheck {
                 ),
             ]
         },
-        gpu: |gpu, rng| {
-            let mut rows = Vec::new();
-            for (name, res) in [
-                (
-                    "fk_moe_gate_f32",
-                    gate_configs()
-                        .iter()
-                        .try_for_each(|c| run_gate::<f32>(gpu, c, 67, rng).map(|_| ())),
-                ),
-                (
-                    "fk_moe_gate_bf16",
-                    gate_configs()
-                        .iter()
-                        .try_for_each(|c| run_gate::<bf16>(gpu, c, 67, rng).map(|_| ())),
-                ),
-            ] {
-                rows.push(match res {
-                    Ok(()) => CheckRow::new(
-                        name,
-                        "gpu",
-                        0.0,
-                        true,
-                        format!(
-                            "{} configs, ids/weights/counts bit-exact",
-                            gate_configs().len()
-                        ),
-                        None,
-                    ),
-                    Err(m) => CheckRow::new(name, "gpu", f64::NAN, false, m, None),
-                });
-            }
-            rows.push(match run_permute(gpu, rng, 1000, 8, 64, 16, 256) {
-                Ok((err, gbps)) => CheckRow::new(
-                    "fk_moe_plan/gather/combine",
-                    "gpu",
-                    err,
-                    err < 1e-2,
-                    "T=1000 K=8 E=64 block 16, H=256 bf16".into(),
-                    Some(gbps),
-                ),
-                Err(m) => CheckRow::new(
-                    "fk_moe_plan/gather/combine",
-                    "gpu",
-                    f64::NAN,
-                    false,
-                    m,
-                    None,
-                ),
-            });
-            Ok(rows)
-        },
+        gpu: kernels_check::<Gpu>,
+        emu: kernels_check::<crate::emu::Emulator>,
+        gpu_extra: None,
     }
 }
 
-/// Plan + gather + identity "experts" + combine on the GPU against the reference; returns the relative
-/// L2 error of the combine and the combine's GB/s.
+/// The gate (every configuration, f32 and bf16) and plan/gather/combine on a device against the
+/// reference (with the combine's GB/s on a GPU).
+fn kernels_check<B: Backend>(dev: &B, rng: &mut Rng) -> crate::Result<Vec<CheckRow>> {
+    let mode = dev.kind();
+    let mut rows = Vec::new();
+    for (name, res) in [
+        (
+            "fk_moe_gate_f32",
+            gate_configs()
+                .iter()
+                .try_for_each(|c| run_gate::<B, f32>(dev, c, 67, rng).map(|_| ())),
+        ),
+        (
+            "fk_moe_gate_bf16",
+            gate_configs()
+                .iter()
+                .try_for_each(|c| run_gate::<B, bf16>(dev, c, 67, rng).map(|_| ())),
+        ),
+    ] {
+        rows.push(match res {
+            Ok(()) => CheckRow::new(
+                name,
+                mode,
+                0.0,
+                true,
+                format!(
+                    "{} configs, ids/weights/counts bit-exact",
+                    gate_configs().len()
+                ),
+                None,
+            ),
+            Err(m) => CheckRow::new(name, mode, f64::NAN, false, m, None),
+        });
+    }
+    rows.push(match run_permute(dev, rng, 1000, 8, 64, 16, 256) {
+        Ok((err, gbps)) => CheckRow::new(
+            "fk_moe_plan/gather/combine",
+            mode,
+            err,
+            err < 1e-2,
+            "T=1000 K=8 E=64 block 16, H=256 bf16".into(),
+            gbps,
+        ),
+        Err(m) => CheckRow::new("fk_moe_plan/gather/combine", mode, f64::NAN, false, m, None),
+    });
+    Ok(rows)
+}
+
+/// Plan + gather + identity "experts" + combine on a device against the reference; returns the relative
+/// L2 error of the combine and, on a GPU, the combine's GB/s.
 ///
 /// ```
-/// let Some(gpu) = fusekit::testing::gpu_or_skip("run_permute doc") else { return };
-/// let (err, _gbps) = fusekit::moe::check::run_permute(&gpu, &mut fusekit::testing::Rng::new(6), 100, 4, 16, 8, 64).unwrap();
+/// let dev = fusekit::emu::Emulator::new().unwrap();
+/// let (err, _gbps) = fusekit::moe::check::run_permute(&dev, &mut fusekit::testing::Rng::new(6), 100, 4, 16, 8, 64).unwrap();
 /// assert!(err < 1e-2);
 /// ```
-pub fn run_permute(
-    gpu: &Gpu,
+pub fn run_permute<B: Backend>(
+    dev: &B,
     rng: &mut Rng,
     t: usize,
     k: usize,
     e: usize,
     block: usize,
     h: usize,
-) -> Result<(f64, f64), String> {
-    let s = gpu.stream();
-    let er = |x: cudarc::driver::DriverError| format!("{:?}", x.0);
+) -> Result<(f64, Option<f64>), String> {
+    let er = |x: crate::Error| x.to_string();
     let ids: Vec<i32> = (0..t * k).map(|_| rng.below(e as u64) as i32).collect();
     let hidden: Vec<bf16> = rng
         .sample(
@@ -356,32 +355,34 @@ pub fn run_permute(
         .map(bf16::from_f64)
         .collect();
     let w: Vec<f32> = (0..t * k).map(|_| rng.uniform(0.0, 1.0) as f32).collect();
-    let idd = s.clone_htod(&ids).map_err(er)?;
-    let mut plan = super::PermutePlan::new(gpu, t, k, e, block).map_err(|x| x.to_string())?;
-    plan.build(gpu, &idd).map_err(|x| x.to_string())?;
-    plan.check_ids_sync(gpu, &idd).map_err(|x| x.to_string())?;
+    let idd = dev.upload(&ids).map_err(er)?;
+    let mut plan = super::PermutePlan::new(dev, t, k, e, block).map_err(er)?;
+    crate::testing::poison(dev, &mut plan.sorted_slots).map_err(er)?;
+    crate::testing::poison(dev, &mut plan.slot_row).map_err(er)?;
+    crate::testing::poison(dev, &mut plan.block_expert).map_err(er)?;
+    plan.build(dev, &idd).map_err(er)?;
+    plan.check_ids_sync(dev, &idd).map_err(er)?;
     let (rs, rr, ro, rpo, rb) = reference::plan(&ids, e, block);
-    let got_sorted = s.clone_dtoh(&plan.sorted_slots).map_err(er)?;
+    let got_sorted = dev.download(&plan.sorted_slots).map_err(er)?;
     if got_sorted[..rs.len()] != rs[..] || got_sorted[rs.len()..].iter().any(|&x| x != -1) {
         return Err("sorted_slots differ from the reference".into());
     }
-    if s.clone_dtoh(&plan.slot_row).map_err(er)? != rr {
+    if dev.download(&plan.slot_row).map_err(er)? != rr {
         return Err("slot_row differs".into());
     }
-    if s.clone_dtoh(&plan.offsets).map_err(er)? != ro
-        || s.clone_dtoh(&plan.padded_offsets).map_err(er)? != rpo
+    if dev.download(&plan.offsets).map_err(er)? != ro
+        || dev.download(&plan.padded_offsets).map_err(er)? != rpo
     {
         return Err("offsets differ".into());
     }
-    let be = s.clone_dtoh(&plan.block_expert).map_err(er)?;
+    let be = dev.download(&plan.block_expert).map_err(er)?;
     if be[..rb.len()] != rb[..] || be[rb.len()..].iter().any(|&x| x != -1) {
         return Err("block_expert differs".into());
     }
-    let hd = s.clone_htod(&hidden).map_err(er)?;
-    let mut perm =
-        crate::testing::poisoned::<bf16>(gpu, plan.max_rows() * h).map_err(|x| x.to_string())?;
-    super::gather(gpu, &plan, &hd, h, &mut perm).map_err(|x| x.to_string())?;
-    let ph = s.clone_dtoh(&perm).map_err(er)?;
+    let hd = dev.upload(&hidden).map_err(er)?;
+    let mut perm = crate::testing::poisoned::<B, bf16>(dev, plan.max_rows() * h).map_err(er)?;
+    super::gather(dev, &plan, &hd, h, &mut perm).map_err(er)?;
+    let ph = dev.download(&perm).map_err(er)?;
     for (r, &slot) in rs.iter().enumerate() {
         let want: &[bf16] = if slot < 0 {
             &[]
@@ -401,12 +402,12 @@ pub fn run_permute(
         }
     }
     // Identity experts: expert_out = the gathered rows; combine = Σ_k w_k h_t.
-    let wd = s.clone_htod(&w).map_err(er)?;
-    let mut out = crate::testing::poisoned::<bf16>(gpu, t * h).map_err(|x| x.to_string())?;
-    super::combine(gpu, &plan, &perm, &wd, h, &mut out).map_err(|x| x.to_string())?;
+    let wd = dev.upload(&w).map_err(er)?;
+    let mut out = crate::testing::poisoned::<B, bf16>(dev, t * h).map_err(er)?;
+    super::combine(dev, &plan, &perm, &wd, h, &mut out).map_err(er)?;
     let ph64: Vec<f64> = ph.iter().map(|x| x.to_f64()).collect();
     let want = reference::combine(&ph64, &w, &rr, t, k, h);
-    let oh = s.clone_dtoh(&out).map_err(er)?;
+    let oh = dev.download(&out).map_err(er)?;
     let rep = crate::testing::compare(
         "combine",
         &oh,
@@ -417,11 +418,18 @@ pub fn run_permute(
             rtol: 1e-2,
         },
     )?;
-    let tm = crate::timing::time_launches_sync(gpu, 2, 10, || {
-        super::combine(gpu, &plan, &perm, &wd, h, &mut out)
-    })
-    .map_err(|x| x.to_string())?;
-    Ok((rep.rel_l2, tm.gbps(((t * k + t) * h * 2) as u64)))
+    let gbps = match dev.as_gpu() {
+        Some(gpu) => {
+            let tm = crate::timing::time_launches_sync(gpu, 2, 10, || {
+                // The same launch, through the Gpu-typed buffers of this run.
+                super::combine(dev, &plan, &perm, &wd, h, &mut out)
+            })
+            .map_err(er)?;
+            Some(tm.gbps(((t * k + t) * h * 2) as u64))
+        }
+        None => None,
+    };
+    Ok((rep.rel_l2, gbps))
 }
 
 /// The kernels' portable exp, for tests.

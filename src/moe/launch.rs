@@ -1,21 +1,23 @@
 //! The unsafe boundary of the MoE family: parameter structs, launch shapes, launches.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 
 use super::{BalanceState, GateConfig, HiddenElement, PermutePlan, RouterElement, Scoring};
+use crate::backend::opt_addr;
+use crate::backend::private::{Addr, AddrMut};
 use crate::device::Family;
-use crate::error::{DriverContext, Result};
+use crate::error::Result;
 use crate::launch::{grid, launch_kernel};
 use crate::params::*;
-use crate::Gpu;
+use crate::{Backend, DeviceRead, DeviceWrite};
 
-fn launch1(
-    gpu: &Gpu,
+fn launch1<B: Backend>(
+    dev: &B,
     name: &str,
     cfg: LaunchConfig,
     params: &impl cudarc::driver::DeviceRepr,
 ) -> Result<()> {
-    launch_kernel(gpu, Family::Moe, name, cfg, params, None)
+    launch_kernel(dev, Family::Moe, name, cfg, params, None)
 }
 
 /// Experts per lane of the gate kernel: the power of two with 32·NPL ≥ E.
@@ -24,35 +26,29 @@ pub(crate) fn experts_per_lane(e: usize) -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gate<T, L, I, W, C>(
-    gpu: &Gpu,
+pub(super) fn gate<B, T, L, I, W, C>(
+    dev: &B,
     cfg: &GateConfig,
     n_tokens: usize,
     logits: &L,
-    bias: Option<&CudaSlice<f32>>,
+    bias: Option<&B::Buffer<f32>>,
     ids: &mut I,
     weights: &mut W,
     counts: &mut C,
 ) -> Result<()>
 where
+    B: Backend,
     T: RouterElement,
-    L: DevicePtr<T>,
-    I: DevicePtrMut<i32>,
-    W: DevicePtrMut<f32>,
-    C: DevicePtrMut<i32>,
+    L: DeviceRead<T, B>,
+    I: DeviceWrite<i32, B>,
+    W: DeviceWrite<f32, B>,
+    C: DeviceWrite<i32, B>,
 {
-    let s = gpu.stream();
-    let (lp, _a) = logits.device_ptr(s);
-    let (bp, _b) = match bias {
-        Some(b) => {
-            let (p, g) = b.device_ptr(s);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
-    let (ip, _c) = ids.device_ptr_mut(s);
-    let (wp, _d) = weights.device_ptr_mut(s);
-    let (cp, _e) = counts.device_ptr_mut(s);
+    let (lp, _a) = logits.addr(dev);
+    let (bp, _b) = opt_addr(bias, dev);
+    let (ip, _c) = ids.addr_mut(dev);
+    let (wp, _d) = weights.addr_mut(dev);
+    let (cp, _e) = counts.addr_mut(dev);
     let p = fk_moe_gate_params {
         logits: lp as *const std::ffi::c_void,
         bias: bp as *const f32,
@@ -74,37 +70,36 @@ where
     let warps = FK_MOE_GATE_WARPS as usize;
     let blocks = n_tokens
         .div_ceil(warps)
-        .min(gpu.props().sm_count as usize * 8);
+        .min(dev.props().sm_count as usize * 8);
     let name = format!(
         "fk_moe_gate_{}_e{}",
         T::SUFFIX,
         experts_per_lane(cfg.n_experts)
     );
-    launch1(gpu, &name, grid(blocks, FK_MOE_GATE_WARPS * 32), &p)
+    launch1(dev, &name, grid(blocks, FK_MOE_GATE_WARPS * 32), &p)
 }
 
-pub(super) fn bias_update(
-    gpu: &Gpu,
-    st: &mut BalanceState,
+pub(super) fn bias_update<B: Backend>(
+    dev: &B,
+    st: &mut BalanceState<B>,
     rate: f32,
     proportional: bool,
     reset: bool,
 ) -> Result<()> {
-    let s = gpu.stream();
-    let (cp, _a) = st.counts.device_ptr_mut(s);
-    let (bp, _b) = st.bias.device_ptr_mut(s);
-    let (mp, _c) = st.maxvio_batch.device_ptr_mut(s);
+    let (cp, _a) = st.counts.addr_mut(dev);
+    let (bp, _b) = st.bias.addr_mut(dev);
+    let (mp, _c) = st.maxvio_batch.addr_mut(dev);
     let (wp, _d) = match st.window.as_mut() {
         Some(w) => {
-            let (p, g) = w.device_ptr_mut(s);
+            let (p, g) = w.addr_mut(dev);
             (p, Some(g))
         }
         None => (0, None),
     };
-    let (wsp, _e) = st.window_sum.device_ptr_mut(s);
-    let (pp, _f) = st.window_pos.device_ptr_mut(s);
-    let (fp, _g) = st.window_fill.device_ptr_mut(s);
-    let (mwp, _h) = st.maxvio_window.device_ptr_mut(s);
+    let (wsp, _e) = st.window_sum.addr_mut(dev);
+    let (pp, _f) = st.window_pos.addr_mut(dev);
+    let (fp, _g) = st.window_fill.addr_mut(dev);
+    let (mwp, _h) = st.maxvio_window.addr_mut(dev);
     let p = fk_moe_bias_update_params {
         counts: cp as *mut i32,
         bias: bp as *mut f32,
@@ -120,25 +115,27 @@ pub(super) fn bias_update(
         proportional: proportional as u32,
         reset_counts: reset as u32,
     };
-    launch1(gpu, "fk_moe_bias_update", grid(1, 1024), &p)
+    launch1(dev, "fk_moe_bias_update", grid(1, 1024), &p)
 }
 
-pub(super) fn plan<I: DevicePtr<i32>>(gpu: &Gpu, pl: &mut PermutePlan, ids: &I) -> Result<()> {
-    let s = gpu.stream().clone();
-    s.memset_zeros(&mut pl.status)
-        .during("clearing the plan status")?;
+pub(super) fn plan<B: Backend, I: DeviceRead<i32, B>>(
+    dev: &B,
+    pl: &mut PermutePlan<B>,
+    ids: &I,
+) -> Result<()> {
+    dev.zero(&mut pl.status)?;
     let slots = pl.n_tokens * pl.top_k;
     let chunk = FK_MOE_PLAN_CHUNK as usize;
     let n_chunks = slots.div_ceil(chunk);
     let max_rows = pl.max_rows();
-    let (idp, _a) = ids.device_ptr(&s);
-    let (ccp, _b) = pl.chunk_counts.device_ptr_mut(&s);
-    let (op, _c) = pl.offsets.device_ptr_mut(&s);
-    let (pop, _d) = pl.padded_offsets.device_ptr_mut(&s);
-    let (bep, _e) = pl.block_expert.device_ptr_mut(&s);
-    let (ssp, _f) = pl.sorted_slots.device_ptr_mut(&s);
-    let (srp, _g) = pl.slot_row.device_ptr_mut(&s);
-    let (stp, _h) = pl.status.device_ptr_mut(&s);
+    let (idp, _a) = ids.addr(dev);
+    let (ccp, _b) = pl.chunk_counts.addr_mut(dev);
+    let (op, _c) = pl.offsets.addr_mut(dev);
+    let (pop, _d) = pl.padded_offsets.addr_mut(dev);
+    let (bep, _e) = pl.block_expert.addr_mut(dev);
+    let (ssp, _f) = pl.sorted_slots.addr_mut(dev);
+    let (srp, _g) = pl.slot_row.addr_mut(dev);
+    let (stp, _h) = pl.status.addr_mut(dev);
     let p = fk_moe_plan_params {
         ids: idp as *const i32,
         chunk_counts: ccp as *mut i32,
@@ -156,33 +153,32 @@ pub(super) fn plan<I: DevicePtr<i32>>(gpu: &Gpu, pl: &mut PermutePlan, ids: &I) 
         max_rows: max_rows as i64,
         max_blocks: max_rows.div_ceil(pl.block_size) as i32,
     };
-    launch1(gpu, "fk_moe_plan_count", grid(n_chunks, 256), &p)?;
+    launch1(dev, "fk_moe_plan_count", grid(n_chunks, 256), &p)?;
     launch1(
-        gpu,
+        dev,
         "fk_moe_plan_scan_chunks",
         grid(pl.n_experts.div_ceil(32), 1024),
         &p,
     )?;
-    launch1(gpu, "fk_moe_plan_scan", grid(1, 1024), &p)?;
-    launch1(gpu, "fk_moe_plan_scatter", grid(n_chunks, 32), &p)
+    launch1(dev, "fk_moe_plan_scan", grid(1, 1024), &p)?;
+    launch1(dev, "fk_moe_plan_scatter", grid(n_chunks, 32), &p)
 }
 
-fn row_blocks(gpu: &Gpu, rows: usize) -> usize {
-    rows.min(gpu.props().sm_count as usize * 16)
+fn row_blocks<B: Backend>(dev: &B, rows: usize) -> usize {
+    rows.min(dev.props().sm_count as usize * 16)
 }
 
-pub(super) fn gather<T: HiddenElement, Hs: DevicePtr<T>, O: DevicePtrMut<T>>(
-    gpu: &Gpu,
-    pl: &PermutePlan,
+pub(super) fn gather<B: Backend, T: HiddenElement, Hs: DeviceRead<T, B>, O: DeviceWrite<T, B>>(
+    dev: &B,
+    pl: &PermutePlan<B>,
     hidden: &Hs,
     h: usize,
     out: &mut O,
 ) -> Result<()> {
-    let s = gpu.stream();
-    let (hp, _a) = hidden.device_ptr(s);
-    let (op, _b) = out.device_ptr_mut(s);
-    let (ssp, _c) = pl.sorted_slots.device_ptr(s);
-    let (pop, _d) = pl.padded_offsets.device_ptr(s);
+    let (hp, _a) = hidden.addr(dev);
+    let (op, _b) = out.addr_mut(dev);
+    let (ssp, _c) = pl.sorted_slots.addr(dev);
+    let (pop, _d) = pl.padded_offsets.addr(dev);
     let p = fk_moe_gather_params {
         hidden: hp as *const std::ffi::c_void,
         sorted_slots: ssp as *const i32,
@@ -194,9 +190,9 @@ pub(super) fn gather<T: HiddenElement, Hs: DevicePtr<T>, O: DevicePtrMut<T>>(
     // The total row count lives on the device (padded_offsets[E]); the kernel stops there.
     let total = pop + 4 * pl.n_experts as u64;
     // `total` points at padded_offsets[E], inside the plan's [E + 1] buffer.
-    let cfg = grid(row_blocks(gpu, pl.max_rows()), FK_MOE_ROW_THREADS);
+    let cfg = grid(row_blocks(dev, pl.max_rows()), FK_MOE_ROW_THREADS);
     launch_kernel(
-        gpu,
+        dev,
         Family::Moe,
         &format!("fk_moe_gather_{}", T::SUFFIX),
         cfg,
@@ -205,19 +201,24 @@ pub(super) fn gather<T: HiddenElement, Hs: DevicePtr<T>, O: DevicePtrMut<T>>(
     )
 }
 
-pub(super) fn combine<T: HiddenElement, X: DevicePtr<T>, W: DevicePtr<f32>, O: DevicePtrMut<T>>(
-    gpu: &Gpu,
-    pl: &PermutePlan,
+pub(super) fn combine<
+    B: Backend,
+    T: HiddenElement,
+    X: DeviceRead<T, B>,
+    W: DeviceRead<f32, B>,
+    O: DeviceWrite<T, B>,
+>(
+    dev: &B,
+    pl: &PermutePlan<B>,
     expert_out: &X,
     weights: &W,
     h: usize,
     out: &mut O,
 ) -> Result<()> {
-    let s = gpu.stream();
-    let (xp, _a) = expert_out.device_ptr(s);
-    let (wp, _b) = weights.device_ptr(s);
-    let (op, _c) = out.device_ptr_mut(s);
-    let (srp, _d) = pl.slot_row.device_ptr(s);
+    let (xp, _a) = expert_out.addr(dev);
+    let (wp, _b) = weights.addr(dev);
+    let (op, _c) = out.addr_mut(dev);
+    let (srp, _d) = pl.slot_row.addr(dev);
     let p = fk_moe_combine_params {
         expert_out: xp as *const std::ffi::c_void,
         weights: wp as *const f32,
@@ -228,16 +229,21 @@ pub(super) fn combine<T: HiddenElement, X: DevicePtr<T>, W: DevicePtr<f32>, O: D
         top_k: pl.top_k as i32,
     };
     launch1(
-        gpu,
+        dev,
         &format!("fk_moe_combine_{}", T::SUFFIX),
-        grid(row_blocks(gpu, pl.n_tokens), FK_MOE_ROW_THREADS),
+        grid(row_blocks(dev, pl.n_tokens), FK_MOE_ROW_THREADS),
         &p,
     )
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn ep_counts<I: DevicePtr<i32>, M: DevicePtrMut<u8>, R: DevicePtrMut<i32>>(
-    gpu: &Gpu,
+pub(super) fn ep_counts<
+    B: Backend,
+    I: DeviceRead<i32, B>,
+    M: DeviceWrite<u8, B>,
+    R: DeviceWrite<i32, B>,
+>(
+    dev: &B,
     ids: &I,
     n_tokens: usize,
     top_k: usize,
@@ -246,10 +252,9 @@ pub(super) fn ep_counts<I: DevicePtr<i32>, M: DevicePtrMut<u8>, R: DevicePtrMut<
     membership: &mut M,
     tokens_per_rank: &mut R,
 ) -> Result<()> {
-    let s = gpu.stream();
-    let (ip, _a) = ids.device_ptr(s);
-    let (mp, _b) = membership.device_ptr_mut(s);
-    let (tp, _c) = tokens_per_rank.device_ptr_mut(s);
+    let (ip, _a) = ids.addr(dev);
+    let (mp, _b) = membership.addr_mut(dev);
+    let (tp, _c) = tokens_per_rank.addr_mut(dev);
     let p = fk_moe_ep_params {
         ids: ip as *const i32,
         membership: mp as *mut u8,
@@ -260,12 +265,12 @@ pub(super) fn ep_counts<I: DevicePtr<i32>, M: DevicePtrMut<u8>, R: DevicePtrMut<
         experts_per_rank: experts_per_rank as i32,
     };
     launch1(
-        gpu,
+        dev,
         "fk_moe_ep_counts",
         grid(
             n_tokens
                 .div_ceil(256)
-                .min(gpu.props().sm_count as usize * 8),
+                .min(dev.props().sm_count as usize * 8),
             256,
         ),
         &p,

@@ -27,13 +27,12 @@
 mod launch;
 pub mod reference;
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use crate::error::{DriverContext, Error, Result};
+use crate::error::{Error, Result};
 use crate::params::{FK_MOE_MAX_EXPERTS, FK_MOE_MAX_GROUPS, FK_MOE_MAX_TOPK};
 use crate::testing::Element;
-use crate::Gpu;
+use crate::{Backend, DeviceRead, DeviceWrite, Gpu};
 
 /// Router-logit element types: f32 and bf16.
 pub trait RouterElement: Element + crate::dtype::sealed::Sealed {
@@ -174,45 +173,47 @@ impl GateConfig {
     }
 }
 
-use crate::validate::{exactly as check_len, same_context as check_ctx};
+use crate::validate::{exactly as check_len, owned as check_ctx};
 
 /// The fused gate: ids `[T, K]` (best first), weights `[T, K]` and counts `[E]` from router logits
 /// `[T, E]` and an optional selection bias `[E]`. Counts are added to (`accumulate_counts`: over
 /// micro-batches) or overwritten. One kernel launch (plus a memset of the counts when not accumulating).
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
 /// use fusekit::moe::{gate, GateConfig};
-/// let gpu = fusekit::Gpu::new(0)?;
+/// let dev = fusekit::emu::Emulator::new()?; // or fusekit::Gpu::new(0)?
 /// let cfg = GateConfig::deepseek_v3();
-/// let t = 4096;
-/// let s = gpu.stream();
-/// let logits = s.alloc_zeros::<half::bf16>(t * cfg.n_experts).unwrap();
-/// let bias = s.alloc_zeros::<f32>(cfg.n_experts).unwrap();
-/// let mut ids = s.alloc_zeros::<i32>(t * cfg.top_k).unwrap();
-/// let mut w = s.alloc_zeros::<f32>(t * cfg.top_k).unwrap();
-/// let mut counts = s.alloc_zeros::<i32>(cfg.n_experts).unwrap();
-/// gate(&gpu, &cfg, t, &logits, Some(&bias), &mut ids, &mut w, &mut counts, false)?;
+/// let t = 16;
+/// let logits = dev.alloc_zeros::<half::bf16>(t * cfg.n_experts)?;
+/// let bias = dev.alloc_zeros::<f32>(cfg.n_experts)?;
+/// let mut ids = dev.alloc_zeros::<i32>(t * cfg.top_k)?;
+/// let mut w = dev.alloc_zeros::<f32>(t * cfg.top_k)?;
+/// let mut counts = dev.alloc_zeros::<i32>(cfg.n_experts)?;
+/// gate(&dev, &cfg, t, &logits, Some(&bias), &mut ids, &mut w, &mut counts, false)?;
+/// assert_eq!(dev.download(&counts)?.iter().sum::<i32>(), (t * cfg.top_k) as i32);
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn gate<T, L, I, W, C>(
-    gpu: &Gpu,
+pub fn gate<B, T, L, I, W, C>(
+    dev: &B,
     cfg: &GateConfig,
     n_tokens: usize,
     logits: &L,
-    bias: Option<&CudaSlice<f32>>,
+    bias: Option<&B::Buffer<f32>>,
     ids: &mut I,
     weights: &mut W,
     counts: &mut C,
     accumulate_counts: bool,
 ) -> Result<()>
 where
+    B: Backend,
     T: RouterElement,
-    L: DevicePtr<T>,
-    I: DevicePtrMut<i32>,
-    W: DevicePtrMut<f32>,
-    C: DevicePtrMut<i32>,
+    L: DeviceRead<T, B>,
+    I: DeviceWrite<i32, B>,
+    W: DeviceWrite<f32, B>,
+    C: DeviceWrite<i32, B>,
 {
     cfg.validate()?;
     if n_tokens == 0 {
@@ -223,24 +224,25 @@ where
         ));
     }
     let (e, k) = (cfg.n_experts, cfg.top_k);
-    check_ctx(gpu, "logits", logits)?;
-    check_ctx(gpu, "ids", ids)?;
-    check_ctx(gpu, "weights", weights)?;
-    check_ctx(gpu, "counts", counts)?;
-    check_len("logits", logits.len(), n_tokens * e, "[T, E]")?;
+    check_ctx(dev, "logits", logits)?;
+    check_ctx(dev, "ids", ids)?;
+    check_ctx(dev, "weights", weights)?;
+    check_ctx(dev, "counts", counts)?;
+    let te = n_tokens
+        .checked_mul(e)
+        .ok_or_else(|| Error::shape("logits", "T * E below 2^64", "more"))?;
+    check_len("logits", logits.len(), te, "[T, E]")?;
     check_len("ids", ids.len(), n_tokens * k, "[T, K]")?;
     check_len("weights", weights.len(), n_tokens * k, "[T, K]")?;
     check_len("counts", counts.len(), e, "[E]")?;
     if let Some(b) = bias {
-        check_ctx(gpu, "bias", b)?;
+        check_ctx(dev, "bias", b)?;
         check_len("bias", b.len(), e, "[E]")?;
     }
     if !accumulate_counts {
-        gpu.stream()
-            .memset_zeros(counts)
-            .during("clearing the expert counts")?;
+        dev.zero(counts)?;
     }
-    launch::gate::<T, L, I, W, C>(gpu, cfg, n_tokens, logits, bias, ids, weights, counts)
+    launch::gate::<B, T, L, I, W, C>(dev, cfg, n_tokens, logits, bias, ids, weights, counts)
 }
 
 /// How the bias moves.
@@ -254,52 +256,59 @@ pub enum UpdateRule {
 
 /// Device state of auxiliary-loss-free balancing: the bias, the per-expert counts the gate adds to, and
 /// load statistics. Everything stays on the device; read the statistics with the `_sync` methods.
-pub struct BalanceState {
+pub struct BalanceState<B: Backend = Gpu> {
     /// Selection bias `[E]` (fp32), passed to [`gate`].
-    pub bias: CudaSlice<f32>,
+    pub bias: B::Buffer<f32>,
     /// Per-expert counts `[E]` of the current step, passed to [`gate`] (`accumulate_counts` over
     /// micro-batches; all-reduce across ranks before [`BalanceState::update`]).
-    pub counts: CudaSlice<i32>,
-    maxvio_batch: CudaSlice<f32>,
-    window: Option<CudaSlice<i32>>,
-    window_sum: CudaSlice<i64>,
-    window_pos: CudaSlice<i32>,
-    window_fill: CudaSlice<i32>,
-    maxvio_window: CudaSlice<f32>,
+    pub counts: B::Buffer<i32>,
+    maxvio_batch: B::Buffer<f32>,
+    window: Option<B::Buffer<i32>>,
+    window_sum: B::Buffer<i64>,
+    window_pos: B::Buffer<i32>,
+    window_fill: B::Buffer<i32>,
+    maxvio_window: B::Buffer<f32>,
     window_len: usize,
     n_experts: usize,
 }
 
-impl BalanceState {
+impl<B: Backend> BalanceState<B> {
     /// Zero bias and counts for `n_experts`; `window` > 0 keeps the last `window` steps' counts for a
     /// running MaxVio.
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// let state = fusekit::moe::BalanceState::new(&gpu, 256, 100).unwrap();
     /// ```
-    pub fn new(gpu: &Gpu, n_experts: usize, window: usize) -> Result<Self> {
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let state = fusekit::moe::BalanceState::new(&dev, 256, 100).unwrap();
+    /// ```
+    pub fn new(dev: &B, n_experts: usize, window: usize) -> Result<Self> {
         if n_experts == 0 || n_experts > FK_MOE_MAX_EXPERTS as usize {
             return Err(Error::invalid(
                 "n_experts",
                 format!("must be in 1..={FK_MOE_MAX_EXPERTS}, got {n_experts}"),
             ));
         }
-        let s = gpu.stream();
-        let e = |what: &'static str| move |err| Error::driver(format!("allocating {what}"), err);
+        let wn = window
+            .checked_mul(n_experts)
+            .filter(|&w| w <= i32::MAX as usize)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "window",
+                    format!("{window} steps x {n_experts} experts is too large"),
+                )
+            })?;
         Ok(BalanceState {
-            bias: s.alloc_zeros(n_experts).map_err(e("the bias"))?,
-            counts: s.alloc_zeros(n_experts).map_err(e("the counts"))?,
-            maxvio_batch: s.alloc_zeros(1).map_err(e("MaxVio"))?,
+            bias: dev.alloc_zeros(n_experts)?,
+            counts: dev.alloc_zeros(n_experts)?,
+            maxvio_batch: dev.alloc_zeros(1)?,
             window: if window > 0 {
-                Some(s.alloc_zeros(window * n_experts).map_err(e("the window"))?)
+                Some(dev.alloc_zeros(wn)?)
             } else {
                 None
             },
-            window_sum: s.alloc_zeros(n_experts).map_err(e("the window sum"))?,
-            window_pos: s.alloc_zeros(1).map_err(e("the window position"))?,
-            window_fill: s.alloc_zeros(1).map_err(e("the window fill"))?,
-            maxvio_window: s.alloc_zeros(1).map_err(e("MaxVio"))?,
+            window_sum: dev.alloc_zeros(n_experts)?,
+            window_pos: dev.alloc_zeros(1)?,
+            window_fill: dev.alloc_zeros(1)?,
+            maxvio_window: dev.alloc_zeros(1)?,
             window_len: window,
             n_experts,
         })
@@ -307,9 +316,9 @@ impl BalanceState {
 
     /// Experts.
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// assert_eq!(fusekit::moe::BalanceState::new(&gpu, 64, 0).unwrap().n_experts(), 64);
+    /// ```
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// assert_eq!(fusekit::moe::BalanceState::new(&dev, 64, 0).unwrap().n_experts(), 64);
     /// ```
     pub fn n_experts(&self) -> usize {
         self.n_experts
@@ -318,15 +327,15 @@ impl BalanceState {
     /// One bias update from `counts` (then zeroed for the next step when `reset_counts`), MaxVio of the
     /// batch and of the window. One single-block kernel, no host round trip.
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// let mut st = fusekit::moe::BalanceState::new(&gpu, 64, 10).unwrap();
-    /// st.update(&gpu, 1e-3, fusekit::moe::UpdateRule::Sign, true).unwrap();
-    /// println!("MaxVio {}", st.maxvio_batch_sync(&gpu).unwrap());
+    /// ```
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let mut st = fusekit::moe::BalanceState::new(&dev, 64, 10).unwrap();
+    /// st.update(&dev, 1e-3, fusekit::moe::UpdateRule::Sign, true).unwrap();
+    /// println!("MaxVio {}", st.maxvio_batch_sync(&dev).unwrap());
     /// ```
     pub fn update(
         &mut self,
-        gpu: &Gpu,
+        dev: &B,
         rate: f32,
         rule: UpdateRule,
         reset_counts: bool,
@@ -337,9 +346,9 @@ impl BalanceState {
                 format!("must be finite and >= 0, got {rate}"),
             ));
         }
-        check_ctx(gpu, "state", &self.bias)?;
+        check_ctx(dev, "state", &self.bias)?;
         launch::bias_update(
-            gpu,
+            dev,
             self,
             rate,
             rule == UpdateRule::Proportional,
@@ -350,93 +359,82 @@ impl BalanceState {
     /// MaxVio of the last update's batch, `(max_i c_i − c̄)/c̄`. Synchronises.
     ///
     /// ```
-    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
-    /// let st = fusekit::moe::BalanceState::new(&gpu, 64, 0).unwrap();
-    /// let v: f32 = st.maxvio_batch_sync(&gpu).unwrap();
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let st = fusekit::moe::BalanceState::new(&dev, 64, 0).unwrap();
+    /// let v: f32 = st.maxvio_batch_sync(&dev).unwrap();
     /// ```
-    pub fn maxvio_batch_sync(&self, gpu: &Gpu) -> Result<f32> {
-        Ok(gpu
-            .stream()
-            .clone_dtoh(&self.maxvio_batch)
-            .during("reading MaxVio")?[0])
+    pub fn maxvio_batch_sync(&self, dev: &B) -> Result<f32> {
+        Ok(dev.download(&self.maxvio_batch)?[0])
     }
 
     /// MaxVio of the counts summed over the last `window` updates (None without a window). Synchronises.
     ///
     /// ```
-    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
-    /// let st = fusekit::moe::BalanceState::new(&gpu, 64, 0).unwrap();
-    /// assert_eq!(st.maxvio_window_sync(&gpu).unwrap(), None); // no window
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let st = fusekit::moe::BalanceState::new(&dev, 64, 0).unwrap();
+    /// assert_eq!(st.maxvio_window_sync(&dev).unwrap(), None); // no window
     /// ```
-    pub fn maxvio_window_sync(&self, gpu: &Gpu) -> Result<Option<f32>> {
+    pub fn maxvio_window_sync(&self, dev: &B) -> Result<Option<f32>> {
         if self.window.is_none() {
             return Ok(None);
         }
-        Ok(Some(
-            gpu.stream()
-                .clone_dtoh(&self.maxvio_window)
-                .during("reading MaxVio")?[0],
-        ))
+        Ok(Some(dev.download(&self.maxvio_window)?[0]))
     }
 
     /// The bias, on the host. Synchronises.
     ///
     /// ```
-    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
-    /// let st = fusekit::moe::BalanceState::new(&gpu, 64, 0).unwrap();
-    /// assert_eq!(st.bias_sync(&gpu).unwrap(), vec![0.0; 64]);
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let st = fusekit::moe::BalanceState::new(&dev, 64, 0).unwrap();
+    /// assert_eq!(st.bias_sync(&dev).unwrap(), vec![0.0; 64]);
     /// ```
-    pub fn bias_sync(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        gpu.stream()
-            .clone_dtoh(&self.bias)
-            .during("reading the bias")
+    pub fn bias_sync(&self, dev: &B) -> Result<Vec<f32>> {
+        dev.download(&self.bias)
     }
 
     /// The counts, on the host. Synchronises.
     ///
     /// ```
-    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
-    /// let st = fusekit::moe::BalanceState::new(&gpu, 8, 0).unwrap();
-    /// assert_eq!(st.counts_sync(&gpu).unwrap(), vec![0; 8]);
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let st = fusekit::moe::BalanceState::new(&dev, 8, 0).unwrap();
+    /// assert_eq!(st.counts_sync(&dev).unwrap(), vec![0; 8]);
     /// ```
-    pub fn counts_sync(&self, gpu: &Gpu) -> Result<Vec<i32>> {
-        gpu.stream()
-            .clone_dtoh(&self.counts)
-            .during("reading the counts")
+    pub fn counts_sync(&self, dev: &B) -> Result<Vec<i32>> {
+        dev.download(&self.counts)
     }
 }
 
 /// Buffers of the expert-major permutation of `T·K` slots (slot `s = t·K + k`), sized once per shape.
-pub struct PermutePlan {
+pub struct PermutePlan<B: Backend = Gpu> {
     /// Slot at each row of the (padded) expert-major layout, −1 for padding: `[max_rows]`.
-    pub sorted_slots: CudaSlice<i32>,
+    pub sorted_slots: B::Buffer<i32>,
     /// Row of each slot (−1 when its id was invalid): `[T·K]`.
-    pub slot_row: CudaSlice<i32>,
+    pub slot_row: B::Buffer<i32>,
     /// Unpadded start of each expert's rows, `[E + 1]` (the last is the number of routed slots).
-    pub offsets: CudaSlice<i32>,
+    pub offsets: B::Buffer<i32>,
     /// Start of each expert's rows padded to `block_size`, `[E + 1]` (the last is the padded total).
-    pub padded_offsets: CudaSlice<i32>,
+    pub padded_offsets: B::Buffer<i32>,
     /// Expert of each block of `block_size` rows, −1 past the end: `[max_blocks]`.
-    pub block_expert: CudaSlice<i32>,
-    chunk_counts: CudaSlice<i32>,
-    status: CudaSlice<i32>,
+    pub block_expert: B::Buffer<i32>,
+    chunk_counts: B::Buffer<i32>,
+    status: B::Buffer<i32>,
     n_tokens: usize,
     top_k: usize,
     n_experts: usize,
     block_size: usize,
 }
 
-impl PermutePlan {
+impl<B: Backend> PermutePlan<B> {
     /// Buffers for `n_tokens × top_k` slots over `n_experts`, padded per expert to `block_size` rows
     /// (1: no padding).
     ///
-    /// ```no_run
-    /// # let gpu = fusekit::Gpu::new(0).unwrap();
-    /// let plan = fusekit::moe::PermutePlan::new(&gpu, 4096, 8, 256, 128).unwrap();
+    /// ```
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let plan = fusekit::moe::PermutePlan::new(&dev, 4096, 8, 256, 128).unwrap();
     /// assert_eq!(plan.max_rows(), 4096 * 8 + 256 * 127);
     /// ```
     pub fn new(
-        gpu: &Gpu,
+        dev: &B,
         n_tokens: usize,
         top_k: usize,
         n_experts: usize,
@@ -460,19 +458,20 @@ impl PermutePlan {
         if block_size == 0 {
             return Err(Error::invalid("block_size", "must be >= 1 (1: no padding)"));
         }
+        // Checked: every count below must fit the kernels' 32-bit rows.
+        let max_rows = n_tokens
+            .checked_mul(top_k)
+            .and_then(|s| s.checked_add(n_experts.checked_mul(block_size - 1)?))
+            .filter(|&r| r <= i32::MAX as usize)
+            .ok_or_else(|| Error::Unsupported {
+                what: format!(
+                    "{n_tokens} tokens x top-{top_k} + {n_experts} experts x (block {block_size} - 1) \
+                     permuted rows exceed 2^31 - 1"
+                ),
+            })?;
         let slots = n_tokens * top_k;
-        let max_rows = slots + n_experts * (block_size - 1);
-        if max_rows > i32::MAX as usize {
-            return Err(Error::Unsupported {
-                what: format!("{max_rows} permuted rows exceed 2^31 - 1"),
-            });
-        }
         let n_chunks = slots.div_ceil(crate::params::FK_MOE_PLAN_CHUNK as usize);
-        let s = gpu.stream();
-        let a = |n: usize| {
-            s.alloc_zeros::<i32>(n.max(1))
-                .during("allocating the permutation plan")
-        };
+        let a = |n: usize| dev.alloc_zeros::<i32>(n.max(1));
         Ok(PermutePlan {
             sorted_slots: a(max_rows)?,
             slot_row: a(slots)?,
@@ -491,8 +490,8 @@ impl PermutePlan {
     /// Upper bound of the rows of the permuted layout: `T·K + E·(block_size − 1)`.
     ///
     /// ```
-    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
-    /// let plan = fusekit::moe::PermutePlan::new(&gpu, 10, 2, 4, 8).unwrap();
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let plan = fusekit::moe::PermutePlan::new(&dev, 10, 2, 4, 8).unwrap();
     /// assert_eq!(plan.max_rows(), 20 + 4 * 7);
     /// ```
     pub fn max_rows(&self) -> usize {
@@ -502,58 +501,58 @@ impl PermutePlan {
     /// Tokens, experts per token, experts, block size.
     ///
     /// ```
-    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
-    /// let plan = fusekit::moe::PermutePlan::new(&gpu, 10, 2, 4, 8).unwrap();
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let plan = fusekit::moe::PermutePlan::new(&dev, 10, 2, 4, 8).unwrap();
     /// assert_eq!(plan.shape(), (10, 2, 4, 8));
     /// ```
     pub fn shape(&self) -> (usize, usize, usize, usize) {
         (self.n_tokens, self.top_k, self.n_experts, self.block_size)
     }
 
-    /// Builds the plan from expert ids `[T, K]` (e.g. from [`gate`]): three small kernels, no sync.
+    /// Builds the plan from expert ids `[T, K]` (e.g. from [`gate`]): four small kernels, no sync.
     /// Ids outside `[0, E)` are left out of the layout (their `slot_row` is −1) and reported by
     /// [`PermutePlan::check_ids_sync`].
     ///
-    /// ```no_run
+    /// ```
     /// # fn main() -> fusekit::Result<()> {
-    /// # let gpu = fusekit::Gpu::new(0)?;
-    /// let ids = gpu.stream().clone_htod(&[1i32, 0, 1, 0]).unwrap();
-    /// let mut plan = fusekit::moe::PermutePlan::new(&gpu, 2, 2, 2, 1)?;
-    /// plan.build(&gpu, &ids)?;
-    /// plan.check_ids_sync(&gpu, &ids)?;
+    /// use fusekit::Backend;
+    /// let dev = fusekit::emu::Emulator::new()?;
+    /// let ids = dev.upload(&[1i32, 0, 1, 0])?;
+    /// let mut plan = fusekit::moe::PermutePlan::new(&dev, 2, 2, 2, 1)?;
+    /// plan.build(&dev, &ids)?;
+    /// plan.check_ids_sync(&dev, &ids)?;
+    /// assert_eq!(dev.download(&plan.sorted_slots)?, vec![1, 3, 0, 2]);
     /// # Ok(()) }
     /// ```
-    pub fn build<I: DevicePtr<i32>>(&mut self, gpu: &Gpu, ids: &I) -> Result<()> {
-        check_ctx(gpu, "ids", ids)?;
+    pub fn build<I: DeviceRead<i32, B>>(&mut self, dev: &B, ids: &I) -> Result<()> {
+        check_ctx(dev, "ids", ids)?;
         check_len(
             "ids",
             ids.len(),
             self.n_tokens * self.top_k,
             "[T, K] of the plan",
         )?;
-        launch::plan(gpu, self, ids)
+        launch::plan(dev, self, ids)
     }
 
     /// `Err(OutOfRange)` naming the first slot whose expert id was outside `[0, E)` in the last build.
     /// Synchronises.
     ///
     /// ```
-    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
-    /// let ids = gpu.stream().clone_htod(&[0i32, 7]).unwrap(); // 7 >= E = 4
-    /// let mut plan = fusekit::moe::PermutePlan::new(&gpu, 1, 2, 4, 1).unwrap();
-    /// plan.build(&gpu, &ids).unwrap();
-    /// assert!(plan.check_ids_sync(&gpu, &ids).is_err());
+    /// # use fusekit::Backend;
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let ids = dev.upload(&[0i32, 7]).unwrap(); // 7 >= E = 4
+    /// let mut plan = fusekit::moe::PermutePlan::new(&dev, 1, 2, 4, 1).unwrap();
+    /// plan.build(&dev, &ids).unwrap();
+    /// assert!(plan.check_ids_sync(&dev, &ids).is_err());
     /// ```
-    pub fn check_ids_sync<I: DevicePtr<i32>>(&self, gpu: &Gpu, ids: &I) -> Result<()> {
-        let st = gpu
-            .stream()
-            .clone_dtoh(&self.status)
-            .during("reading the plan status")?[0];
+    pub fn check_ids_sync<I: DeviceRead<i32, B>>(&self, dev: &B, ids: &I) -> Result<()> {
+        let st = dev.download(&self.status)?[0];
         if st == 0 {
             return Ok(());
         }
-        let slot = self.n_tokens * self.top_k - st as usize;
-        let all = gpu.stream().clone_dtoh(ids).during("reading ids")?;
+        let slot = (self.n_tokens * self.top_k).saturating_sub(st as usize);
+        let all = dev.download(ids)?;
         Err(Error::OutOfRange {
             arg: "ids",
             index: slot,
@@ -565,17 +564,15 @@ impl PermutePlan {
     /// Rows of the permuted layout actually used (the padded total). Synchronises.
     ///
     /// ```
-    /// # let Some(gpu) = fusekit::testing::gpu_or_skip("doc example") else { return };
-    /// let ids = gpu.stream().clone_htod(&[0i32, 1, 1, 1]).unwrap();
-    /// let mut plan = fusekit::moe::PermutePlan::new(&gpu, 2, 2, 2, 4).unwrap();
-    /// plan.build(&gpu, &ids).unwrap();
-    /// assert_eq!(plan.total_rows_sync(&gpu).unwrap(), 8); // 1 -> 4 rows, 3 -> 4 rows
+    /// # use fusekit::Backend;
+    /// # let dev = fusekit::emu::Emulator::new().unwrap();
+    /// let ids = dev.upload(&[0i32, 1, 1, 1]).unwrap();
+    /// let mut plan = fusekit::moe::PermutePlan::new(&dev, 2, 2, 2, 4).unwrap();
+    /// plan.build(&dev, &ids).unwrap();
+    /// assert_eq!(plan.total_rows_sync(&dev).unwrap(), 8); // 1 -> 4 rows, 3 -> 4 rows
     /// ```
-    pub fn total_rows_sync(&self, gpu: &Gpu) -> Result<usize> {
-        let v = gpu
-            .stream()
-            .clone_dtoh(&self.padded_offsets)
-            .during("reading the offsets")?;
+    pub fn total_rows_sync(&self, dev: &B) -> Result<usize> {
+        let v = dev.download(&self.padded_offsets)?;
         Ok(v[self.n_experts] as usize)
     }
 }
@@ -584,18 +581,19 @@ impl PermutePlan {
 /// the hidden state of slot `sorted_slots[r]`'s token, padding rows get zeros; rows past the padded total
 /// are not written. One kernel, no sync.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
-/// # let gpu = fusekit::Gpu::new(0)?;
-/// # let plan = fusekit::moe::PermutePlan::new(&gpu, 2, 2, 2, 1)?;
-/// let hidden = gpu.stream().alloc_zeros::<half::bf16>(2 * 4096).unwrap();
-/// let mut out = gpu.stream().alloc_zeros::<half::bf16>(plan.max_rows() * 4096).unwrap();
-/// fusekit::moe::gather(&gpu, &plan, &hidden, 4096, &mut out)?;
+/// use fusekit::Backend;
+/// let dev = fusekit::emu::Emulator::new()?;
+/// # let plan = fusekit::moe::PermutePlan::new(&dev, 2, 2, 2, 1)?;
+/// let hidden = dev.alloc_zeros::<half::bf16>(2 * 64)?;
+/// let mut out = dev.alloc_zeros::<half::bf16>(plan.max_rows() * 64)?;
+/// fusekit::moe::gather(&dev, &plan, &hidden, 64, &mut out)?;
 /// # Ok(()) }
 /// ```
-pub fn gather<T: HiddenElement, Hs: DevicePtr<T>, O: DevicePtrMut<T>>(
-    gpu: &Gpu,
-    plan: &PermutePlan,
+pub fn gather<B: Backend, T: HiddenElement, Hs: DeviceRead<T, B>, O: DeviceWrite<T, B>>(
+    dev: &B,
+    plan: &PermutePlan<B>,
     hidden: &Hs,
     hidden_size: usize,
     out: &mut O,
@@ -603,39 +601,44 @@ pub fn gather<T: HiddenElement, Hs: DevicePtr<T>, O: DevicePtrMut<T>>(
     if hidden_size == 0 {
         return Err(Error::shape("hidden", "hidden_size >= 1", "0"));
     }
-    check_ctx(gpu, "hidden", hidden)?;
-    check_ctx(gpu, "out", out)?;
-    check_len(
-        "hidden",
-        hidden.len(),
-        plan.n_tokens * hidden_size,
-        "[T, H]",
-    )?;
-    check_len(
-        "out",
-        out.len(),
-        plan.max_rows() * hidden_size,
-        "[max_rows, H]",
-    )?;
-    launch::gather(gpu, plan, hidden, hidden_size, out)
+    check_ctx(dev, "hidden", hidden)?;
+    check_ctx(dev, "out", out)?;
+    let th = plan
+        .n_tokens
+        .checked_mul(hidden_size)
+        .ok_or_else(|| Error::shape("hidden", "T * H below 2^64", "more"))?;
+    let rh = plan
+        .max_rows()
+        .checked_mul(hidden_size)
+        .ok_or_else(|| Error::shape("out", "max_rows * H below 2^64", "more"))?;
+    check_len("hidden", hidden.len(), th, "[T, H]")?;
+    check_len("out", out.len(), rh, "[max_rows, H]")?;
+    launch::gather(dev, plan, hidden, hidden_size, out)
 }
 
 /// Weighted combine of expert outputs `[max_rows, H]` (in the plan's layout) back to tokens:
 /// `out[t] = Σ_k weights[t, k] · expert_out[slot_row[t·K + k]]`, fp32 accumulation in k order.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
-/// # let gpu = fusekit::Gpu::new(0)?;
-/// # let plan = fusekit::moe::PermutePlan::new(&gpu, 2, 2, 2, 1)?;
-/// let expert_out = gpu.stream().alloc_zeros::<half::bf16>(plan.max_rows() * 64).unwrap();
-/// let weights = gpu.stream().alloc_zeros::<f32>(2 * 2).unwrap();
-/// let mut out = gpu.stream().alloc_zeros::<half::bf16>(2 * 64).unwrap();
-/// fusekit::moe::combine(&gpu, &plan, &expert_out, &weights, 64, &mut out)?;
+/// use fusekit::Backend;
+/// let dev = fusekit::emu::Emulator::new()?;
+/// # let plan = fusekit::moe::PermutePlan::new(&dev, 2, 2, 2, 1)?;
+/// let expert_out = dev.alloc_zeros::<half::bf16>(plan.max_rows() * 64)?;
+/// let weights = dev.alloc_zeros::<f32>(2 * 2)?;
+/// let mut out = dev.alloc_zeros::<half::bf16>(2 * 64)?;
+/// fusekit::moe::combine(&dev, &plan, &expert_out, &weights, 64, &mut out)?;
 /// # Ok(()) }
 /// ```
-pub fn combine<T: HiddenElement, X: DevicePtr<T>, W: DevicePtr<f32>, O: DevicePtrMut<T>>(
-    gpu: &Gpu,
-    plan: &PermutePlan,
+pub fn combine<
+    B: Backend,
+    T: HiddenElement,
+    X: DeviceRead<T, B>,
+    W: DeviceRead<f32, B>,
+    O: DeviceWrite<T, B>,
+>(
+    dev: &B,
+    plan: &PermutePlan<B>,
     expert_out: &X,
     weights: &W,
     hidden_size: usize,
@@ -644,23 +647,26 @@ pub fn combine<T: HiddenElement, X: DevicePtr<T>, W: DevicePtr<f32>, O: DevicePt
     if hidden_size == 0 {
         return Err(Error::shape("expert_out", "hidden_size >= 1", "0"));
     }
-    check_ctx(gpu, "expert_out", expert_out)?;
-    check_ctx(gpu, "weights", weights)?;
-    check_ctx(gpu, "out", out)?;
-    check_len(
-        "expert_out",
-        expert_out.len(),
-        plan.max_rows() * hidden_size,
-        "[max_rows, H]",
-    )?;
+    check_ctx(dev, "expert_out", expert_out)?;
+    check_ctx(dev, "weights", weights)?;
+    check_ctx(dev, "out", out)?;
+    let th = plan
+        .n_tokens
+        .checked_mul(hidden_size)
+        .ok_or_else(|| Error::shape("out", "T * H below 2^64", "more"))?;
+    let rh = plan
+        .max_rows()
+        .checked_mul(hidden_size)
+        .ok_or_else(|| Error::shape("expert_out", "max_rows * H below 2^64", "more"))?;
+    check_len("expert_out", expert_out.len(), rh, "[max_rows, H]")?;
     check_len(
         "weights",
         weights.len(),
         plan.n_tokens * plan.top_k,
         "[T, K]",
     )?;
-    check_len("out", out.len(), plan.n_tokens * hidden_size, "[T, H]")?;
-    launch::combine(gpu, plan, expert_out, weights, hidden_size, out)
+    check_len("out", out.len(), th, "[T, H]")?;
+    launch::combine(dev, plan, expert_out, weights, hidden_size, out)
 }
 
 /// Expert-parallel dispatch counts for experts split evenly over `n_ranks` (rank r owns experts
@@ -668,18 +674,25 @@ pub fn combine<T: HiddenElement, X: DevicePtr<T>, W: DevicePtr<f32>, O: DevicePt
 /// `tokens_per_rank [R]` (distinct tokens each rank receives; overwritten). Ids outside `[0, E)` are
 /// skipped (the plan reports them).
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
-/// # let gpu = fusekit::Gpu::new(0)?;
-/// let ids = gpu.stream().clone_htod(&[0i32, 3, 1, 0]).unwrap(); // T = 2, K = 2, E = 4
-/// let mut m = gpu.stream().alloc_zeros::<u8>(2 * 2).unwrap();
-/// let mut tpr = gpu.stream().alloc_zeros::<i32>(2).unwrap();
-/// fusekit::moe::ep_counts(&gpu, &ids, 2, 2, 4, 2, &mut m, &mut tpr)?;
+/// use fusekit::Backend;
+/// let dev = fusekit::emu::Emulator::new()?;
+/// let ids = dev.upload(&[0i32, 3, 1, 0])?; // T = 2, K = 2, E = 4
+/// let mut m = dev.alloc_zeros::<u8>(2 * 2)?;
+/// let mut tpr = dev.alloc_zeros::<i32>(2)?;
+/// fusekit::moe::ep_counts(&dev, &ids, 2, 2, 4, 2, &mut m, &mut tpr)?;
+/// assert_eq!(dev.download(&tpr)?, vec![2, 1]);
 /// # Ok(()) }
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn ep_counts<I: DevicePtr<i32>, M: DevicePtrMut<u8>, R: DevicePtrMut<i32>>(
-    gpu: &Gpu,
+pub fn ep_counts<
+    B: Backend,
+    I: DeviceRead<i32, B>,
+    M: DeviceWrite<u8, B>,
+    R: DeviceWrite<i32, B>,
+>(
+    dev: &B,
     ids: &I,
     n_tokens: usize,
     top_k: usize,
@@ -705,17 +718,21 @@ pub fn ep_counts<I: DevicePtr<i32>, M: DevicePtrMut<u8>, R: DevicePtrMut<i32>>(
             format!("T = {n_tokens}, K = {top_k}"),
         ));
     }
-    check_ctx(gpu, "ids", ids)?;
-    check_ctx(gpu, "membership", membership)?;
-    check_ctx(gpu, "tokens_per_rank", tokens_per_rank)?;
-    check_len("ids", ids.len(), n_tokens * top_k, "[T, K]")?;
-    check_len("membership", membership.len(), n_tokens * n_ranks, "[T, R]")?;
+    check_ctx(dev, "ids", ids)?;
+    check_ctx(dev, "membership", membership)?;
+    check_ctx(dev, "tokens_per_rank", tokens_per_rank)?;
+    let tk = n_tokens
+        .checked_mul(top_k)
+        .ok_or_else(|| Error::shape("ids", "T * K below 2^64", "more"))?;
+    let tr = n_tokens
+        .checked_mul(n_ranks)
+        .ok_or_else(|| Error::shape("membership", "T * R below 2^64", "more"))?;
+    check_len("ids", ids.len(), tk, "[T, K]")?;
+    check_len("membership", membership.len(), tr, "[T, R]")?;
     check_len("tokens_per_rank", tokens_per_rank.len(), n_ranks, "[R]")?;
-    gpu.stream()
-        .memset_zeros(tokens_per_rank)
-        .during("clearing tokens_per_rank")?;
+    dev.zero(tokens_per_rank)?;
     launch::ep_counts(
-        gpu,
+        dev,
         ids,
         n_tokens,
         top_k,
@@ -729,7 +746,7 @@ pub fn ep_counts<I: DevicePtr<i32>, M: DevicePtrMut<u8>, R: DevicePtrMut<i32>>(
 pub mod check;
 pub mod simulate;
 
-impl std::fmt::Debug for PermutePlan {
+impl<B: Backend> std::fmt::Debug for PermutePlan<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PermutePlan")
             .field("n_tokens", &self.n_tokens)
@@ -741,7 +758,7 @@ impl std::fmt::Debug for PermutePlan {
     }
 }
 
-impl std::fmt::Debug for BalanceState {
+impl<B: Backend> std::fmt::Debug for BalanceState<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BalanceState")
             .field("n_experts", &self.n_experts)

@@ -242,30 +242,31 @@ pub fn simulate_cpu(cfg: &SimConfig) -> SimTrace {
     }
 }
 
-/// The demonstration on the GPU: the fused gate, the device bias update and the device MaxVio, with the
-/// unbiased-weights check done against the reference on every 50th step.
+/// The demonstration on a device (a GPU, or the emulator at small sizes): the fused gate, the device
+/// bias update and the device MaxVio, with the unbiased-weights check done against the reference on
+/// every 50th step.
 ///
-/// ```no_run
-/// # let gpu = fusekit::Gpu::new(0).unwrap();
-/// let trace = fusekit::moe::simulate::simulate_gpu(&gpu, &fusekit::moe::simulate::SimConfig::deepseek_v3(300)).unwrap();
 /// ```
-pub fn simulate_gpu(gpu: &crate::Gpu, cfg: &SimConfig) -> crate::Result<SimTrace> {
-    use crate::error::DriverContext;
+/// use fusekit::moe::simulate::{simulate_device, SimConfig};
+/// let dev = fusekit::emu::Emulator::new().unwrap(); // or fusekit::Gpu::new(0)
+/// let cfg = SimConfig { n_tokens: 256, ..SimConfig::paper_64x6(3) };
+/// let trace = simulate_device(&dev, &cfg).unwrap();
+/// assert_eq!(trace.maxvio.len(), 3);
+/// ```
+pub fn simulate_device<B: crate::Backend>(dev: &B, cfg: &SimConfig) -> crate::Result<SimTrace> {
     let logits_of = StepLogits::new(cfg);
     let (e, k, t) = (cfg.gate.n_experts, cfg.gate.top_k, cfg.n_tokens);
-    let s = gpu.stream();
-    let mut state = super::BalanceState::new(gpu, e, 0)?;
-    let mut ids = s.alloc_zeros::<i32>(t * k).during("allocating ids")?;
-    let mut w = s.alloc_zeros::<f32>(t * k).during("allocating weights")?;
-    let mut logits_d = s.alloc_zeros::<f32>(t * e).during("allocating logits")?;
+    let mut state = super::BalanceState::new(dev, e, 0)?;
+    let mut ids = dev.alloc_zeros::<i32>(t * k)?;
+    let mut w = dev.alloc_zeros::<f32>(t * k)?;
+    let mut logits_d = dev.alloc_zeros::<f32>(t * e)?;
     let mut maxvio = Vec::with_capacity(cfg.steps);
     let mut unbiased = true;
     for step in 0..cfg.steps {
         let logits = logits_of.step(step);
-        s.memcpy_htod(&logits, &mut logits_d)
-            .during("uploading logits")?;
+        dev.write(&logits, &mut logits_d)?;
         super::gate(
-            gpu,
+            dev,
             &cfg.gate,
             t,
             &logits_d,
@@ -276,16 +277,16 @@ pub fn simulate_gpu(gpu: &crate::Gpu, cfg: &SimConfig) -> crate::Result<SimTrace
             false,
         )?;
         if step % 50 == 0 {
-            let ih = s.clone_dtoh(&ids).during("reading ids")?;
-            let wh = s.clone_dtoh(&w).during("reading weights")?;
+            let ih = dev.download(&ids)?;
+            let wh = dev.download(&w)?;
             unbiased &= weights_are_unbiased(&logits, &ih, &wh, &cfg.gate);
         }
-        state.update(gpu, cfg.rate, cfg.rule, true)?;
-        maxvio.push(state.maxvio_batch_sync(gpu)? as f64);
+        state.update(dev, cfg.rate, cfg.rule, true)?;
+        maxvio.push(state.maxvio_batch_sync(dev)? as f64);
     }
     Ok(SimTrace {
         maxvio,
-        bias: state.bias_sync(gpu)?,
+        bias: state.bias_sync(dev)?,
         weights_unbiased: unbiased,
     })
 }

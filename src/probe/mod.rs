@@ -7,30 +7,30 @@
 mod launch;
 pub mod reference;
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
-
 use crate::device::check_aligned;
 use crate::error::{Error, Result};
 use crate::timing::{time_launches_sync, Timing};
-use crate::Gpu;
+use crate::validate::owned;
+use crate::{Backend, DeviceRead, DeviceWrite, Gpu};
 
-/// Copies `src` into `dst` (same length) with 16-byte vector loads and stores, on the handle's stream.
+/// Copies `src` into `dst` (same length) with 16-byte vector loads and stores, on the device's stream.
 ///
-/// Both buffers must start 16-byte aligned (every cudarc allocation does; a view at an odd offset may not),
-/// must not overlap, and must belong to the handle's context. Any length is fine: the bytes past the last
-/// whole 16-byte vector are copied one by one.
+/// Both buffers must start 16-byte aligned (every allocation does; a view at an odd offset may not),
+/// must not overlap, and must belong to the device. Any length is fine: the bytes past the last whole
+/// 16-byte vector are copied one by one.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> fusekit::Result<()> {
-/// let gpu = fusekit::Gpu::new(0)?;
-/// let src = gpu.stream().clone_htod(&[1u32, 2, 3, 4, 5]).unwrap();
-/// let mut dst = gpu.stream().alloc_zeros::<u32>(5).unwrap();
-/// fusekit::probe::copy(&gpu, &src, &mut dst)?;
-/// assert_eq!(gpu.stream().clone_dtoh(&dst).unwrap(), vec![1, 2, 3, 4, 5]);
+/// use fusekit::Backend;
+/// let dev = fusekit::emu::Emulator::new()?; // or fusekit::Gpu::new(0)?
+/// let src = dev.upload(&[1u32, 2, 3, 4, 5])?;
+/// let mut dst = dev.alloc_zeros::<u32>(5)?;
+/// fusekit::probe::copy(&dev, &src, &mut dst)?;
+/// assert_eq!(dev.download(&dst)?, vec![1, 2, 3, 4, 5]);
 /// # Ok(()) }
 /// ```
-pub fn copy<T: DeviceRepr, S: DevicePtr<T>, D: DevicePtrMut<T>>(
-    gpu: &Gpu,
+pub fn copy<B: Backend, T, S: DeviceRead<T, B>, D: DeviceWrite<T, B>>(
+    dev: &B,
     src: &S,
     dst: &mut D,
 ) -> Result<()> {
@@ -41,21 +41,14 @@ pub fn copy<T: DeviceRepr, S: DevicePtr<T>, D: DevicePtrMut<T>>(
             format!("{} elements", dst.len()),
         ));
     }
-    for (arg, ctx) in [
-        ("src", src.stream().context()),
-        ("dst", dst.stream().context()),
-    ] {
-        if !std::sync::Arc::ptr_eq(ctx, gpu.context()) {
-            return Err(Error::layout(
-                arg,
-                "belongs to another CUDA context than the Gpu handle",
-            ));
-        }
-    }
-    let n_bytes = src.num_bytes() as u64;
-    let stream = gpu.stream();
-    let (src_ptr, _src_guard) = src.device_ptr(stream);
-    let (dst_ptr, _dst_guard) = dst.device_ptr_mut(stream);
+    owned(dev, "src", src)?;
+    owned(dev, "dst", dst)?;
+    let n_bytes =
+        src.len()
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| Error::shape("src", "a size below 2^64 bytes", "more"))? as u64;
+    let (src_ptr, _src_guard) = src.addr(dev);
+    let (dst_ptr, _dst_guard) = dst.addr_mut(dev);
     check_aligned("src", src_ptr, 16)?;
     check_aligned("dst", dst_ptr, 16)?;
     if n_bytes == 0 {
@@ -64,7 +57,7 @@ pub fn copy<T: DeviceRepr, S: DevicePtr<T>, D: DevicePtrMut<T>>(
     if src_ptr < dst_ptr + n_bytes && dst_ptr < src_ptr + n_bytes {
         return Err(Error::layout("dst", "overlaps src"));
     }
-    launch::copy_v16(gpu, src_ptr, dst_ptr, n_bytes)
+    launch::copy_v16(dev, src_ptr, dst_ptr, n_bytes)
 }
 
 /// Measured device-to-device copy bandwidth.
@@ -139,42 +132,57 @@ pub(crate) fn self_check() -> crate::check::SelfCheck {
                 note: "identity on 4099 random bytes".into(),
             }]
         },
-        gpu: |gpu, rng| {
-            let mut pass = true;
-            let mut note = String::new();
-            for &n in CHECK_SIZES {
-                let data: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
-                let src = gpu
-                    .stream()
-                    .clone_htod(&data)
-                    .map_err(|e| Error::driver("uploading check data", e))?;
-                let mut dst = crate::testing::poisoned::<u8>(gpu, n)?;
-                copy(gpu, &src, &mut dst)?;
-                let back = gpu
-                    .stream()
-                    .clone_dtoh(&dst)
-                    .map_err(|e| Error::driver("downloading check data", e))?;
-                if back != reference::copy(&data) {
-                    pass = false;
-                    note = format!("mismatch at {n} bytes");
-                }
-            }
+        gpu: kernels_check::<Gpu>,
+        emu: kernels_check::<crate::emu::Emulator>,
+        gpu_extra: Some(|gpu, _rng| {
             let bw = measure_copy_bandwidth_sync(gpu, 256 << 20, 10)?;
-            if pass {
-                note = format!(
-                    "{} sizes 0..{} B exact; GB/s on 256 MiB",
-                    CHECK_SIZES.len(),
-                    CHECK_SIZES[CHECK_SIZES.len() - 1]
-                );
-            }
             Ok(vec![crate::check::CheckRow {
-                kernel: "fk_copy_v16".into(),
+                kernel: "fk_copy_v16 (bandwidth)".into(),
                 mode: "gpu",
                 max_err: 0.0,
-                pass,
+                pass: true,
                 gbps: Some(bw.gbps()),
-                note,
+                note: "256 MiB copy, median of 10".into(),
             }])
-        },
+        }),
     }
+}
+
+/// `fk_copy_v16` against the reference on the check sizes (the multi-wave one on a GPU only).
+fn kernels_check<B: Backend>(
+    dev: &B,
+    rng: &mut crate::testing::Rng,
+) -> Result<Vec<crate::check::CheckRow>> {
+    let mut pass = true;
+    let mut note = String::new();
+    let sizes: Vec<usize> = CHECK_SIZES
+        .iter()
+        .copied()
+        .filter(|&n| dev.kind() == "gpu" || n <= (1 << 20) + 7)
+        .collect();
+    for &n in &sizes {
+        let data: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
+        let src = dev.upload(&data)?;
+        let mut dst = crate::testing::poisoned::<B, u8>(dev, n)?;
+        copy(dev, &src, &mut dst)?;
+        if dev.download(&dst)? != reference::copy(&data) {
+            pass = false;
+            note = format!("mismatch at {n} bytes");
+        }
+    }
+    if pass {
+        note = format!(
+            "{} sizes 0..{} B exact",
+            sizes.len(),
+            sizes[sizes.len() - 1]
+        );
+    }
+    Ok(vec![crate::check::CheckRow {
+        kernel: "fk_copy_v16".into(),
+        mode: dev.kind(),
+        max_err: 0.0,
+        pass,
+        gbps: None,
+        note,
+    }])
 }
