@@ -25,11 +25,16 @@ pub enum Family {
     Moe,
     /// Device probes: the bandwidth probe every memory-bound floor is measured with.
     Probe,
+    /// Conformance kernels of the constructs the SIMT emulator models (mma.sync, ldmatrix, cp.async,
+    /// warp collectives), run on the emulator and on a GPU against the same expectations
+    /// ([`crate::selftest`]).
+    Selftest,
 }
 
 impl Family {
     /// Every family, in fatbin order.
-    pub const ALL: &'static [Family] = &[Family::Loss, Family::Moe, Family::Probe];
+    pub const ALL: &'static [Family] =
+        &[Family::Loss, Family::Moe, Family::Probe, Family::Selftest];
 
     /// The folder name under `kernels/`.
     ///
@@ -41,6 +46,7 @@ impl Family {
             Family::Loss => "loss",
             Family::Moe => "moe",
             Family::Probe => "probe",
+            Family::Selftest => "selftest",
         }
     }
 

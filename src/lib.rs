@@ -33,6 +33,7 @@ pub mod loss;
 pub mod moe;
 mod params;
 pub mod probe;
+pub mod selftest;
 pub mod testing;
 pub mod timing;
 mod validate;

@@ -8,7 +8,7 @@
 )]
 #![allow(clippy::all)]
 
-use cudarc::driver::DeviceRepr;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
 include!(concat!(env!("OUT_DIR"), "/params.rs"));
 
@@ -27,3 +27,11 @@ unsafe impl DeviceRepr for fk_moe_plan_params {}
 unsafe impl DeviceRepr for fk_moe_gather_params {}
 unsafe impl DeviceRepr for fk_moe_combine_params {}
 unsafe impl DeviceRepr for fk_moe_ep_params {}
+unsafe impl DeviceRepr for fk_selftest_mma_params {}
+unsafe impl DeviceRepr for fk_selftest_ldmatrix_params {}
+unsafe impl DeviceRepr for fk_selftest_warp_params {}
+unsafe impl DeviceRepr for fk_selftest_warp_case {}
+unsafe impl DeviceRepr for fk_selftest_cp_async_params {}
+unsafe impl DeviceRepr for fk_planted_params {}
+// SAFETY: plain integers; all-zero bits are a valid value.
+unsafe impl ValidAsZeroBits for fk_selftest_warp_case {}

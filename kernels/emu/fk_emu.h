@@ -42,7 +42,9 @@
 #define __launch_bounds__(...)
 #define __cluster_dims__(...)
 // Block scope: a block's fibers share one OS thread, a cluster's blocks run on one OS thread each.
-#define __shared__ thread_local
+// `used`: the runtime writes the poison through the TLS block's address, so the compiler must not assume
+// a variable the kernel never stores to keeps its zero initialiser (it would fold the reads to 0).
+#define __shared__ thread_local __attribute__((used))
 #endif
 #define __device__
 #define __host__

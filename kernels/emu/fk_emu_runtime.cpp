@@ -160,6 +160,11 @@ struct ClusterRun {
     std::vector<char *> tls_base;
     std::vector<bool> stuck;  // rank waits for the cluster and can do nothing else
     std::vector<std::string> stuck_desc;
+    // Distributed shared memory: per target rank, the latest cluster phase (barriers its reader had
+    // passed) in which another block read or wrote it, and where. A block may exit only after arriving
+    // at a later phase, or a reader may find it gone: checked at its exit, whatever the timing.
+    std::vector<int> accessed_in_phase;  // -1: never
+    std::vector<std::string> accessed_at;
     unsigned completed = 0;   // phases every non-exited block has arrived at
     bool failed = false;
     std::string error;
@@ -172,6 +177,8 @@ struct ClusterRun {
         tls_base.assign(n, nullptr);
         stuck.assign(n, false);
         stuck_desc.assign(n, std::string());
+        accessed_in_phase.assign(n, -1);
+        accessed_at.assign(n, std::string());
         completed = 0;
         failed = false;
         error.clear();
@@ -229,6 +236,7 @@ struct Pool {
 // no initialisation guard; the fiber pool is freed at thread exit through a pthread key.
 struct Tls {
     Fiber *cur;
+    BlockRun *block;  // the block this OS thread runs (fiber and scheduler side alike)
     void *sched_sp;
 #if !defined(__x86_64__)
     ucontext_t sched_ctx;
@@ -508,8 +516,9 @@ void fiber_main(Fiber *f) {
     BlockRun &b = *f->run;
     tsan_acquire(&b.tsan_start);
     b.launch->kernel->invoke(b.launch->desc->args);
-    // Copies never waited for still land (the hardware would complete them).
-    land_cp_async(f, f->cp_pending.size());
+    // Copies never waited for are dropped: nothing may read them without a wait (a sibling that did,
+    // after this thread exited, would otherwise see them land).
+    f->cp_pending.clear();
     f->cp_group_end.clear();
     tsan_release(&b.tsan_end);
     f->state = DONE;
@@ -687,8 +696,21 @@ struct Scheduler {
         {
             std::lock_guard<std::mutex> lk(c->mu);
             if (exited) {
-                if (!c->exited[b.blk.cluster_rank]) {
-                    c->exited[b.blk.cluster_rank] = true;
+                const unsigned r = b.blk.cluster_rank;
+                if (!c->exited[r]) {
+                    c->exited[r] = true;
+                    if (c->accessed_in_phase[r] >= (int)b.cluster_published) {
+                        const std::string m =
+                            fmt("block (cluster rank %u) exited after %u cluster barrier(s), but another block reads "
+                                "its shared memory after barrier %d (%s): it needs a cluster barrier after those "
+                                "reads before it exits",
+                                r, b.cluster_published, c->accessed_in_phase[r], c->accessed_at[r].c_str());
+                        if (!c->failed) {
+                            c->failed = true;
+                            c->error = fmt("kernel %s, %s: ", b.launch->kernel->info.name, block_name(b).c_str()) + m;
+                        }
+                        fail(b, m);
+                    }
                     c->recompute();
                 }
             } else if (arrived > b.cluster_published) {
@@ -829,8 +851,8 @@ struct Scheduler {
                 }
             }
             if (b.live == 0) {
-                resolve_cluster();  // publish the exit
-                return true;
+                resolve_cluster();  // publish the exit (and check it)
+                return !b.failed;
             }
             progressed |= resolve_barrier();
             if (b.failed) return false;
@@ -860,6 +882,7 @@ bool run_block(Launch &L, BlockRun &b, uint3 idx, unsigned rank, uint3 cidx, Clu
     b.error.clear();
     b.rng = (d.seed ^ (0x9e3779b97f4a7c15ull * (1 + idx.x + 65536ull * (idx.y + 65536ull * idx.z)))) | 1;
     b.tls_base = thread_tls_base();
+    tls.block = &b;
     const size_t stack = (d.fiber_stack_kib ? d.fiber_stack_kib : default_stack_kib()) * 1024;
     b.fibers.resize(L.threads);
     for (unsigned i = 0; i < L.threads; ++i) {
@@ -1070,8 +1093,8 @@ void cluster_wait(const char *file, int line) {
 }
 
 bool shared_address(const void *p) {
-    Fiber *f = tls.cur;
-    const char *base = f->run->tls_base;
+    // Called by kernels and by warp collectives (which run on the scheduler's side).
+    const char *base = tls.block->tls_base;
     const char *q = static_cast<const char *>(p);
     const char *rt = reinterpret_cast<const char *>(&tls);
     if (q >= rt && q < rt + sizeof(Tls)) return false;
@@ -1106,8 +1129,13 @@ void *map_shared_rank(const void *p, unsigned rank, const char *file, int line) 
         else if (c.exited[rank])
             problem = fmt("map_shared_rank at %s to rank %u, a block that has exited (its shared memory is gone)",
                           where(file, line).c_str(), rank);
-        else
+        else {
             target = c.tls_base[rank] + off;
+            if (rank != b.blk.cluster_rank && (int)f->cluster_waited > c.accessed_in_phase[rank]) {
+                c.accessed_in_phase[rank] = (int)f->cluster_waited;
+                c.accessed_at[rank] = fmt("%s, by rank %u", where(file, line).c_str(), b.blk.cluster_rank);
+            }
+        }
     }
     if (!target) {
         fail(b, thread_name(f) + ": " + problem);

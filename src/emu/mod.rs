@@ -960,6 +960,19 @@ const RTLD_DEFAULT: *mut c_void = std::ptr::null_mut();
 type Libraries = Mutex<HashMap<(Sanitizer, Family), Arc<Library>>>;
 static LIBRARIES: Lazy<Libraries> = Lazy::new(|| Mutex::new(HashMap::new()));
 
+/// Whether this build compiled the emulated kernels with `sanitizer` (`FUSEKIT_EMU_VARIANTS` at build
+/// time; the repository's `.cargo/config.toml` builds all three).
+///
+/// ```
+/// let _ = fusekit::emu::variant_built(fusekit::emu::Sanitizer::Address);
+/// ```
+pub fn variant_built(sanitizer: Sanitizer) -> bool {
+    std::env::var_os("FUSEKIT_EMU_DIR").is_some()
+        || libs::EMU_LIBS
+            .iter()
+            .any(|(v, _, _)| *v == sanitizer.name())
+}
+
 /// Where this build put the family's library for a variant (`FUSEKIT_EMU_DIR` overrides: the folder
 /// holding `<variant>/libfk_emu_<family>.so`, for binaries run away from their build).
 fn library_path(san: Sanitizer, family: Family) -> Result<PathBuf> {
