@@ -7,7 +7,7 @@
 # run.sh keeps to a time budget (--budget, default 540 s): every step's timeout is cut to what is left,
 # a step that would start with under 15 s left is recorded as `skipped=budget`, and the report and the
 # logs tarball are always written. The peers stop early themselves (FUSEKIT_DEADLINE). --only restricts
-# the tests and the sanitizer to binaries whose name matches REGEX (e.g. 'loss_gpu'), to split a phase
+# the tests and the sanitizer to binaries whose name matches REGEX (e.g. 'loss_kernels'), to split a phase
 # over several calls. Each call leaves in OUT (few files, as the device tool wants):
 #   logs-PHASE.tar.gz   every log of the phase
 #   report.md/.json     the report of this phase alone
@@ -56,6 +56,9 @@ logs="$root/logs"
 mkdir -p "$logs"
 cp "$here/COMMIT" "$here/BUILT" "$logs/" 2>/dev/null
 export FUSEKIT_REQUIRE_GPU=1
+# The kernel tests run on the emulator and on the GPU; here only the GPU half (the emulated half runs in
+# CI, scripts/emu-test, and its libraries are not in the bundle).
+export FUSEKIT_BACKENDS=gpu
 export RUST_BACKTRACE=1
 export PYTHONUNBUFFERED=1
 export FUSEKIT_BIN="$here/bin/fusekit"
@@ -83,8 +86,9 @@ if want tests; then
   echo "== GPU tests"
   # The binaries that launch kernels first: when the budget runs short, the CPU-only ones (which CI
   # runs anyway) are the ones left out.
-  for t in "$here"/tests/*_gpu "$here"/tests/probe "$here"/tests/device "$here"/tests/cli \
-      $(ls "$here"/tests/* | grep -v -e '_gpu$' -e '/probe$' -e '/device$' -e '/cli$'); do
+  for t in "$here"/tests/*_kernels "$here"/tests/emu_conformance "$here"/tests/probe "$here"/tests/device \
+      "$here"/tests/cli $(ls "$here"/tests/* | grep -v -e '_kernels$' -e '/emu_conformance$' -e '/probe$' \
+      -e '/device$' -e '/cli$'); do
     [ -x "$t" ] || continue
     n=$(basename "$t")
     selected "$n" || continue
@@ -106,12 +110,12 @@ if want sanitize; then
     for tool in $tools; do
       # Only the binaries that launch kernels are worth the sanitizer's time. The multi-GB and many-step
       # tests run unsanitised in the tests phase; under the sanitizer (10-100x slower) they would not fit.
-      for t in "$here"/tests/*_gpu "$here"/tests/probe "$here"/tests/cli; do
+      for t in "$here"/tests/*_kernels "$here"/tests/emu_conformance "$here"/tests/probe "$here"/tests/cli; do
         [ -x "$t" ] || continue
         n=$(basename "$t")
         selected "$n" || continue
         st=$(run_capped 1200 "$logs/sanitizer-$tool-$n.log" "$san" --tool "$tool" --error-exitcode 99 \
-          --print-limit 50 "$t" --test-threads=1 --skip more_than_2_pow_31_elements \
+          --print-limit 50 "$t" --test-threads=1 --skip more_than_2_pow_31 \
           --skip balance_demonstration_at_full_scale)
         echo "$tool $n $st" | tee -a "$logs/sanitizer.txt"
       done

@@ -164,6 +164,7 @@ fn missing_barrier_gives_a_wrong_sum_under_some_schedule() {
 /// Runs `bug` in a child copy of this test binary under `san`; returns its stderr and stdout, or None
 /// (with a SKIP line) when this build has no such variant.
 fn under_sanitizer(san: Sanitizer, bug: &str, threads: u32) -> Option<String> {
+    emu()?; // FUSEKIT_BACKENDS without the emulator (the GPU suite): nothing to run
     if !variant_built(san) {
         use std::io::Write;
         let _ = writeln!(
@@ -264,8 +265,9 @@ fn out_of_bounds_static_shared_index_is_reported_by_ubsan() {
     let Some(r) = under_sanitizer(Sanitizer::Address, "OobStaticShared", 128) else {
         return;
     };
+    // Which thread gets there first depends on the schedule: any index in 64..128.
     assert!(
-        r.contains("index 64 out of bounds for type 'float [64]'"),
+        (64..128).any(|i| r.contains(&format!("index {i} out of bounds for type 'float [64]'"))),
         "{r}"
     );
     assert!(r.contains(&line_of("s[t] = p.in[t % p.n]")), "{r}");

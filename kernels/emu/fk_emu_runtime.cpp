@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -146,6 +147,7 @@ struct Fiber {
     std::vector<size_t> cp_group_end;  // committed groups: end index into cp_pending
     BlockRun *run = nullptr;
     struct Tls *home = nullptr;  // the OS thread's runtime state (no TLS lookup on the switch path)
+    char tsan_park = 0;          // released at every park: what an aborted launch's cleanup acquires
 };
 
 struct Launch;
@@ -226,6 +228,8 @@ struct BlockRun {
 
 // The OS thread's runtime state: the one thread_local of the runtime, kept out of the shared-memory
 // poisoning (everything else in this library's thread-local storage is shared memory).
+void tsan_acquire(void *p);
+
 struct Pool {
     std::vector<Fiber *> fibers;  // fibers (and their stacks), reused across blocks and launches
     size_t stack_size = 0;
@@ -254,6 +258,7 @@ std::once_flag g_pool_key_once;
 
 void Pool::clear() {
     for (Fiber *f : fibers) {
+        tsan_acquire(&f->tsan_park);  // a fiber abandoned by a failed launch last ran before its park
         if (f->tsan_fiber && __tsan_destroy_fiber) __tsan_destroy_fiber(f->tsan_fiber);
         munmap(f->stack - 4096, f->stack_size + 4096);
         delete f;
@@ -431,6 +436,7 @@ void switch_to_scheduler(Fiber *f, bool final) {
 
 // Parks the running fiber (its state already set) until the scheduler resumes it.
 void park(Fiber *f) {
+    if (tsan()) __tsan_release(&f->tsan_park);
     switch_to_scheduler(f, false);
 }
 
@@ -914,6 +920,8 @@ bool run_block(Launch &L, BlockRun &b, uint3 idx, unsigned rank, uint3 cidx, Clu
     Scheduler s{b, d.schedule, tls};
     const bool ok = s.run();
     tsan_acquire(&b.tsan_end);
+    if (!ok)
+        for (Fiber *f : b.fibers) tsan_acquire(&f->tsan_park);  // abandoned mid-kernel: order their last steps
     unpoison_dynamic();
     b.stats.blocks++;
     b.stats.threads += L.threads;
@@ -946,6 +954,70 @@ void add_stats(fk_emu_launch_stats &a, const fk_emu_launch_stats &s) {
     a.barriers += s.barriers;
     a.warp_ops += s.warp_ops;
     a.cluster_barriers += s.cluster_barriers;
+}
+
+// Helper OS threads for the cluster ranks past the first, kept for the process's life: a cluster
+// launch borrows C - 1 of them (their fiber pools and, under ThreadSanitizer, their fiber states stay
+// warm from one launch to the next).
+struct Worker {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::function<void()> job;
+    bool busy = false;
+};
+
+struct WorkerPool {
+    std::mutex mu;
+    std::vector<Worker *> idle;
+};
+WorkerPool *g_workers = new WorkerPool();  // never freed: workers may outlive static destructors
+
+Worker *borrow_worker() {
+    {
+        std::lock_guard<std::mutex> lk(g_workers->mu);
+        if (!g_workers->idle.empty()) {
+            Worker *w = g_workers->idle.back();
+            g_workers->idle.pop_back();
+            return w;
+        }
+    }
+    Worker *w = new Worker();
+    std::thread([w] {
+        for (;;) {
+            std::function<void()> job;
+            {
+                std::unique_lock<std::mutex> lk(w->mu);
+                w->cv.wait(lk, [w] { return (bool)w->job; });
+                job = std::move(w->job);
+                w->job = nullptr;
+            }
+            job();
+            {
+                std::lock_guard<std::mutex> lk(w->mu);
+                w->busy = false;
+            }
+            w->cv.notify_all();
+        }
+    }).detach();
+    return w;
+}
+
+void start_job(Worker *w, std::function<void()> job) {
+    {
+        std::lock_guard<std::mutex> lk(w->mu);
+        w->busy = true;
+        w->job = std::move(job);
+    }
+    w->cv.notify_all();
+}
+
+void finish_job(Worker *w) {
+    {
+        std::unique_lock<std::mutex> lk(w->mu);
+        w->cv.wait(lk, [w] { return !w->busy; });
+    }
+    std::lock_guard<std::mutex> lk(g_workers->mu);
+    g_workers->idle.push_back(w);
 }
 
 int run_launch(Launch &L, std::string &error) {
@@ -1004,10 +1076,13 @@ int run_launch(Launch &L, std::string &error) {
         }
         stats[r] = b.stats;
     };
-    std::vector<std::thread> threads;
-    for (unsigned r = 1; r < C; ++r) threads.emplace_back(worker, r);
+    std::vector<Worker *> helpers;
+    for (unsigned r = 1; r < C; ++r) {
+        helpers.push_back(borrow_worker());
+        start_job(helpers.back(), [&worker, r] { worker(r); });
+    }
     worker(0);
-    for (std::thread &t : threads) t.join();
+    for (Worker *w : helpers) finish_job(w);
     for (unsigned r = 0; r < C; ++r) add_stats(L.stats, stats[r]);
     for (unsigned r = 0; r < C; ++r)
         if (!errors[r].empty() && errors[r].find("another block of the cluster failed") == std::string::npos) {
@@ -1148,6 +1223,7 @@ void trap(const char *what, const char *file, int line) {
     Fiber *f = tls.cur;
     if (what && *what) fail(*f->run, fmt("%s: %s at %s", thread_name(f).c_str(), what, where(file, line).c_str()));
     f->state = DONE;
+    if (tsan()) __tsan_release(&f->tsan_park);
     switch_to_scheduler(f, true);
     __builtin_trap();
 }
