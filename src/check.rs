@@ -85,6 +85,7 @@ pub fn registry() -> Vec<SelfCheck> {
         crate::probe::self_check(),
         crate::loss::check::self_check(),
         crate::moe::check::self_check(),
+        crate::selftest::self_check(),
     ]
 }
 

@@ -32,6 +32,8 @@ unsafe impl DeviceRepr for fk_selftest_ldmatrix_params {}
 unsafe impl DeviceRepr for fk_selftest_warp_params {}
 unsafe impl DeviceRepr for fk_selftest_warp_case {}
 unsafe impl DeviceRepr for fk_selftest_cp_async_params {}
+unsafe impl DeviceRepr for fk_selftest_block_params {}
+unsafe impl DeviceRepr for fk_selftest_convert_params {}
 unsafe impl DeviceRepr for fk_planted_params {}
 // SAFETY: plain integers; all-zero bits are a valid value.
 unsafe impl ValidAsZeroBits for fk_selftest_warp_case {}

@@ -13,29 +13,7 @@ use fusekit::Backend;
 #[test]
 fn fragment_maps_are_bijections_onto_the_tiles() {
     for op in MmaOp::ALL {
-        let (k, per_reg) = (op.k(), 32 / op.bits() as usize);
-        let mut a = vec![0u32; 16 * k];
-        let mut b = vec![0u32; k * 8];
-        let mut c = [0u32; 128];
-        for lane in 0..32 {
-            for reg in 0..4 {
-                for i in 0..per_reg {
-                    let (r, col) = reference::a_coord(op, lane, reg, i);
-                    a[r * k + col] += 1;
-                }
-                let (r, col) = reference::c_coord(lane, reg);
-                c[r * 8 + col] += 1;
-            }
-            for reg in 0..2 {
-                for i in 0..per_reg {
-                    let (kk, n) = reference::b_coord(op, lane, reg, i);
-                    b[kk * 8 + n] += 1;
-                }
-            }
-        }
-        assert!(a.iter().all(|&x| x == 1), "{op:?}: A");
-        assert!(b.iter().all(|&x| x == 1), "{op:?}: B");
-        assert!(c.iter().all(|&x| x == 1), "{op:?}: C");
+        assert!(reference::maps_are_bijections(op), "{op:?}");
     }
 }
 
@@ -269,6 +247,88 @@ fn cp_async_pipeline_delivers_every_element() {
                 "{} n = {n}",
                 dev.kind()
             );
+        }
+    });
+}
+
+#[test]
+fn block_indices_barriers_with_predicates_and_atomics() {
+    fusekit::on_every_backend!(
+        "block_indices_barriers_with_predicates_and_atomics",
+        |dev| {
+            for pred_mod in [1u32, 2, 3, 64, 1000] {
+                let mut got = fusekit::selftest::block_builtins(dev, pred_mod).unwrap();
+                let want = reference::block_builtins(pred_mod);
+                // The CAS winner is whichever thread got there first: only that there was one is checked.
+                assert_ne!(got.global[2], 0, "{}: no CAS winner", dev.kind());
+                got.global[2] = 0;
+                assert_eq!(got, want, "{} pred_mod {pred_mod}", dev.kind());
+            }
+        }
+    );
+}
+
+#[test]
+fn bf16_and_f16_conversions_round_like_the_device() {
+    fusekit::on_every_backend!("bf16_and_f16_conversions_round_like_the_device", |dev| {
+        let mut rng = Rng::new(seed_for("bf16_and_f16_conversions"));
+        // Ties (both parities), subnormals of both types, overflow edges, infinities, NaN, signed zeros.
+        let mut x: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            65504.0,
+            65519.99,
+            65520.0,
+            -65520.0,
+            1e-8,
+            5.96e-8,
+            2.98e-8,
+            2.99e-8,
+            6.1e-5,
+            6.0e-5,
+            1e-40,
+            -1e-45,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            1.0 + 1.0 / 1024.0,
+            1.0 + 3.0 / 1024.0,
+            3.4e38,
+        ];
+        x.extend((0..4000).map(|_| f32::from_bits(rng.next_u64() as u32)));
+        x.extend((0..2000).map(|_| (rng.normal() * 1e3) as f32));
+        let (b, h, back) = fusekit::selftest::convert(dev, &x).unwrap();
+        for (i, &v) in x.iter().enumerate() {
+            let (wb, wh) = (half::bf16::from_f32(v), half::f16::from_f32(v));
+            if v.is_nan() {
+                assert!(
+                    half::bf16::from_bits(b[i]).is_nan() && half::f16::from_bits(h[i]).is_nan()
+                );
+                assert!(back[2 * i].is_nan() && back[2 * i + 1].is_nan());
+                continue;
+            }
+            assert_eq!(
+                b[i],
+                wb.to_bits(),
+                "{}: bf16 of {v:e} ({:#x})",
+                dev.kind(),
+                v.to_bits()
+            );
+            assert_eq!(
+                h[i],
+                wh.to_bits(),
+                "{}: f16 of {v:e} ({:#x})",
+                dev.kind(),
+                v.to_bits()
+            );
+            assert_eq!(back[2 * i].to_bits(), wb.to_f32().to_bits());
+            assert_eq!(back[2 * i + 1].to_bits(), wh.to_f32().to_bits());
         }
     });
 }

@@ -117,15 +117,36 @@ fn copy_rejects_bad_arguments_on<B: Backend>(dev: &B) {
 
 #[test]
 fn copy_of_disjoint_halves_of_one_allocation() {
-    // Two views of one allocation that do not alias in Rust's eyes (cudarc's split_at_mut).
-    let Some(gpu) = gpu_or_skip("copy_of_disjoint_halves_of_one_allocation") else {
-        return;
-    };
-    let mut buf = gpu.stream().alloc_zeros::<u8>(4096).unwrap();
-    let (a, mut b) = buf.split_at_mut(2048);
-    probe::copy(&gpu, &a, &mut b).unwrap();
+    // Two views of one allocation that do not alias in Rust's eyes (cudarc's split_at_mut; raw views
+    // on the emulator): disjoint halves are fine, overlapping ones are a layout error.
+    let name = "copy_of_disjoint_halves_of_one_allocation";
+    if let Some(dev) = fusekit::testing::emulator_for(name) {
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let buf = dev.upload(&data).unwrap();
+        let p = buf.as_ptr() as *mut u8;
+        // SAFETY: both windows lie inside `buf`, which outlives them.
+        let (a, mut b) = unsafe {
+            (
+                fusekit::emu::View::from_raw_parts(p, 2048),
+                fusekit::emu::ViewMut::from_raw_parts(p.add(2048), 2048),
+            )
+        };
+        probe::copy(&dev, &a, &mut b).unwrap();
+        let back = dev.download(&buf).unwrap();
+        assert_eq!(back[2048..], data[..2048]);
+        // SAFETY: as above; the overlap is what the call must refuse.
+        let mut c = unsafe { fusekit::emu::ViewMut::from_raw_parts(p.add(1024), 2048) };
+        let e = probe::copy(&dev, &a, &mut c).unwrap_err();
+        assert!(matches!(e, Error::Layout { arg: "dst", .. }), "{e}");
+    }
+    if let Some(gpu) = fusekit::testing::gpu_for(name) {
+        let mut buf = gpu.stream().alloc_zeros::<u8>(4096).unwrap();
+        let (a, mut b) = buf.split_at_mut(2048);
+        probe::copy(&gpu, &a, &mut b).unwrap();
+    }
 }
 
+// GPU only by nature: CUDA contexts and measured bandwidth have no emulated counterpart.
 #[test]
 fn copy_rejects_buffers_of_another_context() {
     let Some(gpu) = gpu_or_skip("copy_rejects_buffers_of_another_context") else {

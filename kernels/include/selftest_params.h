@@ -80,6 +80,29 @@ typedef struct fk_selftest_cp_async_params {
     int64_t n;
 } fk_selftest_cp_async_params;
 
+/* Block-level built-ins: a launch of grid (2, 3, 2) x block (8, 4, 2) writes, per thread, its linear
+ * global id, the __syncthreads_count / _and / _or of pred(thread), and takes part in shared and global
+ * atomics (int add, unsigned max, CAS, float add). out_ids [n_threads][4]: flat block index, flat
+ * thread index, count, and|or<<1; shared_sums [n_blocks]: what the block's shared atomics gave;
+ * global_counters [4]: add, max, CAS winners, float sum. */
+typedef struct fk_selftest_block_params {
+    uint32_t *out_ids;
+    uint32_t *shared_sums;
+    uint32_t *global_counters;
+    float *global_float;
+    uint32_t pred_mod; /* pred(thread) = (global id % pred_mod) == 0 */
+} fk_selftest_block_params;
+
+/* f32 -> bf16 and f16 with the intrinsics the kernels use (__float2bfloat16_rn, __float2half_rn), and
+ * back: out_bf16 [n], out_f16 [n] (bits), back [2n] (f32 of each). */
+typedef struct fk_selftest_convert_params {
+    const float *in;
+    uint16_t *out_bf16;
+    uint16_t *out_f16;
+    float *back;
+    int64_t n;
+} fk_selftest_convert_params;
+
 /* Planted bugs (emulator only): each kernel holds one bug a checker must report. */
 #define FK_PLANTED_MISSING_BARRIER 0u     /* block reduction without the barrier before reading scratch */
 #define FK_PLANTED_OOB_GLOBAL 1u          /* writes out[n] */

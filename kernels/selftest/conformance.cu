@@ -143,3 +143,45 @@ extern "C" __global__ void __launch_bounds__(FK_SELFTEST_CP_THREADS)
         else fk_cp_async_commit();
     }
 }
+
+extern "C" __global__ void __launch_bounds__(64) fk_selftest_block(const fk_selftest_block_params p) {
+    __shared__ uint32_t s_sum;
+    __shared__ uint32_t s_max;
+    const uint32_t bflat = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const uint32_t tflat = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const uint32_t nthreads = blockDim.x * blockDim.y * blockDim.z;
+    const uint32_t gid = bflat * nthreads + tflat;
+    if (tflat == 0) {
+        s_sum = 0;
+        s_max = 0;
+    }
+    __syncthreads();
+    const int pred = (gid % p.pred_mod) == 0;
+    const int count = __syncthreads_count(pred);
+    const int all = __syncthreads_and(pred);
+    const int any = __syncthreads_or(pred);
+    atomicAdd(&s_sum, tflat + 1);
+    atomicMax(&s_max, gid);
+    __syncthreads();
+    p.out_ids[gid * 4 + 0] = bflat;
+    p.out_ids[gid * 4 + 1] = tflat;
+    p.out_ids[gid * 4 + 2] = (uint32_t)count;
+    p.out_ids[gid * 4 + 3] = (uint32_t)all | ((uint32_t)any << 1);
+    if (tflat == 0) p.shared_sums[bflat] = s_sum + 1000000u * (s_max % 1000u);
+    atomicAdd(&p.global_counters[0], 1u);
+    atomicMax(&p.global_counters[1], gid);
+    // Exactly one thread of the grid wins the CAS from 0.
+    if (atomicCAS(&p.global_counters[2], 0u, gid + 1) == 0u) atomicAdd(&p.global_counters[3], 1u);
+    atomicAdd(p.global_float, 0.5f);
+}
+
+extern "C" __global__ void __launch_bounds__(256) fk_selftest_convert(const fk_selftest_convert_params p) {
+    for (int64_t i = fk_global_thread(); i < p.n; i += fk_grid_threads()) {
+        const __nv_bfloat16 b = __float2bfloat16_rn(p.in[i]);
+        const __half h = __float2half_rn(p.in[i]);
+        p.out_bf16[i] = __bfloat16_as_ushort(b);
+        p.out_f16[i] = __half_as_ushort(h);
+        p.back[2 * i] = __bfloat162float(b);
+        p.back[2 * i + 1] = __half2float(h);
+    }
+}

@@ -432,6 +432,130 @@ pub fn cp_async_pipeline<B: Backend>(dev: &B, src: &[u32]) -> Result<Vec<u32>> {
     dev.download(&out)
 }
 
+/// What [`block_builtins`] returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockBuiltins {
+    /// Per thread (by global id): flat block index, flat thread index, `__syncthreads_count`,
+    /// `__syncthreads_and | __syncthreads_or << 1`.
+    pub ids: Vec<[u32; 4]>,
+    /// Per block: its shared atomic add (Σ (tid + 1)) + 10^6 · (its shared atomic max of the global id
+    /// mod 1000).
+    pub shared: Vec<u32>,
+    /// Global atomics: add of 1 per thread, max of the global ids, the CAS winners (1), and the float
+    /// sum of 0.5 per thread (bits).
+    pub global: [u32; 4],
+    /// The float atomic sum.
+    pub float_sum: f32,
+}
+
+/// The grid and block of [`block_builtins`]: every dimension used.
+pub const BLOCK_GRID: (u32, u32, u32) = (2, 3, 2);
+/// See [`BLOCK_GRID`].
+pub const BLOCK_DIM: (u32, u32, u32) = (8, 4, 2);
+
+/// Launches `fk_selftest_block` over [`BLOCK_GRID`] × [`BLOCK_DIM`]: thread, block and grid indices in
+/// x, y, z, `__syncthreads_count/_and/_or` of `global id % pred_mod == 0`, and shared and global
+/// atomics.
+///
+/// ```
+/// use fusekit::selftest::{block_builtins, reference};
+/// let dev = fusekit::emu::Emulator::new().unwrap();
+/// let mut got = block_builtins(&dev, 3).unwrap();
+/// assert!(got.global[2] != 0); // one thread won the CAS: which one is a race by design
+/// got.global[2] = 0;
+/// assert_eq!(got, reference::block_builtins(3));
+/// ```
+pub fn block_builtins<B: Backend>(dev: &B, pred_mod: u32) -> Result<BlockBuiltins> {
+    if pred_mod == 0 {
+        return Err(Error::invalid("pred_mod", "must be >= 1"));
+    }
+    let (g, b) = (BLOCK_GRID, BLOCK_DIM);
+    let (nb, nt) = ((g.0 * g.1 * g.2) as usize, (b.0 * b.1 * b.2) as usize);
+    let mut ids = crate::testing::poisoned::<B, u32>(dev, nb * nt * 4)?;
+    let mut shared = crate::testing::poisoned::<B, u32>(dev, nb)?;
+    let mut global = dev.alloc_zeros::<u32>(4)?;
+    let mut fsum = dev.alloc_zeros::<f32>(1)?;
+    {
+        let (ip, _a) = ids.addr_mut(dev);
+        let (sp, _b) = shared.addr_mut(dev);
+        let (gp, _c) = global.addr_mut(dev);
+        let (fp, _d) = fsum.addr_mut(dev);
+        let p = fk_selftest_block_params {
+            out_ids: ip as *mut u32,
+            shared_sums: sp as *mut u32,
+            global_counters: gp as *mut u32,
+            global_float: fp as *mut f32,
+            pred_mod,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: g,
+            block_dim: b,
+            shared_mem_bytes: 0,
+        };
+        launch_kernel(dev, Family::Selftest, "fk_selftest_block", cfg, &p, None)?;
+    }
+    let raw = dev.download(&ids)?;
+    let gl = dev.download(&global)?;
+    Ok(BlockBuiltins {
+        ids: raw.chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect(),
+        shared: dev.download(&shared)?,
+        global: [gl[0], gl[1], gl[2], gl[3]],
+        float_sum: dev.download(&fsum)?[0],
+    })
+}
+
+/// f32 → bf16 and f16 by the kernels' intrinsics (`__float2bfloat16_rn`, `__float2half_rn`) and back:
+/// (bf16 bits, f16 bits, [bf16 as f32, f16 as f32] per input).
+///
+/// ```
+/// let dev = fusekit::emu::Emulator::new().unwrap();
+/// let (b, h, _) = fusekit::selftest::convert(&dev, &[1.0, 65520.0]).unwrap();
+/// assert_eq!(b[0], half::bf16::ONE.to_bits());
+/// assert_eq!(h[1], half::f16::INFINITY.to_bits());
+/// ```
+pub fn convert<B: Backend>(dev: &B, input: &[f32]) -> Result<(Vec<u16>, Vec<u16>, Vec<f32>)> {
+    if input.is_empty() {
+        return Err(Error::shape("input", "at least one value", "none"));
+    }
+    let n = input.len();
+    let x = dev.upload(input)?;
+    let mut ob = crate::testing::poisoned::<B, u32>(dev, n.div_ceil(2))?;
+    let mut oh = crate::testing::poisoned::<B, u32>(dev, n.div_ceil(2))?;
+    let mut back = crate::testing::poisoned::<B, f32>(dev, 2 * n)?;
+    {
+        let (xp, _a) = x.addr(dev);
+        let (bp, _b) = ob.addr_mut(dev);
+        let (hp, _c) = oh.addr_mut(dev);
+        let (kp, _d) = back.addr_mut(dev);
+        let p = fk_selftest_convert_params {
+            in_: xp as *const f32,
+            out_bf16: bp as *mut u16,
+            out_f16: hp as *mut u16,
+            back: kp as *mut f32,
+            n: n as i64,
+        };
+        launch_kernel(
+            dev,
+            Family::Selftest,
+            "fk_selftest_convert",
+            grid(n.div_ceil(256).min(64), 256),
+            &p,
+            None,
+        )?;
+    }
+    let halves = |v: Vec<u32>| -> Vec<u16> {
+        v.iter()
+            .flat_map(|w| [*w as u16, (*w >> 16) as u16])
+            .take(n)
+            .collect()
+    };
+    Ok((
+        halves(dev.download(&ob)?),
+        halves(dev.download(&oh)?),
+        dev.download(&back)?,
+    ))
+}
+
 /// The planted bugs of `kernels/selftest/planted.cu`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Planted {
@@ -540,4 +664,128 @@ pub fn planted(
         launch_kernel(dev, Family::Selftest, name, cfg, &p, None)?;
     }
     dev.download(&out)
+}
+
+pub(crate) fn self_check() -> crate::check::SelfCheck {
+    crate::check::SelfCheck {
+        family: "selftest",
+        cpu: |_rng| {
+            let bad = MmaOp::ALL
+                .iter()
+                .filter(|&&op| !reference::maps_are_bijections(op))
+                .count();
+            vec![crate::check::CheckRow::new(
+                "fragment maps (reference)",
+                "cpu-ref",
+                bad as f64,
+                bad == 0,
+                "A/B/C maps of every mma op cover their tiles once".into(),
+                None,
+            )]
+        },
+        gpu: kernels_check::<crate::Gpu>,
+        emu: kernels_check::<crate::emu::Emulator>,
+        gpu_extra: None,
+    }
+}
+
+/// Every conformance kernel against its expectation; a row per construct.
+fn kernels_check<B: Backend>(
+    dev: &B,
+    rng: &mut crate::testing::Rng,
+) -> Result<Vec<crate::check::CheckRow>> {
+    use crate::check::CheckRow;
+    let mode = dev.kind();
+    let row = |name: &str, ok: std::result::Result<(), String>, note: &str| match ok {
+        Ok(()) => CheckRow::new(name, mode, 0.0, true, note.into(), None),
+        Err(m) => CheckRow::new(name, mode, f64::NAN, false, m, None),
+    };
+    let mut rows = Vec::new();
+    let mut mma_ok = Ok(());
+    let mut ran = Vec::new();
+    for op in MmaOp::ALL {
+        if dev.props().compute_capability < op.min_capability() {
+            continue;
+        }
+        let k = op.k();
+        let a: Vec<f64> = (0..16 * k).map(|_| rng.below(7) as f64 - 3.0).collect();
+        let b: Vec<f64> = (0..k * 8).map(|_| rng.below(7) as f64 - 3.0).collect();
+        let c: Vec<f64> = (0..128).map(|_| rng.below(9) as f64).collect();
+        let got = reference::unpack_d(op, &mma(dev, op, &reference::pack(op, &a, &b, &c))?);
+        if got != reference::gemm(op, &a, &b, &c) {
+            mma_ok = Err(format!("{op:?}: D differs from the f64 GEMM"));
+        }
+        ran.push(format!("{op:?}"));
+    }
+    rows.push(row("fk_selftest_mma", mma_ok, &ran.join(", ")));
+    let tile: Vec<u16> = (0..256).map(|_| rng.next_u64() as u16).collect();
+    let rows_of: Vec<u32> = (0..32).map(|l| (l * 7 + 3) % 32).collect();
+    let mut ld_ok = Ok(());
+    for v in LdMatrix::ALL {
+        if ldmatrix(dev, v, &tile, &rows_of)? != reference::ldmatrix(v, &tile, &rows_of) {
+            ld_ok = Err(format!("{v:?} differs"));
+        }
+    }
+    rows.push(row(
+        "fk_selftest_ldmatrix",
+        ld_ok,
+        "x1/x2/x4, .trans, permuted rows",
+    ));
+    let values: Vec<u32> = (0..32).map(|_| rng.next_u64() as u32).collect();
+    let cases: Vec<WarpCase> = [
+        (WarpOp::ShflIdx, 5, 8),
+        (WarpOp::ShflUp, 3, 16),
+        (WarpOp::ShflDown, 2, 32),
+        (WarpOp::ShflXor, 9, 32),
+        (WarpOp::Ballot, 0, 32),
+        (WarpOp::MatchAny, 0, 32),
+        (WarpOp::ReduceMax, 0, 32),
+    ]
+    .iter()
+    .map(|&(op, arg, width)| WarpCase {
+        op,
+        arg,
+        width,
+        mask: u32::MAX,
+    })
+    .collect();
+    let got = warp(dev, &values, &cases)?;
+    let ok = cases
+        .iter()
+        .enumerate()
+        .all(|(i, c)| got[i * 32..(i + 1) * 32] == reference::warp(&values, c)[..]);
+    rows.push(row(
+        "fk_selftest_warp",
+        if ok {
+            Ok(())
+        } else {
+            Err("a collective differs".into())
+        },
+        "shuffles, ballot, match, reduce",
+    ));
+    let src: Vec<u32> = (0..1001).map(|_| rng.next_u64() as u32).collect();
+    let ok = cp_async_pipeline(dev, &src)? == src;
+    rows.push(row(
+        "fk_selftest_cp_async",
+        if ok {
+            Ok(())
+        } else {
+            Err("elements lost".into())
+        },
+        "3 stages, wait_group 1, zero fill",
+    ));
+    let mut got = block_builtins(dev, 3)?;
+    let cas = got.global[2] != 0;
+    got.global[2] = 0;
+    let ok = cas && got == reference::block_builtins(3);
+    rows.push(row(
+        "fk_selftest_block",
+        if ok {
+            Ok(())
+        } else {
+            Err("indices, barrier predicates or atomics differ".into())
+        },
+        "3D grid/block, __syncthreads_count/and/or, atomics",
+    ));
+    Ok(rows)
 }

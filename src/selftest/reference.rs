@@ -8,7 +8,7 @@
 
 use half::{bf16, f16};
 
-use super::{Fragments, LdMatrix, MmaOp, WarpCase, WarpOp};
+use super::{BlockBuiltins, Fragments, LdMatrix, MmaOp, WarpCase, WarpOp, BLOCK_DIM, BLOCK_GRID};
 
 /// (row, col) of element `i` (0-based, low bits first) of A register `reg` held by `lane`: the ISA's
 /// "row = groupID for a_i where ...; col = threadID_in_group · E + (i mod E) (+ K/2 for the upper
@@ -51,6 +51,33 @@ pub fn b_coord(op: MmaOp, lane: usize, reg: usize, i: usize) -> (usize, usize) {
 pub fn c_coord(lane: usize, i: usize) -> (usize, usize) {
     let (g, t) = (lane >> 2, lane & 3);
     (g + if i >= 2 { 8 } else { 0 }, 2 * t + (i & 1))
+}
+
+/// Whether the A, B and C maps of `op` cover their tiles exactly once.
+///
+/// ```
+/// assert!(fusekit::selftest::reference::maps_are_bijections(fusekit::selftest::MmaOp::S4M16N8K64));
+/// ```
+pub fn maps_are_bijections(op: MmaOp) -> bool {
+    let (k, per_reg) = (op.k(), 32 / op.bits() as usize);
+    let (mut a, mut b, mut c) = (vec![0u32; 16 * k], vec![0u32; k * 8], [0u32; 128]);
+    for lane in 0..32 {
+        for reg in 0..4 {
+            for i in 0..per_reg {
+                let (r, col) = a_coord(op, lane, reg, i);
+                a[r * k + col] += 1;
+            }
+            let (r, col) = c_coord(lane, reg);
+            c[r * 8 + col] += 1;
+        }
+        for reg in 0..2 {
+            for i in 0..per_reg {
+                let (kk, n) = b_coord(op, lane, reg, i);
+                b[kk * 8 + n] += 1;
+            }
+        }
+    }
+    a.iter().chain(&b).chain(&c).all(|&x| x == 1)
 }
 
 /// Encodes a value as the op's input type (round to nearest; integers saturate to the type's range).
@@ -298,4 +325,35 @@ pub fn warp(values: &[u32], case: &WarpCase) -> [u32; 32] {
         };
     }
     out
+}
+
+/// What [`super::block_builtins`] must return: CUDA's x-fastest linear orders of blocks and threads,
+/// block-wide counts of the predicate, and the atomics' totals.
+///
+/// ```
+/// let r = fusekit::selftest::reference::block_builtins(1);
+/// assert!(r.ids.iter().all(|t| t[2] == 64 && t[3] == 3)); // every thread: count 64, and = or = 1
+/// ```
+pub fn block_builtins(pred_mod: u32) -> BlockBuiltins {
+    let (g, b) = (BLOCK_GRID, BLOCK_DIM);
+    let (nb, nt) = (g.0 * g.1 * g.2, b.0 * b.1 * b.2);
+    let mut ids = Vec::new();
+    let mut shared = Vec::new();
+    for block in 0..nb {
+        let preds: Vec<bool> = (0..nt).map(|t| (block * nt + t) % pred_mod == 0).collect();
+        let count = preds.iter().filter(|&&p| p).count() as u32;
+        let (all, any) = (preds.iter().all(|&p| p), preds.iter().any(|&p| p));
+        for t in 0..nt {
+            ids.push([block, t, count, all as u32 | (any as u32) << 1]);
+        }
+        let max_gid = block * nt + nt - 1;
+        shared.push(nt * (nt + 1) / 2 + 1_000_000 * (max_gid % 1000));
+    }
+    let total = nb * nt;
+    BlockBuiltins {
+        ids,
+        shared,
+        global: [total, total - 1, 0, 1],
+        float_sum: 0.5 * total as f32,
+    }
 }
