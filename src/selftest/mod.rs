@@ -1,6 +1,6 @@
 //! Conformance kernels (`kernels/selftest/`): the constructs the SIMT emulator models — `mma.sync`,
 //! `ldmatrix`, `cp.async`, warp shuffles, votes, match and reduce — run on raw inputs, so that the same
-//! expectations ([`reference`], written from the PTX ISA and the CUDA programming guide) check the
+//! expectations ([`reference`](mod@reference), written from the PTX ISA and the CUDA programming guide) check the
 //! emulator on every `cargo test` and the hardware whenever a GPU runs the suite. If the emulator's
 //! fragment layouts were wrong, a kernel built on them and the emulator would agree on a wrong answer;
 //! these checks are what stop that, and the GPU run is what makes them the hardware's answer.
