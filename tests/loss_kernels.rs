@@ -193,6 +193,161 @@ fn cluster_path_edges_on<B: Backend>(dev: &B) {
     }
 }
 
+/// Every instantiation of the fused row kernel (storage type × target index type × row path), and of
+/// the shard kernels, on a small case: each compiled kernel must have run somewhere (scripts/emu-test
+/// checks that every kernel of every family launched).
+#[test]
+fn every_instantiation_of_the_row_and_shard_kernels() {
+    fusekit::on_every_backend!("every_instantiation_of_the_row_and_shard_kernels", |dev| {
+        every_instantiation_on(dev)
+    });
+}
+
+fn every_instantiation_on<B: Backend>(dev: &B) {
+    let mut rng = Rng::new(seed_for("every_instantiation_of_the_row_and_shard_kernels"));
+    let mut paths = vec![RowPath::SharedMemory, RowPath::Reread];
+    if dev.props().compute_capability.0 >= 9 {
+        paths.extend([2, 4, 8].map(|ctas| RowPath::Cluster { ctas }));
+    }
+    fn one<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, paths: &[RowPath]) {
+        for targets_i64 in [false, true] {
+            for &row_path in paths {
+                let case = Case {
+                    targets_i64,
+                    row_path,
+                    ignore_frac: 0.2,
+                    ..Case::ce(5, 1003)
+                };
+                verify::run::<B, T>(dev, rng, &case)
+                    .unwrap_or_else(|e| panic!("{} {row_path:?} i64 {targets_i64}: {e}", T::NAME));
+            }
+            shard_case::<B, T>(dev, rng, targets_i64);
+        }
+    }
+    one::<B, f32>(dev, &mut rng, &paths);
+    one::<B, f16>(dev, &mut rng, &paths);
+    one::<B, bf16>(dev, &mut rng, &paths);
+}
+
+/// Two vocabulary shards of a small case through stats, combine and backward, in `T` with i32 or i64
+/// targets, against the unsharded reference.
+fn shard_case<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, targets_i64: bool) {
+    let (n, v, cut) = (6usize, 301usize, 140usize);
+    let cfg = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.05),
+        ..LossConfig::default()
+    };
+    let x: Vec<T> = rng
+        .sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 2.0,
+            },
+            n * v,
+        )
+        .into_iter()
+        .map(T::from_f64)
+        .collect();
+    let targets: Vec<i64> = (0..n)
+        .map(|i| {
+            if i == 2 {
+                -100
+            } else {
+                rng.below(v as u64) as i64
+            }
+        })
+        .collect();
+    macro_rules! go {
+        ($I:ty) => {{
+            let t: Vec<$I> = targets.iter().map(|&y| y as $I).collect();
+            let td = dev.upload(&t).unwrap();
+            let bounds = [0, cut, v];
+            let shards: Vec<B::Buffer<T>> = bounds
+                .windows(2)
+                .map(|b| {
+                    let h: Vec<T> = (0..n)
+                        .flat_map(|i| x[i * v + b[0]..i * v + b[1]].to_vec())
+                        .collect();
+                    dev.upload(&h).unwrap()
+                })
+                .collect();
+            let mut stats = dev.alloc_zeros::<f32>(2 * n * SHARD_STAT_WIDTH).unwrap();
+            for (k, b) in bounds.windows(2).enumerate() {
+                let mut part = dev
+                    .view_mut(
+                        &mut stats,
+                        k * n * SHARD_STAT_WIDTH..(k + 1) * n * SHARD_STAT_WIDTH,
+                    )
+                    .unwrap();
+                let spec = ShardSpec {
+                    vocab_offset: b[0],
+                    full_vocab: v,
+                };
+                shard_stats(
+                    dev,
+                    Rows::contiguous(n, b[1] - b[0]),
+                    &shards[k],
+                    &td,
+                    spec,
+                    &Default::default(),
+                    &cfg,
+                    &mut part,
+                )
+                .unwrap();
+            }
+            let mut out = LossOutputs::new(dev, n).unwrap();
+            shard_combine(
+                dev,
+                n,
+                v,
+                &stats,
+                2,
+                &td,
+                &Default::default(),
+                &cfg,
+                &mut out,
+            )
+            .unwrap();
+            let mut grad = vec![T::from_f64(0.0); n * v];
+            for (k, b) in bounds.windows(2).enumerate() {
+                let vs = b[1] - b[0];
+                let mut g = poisoned::<B, T>(dev, n * vs).unwrap();
+                let spec = ShardSpec {
+                    vocab_offset: b[0],
+                    full_vocab: v,
+                };
+                shard_backward(
+                    dev,
+                    Rows::contiguous(n, vs),
+                    &shards[k],
+                    &td,
+                    spec,
+                    &Default::default(),
+                    &cfg,
+                    &out,
+                    &mut g,
+                )
+                .unwrap();
+                let gh = dev.download(&g).unwrap();
+                for i in 0..n {
+                    grad[i * v + b[0]..i * v + b[1]].copy_from_slice(&gh[i * vs..(i + 1) * vs]);
+                }
+            }
+            let xf: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
+            let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg);
+            let what = format!("{} shards i64 {targets_i64}", T::NAME);
+            verify::compare_loss_grad(&what, &cfg, n, v, &xf, &targets, None, None, &grad, &r)
+                .unwrap();
+            verify::compare_stats(&what, &dev.download(&out.rows).unwrap(), &r.rows).unwrap();
+        }};
+    }
+    if targets_i64 {
+        go!(i64)
+    } else {
+        go!(i32)
+    }
+}
+
 #[test]
 fn row_cache_limit_boundary() {
     fusekit::on_every_backend!("row_cache_limit_boundary", |dev| {
@@ -764,6 +919,9 @@ fn sigmoid_focal_matches_the_reference_on<B: Backend>(dev: &B) {
             one::<B, f32>(dev, &mut rng, n, cfg, 0);
             one::<B, bf16>(dev, &mut rng, n, cfg, 0);
             one::<B, bf16>(dev, &mut rng, n, cfg, 3);
+            if n < 10_000 {
+                one::<B, f16>(dev, &mut rng, n, cfg, 1);
+            }
         }
     }
 }

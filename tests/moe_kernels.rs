@@ -60,7 +60,7 @@ fn gate_grid_stride_loops_on_a_small_device() {
     for cfg in [GateConfig::deepseek_v3(), gate_configs()[4]] {
         run_gate::<_, bf16>(&dev, &cfg, 1031, &mut rng).unwrap_or_else(|e| panic!("{e}"));
     }
-    let (err, _) = run_permute(&dev, &mut rng, 700, 4, 32, 8, 40).unwrap();
+    let (err, _) = run_permute::<_, bf16>(&dev, &mut rng, 700, 4, 32, 8, 40).unwrap();
     assert!(err < 1e-2);
 }
 
@@ -228,7 +228,7 @@ fn permutation_gather_combine_match_the_reference_on<B: Backend>(dev: &B) {
             );
             continue;
         }
-        let (err, gbps) = run_permute(dev, &mut rng, t, k, e, block, h)
+        let (err, gbps) = run_permute::<_, bf16>(dev, &mut rng, t, k, e, block, h)
             .unwrap_or_else(|m| panic!("T={t} K={k} E={e} block={block} H={h}: {m}"));
         println!(
             "{} T={t} K={k} E={e} block={block} H={h}: combine rel err {err:.2e}, {}",
@@ -236,6 +236,19 @@ fn permutation_gather_combine_match_the_reference_on<B: Backend>(dev: &B) {
             gbps.map_or("no timing".to_string(), |g| format!("{g:.0} GB/s"))
         );
     }
+}
+
+#[test]
+fn gather_and_combine_for_every_hidden_type() {
+    fusekit::on_every_backend!("gather_and_combine_for_every_hidden_type", |dev| {
+        let mut rng = Rng::new(seed_for("gather_and_combine_for_every_hidden_type"));
+        // Vector (H a multiple of the 16-byte width) and scalar (odd H) paths of each instantiation.
+        for h in [64, 37] {
+            run_permute::<_, f32>(dev, &mut rng, 300, 4, 16, 8, h).unwrap();
+            run_permute::<_, half::f16>(dev, &mut rng, 300, 4, 16, 8, h).unwrap();
+            run_permute::<_, bf16>(dev, &mut rng, 300, 4, 16, 8, h).unwrap();
+        }
+    });
 }
 
 #[test]

@@ -8,6 +8,7 @@ const USAGE: &str = "usage:
                                              (kernels on the GPU; on the SIMT emulator without one,
                                              or also with --emu)
   fusekit ptxas                              print the build's ptxas resource report
+  fusekit emu-kernels                        list every kernel of the emulated families (family kernel)
   fusekit help";
 
 fn main() -> ExitCode {
@@ -30,6 +31,25 @@ fn main() -> ExitCode {
             let out = fusekit::check::run(&opts);
             print!("{}", out.text);
             ExitCode::from(out.exit_code as u8)
+        }
+        Some("emu-kernels") => {
+            let dev = match fusekit::emu::Emulator::new() {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("fusekit: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            for family in fusekit::Family::ALL {
+                match dev.kernels(*family) {
+                    Ok(names) => names.iter().for_each(|n| println!("{} {n}", family.name())),
+                    Err(e) => {
+                        eprintln!("fusekit: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            ExitCode::SUCCESS
         }
         Some("ptxas") => {
             print!("{}", fusekit::PTXAS_REPORT);

@@ -831,6 +831,7 @@ impl private::Device for Emulator {
             )
         };
         let secs = t0.elapsed().as_secs_f64();
+        trace_launch(family, name);
         {
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             s.launches += 1;
@@ -873,6 +874,32 @@ impl private::Device for Emulator {
         // SAFETY: forwarded contract.
         unsafe { host_gemm(g) };
         Ok(())
+    }
+}
+
+/// With `FUSEKIT_EMU_TRACE=FILE`, appends `family kernel` to FILE the first time this process launches a
+/// kernel (scripts/emu-test checks from these that every kernel of every family ran).
+fn trace_launch(family: Family, name: &str) {
+    static SEEN: Lazy<Mutex<std::collections::HashSet<String>>> =
+        Lazy::new(|| Mutex::new(std::collections::HashSet::new()));
+    let Some(path) = std::env::var_os("FUSEKIT_EMU_TRACE") else {
+        return;
+    };
+    let key = format!("{} {name}", family.name());
+    if SEEN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone())
+    {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            // One write of the whole line: appends from concurrent tests never interleave.
+            let _ = f.write_all(format!("{key}\n").as_bytes());
+        }
     }
 }
 

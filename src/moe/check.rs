@@ -310,29 +310,31 @@ fn kernels_check<B: Backend>(dev: &B, rng: &mut Rng) -> crate::Result<Vec<CheckR
             Err(m) => CheckRow::new(name, mode, f64::NAN, false, m, None),
         });
     }
-    rows.push(match run_permute(dev, rng, 1000, 8, 64, 16, 256) {
-        Ok((err, gbps)) => CheckRow::new(
-            "fk_moe_plan/gather/combine",
-            mode,
-            err,
-            err < 1e-2,
-            "T=1000 K=8 E=64 block 16, H=256 bf16".into(),
-            gbps,
-        ),
-        Err(m) => CheckRow::new("fk_moe_plan/gather/combine", mode, f64::NAN, false, m, None),
-    });
+    rows.push(
+        match run_permute::<B, bf16>(dev, rng, 1000, 8, 64, 16, 256) {
+            Ok((err, gbps)) => CheckRow::new(
+                "fk_moe_plan/gather/combine",
+                mode,
+                err,
+                err < 1e-2,
+                "T=1000 K=8 E=64 block 16, H=256 bf16".into(),
+                gbps,
+            ),
+            Err(m) => CheckRow::new("fk_moe_plan/gather/combine", mode, f64::NAN, false, m, None),
+        },
+    );
     Ok(rows)
 }
 
-/// Plan + gather + identity "experts" + combine on a device against the reference; returns the relative
-/// L2 error of the combine and, on a GPU, the combine's GB/s.
+/// Plan + gather + identity "experts" + combine on a device against the reference, hidden states of type
+/// `T`; returns the relative L2 error of the combine and, on a GPU, the combine's GB/s.
 ///
 /// ```
 /// let dev = fusekit::emu::Emulator::new().unwrap();
-/// let (err, _gbps) = fusekit::moe::check::run_permute(&dev, &mut fusekit::testing::Rng::new(6), 100, 4, 16, 8, 64).unwrap();
+/// let (err, _gbps) = fusekit::moe::check::run_permute::<_, half::bf16>(&dev, &mut fusekit::testing::Rng::new(6), 100, 4, 16, 8, 64).unwrap();
 /// assert!(err < 1e-2);
 /// ```
-pub fn run_permute<B: Backend>(
+pub fn run_permute<B: Backend, T: super::HiddenElement>(
     dev: &B,
     rng: &mut Rng,
     t: usize,
@@ -343,7 +345,7 @@ pub fn run_permute<B: Backend>(
 ) -> Result<(f64, Option<f64>), String> {
     let er = |x: crate::Error| x.to_string();
     let ids: Vec<i32> = (0..t * k).map(|_| rng.below(e as u64) as i32).collect();
-    let hidden: Vec<bf16> = rng
+    let hidden: Vec<T> = rng
         .sample(
             Dist::Normal {
                 mean: 0.0,
@@ -352,7 +354,7 @@ pub fn run_permute<B: Backend>(
             t * h,
         )
         .into_iter()
-        .map(bf16::from_f64)
+        .map(T::from_f64)
         .collect();
     let w: Vec<f32> = (0..t * k).map(|_| rng.uniform(0.0, 1.0) as f32).collect();
     let idd = dev.upload(&ids).map_err(er)?;
@@ -380,22 +382,22 @@ pub fn run_permute<B: Backend>(
         return Err("block_expert differs".into());
     }
     let hd = dev.upload(&hidden).map_err(er)?;
-    let mut perm = crate::testing::poisoned::<B, bf16>(dev, plan.max_rows() * h).map_err(er)?;
+    let mut perm = crate::testing::poisoned::<B, T>(dev, plan.max_rows() * h).map_err(er)?;
     super::gather(dev, &plan, &hd, h, &mut perm).map_err(er)?;
     let ph = dev.download(&perm).map_err(er)?;
     for (r, &slot) in rs.iter().enumerate() {
-        let want: &[bf16] = if slot < 0 {
+        let want: &[T] = if slot < 0 {
             &[]
         } else {
             &hidden[(slot as usize / k) * h..(slot as usize / k + 1) * h]
         };
         let got = &ph[r * h..(r + 1) * h];
         let ok = if slot < 0 {
-            got.iter().all(|x| x.to_f32() == 0.0)
+            got.iter().all(|x| x.to_f64() == 0.0)
         } else {
             got.iter()
                 .zip(want)
-                .all(|(a, b)| a.to_bits() == b.to_bits())
+                .all(|(a, b)| bytemuck::bytes_of(&a.to_f64()) == bytemuck::bytes_of(&b.to_f64()))
         };
         if !ok {
             return Err(format!("gather row {r} (slot {slot}) wrong"));
@@ -403,7 +405,7 @@ pub fn run_permute<B: Backend>(
     }
     // Identity experts: expert_out = the gathered rows; combine = Σ_k w_k h_t.
     let wd = dev.upload(&w).map_err(er)?;
-    let mut out = crate::testing::poisoned::<B, bf16>(dev, t * h).map_err(er)?;
+    let mut out = crate::testing::poisoned::<B, T>(dev, t * h).map_err(er)?;
     super::combine(dev, &plan, &perm, &wd, h, &mut out).map_err(er)?;
     let ph64: Vec<f64> = ph.iter().map(|x| x.to_f64()).collect();
     let want = reference::combine(&ph64, &w, &rr, t, k, h);
@@ -425,7 +427,7 @@ pub fn run_permute<B: Backend>(
                 super::combine(dev, &plan, &perm, &wd, h, &mut out)
             })
             .map_err(er)?;
-            Some(tm.gbps(((t * k + t) * h * 2) as u64))
+            Some(tm.gbps(((t * k + t) * h * std::mem::size_of::<T>()) as u64))
         }
         None => None,
     };
