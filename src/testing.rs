@@ -292,6 +292,17 @@ impl Rng {
         (0..n).map(|_| self.draw(dist)).collect()
     }
 
+    /// `n` draws from `dist`, each rounded to `T` (round to nearest even).
+    ///
+    /// ```
+    /// use fusekit::testing::{Dist, Rng};
+    /// let v: Vec<half::bf16> = Rng::new(8).sample_as(Dist::Normal { mean: 0.0, std: 1.0 }, 5);
+    /// assert_eq!(v.len(), 5);
+    /// ```
+    pub fn sample_as<T: Element>(&mut self, dist: Dist, n: usize) -> Vec<T> {
+        (0..n).map(|_| T::from_f64(self.draw(dist))).collect()
+    }
+
     fn draw(&mut self, dist: Dist) -> f64 {
         match dist {
             Dist::Uniform { lo, hi } => self.uniform(lo, hi),

@@ -6,9 +6,7 @@
 
 use fusekit::loss::verify::{self, feature_matrix, Case};
 use fusekit::loss::*;
-use fusekit::testing::{
-    compare, emu_large, first_bit_difference, poisoned, seed_for, Dist, Rng, Tolerance,
-};
+use fusekit::testing::{compare, emu_large, first_bit_difference, poisoned, seed_for, Dist, Rng};
 use fusekit::{Backend, Error};
 use half::{bf16, f16};
 
@@ -237,17 +235,13 @@ fn shard_case<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, targets_i64: b
         label_smoothing: LabelSmoothing::PyTorch(0.05),
         ..LossConfig::default()
     };
-    let x: Vec<T> = rng
-        .sample(
-            Dist::Normal {
-                mean: 0.0,
-                std: 2.0,
-            },
-            n * v,
-        )
-        .into_iter()
-        .map(T::from_f64)
-        .collect();
+    let x: Vec<T> = rng.sample_as(
+        Dist::Normal {
+            mean: 0.0,
+            std: 2.0,
+        },
+        n * v,
+    );
     let targets: Vec<i64> = (0..n)
         .map(|i| {
             if i == 2 {
@@ -257,95 +251,14 @@ fn shard_case<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, targets_i64: b
             }
         })
         .collect();
-    macro_rules! go {
-        ($I:ty) => {{
-            let t: Vec<$I> = targets.iter().map(|&y| y as $I).collect();
-            let td = dev.upload(&t).unwrap();
-            let bounds = [0, cut, v];
-            let shards: Vec<B::Buffer<T>> = bounds
-                .windows(2)
-                .map(|b| {
-                    let h: Vec<T> = (0..n)
-                        .flat_map(|i| x[i * v + b[0]..i * v + b[1]].to_vec())
-                        .collect();
-                    dev.upload(&h).unwrap()
-                })
-                .collect();
-            let mut stats = dev.alloc_zeros::<f32>(2 * n * SHARD_STAT_WIDTH).unwrap();
-            for (k, b) in bounds.windows(2).enumerate() {
-                let mut part = dev
-                    .view_mut(
-                        &mut stats,
-                        k * n * SHARD_STAT_WIDTH..(k + 1) * n * SHARD_STAT_WIDTH,
-                    )
-                    .unwrap();
-                let spec = ShardSpec {
-                    vocab_offset: b[0],
-                    full_vocab: v,
-                };
-                shard_stats(
-                    dev,
-                    Rows::contiguous(n, b[1] - b[0]),
-                    &shards[k],
-                    &td,
-                    spec,
-                    &Default::default(),
-                    &cfg,
-                    &mut part,
-                )
-                .unwrap();
-            }
-            let mut out = LossOutputs::new(dev, n).unwrap();
-            shard_combine(
-                dev,
-                n,
-                v,
-                &stats,
-                2,
-                &td,
-                &Default::default(),
-                &cfg,
-                &mut out,
-            )
-            .unwrap();
-            let mut grad = vec![T::from_f64(0.0); n * v];
-            for (k, b) in bounds.windows(2).enumerate() {
-                let vs = b[1] - b[0];
-                let mut g = poisoned::<B, T>(dev, n * vs).unwrap();
-                let spec = ShardSpec {
-                    vocab_offset: b[0],
-                    full_vocab: v,
-                };
-                shard_backward(
-                    dev,
-                    Rows::contiguous(n, vs),
-                    &shards[k],
-                    &td,
-                    spec,
-                    &Default::default(),
-                    &cfg,
-                    &out,
-                    &mut g,
-                )
-                .unwrap();
-                let gh = dev.download(&g).unwrap();
-                for i in 0..n {
-                    grad[i * v + b[0]..i * v + b[1]].copy_from_slice(&gh[i * vs..(i + 1) * vs]);
-                }
-            }
-            let xf: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
-            let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg);
-            let what = format!("{} shards i64 {targets_i64}", T::NAME);
-            verify::compare_loss_grad(&what, &cfg, n, v, &xf, &targets, None, None, &grad, &r)
-                .unwrap();
-            verify::compare_stats(&what, &dev.download(&out.rows).unwrap(), &r.rows).unwrap();
-        }};
-    }
+    let bounds = [0, cut, v];
     if targets_i64 {
-        go!(i64)
+        verify::run_shards(dev, &x, n, v, &targets, &bounds, &cfg)
     } else {
-        go!(i32)
+        let t: Vec<i32> = targets.iter().map(|&y| y as i32).collect();
+        verify::run_shards(dev, &x, n, v, &t, &bounds, &cfg)
     }
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -1294,28 +1207,7 @@ fn linear_cross_entropy_matches_the_reference_for_every_chunking() {
 fn linear_cross_entropy_matches_the_reference_for_every_chunking_on<B: Backend>(dev: &B) {
     let mut rng = Rng::new(seed_for("linear_cross_entropy_matches_the_reference"));
     let (n, h, v) = (37, 64, 1003);
-    let hid: Vec<bf16> = rng
-        .sample(
-            Dist::Normal {
-                mean: 0.0,
-                std: 1.0,
-            },
-            n * h,
-        )
-        .into_iter()
-        .map(bf16::from_f64)
-        .collect();
-    let w: Vec<bf16> = rng
-        .sample(
-            Dist::Normal {
-                mean: 0.0,
-                std: 0.3,
-            },
-            v * h,
-        )
-        .into_iter()
-        .map(bf16::from_f64)
-        .collect();
+    let (hid, w) = verify::linear_ce_inputs(&mut rng, n, h, v);
     let t: Vec<i64> = (0..n)
         .map(|i| {
             if i == 5 {
@@ -1325,120 +1217,20 @@ fn linear_cross_entropy_matches_the_reference_for_every_chunking_on<B: Backend>(
             }
         })
         .collect();
-    let (hd, wd, td) = (
-        dev.upload(&hid).unwrap(),
-        dev.upload(&w).unwrap(),
-        dev.upload(&t).unwrap(),
-    );
+    let (hd, td) = (dev.upload(&hid).unwrap(), dev.upload(&t).unwrap());
     let cfg = LossConfig {
         z_loss: 1e-4,
         ..LossConfig::default()
     };
-    let h64: Vec<f64> = hid.iter().map(|x| x.to_f64()).collect();
-    let w64: Vec<f64> = w.iter().map(|x| x.to_f64()).collect();
-    let (rows_ref, loss_ref, dh_ref, dw_ref) = linear_ce_reference(&h64, &w64, n, h, v, &t, &cfg);
     for chunking in [
         Chunking::Rows(1),
         Chunking::Rows(8),
         Chunking::Rows(n),
         Chunking::MemoryBudget(10 * v * 2),
     ] {
-        let mut lce = LinearCrossEntropy::new(dev, v, h, chunking).unwrap();
-        let mut dh = poisoned::<B, bf16>(dev, n * h).unwrap();
-        let mut dw = poisoned::<B, f32>(dev, v * h).unwrap();
-        let mut out = LossOutputs::new(dev, n).unwrap();
-        lce.fwd_bwd(
-            dev,
-            n,
-            &hd,
-            &wd,
-            &td,
-            &Default::default(),
-            &cfg,
-            &mut dh,
-            &mut dw,
-            false,
-            &mut out,
-        )
-        .unwrap();
-        out.check_targets_sync(dev, &td, v, cfg.ignore_index)
-            .unwrap();
-        let what = format!("{chunking:?}");
-        // Logits are bf16 per chunk and the chunk gradient is bf16 before the GEMMs: bf16-level tolerances.
-        let tol = fusekit::testing::Tolerance {
-            rel_l2: 1e-2,
-            atol: 1e-6,
-            rtol: 3e-2,
-        };
-        compare(
-            &format!("rows {what}"),
-            &dev.download(&out.rows).unwrap(),
-            &rows_ref,
-            tol,
-        )
-        .unwrap();
-        compare(
-            &format!("loss {what}"),
-            &dev.download(&out.loss).unwrap(),
-            &[loss_ref],
-            tol,
-        )
-        .unwrap();
-        let dh_r = compare(
-            &format!("grad_hidden {what}"),
-            &dev.download(&dh).unwrap(),
-            &dh_ref,
-            Tolerance {
-                rel_l2: 1e-2,
-                atol: 2e-4,
-                rtol: 5e-2,
-            },
-        );
-        let dw_r = compare(
-            &format!("grad_weight {what}"),
-            &dev.download(&dw).unwrap(),
-            &dw_ref,
-            Tolerance {
-                rel_l2: 1e-2,
-                atol: 2e-4,
-                rtol: 5e-2,
-            },
-        );
-        println!(
-            "{what}: extra {} B, dh {:?}, dw {:?}",
-            lce.extra_bytes(),
-            dh_r.as_ref().map(|r| r.rel_l2),
-            dw_r.as_ref().map(|r| r.rel_l2)
-        );
-        dh_r.unwrap();
-        dw_r.unwrap();
-        // Accumulation adds a second identical gradient.
-        lce.fwd_bwd(
-            dev,
-            n,
-            &hd,
-            &wd,
-            &td,
-            &Default::default(),
-            &cfg,
-            &mut dh,
-            &mut dw,
-            true,
-            &mut out,
-        )
-        .unwrap();
-        let dw2: Vec<f64> = dw_ref.iter().map(|x| 2.0 * x).collect();
-        compare(
-            &format!("accumulated grad_weight {what}"),
-            &dev.download(&dw).unwrap(),
-            &dw2,
-            Tolerance {
-                rel_l2: 1e-2,
-                atol: 4e-4,
-                rtol: 5e-2,
-            },
-        )
-        .unwrap();
+        let rep = verify::run_linear_ce(dev, &hid, &w, n, h, v, &t, &cfg, chunking)
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!("{chunking:?}: {rep:?}");
     }
     // Bad input.
     let mut lce = LinearCrossEntropy::new(dev, v, h, Chunking::Rows(8)).unwrap();
@@ -1510,17 +1302,13 @@ fn masked_minus_infinity_logits_are_handled_on<B: Backend>(dev: &B) {
     // Padded vocabularies mask their tail (and sometimes their head) with -inf.
     let mut rng = Rng::new(seed_for("masked_minus_infinity_logits"));
     let (n, v) = (9, 5000);
-    let mut x: Vec<bf16> = rng
-        .sample(
-            Dist::Normal {
-                mean: 0.0,
-                std: 2.0,
-            },
-            n * v,
-        )
-        .into_iter()
-        .map(bf16::from_f64)
-        .collect();
+    let mut x: Vec<bf16> = rng.sample_as(
+        Dist::Normal {
+            mean: 0.0,
+            std: 2.0,
+        },
+        n * v,
+    );
     let targets: Vec<i64> = (0..n).map(|_| 100 + rng.below(4000) as i64).collect();
     for i in 0..n {
         for j in (0..50).chain(4500..v) {

@@ -3,7 +3,7 @@
 use super::verify::{feature_matrix, Case};
 use super::{reference, LossConfig, LossKind, Reduction};
 use crate::check::{CheckRow, SelfCheck};
-use crate::testing::{Dist, Rng};
+use crate::testing::{Dist, Element, Rng};
 
 /// Largest |analytic − numeric| / (|numeric| + 1e-3) of the reference gradient against central finite
 /// differences of the reduced loss, over random small inputs of every configuration.
@@ -273,7 +273,125 @@ fn kernels_check<B: crate::Backend>(dev: &B, rng: &mut Rng) -> crate::Result<Vec
         note,
         None,
     ));
+    rows.push(kernel_row(
+        "fk_sigmoid_focal",
+        mode,
+        sigmoid_focal_run(dev, rng),
+        f64::INFINITY,
+        "f32 and bf16, n = 4099, the three test configs".into(),
+        None,
+    ));
+    rows.push(kernel_row(
+        "fk_ce_shard_stats/combine/bwd",
+        mode,
+        shards_run(dev, rng),
+        f64::INFINITY,
+        "bf16, 3 shards, N=8 V=1003, smoothing".into(),
+        None,
+    ));
+    rows.push(kernel_row(
+        "linear + CE",
+        mode,
+        linear_ce_run(dev, rng),
+        f64::INFINITY,
+        format!(
+            "N=37 H=64 V=1003, chunks of 8 ({})",
+            if mode == "gpu" {
+                "cuBLAS GEMMs"
+            } else {
+                "host GEMMs"
+            }
+        ),
+        None,
+    ));
     Ok(rows)
+}
+
+/// Sigmoid focal against the reference: worst relative L2 error of the gradient.
+fn sigmoid_focal_run<B: crate::Backend>(dev: &B, rng: &mut Rng) -> Result<f64, String> {
+    use super::{sigmoid_focal_fwd_bwd, SigmoidFocalOutputs};
+    let e = |e: crate::Error| e.to_string();
+    let mut worst: f64 = 0.0;
+    let n = 4099;
+    for cfg in super::verify::SIGMOID_FOCAL_CONFIGS {
+        macro_rules! go {
+            ($T:ty) => {{
+                let (xs, ts, go) = super::verify::sigmoid_focal_inputs::<$T>(rng, n, &cfg);
+                let (x, t, god) = (
+                    dev.upload(&xs).map_err(e)?,
+                    dev.upload(&ts).map_err(e)?,
+                    dev.upload(&go).map_err(e)?,
+                );
+                let mut g = crate::testing::poisoned::<B, $T>(dev, n).map_err(e)?;
+                let mut out = SigmoidFocalOutputs::new(dev, n, cfg.reduction == Reduction::None)
+                    .map_err(e)?;
+                let gv = dev.view(&god, 0..go.len()).map_err(e)?;
+                sigmoid_focal_fwd_bwd(dev, &x, &t, &mut g, Some(gv), &cfg, &mut out).map_err(e)?;
+                let want: Vec<f64> = (0..n)
+                    .map(|i| {
+                        let (_, d) = reference::sigmoid_focal(
+                            xs[i].to_f64(),
+                            ts[i].to_f64(),
+                            cfg.alpha as f64,
+                            cfg.gamma as f64,
+                        );
+                        let up = go[if cfg.reduction == Reduction::None {
+                            i
+                        } else {
+                            0
+                        }] as f64;
+                        d * up
+                            / if cfg.reduction == Reduction::Mean {
+                                n as f64
+                            } else {
+                                1.0
+                            }
+                    })
+                    .collect();
+                let got = dev.download(&g).map_err(e)?;
+                let rep = crate::testing::compare(
+                    "sigmoid focal grad",
+                    &got,
+                    &want,
+                    super::verify::grad_tolerance::<$T>(),
+                )?;
+                worst = worst.max(rep.rel_l2);
+            }};
+        }
+        go!(f32);
+        go!(half::bf16);
+    }
+    Ok(worst)
+}
+
+/// Three vocabulary shards through stats, combine and backward, against the unsharded reference.
+fn shards_run<B: crate::Backend>(dev: &B, rng: &mut Rng) -> Result<f64, String> {
+    use half::bf16;
+    let (n, v) = (8usize, 1003usize);
+    let cfg = LossConfig {
+        label_smoothing: super::LabelSmoothing::PyTorch(0.1),
+        ..LossConfig::default()
+    };
+    let x: Vec<bf16> = rng.sample_as(
+        Dist::Normal {
+            mean: 0.0,
+            std: 2.0,
+        },
+        n * v,
+    );
+    let targets: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
+    super::verify::run_shards(dev, &x, n, v, &targets, &[0, 300, 701, v], &cfg)
+}
+
+/// Fused linear + CE (chunks of 8 rows) against the f64 reference: relative L2 error of grad_weight.
+fn linear_ce_run<B: crate::Backend>(dev: &B, rng: &mut Rng) -> Result<f64, String> {
+    let (n, h, v) = (37, 64, 1003);
+    let (hid, w) = super::verify::linear_ce_inputs(rng, n, h, v);
+    let t: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
+    let cfg = LossConfig::default();
+    let rep =
+        super::verify::run_linear_ce(dev, &hid, &w, n, h, v, &t, &cfg, super::Chunking::Rows(8))?;
+    Ok(rep.grad_weight_rel_l2)
 }
 
 /// The fused kernel replayed on the host (fp32, the kernel's reduction order) over the feature matrix

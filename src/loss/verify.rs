@@ -192,6 +192,231 @@ pub fn sigmoid_focal_inputs<T: LossElement>(
     (xs, ts, go)
 }
 
+/// Inputs of a fused linear + CE check: hidden states N(0, 1) (`n × h`) and a weight N(0, 0.3) (`v × h`),
+/// both bf16, row-major.
+///
+/// ```
+/// let (hid, w) = fusekit::loss::verify::linear_ce_inputs(&mut fusekit::testing::Rng::new(1), 3, 4, 5);
+/// assert_eq!((hid.len(), w.len()), (12, 20));
+/// ```
+pub fn linear_ce_inputs(
+    rng: &mut Rng,
+    n: usize,
+    h: usize,
+    v: usize,
+) -> (Vec<half::bf16>, Vec<half::bf16>) {
+    let mut normal = |std: f64, len: usize| rng.sample_as(Dist::Normal { mean: 0.0, std }, len);
+    let hid = normal(1.0, n * h);
+    (hid, normal(0.3, v * h))
+}
+
+/// What [`run_linear_ce`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearCeReport {
+    /// Relative L2 error of the hidden-state gradient.
+    pub grad_hidden_rel_l2: f64,
+    /// Relative L2 error of the weight gradient (the first, non-accumulating call).
+    pub grad_weight_rel_l2: f64,
+    /// Device memory the plan holds beyond its inputs and outputs, bytes.
+    pub extra_bytes: usize,
+}
+
+/// Fused linear + CE on a device against the f64 reference: one call into poisoned gradients (per-row
+/// losses, the reduced loss, `grad_hidden` and `grad_weight` compared at bf16-level tolerances, since
+/// each chunk's logits and gradient are bf16 before the GEMMs), the targets validated, then a second
+/// call with `accumulate` that must double `grad_weight`. Hidden states `n × h` and weight `v × h` are
+/// bf16, row-major.
+///
+/// ```
+/// use fusekit::loss::{verify::{linear_ce_inputs, run_linear_ce}, Chunking, LossConfig};
+/// let dev = fusekit::emu::Emulator::new().unwrap();
+/// let mut rng = fusekit::testing::Rng::new(3);
+/// let (hid, w) = linear_ce_inputs(&mut rng, 5, 8, 40);
+/// let rep = run_linear_ce(&dev, &hid, &w, 5, 8, 40, &[1, 0, 39, 7, 2], &LossConfig::default(), Chunking::Rows(2)).unwrap();
+/// assert!(rep.grad_weight_rel_l2 < 1e-2);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn run_linear_ce<B: Backend>(
+    dev: &B,
+    hidden: &[half::bf16],
+    weight: &[half::bf16],
+    n: usize,
+    h: usize,
+    v: usize,
+    targets: &[i64],
+    cfg: &LossConfig,
+    chunking: super::Chunking,
+) -> Result<LinearCeReport, String> {
+    use half::bf16;
+    let e = |e: crate::Error| e.to_string();
+    let (hd, wd, td) = (
+        dev.upload(hidden).map_err(e)?,
+        dev.upload(weight).map_err(e)?,
+        dev.upload(targets).map_err(e)?,
+    );
+    let h64: Vec<f64> = hidden.iter().map(|x| x.to_f64()).collect();
+    let w64: Vec<f64> = weight.iter().map(|x| x.to_f64()).collect();
+    let (rows_ref, loss_ref, dh_ref, dw_ref) =
+        super::linear_ce_reference(&h64, &w64, n, h, v, targets, cfg);
+    let mut lce = super::LinearCrossEntropy::new(dev, v, h, chunking).map_err(e)?;
+    let mut dh = poisoned::<B, bf16>(dev, n * h).map_err(e)?;
+    let mut dw = poisoned::<B, f32>(dev, v * h).map_err(e)?;
+    let mut out = LossOutputs::new(dev, n).map_err(e)?;
+    let none = LossExtras::default();
+    let call = |lce: &mut super::LinearCrossEntropy<B>,
+                dh: &mut B::Buffer<bf16>,
+                dw: &mut B::Buffer<f32>,
+                out: &mut LossOutputs<B>,
+                acc: bool| {
+        lce.fwd_bwd(dev, n, &hd, &wd, &td, &none, cfg, dh, dw, acc, out)
+            .map_err(e)
+    };
+    call(&mut lce, &mut dh, &mut dw, &mut out, false)?;
+    out.check_targets_sync(dev, &td, v, cfg.ignore_index)
+        .map_err(e)?;
+    let what = format!("{chunking:?}");
+    let stats_tol = Tolerance {
+        rel_l2: 1e-2,
+        atol: 1e-6,
+        rtol: 3e-2,
+    };
+    let grad_tol = |atol| Tolerance {
+        rel_l2: 1e-2,
+        atol,
+        rtol: 5e-2,
+    };
+    let dl = |b: &B::Buffer<f32>| dev.download(b).map_err(e);
+    crate::testing::compare(
+        &format!("rows {what}"),
+        &dl(&out.rows)?,
+        &rows_ref,
+        stats_tol,
+    )?;
+    crate::testing::compare(
+        &format!("loss {what}"),
+        &dl(&out.loss)?,
+        &[loss_ref],
+        stats_tol,
+    )?;
+    let dh_r = crate::testing::compare(
+        &format!("grad_hidden {what}"),
+        &dev.download(&dh).map_err(e)?,
+        &dh_ref,
+        grad_tol(2e-4),
+    )?;
+    let dw_r = crate::testing::compare(
+        &format!("grad_weight {what}"),
+        &dl(&dw)?,
+        &dw_ref,
+        grad_tol(2e-4),
+    )?;
+    // Accumulation adds a second identical gradient.
+    call(&mut lce, &mut dh, &mut dw, &mut out, true)?;
+    let dw2: Vec<f64> = dw_ref.iter().map(|x| 2.0 * x).collect();
+    crate::testing::compare(
+        &format!("accumulated grad_weight {what}"),
+        &dl(&dw)?,
+        &dw2,
+        grad_tol(4e-4),
+    )?;
+    Ok(LinearCeReport {
+        grad_hidden_rel_l2: dh_r.rel_l2,
+        grad_weight_rel_l2: dw_r.rel_l2,
+        extra_bytes: lce.extra_bytes(),
+    })
+}
+
+/// Vocabulary-parallel loss on one device: the `n × v` logits `x` cut at `bounds` (ascending, from 0 to
+/// `v`) into shards, each through [`shard_stats`](super::shard_stats), then
+/// [`shard_combine`](super::shard_combine) and [`shard_backward`](super::shard_backward) per shard into
+/// poisoned gradients, against the unsharded f64 reference. Returns the worst relative L2 error of the
+/// gradient and of the per-row losses; `Err` names the first check that failed.
+///
+/// ```
+/// use fusekit::loss::{verify::run_shards, LossConfig};
+/// let dev = fusekit::emu::Emulator::new().unwrap();
+/// let x: Vec<f32> = (0..2 * 5).map(|i| (i as f32 * 0.7).sin()).collect();
+/// let err = run_shards(&dev, &x, 2, 5, &[3i32, 0], &[0, 2, 5], &LossConfig::default()).unwrap();
+/// assert!(err < 1e-5);
+/// ```
+pub fn run_shards<B: Backend, T: LossElement, I: super::TargetIndex>(
+    dev: &B,
+    x: &[T],
+    n: usize,
+    v: usize,
+    targets: &[I],
+    bounds: &[usize],
+    cfg: &LossConfig,
+) -> Result<f64, String> {
+    use super::{shard_backward, shard_combine, shard_stats, ShardSpec, SHARD_STAT_WIDTH};
+    let e = |e: crate::Error| e.to_string();
+    if x.len() != n * v
+        || targets.len() != n
+        || bounds.first() != Some(&0)
+        || bounds.last() != Some(&v)
+    {
+        return Err(format!(
+            "run_shards: inconsistent shapes (n {n}, v {v}, bounds {bounds:?})"
+        ));
+    }
+    let td = dev.upload(targets).map_err(e)?;
+    let p = bounds.len() - 1;
+    let slice = |b: &[usize]| -> Vec<T> {
+        (0..n)
+            .flat_map(|i| x[i * v + b[0]..i * v + b[1]].to_vec())
+            .collect()
+    };
+    let shards = bounds
+        .windows(2)
+        .map(|b| dev.upload(&slice(b)).map_err(e))
+        .collect::<Result<Vec<_>, String>>()?;
+    let spec = |b: &[usize]| ShardSpec {
+        vocab_offset: b[0],
+        full_vocab: v,
+    };
+    let none = LossExtras::default();
+    let width = n * SHARD_STAT_WIDTH;
+    let mut stats = poisoned::<B, f32>(dev, p * width).map_err(e)?;
+    for (k, b) in bounds.windows(2).enumerate() {
+        let mut part = dev
+            .view_mut(&mut stats, k * width..(k + 1) * width)
+            .map_err(e)?;
+        let rows = Rows::contiguous(n, b[1] - b[0]);
+        shard_stats(dev, rows, &shards[k], &td, spec(b), &none, cfg, &mut part).map_err(e)?;
+    }
+    let mut out = LossOutputs::new(dev, n).map_err(e)?;
+    shard_combine(dev, n, v, &stats, p, &td, &none, cfg, &mut out).map_err(e)?;
+    let mut grad = vec![T::from_f64(0.0); n * v];
+    for (k, b) in bounds.windows(2).enumerate() {
+        let vs = b[1] - b[0];
+        let mut g = poisoned::<B, T>(dev, n * vs).map_err(e)?;
+        let rows = Rows::contiguous(n, vs);
+        shard_backward(
+            dev,
+            rows,
+            &shards[k],
+            &td,
+            spec(b),
+            &none,
+            cfg,
+            &out,
+            &mut g,
+        )
+        .map_err(e)?;
+        let gh = dev.download(&g).map_err(e)?;
+        for i in 0..n {
+            grad[i * v + b[0]..i * v + b[1]].copy_from_slice(&gh[i * vs..(i + 1) * vs]);
+        }
+    }
+    let xf: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
+    let t64: Vec<i64> = targets.iter().map(|&y| y.to_i64()).collect();
+    let r = reference::fwd_bwd(&xf, n, v, &t64, None, None, cfg);
+    let what = format!("{} shards {bounds:?}, {} targets", T::NAME, I::SUFFIX);
+    let g = compare_loss_grad(&what, cfg, n, v, &xf, &t64, None, None, &grad, &r)?;
+    let rows = compare_stats(&what, &dev.download(&out.rows).map_err(e)?, &r.rows)?;
+    Ok(g.rel_l2.max(rows.rel_l2))
+}
+
 /// Slack of a per-row loss or lse beyond [`STATS_TOLERANCE`]: its fp32 resolution, `2^-22·max(1, |ref|)`.
 /// A confident row's loss (1e-8, say) computed in fp32 from `log Σ exp` rounds to a few 1e-8 whatever
 /// the implementation: fine against `atol`, but alone in a vector of such rows it would fail a relative

@@ -323,7 +323,79 @@ fn kernels_check<B: Backend>(dev: &B, rng: &mut Rng) -> crate::Result<Vec<CheckR
             Err(m) => CheckRow::new("fk_moe_plan/gather/combine", mode, f64::NAN, false, m, None),
         },
     );
+    rows.push(match bias_update_run(dev, rng) {
+        Ok(err) => CheckRow::new(
+            "fk_moe_bias_update/maxvio",
+            mode,
+            err,
+            err < 1e-5,
+            "E=256, window 4, six steps; bias and MaxVio abs error".into(),
+            None,
+        ),
+        Err(m) => CheckRow::new("fk_moe_bias_update/maxvio", mode, f64::NAN, false, m, None),
+    });
+    rows.push(match ep_counts_run(dev, rng) {
+        Ok(()) => CheckRow::new(
+            "fk_moe_ep_counts",
+            mode,
+            0.0,
+            true,
+            "T=999 K=6 E=160 over 32 ranks, bit-exact".into(),
+            None,
+        ),
+        Err(m) => CheckRow::new("fk_moe_ep_counts", mode, f64::NAN, false, m, None),
+    });
     Ok(rows)
+}
+
+/// Six bias updates (with a window of 4) against the reference; the worst absolute error of the bias
+/// and of the two MaxVio figures.
+fn bias_update_run<B: Backend>(dev: &B, rng: &mut Rng) -> Result<f64, String> {
+    let e = |e: crate::Error| e.to_string();
+    let (n, win) = (256usize, 4usize);
+    let mut st = super::BalanceState::new(dev, n, win).map_err(e)?;
+    let mut bias = vec![0.0f32; n];
+    let mut hist: Vec<Vec<i32>> = Vec::new();
+    let mut worst: f64 = 0.0;
+    for _ in 0..6 {
+        let counts: Vec<i32> = (0..n)
+            .map(|i| (rng.below(50) + (i % 4) as u64 * 20) as i32)
+            .collect();
+        dev.write(&counts, &mut st.counts).map_err(e)?;
+        st.update(dev, 1e-3, super::UpdateRule::Sign, true)
+            .map_err(e)?;
+        reference::update_bias(&mut bias, &counts, 1e-3, false);
+        hist.push(counts.clone());
+        for (a, b) in st.bias_sync(dev).map_err(e)?.iter().zip(&bias) {
+            worst = worst.max((a - b).abs() as f64);
+        }
+        worst = worst.max(
+            (st.maxvio_batch_sync(dev).map_err(e)? as f64 - reference::max_vio(&counts)).abs(),
+        );
+        let from = hist.len().saturating_sub(win);
+        let sum: Vec<i32> = (0..n)
+            .map(|i| hist[from..].iter().map(|c| c[i]).sum())
+            .collect();
+        let mw = st.maxvio_window_sync(dev).map_err(e)?.unwrap_or(f32::NAN) as f64;
+        worst = worst.max((mw - reference::max_vio(&sum)).abs());
+    }
+    Ok(worst)
+}
+
+/// Expert-parallel counts against the reference, exactly.
+fn ep_counts_run<B: Backend>(dev: &B, rng: &mut Rng) -> Result<(), String> {
+    let e = |e: crate::Error| e.to_string();
+    let (t, k, ne, r) = (999usize, 6usize, 160usize, 32usize);
+    let ids: Vec<i32> = (0..t * k).map(|_| rng.below(ne as u64) as i32).collect();
+    let idd = dev.upload(&ids).map_err(e)?;
+    let mut m = crate::testing::poisoned::<B, u8>(dev, t * r).map_err(e)?;
+    let mut tpr = dev.alloc_zeros::<i32>(r).map_err(e)?;
+    super::ep_counts(dev, &idd, t, k, ne, r, &mut m, &mut tpr).map_err(e)?;
+    let (rm, rt) = reference::ep_counts(&ids, k, r, ne / r);
+    if dev.download(&m).map_err(e)? != rm || dev.download(&tpr).map_err(e)? != rt {
+        return Err("membership or tokens per rank differ".into());
+    }
+    Ok(())
 }
 
 /// Plan + gather + identity "experts" + combine on a device against the reference, hidden states of type
