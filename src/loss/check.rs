@@ -237,7 +237,7 @@ pub(crate) fn self_check() -> SelfCheck {
     }
 }
 
-/// The fused kernel on a device against the reference: the feature matrix in f32 and bf16, and a 128k
+/// The fused kernel on a device against the reference: the feature matrix in f32, bf16 and f16, and a 128k
 /// vocabulary (past one block's shared memory: the cluster path on sm_90+).
 fn kernels_check<B: crate::Backend>(dev: &B, rng: &mut Rng) -> crate::Result<Vec<CheckRow>> {
     use half::bf16;
@@ -246,6 +246,7 @@ fn kernels_check<B: crate::Backend>(dev: &B, rng: &mut Rng) -> crate::Result<Vec
     for (name, res) in [
         ("fk_ce_fwd_bwd_f32", run_matrix::<B, f32>(dev, rng)),
         ("fk_ce_fwd_bwd_bf16", run_matrix::<B, bf16>(dev, rng)),
+        ("fk_ce_fwd_bwd_f16", run_matrix::<B, half::f16>(dev, rng)),
     ] {
         let note = "16 configs, N=8 V=1003, rel L2".to_string();
         rows.push(kernel_row(name, mode, res, f64::INFINITY, note, None));
