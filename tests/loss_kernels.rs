@@ -6,7 +6,7 @@
 
 use fusekit::loss::verify::{self, feature_matrix, Case};
 use fusekit::loss::*;
-use fusekit::testing::{compare, emu_large, first_bit_difference, poisoned, seed_for, Dist, Rng};
+use fusekit::testing::{emu_large, first_bit_difference, poisoned, seed_for, Dist, Rng};
 use fusekit::{Backend, Error};
 use half::{bf16, f16};
 
@@ -775,35 +775,12 @@ fn sigmoid_focal_matches_the_reference_on<B: Backend>(dev: &B) {
             )
             .unwrap();
         }
-        let mut rg = vec![0.0; n];
-        let mut rl = vec![0.0; n];
-        for i in 0..n {
-            let (l, d) = reference::sigmoid_focal(
-                xs[offset + i].to_f64(),
-                ts[offset + i].to_f64(),
-                cfg.alpha as f64,
-                cfg.gamma as f64,
-            );
-            rl[i] = l;
-            let up = if cfg.reduction == Reduction::None {
-                go[i]
-            } else {
-                go[0]
-            } as f64;
-            rg[i] = d
-                * up
-                * if cfg.reduction == Reduction::Mean {
-                    1.0 / n as f64
-                } else {
-                    1.0
-                };
-        }
+        let (rl, rg) = verify::sigmoid_focal_expected(&xs[offset..], &ts[offset..], go, &cfg);
         let gh = dev.download(&g).unwrap();
-        compare(
+        verify::compare_elementwise_grad(
             &format!("sigmoid focal grad {} n={n} {cfg:?}", T::NAME),
             &gh[offset..],
             &rg,
-            verify::grad_tolerance::<T>(),
         )
         .unwrap();
         match cfg.reduction {

@@ -3,7 +3,7 @@
 use super::verify::{feature_matrix, Case};
 use super::{reference, LossConfig, LossKind, Reduction};
 use crate::check::{CheckRow, SelfCheck};
-use crate::testing::{Dist, Element, Rng};
+use crate::testing::{Dist, Rng};
 
 /// Largest |analytic − numeric| / (|numeric| + 1e-3) of the reference gradient against central finite
 /// differences of the reduced loss, over random small inputs of every configuration.
@@ -328,34 +328,10 @@ fn sigmoid_focal_run<B: crate::Backend>(dev: &B, rng: &mut Rng) -> Result<f64, S
                     .map_err(e)?;
                 let gv = dev.view(&god, 0..go.len()).map_err(e)?;
                 sigmoid_focal_fwd_bwd(dev, &x, &t, &mut g, Some(gv), &cfg, &mut out).map_err(e)?;
-                let want: Vec<f64> = (0..n)
-                    .map(|i| {
-                        let (_, d) = reference::sigmoid_focal(
-                            xs[i].to_f64(),
-                            ts[i].to_f64(),
-                            cfg.alpha as f64,
-                            cfg.gamma as f64,
-                        );
-                        let up = go[if cfg.reduction == Reduction::None {
-                            i
-                        } else {
-                            0
-                        }] as f64;
-                        d * up
-                            / if cfg.reduction == Reduction::Mean {
-                                n as f64
-                            } else {
-                                1.0
-                            }
-                    })
-                    .collect();
+                let (_, want) = super::verify::sigmoid_focal_expected(&xs, &ts, &go, &cfg);
                 let got = dev.download(&g).map_err(e)?;
-                let rep = crate::testing::compare(
-                    "sigmoid focal grad",
-                    &got,
-                    &want,
-                    super::verify::grad_tolerance::<$T>(),
-                )?;
+                let rep =
+                    super::verify::compare_elementwise_grad("sigmoid focal grad", &got, &want)?;
                 worst = worst.max(rep.rel_l2);
             }};
         }

@@ -192,6 +192,65 @@ pub fn sigmoid_focal_inputs<T: LossElement>(
     (xs, ts, go)
 }
 
+/// The f64 reference of [`sigmoid_focal_fwd_bwd`](super::sigmoid_focal_fwd_bwd) for inputs `xs`,
+/// targets `ts` and the upstream gradient `go` (`n` values for `Reduction::None`, else 1): the
+/// per-element losses and the gradient (upstream and mean scale applied).
+///
+/// ```
+/// use fusekit::loss::{verify::sigmoid_focal_expected, SigmoidFocalConfig};
+/// let (l, g) = sigmoid_focal_expected(&[0.0f32, 2.0], &[1.0f32, 0.0], &[1.0], &SigmoidFocalConfig::default());
+/// assert!(l[0] > 0.0 && g[0] < 0.0 && g[1] > 0.0);
+/// ```
+pub fn sigmoid_focal_expected<T: LossElement>(
+    xs: &[T],
+    ts: &[T],
+    go: &[f32],
+    cfg: &super::SigmoidFocalConfig,
+) -> (Vec<f64>, Vec<f64>) {
+    let n = xs.len();
+    let mean = if cfg.reduction == Reduction::Mean {
+        1.0 / n as f64
+    } else {
+        1.0
+    };
+    (0..n)
+        .map(|i| {
+            let (l, d) = reference::sigmoid_focal(
+                xs[i].to_f64(),
+                ts[i].to_f64(),
+                cfg.alpha as f64,
+                cfg.gamma as f64,
+            );
+            let up = go[if cfg.reduction == Reduction::None {
+                i
+            } else {
+                0
+            }] as f64;
+            (l, d * up * mean)
+        })
+        .unzip()
+}
+
+/// An elementwise loss gradient (e.g. sigmoid focal) against its reference, with [`grad_tolerance`] and
+/// the resolution of `T`'s subnormals as the floor (f16 stores a gradient of 1e-5 to ±3e-8 absolute,
+/// 0.3% relative, whatever the kernel computed).
+///
+/// ```
+/// use fusekit::loss::verify::compare_elementwise_grad;
+/// let want = [1.17e-5];
+/// let got = [half::f16::from_f64(want[0] * (1.0 + 1e-3))];
+/// assert!(compare_elementwise_grad("g", &got, &want).is_ok());
+/// assert!(compare_elementwise_grad("g", &[half::f16::from_f64(2e-5)], &want).is_err());
+/// ```
+pub fn compare_elementwise_grad<T: Element>(
+    name: &str,
+    got: &[T],
+    reference: &[f64],
+) -> Result<Report, String> {
+    let q = quantum::<T>();
+    compare_with_floor(name, got, reference, grad_tolerance::<T>(), |_| q)
+}
+
 /// Inputs of a fused linear + CE check: hidden states N(0, 1) (`n × h`) and a weight N(0, 0.3) (`v × h`),
 /// both bf16, row-major.
 ///
