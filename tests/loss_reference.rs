@@ -151,21 +151,21 @@ fn focal_down_weights_easy_examples() {
 #[test]
 fn reference_gradients_match_finite_differences() {
     let mut rng = Rng::new(seed_for("reference_gradients_match_finite_differences"));
-    let err = fusekit::loss::verify::reference_fd_error_for_tests(&mut rng);
+    let err = fusekit::loss::verify::reference_fd_error(&mut rng);
     assert!(err < 1e-5, "worst relative error {err:e}");
 }
 
 #[test]
 fn kernel_row_maths_match_the_reference() {
     let mut rng = Rng::new(seed_for("kernel_row_maths_match_the_reference"));
-    let err = fusekit::loss::verify::host_math_error_for_tests(&mut rng);
+    let err = fusekit::loss::verify::host_math_error(&mut rng);
     assert!(err < 1e-4, "worst relative error {err:e}");
 }
 
 #[test]
 fn sigmoid_focal_maths_agree_and_match_torchvision_values() {
     let mut rng = Rng::new(seed_for("sigmoid_focal_maths"));
-    assert!(fusekit::loss::verify::sigmoid_focal_error_for_tests(&mut rng) < 1e-4);
+    assert!(fusekit::loss::verify::sigmoid_focal_error(&mut rng) < 1e-4);
     // torchvision: x=2, t=1, alpha=.25, gamma=2: ce = softplus(-2), p_t = sigmoid(2)
     let p: f64 = 1.0 / (1.0 + (-2.0f64).exp());
     let ce = (1.0 + (-2.0f64).exp()).ln();

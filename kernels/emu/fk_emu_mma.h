@@ -19,6 +19,8 @@
 
 #include <stdint.h>
 
+#include "fk_emu_runtime.h"
+
 namespace fk_emu {
 
 enum TcOp {

@@ -31,7 +31,8 @@
 #include <thread>
 #include <vector>
 
-#include "fk_emu.h"
+#include "fk_emu_runtime.h"
+#include "fk_emu_mma.h"
 #include "fk_emu_abi.h"
 #include "fk_emu_table.h"
 

@@ -798,22 +798,155 @@ pub fn feature_matrix(n_rows: usize, vocab: usize) -> Vec<Case> {
     ]
 }
 
-/// Worst error of the reference gradient against finite differences (all configurations), for tests.
-#[doc(hidden)]
-pub fn reference_fd_error_for_tests(rng: &mut Rng) -> f64 {
-    super::check::reference_fd_error(rng)
+/// Largest |analytic − numeric| / (|numeric| + 1e-3) of the reference gradient against central finite
+/// differences of the reduced loss, over random small inputs of every configuration.
+///
+/// ```
+/// let err = fusekit::loss::verify::reference_fd_error(&mut fusekit::testing::Rng::new(1));
+/// assert!(err < 1e-4);
+/// ```
+pub fn reference_fd_error(rng: &mut Rng) -> f64 {
+    let mut worst: f64 = 0.0;
+    for case in feature_matrix(3, 7) {
+        let (n, v) = (case.n_rows, case.vocab);
+        let x = rng.sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 1.5,
+            },
+            n * v,
+        );
+        let targets: Vec<i64> = (0..n)
+            .map(|i| {
+                if i == 1 && case.ignore_frac > 0.0 {
+                    -100
+                } else {
+                    rng.below(v as u64) as i64
+                }
+            })
+            .collect();
+        let w: Option<Vec<f64>> = case
+            .weights
+            .then(|| (0..v).map(|_| rng.uniform(0.3, 2.0)).collect());
+        let go: Option<Vec<f64>> = case.grad_output.then(|| {
+            (0..if case.cfg.reduction == Reduction::None {
+                n
+            } else {
+                1
+            })
+                .map(|_| rng.uniform(0.5, 2.0))
+                .collect()
+        });
+        let total = |x: &[f64]| {
+            let r = reference::fwd_bwd(x, n, v, &targets, w.as_deref(), go.as_deref(), &case.cfg);
+            match (case.cfg.reduction, &go) {
+                (Reduction::None, Some(g)) => r.rows.iter().zip(g).map(|(a, b)| a * b).sum(),
+                (Reduction::None, None) => r.rows.iter().sum(),
+                (_, Some(g)) => r.loss * g[0],
+                (_, None) => r.loss,
+            }
+        };
+        let analytic =
+            reference::fwd_bwd(&x, n, v, &targets, w.as_deref(), go.as_deref(), &case.cfg).grad;
+        let h = 1e-6;
+        for k in 0..n * v {
+            let mut xp = x.clone();
+            let mut xm = x.clone();
+            xp[k] += h;
+            xm[k] -= h;
+            let numeric = (total(&xp) - total(&xm)) / (2.0 * h);
+            worst = worst.max((analytic[k] - numeric).abs() / (numeric.abs() + 1e-3));
+        }
+    }
+    worst
 }
 
-/// Worst error of the kernels' host-built row maths against the reference, for tests.
-#[doc(hidden)]
-pub fn host_math_error_for_tests(rng: &mut Rng) -> f64 {
-    super::check::host_math_error(rng)
+/// Largest relative error of the kernels' fp32 row maths (fk_loss_math.h, host build) against the f64
+/// reference: loss and the gradient rebuilt from (a, b, c).
+///
+/// ```
+/// let err = fusekit::loss::verify::host_math_error(&mut fusekit::testing::Rng::new(1));
+/// assert!(err < 1e-4);
+/// ```
+pub fn host_math_error(rng: &mut Rng) -> f64 {
+    let mut worst: f64 = 0.0;
+    for case in feature_matrix(1, 50) {
+        let v = case.vocab;
+        // fp32-representable inputs, so only the row maths differ between the two sides.
+        let z: Vec<f64> = rng
+            .sample(
+                Dist::Logits {
+                    std: 2.0,
+                    outlier_frac: 0.02,
+                    outlier_scale: 6.0,
+                },
+                v,
+            )
+            .into_iter()
+            .map(|x| x as f32 as f64)
+            .collect();
+        let y = rng.below(v as u64) as usize;
+        let w: Option<Vec<f64>> = case
+            .weights
+            .then(|| (0..v).map(|_| rng.uniform(0.3, 2.0)).collect());
+        let cfg = LossConfig {
+            softcap: None,
+            ..case.cfg
+        };
+        let (loss, lse, grad) = reference::row_loss_grad(&z, y, w.as_deref(), &cfg);
+        let wf: Option<Vec<f32>> = w.as_ref().map(|w| w.iter().map(|&x| x as f32).collect());
+        let Ok(k) = cfg.to_params(v, wf.as_deref(), w.is_some()) else {
+            return f64::INFINITY;
+        };
+        let swz: f64 = (0..v)
+            .map(|j| w.as_ref().map_or(1.0, |w| w[j]) * z[j])
+            .sum();
+        let wy = w.as_ref().map_or(1.0, |w| w[y]);
+        // The kernel's order: (z_y − max) − log Σ exp(z − max), in fp32 from fp32 inputs, with the
+        // (max, Σ exp) of the row split over a 128-thread block and merged as the kernel merges it.
+        let zf: Vec<f32> = z.iter().map(|&x| x as f32).collect();
+        let st = crate::host_math::row_maxsum_as_kernel(&zf, 128, 4, 0);
+        let (m, ls) = (st.m, st.s.ln());
+        let r = crate::host_math::row_loss(&k, m + ls, (zf[y] - m) - ls, swz as f32, wy as f32);
+        // fp32 log Σ exp carries ~1e-7 absolute error whatever the loss: an absolute floor of 1e-6
+        // (1e-4 of the 1e-2 in the denominator) for small losses.
+        worst = worst.max((r.loss as f64 - loss).abs() / (loss.abs() + 1e-2));
+        for j in 0..v {
+            let p = (z[j] - lse).exp();
+            let g = r.a as f64 * p
+                + if j == y { r.b as f64 } else { 0.0 }
+                + r.c as f64 * w.as_ref().map_or(1.0, |w| w[j]);
+            worst = worst.max((g - grad[j]).abs() / (grad[j].abs() + 1e-3));
+        }
+    }
+    worst
 }
 
-/// Worst error of the sigmoid focal maths (host build, reference, finite differences), for tests.
-#[doc(hidden)]
-pub fn sigmoid_focal_error_for_tests(rng: &mut Rng) -> f64 {
-    super::check::sigmoid_focal_error(rng)
+/// Largest error of the sigmoid focal maths: host build vs reference, and reference vs finite differences.
+///
+/// ```
+/// let err = fusekit::loss::verify::sigmoid_focal_error(&mut fusekit::testing::Rng::new(1));
+/// assert!(err < 1e-4);
+/// ```
+pub fn sigmoid_focal_error(rng: &mut Rng) -> f64 {
+    let mut worst: f64 = 0.0;
+    for &(alpha, gamma) in &[(0.25, 2.0), (-1.0, 2.0), (0.5, 0.0), (0.25, 0.5)] {
+        for _ in 0..200 {
+            let x = rng.uniform(-12.0, 12.0);
+            let t = if rng.unit() < 0.5 { 0.0 } else { 1.0 };
+            let (l, g) = reference::sigmoid_focal(x, t, alpha, gamma);
+            let (lh, gh) =
+                crate::host_math::sigmoid_focal(x as f32, t as f32, alpha as f32, gamma as f32);
+            worst = worst.max((lh as f64 - l).abs() / (l.abs() + 1e-3));
+            worst = worst.max((gh as f64 - g).abs() / (g.abs() + 1e-3));
+            let h = 1e-6;
+            let fd = (reference::sigmoid_focal(x + h, t, alpha, gamma).0
+                - reference::sigmoid_focal(x - h, t, alpha, gamma).0)
+                / (2.0 * h);
+            worst = worst.max((fd - g).abs() / (g.abs() + 1e-3));
+        }
+    }
+    worst
 }
 
 /// fp32 error of the row statistics, relative to the size of the gradient's terms: the sum of

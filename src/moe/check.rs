@@ -3,7 +3,7 @@
 use half::bf16;
 
 use super::{reference, GateConfig, Scoring};
-use crate::check::{CheckRow, SelfCheck};
+use crate::check::row::{CheckRow, SelfCheck};
 use crate::testing::{Dist, Element, Rng};
 use crate::{Backend, Gpu};
 

@@ -117,13 +117,13 @@ pub fn measure_copy_bandwidth_sync(gpu: &Gpu, bytes: usize, iters: usize) -> Res
 /// Sizes (bytes) the self-check copies: empty, below one vector, odd tails, several waves.
 const CHECK_SIZES: &[usize] = &[0, 1, 15, 16, 17, 4096 + 3, (1 << 20) + 7, (24 << 20) + 13];
 
-pub(crate) fn self_check() -> crate::check::SelfCheck {
-    crate::check::SelfCheck {
+pub(crate) fn self_check() -> crate::check::row::SelfCheck {
+    crate::check::row::SelfCheck {
         family: "probe",
         cpu: |rng| {
             let data: Vec<u8> = (0..4099).map(|_| rng.next_u64() as u8).collect();
             let ok = reference::copy(&data) == data;
-            vec![crate::check::CheckRow {
+            vec![crate::check::row::CheckRow {
                 kernel: "copy (reference)".into(),
                 mode: "cpu-ref",
                 max_err: 0.0,
@@ -136,7 +136,7 @@ pub(crate) fn self_check() -> crate::check::SelfCheck {
         emu: kernels_check::<crate::emu::Emulator>,
         gpu_extra: Some(|gpu, _rng| {
             let bw = measure_copy_bandwidth_sync(gpu, 256 << 20, 10)?;
-            Ok(vec![crate::check::CheckRow {
+            Ok(vec![crate::check::row::CheckRow {
                 kernel: "fk_copy_v16 (bandwidth)".into(),
                 mode: "gpu",
                 max_err: 0.0,
@@ -152,7 +152,7 @@ pub(crate) fn self_check() -> crate::check::SelfCheck {
 fn kernels_check<B: Backend>(
     dev: &B,
     rng: &mut crate::testing::Rng,
-) -> Result<Vec<crate::check::CheckRow>> {
+) -> Result<Vec<crate::check::row::CheckRow>> {
     let mut pass = true;
     let mut note = String::new();
     let sizes: Vec<usize> = CHECK_SIZES
@@ -177,7 +177,7 @@ fn kernels_check<B: Backend>(
             sizes[sizes.len() - 1]
         );
     }
-    Ok(vec![crate::check::CheckRow {
+    Ok(vec![crate::check::row::CheckRow {
         kernel: "fk_copy_v16".into(),
         mode: dev.kind(),
         max_err: 0.0,

@@ -666,15 +666,15 @@ pub fn planted(
     dev.download(&out)
 }
 
-pub(crate) fn self_check() -> crate::check::SelfCheck {
-    crate::check::SelfCheck {
+pub(crate) fn self_check() -> crate::check::row::SelfCheck {
+    crate::check::row::SelfCheck {
         family: "selftest",
         cpu: |_rng| {
             let bad = MmaOp::ALL
                 .iter()
                 .filter(|&&op| !reference::maps_are_bijections(op))
                 .count();
-            vec![crate::check::CheckRow::new(
+            vec![crate::check::row::CheckRow::new(
                 "fragment maps (reference)",
                 "cpu-ref",
                 bad as f64,
@@ -693,8 +693,8 @@ pub(crate) fn self_check() -> crate::check::SelfCheck {
 fn kernels_check<B: Backend>(
     dev: &B,
     rng: &mut crate::testing::Rng,
-) -> Result<Vec<crate::check::CheckRow>> {
-    use crate::check::CheckRow;
+) -> Result<Vec<crate::check::row::CheckRow>> {
+    use crate::check::row::CheckRow;
     let mode = dev.kind();
     let row = |name: &str, ok: std::result::Result<(), String>, note: &str| match ok {
         Ok(()) => CheckRow::new(name, mode, 0.0, true, note.into(), None),
