@@ -38,8 +38,9 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy + Default + Debug + Send + Sync + 's
 {
 }
 
-/// A device on which fusekit kernels run, with its buffer types.
-pub trait Backend: private::Device + Sized + Clone + Debug {
+/// A device on which fusekit kernels run, with its buffer types. Handles are `Send + Sync`: one device
+/// may be shared by several host threads (each launch is validated and queued independently).
+pub trait Backend: private::Device + Sized + Clone + Debug + Send + Sync {
     /// An owned buffer of `T` on this device.
     type Buffer<T: Scalar>: DeviceRead<T, Self> + DeviceWrite<T, Self> + Debug;
     /// A borrowed, read-only window of a buffer.
@@ -405,16 +406,8 @@ impl private::Device for Gpu {
         params: &P,
         extra_ptr: Option<u64>,
     ) -> Result<()> {
-        use cudarc::driver::sys::CUfunction_attribute as FnAttr;
         use cudarc::driver::PushKernelArg;
-        let f = self.function(family, name)?;
-        if cfg.shared_mem_bytes > 48 * 1024 {
-            f.set_attribute(
-                FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                cfg.shared_mem_bytes as i32,
-            )
-            .during(&format!("raising the shared-memory limit of {name}"))?;
-        }
+        let f = self.function(family, name, cfg.shared_mem_bytes)?;
         let mut b = self.stream().launch_builder(&f);
         b.arg(params);
         if let Some(p) = &extra_ptr {

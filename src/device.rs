@@ -168,10 +168,35 @@ impl fmt::Display for DeviceProps {
 /// The oldest compute capability fusekit ships SASS for.
 pub const MIN_COMPUTE_CAPABILITY: (u32, u32) = (8, 0);
 
+/// The oldest CUDA driver API the kernels and fusekit's driver calls need: 13.0 (driver r580 or newer).
+/// The fatbins are built by nvcc 13.0 (their PTX is ISA 9.0), and cudarc binds the 13.0 driver API, whose
+/// newer entry points an older driver lacks.
+pub const MIN_DRIVER_VERSION: i32 = 13000;
+
+/// `Err(Unsupported)` naming the required version unless `version` (as `cuDriverGetVersion` reports it,
+/// 1000·major + 10·minor) is at least [`MIN_DRIVER_VERSION`].
+pub(crate) fn check_driver_version(version: i32) -> Result<()> {
+    if version < MIN_DRIVER_VERSION {
+        return Err(Error::Unsupported {
+            what: format!(
+                "the CUDA driver supports CUDA {}.{}; fusekit's kernels need CUDA {}.{} or newer \
+                 (NVIDIA driver r580+)",
+                version / 1000,
+                version % 1000 / 10,
+                MIN_DRIVER_VERSION / 1000,
+                MIN_DRIVER_VERSION % 1000 / 10
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Modules and functions of one CUDA context, shared by every [`Gpu`] on that context.
 struct ModuleCache {
     modules: Vec<OnceCell<Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(Family, String), CudaFunction>>,
+    /// Each function with the dynamic shared memory its attribute has been raised to (only ever raised,
+    /// under this lock, so one thread's launch never lowers the limit under another's).
+    functions: Mutex<HashMap<(Family, String), (CudaFunction, u32)>>,
     /// (kernel, threads, dynamic shared memory) -> whether one of its clusters fits the GPU.
     clusters: Mutex<HashMap<(String, u32, u32), bool>>,
 }
@@ -214,6 +239,17 @@ pub fn probe_driver() -> Result<usize> {
             reason: "the CUDA driver library (libcuda.so) was not found on this machine".into(),
         });
     }
+    // cuDriverGetVersion exists in every driver: ask before any call an old driver may lack (cudarc
+    // resolves each entry point on first use and panics on a missing one).
+    let mut version = 0;
+    // SAFETY: writes one int; the library was found above.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    if r != CUresult::CUDA_SUCCESS {
+        return Err(Error::NoDevice {
+            reason: format!("cuDriverGetVersion failed: {r:?}"),
+        });
+    }
+    check_driver_version(version)?;
     cudarc::driver::result::init().map_err(|e| Error::NoDevice {
         reason: format!("cuInit failed: {}", driver_error_text(e)),
     })?;
@@ -370,23 +406,37 @@ impl Gpu {
         self.stream.synchronize().during("synchronising the stream")
     }
 
-    /// Loads (once per context) the family's module and returns one of its kernels.
-    pub(crate) fn function(&self, family: Family, name: &str) -> Result<CudaFunction> {
+    /// Loads (once per context) the family's module and returns one of its kernels, its dynamic
+    /// shared-memory limit raised to at least `smem` bytes (never lowered).
+    pub(crate) fn function(&self, family: Family, name: &str, smem: u32) -> Result<CudaFunction> {
         let mut fns = self
             .cache
             .functions
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = fns.get(&(family, name.to_string())) {
-            return Ok(f.clone());
+        let entry = match fns.entry((family, name.to_string())) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let module =
+                    self.cache.modules[family.index()].get_or_try_init(|| self.load(family))?;
+                let f = module.load_function(name).during(&format!(
+                    "looking up kernel `{name}` in family `{}`",
+                    family.name()
+                ))?;
+                v.insert((f, 48 * 1024))
+            }
+        };
+        if smem > entry.1 {
+            entry
+                .0
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .during(&format!("raising the shared-memory limit of {name}"))?;
+            entry.1 = smem;
         }
-        let module = self.cache.modules[family.index()].get_or_try_init(|| self.load(family))?;
-        let f = module.load_function(name).during(&format!(
-            "looking up kernel `{name}` in family `{}`",
-            family.name()
-        ))?;
-        fns.insert((family, name.to_string()), f.clone());
-        Ok(f)
+        Ok(entry.0.clone())
     }
 
     /// Whether at least one cluster of kernel `name` (compiled with fixed cluster dimensions) fits on this
@@ -409,14 +459,7 @@ impl Gpu {
         {
             return Ok(ok);
         }
-        let f = self.function(family, name)?;
-        if smem > 48 * 1024 {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .during(&format!("raising the shared-memory limit of {name}"))?;
-        }
+        let f = self.function(family, name, smem)?;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (8, 1, 1),
             block_dim: (threads, 1, 1),
@@ -504,4 +547,19 @@ pub(crate) fn check_aligned(arg: &'static str, ptr: u64, align: u64) -> Result<(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod driver_version_tests {
+    use super::*;
+
+    #[test]
+    fn an_old_driver_is_unsupported_and_named() {
+        let e = check_driver_version(12080).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("CUDA 12.8") && msg.contains("13.0"), "{msg}");
+        assert!(check_driver_version(13000).is_ok());
+        assert!(check_driver_version(13020).is_ok());
+    }
 }

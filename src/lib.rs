@@ -32,6 +32,7 @@ mod launch;
 pub mod loss;
 pub mod moe;
 mod params;
+pub mod plan;
 pub mod probe;
 pub mod selftest;
 pub mod testing;
@@ -41,6 +42,7 @@ mod validate;
 pub use backend::{Backend, DeviceRead, DeviceWrite, Scalar};
 pub use device::{
     compiled_families, probe_driver, DeviceProps, Family, Gpu, MIN_COMPUTE_CAPABILITY,
+    MIN_DRIVER_VERSION,
 };
 pub use error::{Error, Result};
 

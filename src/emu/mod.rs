@@ -283,7 +283,13 @@ pub struct Emulator {
     props: Arc<DeviceProps>,
     opts: EmuOptions,
     stats: Arc<Mutex<EmuStats>>,
+    /// The emulated CUDA context: buffers remember the emulator they were allocated on, and a call
+    /// that mixes emulators is `Err(Layout)`, as one that mixes CUDA contexts is on a GPU.
+    ctx: u64,
 }
+
+/// Context ids of emulators (0: memory no emulator owns, a raw-pointer view).
+static NEXT_CTX: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl fmt::Debug for Emulator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -327,6 +333,7 @@ impl Emulator {
             props: Arc::new(props),
             opts,
             stats: Arc::new(Mutex::new(EmuStats::default())),
+            ctx: NEXT_CTX.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -413,6 +420,7 @@ fn emulated_h100() -> DeviceProps {
 pub struct Buffer<T> {
     ptr: NonNull<T>,
     len: usize,
+    ctx: u64,
 }
 
 // SAFETY: a plain owned allocation of Copy values.
@@ -457,7 +465,7 @@ impl<T> Buffer<T> {
             .map_err(|e| Error::invalid("buffer", e.to_string()))
     }
 
-    fn zeroed(len: usize) -> Result<Self> {
+    fn zeroed(len: usize, ctx: u64) -> Result<Self> {
         let layout = Self::layout(len)?;
         if layout.size() == 0 {
             // No allocation: an aligned dangling pointer kernels must not touch.
@@ -465,6 +473,7 @@ impl<T> Buffer<T> {
             return Ok(Buffer {
                 ptr: NonNull::new(p).expect("non-zero"),
                 len,
+                ctx,
             });
         }
         let p = if layout.size() >= MAP_THRESHOLD {
@@ -491,7 +500,7 @@ impl<T> Buffer<T> {
         let ptr = NonNull::new(p).ok_or_else(|| Error::Unsupported {
             what: format!("the host could not allocate {} bytes", layout.size()),
         })?;
-        Ok(Buffer { ptr, len })
+        Ok(Buffer { ptr, len, ctx })
     }
 
     /// Elements.
@@ -544,6 +553,7 @@ impl<'a, T> View<'a, T> {
         View {
             ptr,
             len,
+            ctx: 0,
             _p: PhantomData,
         }
     }
@@ -565,6 +575,7 @@ impl<'a, T> ViewMut<'a, T> {
         ViewMut {
             ptr,
             len,
+            ctx: 0,
             _p: PhantomData,
         }
     }
@@ -598,6 +609,7 @@ impl<T> fmt::Debug for Buffer<T> {
 pub struct View<'a, T> {
     ptr: *const T,
     len: usize,
+    ctx: u64,
     _p: PhantomData<&'a T>,
 }
 
@@ -605,6 +617,7 @@ pub struct View<'a, T> {
 pub struct ViewMut<'a, T> {
     ptr: *mut T,
     len: usize,
+    ctx: u64,
     _p: PhantomData<&'a mut T>,
 }
 
@@ -663,8 +676,16 @@ macro_rules! emu_addr {
             fn addr<'a>(&'a self, _dev: &'a Emulator) -> (u64, ()) {
                 (self.base(), ())
             }
-            fn check_owner(&self, _dev: &Emulator, _arg: &'static str) -> Result<()> {
-                Ok(()) // every emulator shares the host's memory
+            fn check_owner(&self, dev: &Emulator, arg: &'static str) -> Result<()> {
+                // Memory of a raw-pointer view (context 0) belongs to no emulator: any may use it.
+                if self.ctx == 0 || self.ctx == dev.ctx {
+                    Ok(())
+                } else {
+                    Err(Error::layout(
+                        arg,
+                        "belongs to another emulated device than the handle",
+                    ))
+                }
             }
         }
     };
@@ -696,10 +717,10 @@ impl Backend for Emulator {
         "emu"
     }
     fn alloc_zeros<T: Scalar>(&self, n: usize) -> Result<Buffer<T>> {
-        Buffer::zeroed(n)
+        Buffer::zeroed(n, self.ctx)
     }
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<Buffer<T>> {
-        let mut b = Buffer::zeroed(host.len())?;
+        let mut b = Buffer::zeroed(host.len(), self.ctx)?;
         self.write(host, &mut b)?;
         Ok(b)
     }
@@ -746,6 +767,7 @@ impl Backend for Emulator {
             // SAFETY: in bounds (checked).
             ptr: unsafe { buf.ptr.as_ptr().add(range.start) },
             len: range.end - range.start,
+            ctx: buf.ctx,
             _p: PhantomData,
         })
     }
@@ -764,6 +786,7 @@ impl Backend for Emulator {
             // SAFETY: in bounds (checked).
             ptr: unsafe { buf.ptr.as_ptr().add(range.start) },
             len: range.end - range.start,
+            ctx: buf.ctx,
             _p: PhantomData,
         })
     }

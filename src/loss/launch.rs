@@ -4,7 +4,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::LaunchConfig;
 
-use super::{LossElement, LossExtras, LossOutputs, Reduction, Rows, TargetIndex};
+use super::{FusedPlan, LossExtras, LossOutputs, Reduction, TargetIndex};
 use crate::backend::opt_addr;
 use crate::backend::private::{Addr, AddrMut};
 use crate::device::Family;
@@ -236,33 +236,24 @@ pub(crate) struct FusedPtrs {
     pub status: u64,
 }
 
-/// The fused row kernel alone. The caller holds the guards of every pointer.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn fused_kernel<B: Backend, T: LossElement, I: TargetIndex>(
-    dev: &B,
-    rows: Rows,
-    ptr: &FusedPtrs,
-    reduction: Reduction,
-    ignore_index: i64,
-    cfg: fk_loss_config,
-    path: RowPath,
-) -> Result<()> {
-    let size = std::mem::size_of::<T>();
-    let mut resolved = path.resolve(dev.props(), rows.vocab, size, ptr.grad != 0)?;
-    if let (RowPath::Auto, RowPath::Cluster { ctas }) = (path, resolved) {
+/// The fused row kernel alone, as `plan` says. The caller holds the guards of every pointer.
+pub(crate) fn fused_kernel<B: Backend>(dev: &B, plan: &FusedPlan, ptr: &FusedPtrs) -> Result<()> {
+    let rerouted;
+    let mut plan = plan;
+    if plan.auto_cluster() {
         // Auto only takes a cluster the driver can place (a MIG slice may fit none); a forced one errs.
-        let slice = cluster_slice(rows.vocab, ctas);
-        let name = format!("fk_ce_fwd_bwd_cluster{ctas}_{}_{}", T::SUFFIX, I::SUFFIX);
-        let (threads, smem) = (row_threads(slice, size), (slice * size + 16) as u32);
-        if !dev.cluster_fits(Family::Loss, &name, threads, smem)? {
-            resolved = RowPath::Reread;
+        if let Some((name, threads, smem)) = plan.cluster_query() {
+            if !dev.cluster_fits(Family::Loss, &name, threads, smem)? {
+                rerouted = plan.rerouted();
+                plan = &rerouted;
+            }
         }
     }
-    let path = resolved;
-    let cache_row = path == RowPath::SharedMemory;
-    let (slice, ctas) = match path {
-        RowPath::Cluster { ctas } => (cluster_slice(rows.vocab, ctas), ctas as usize),
-        _ => (0, 1),
+    let rows = plan.rows;
+    let l = plan.row_kernel();
+    let (slice, cache_row) = match plan.row_path() {
+        RowPath::Cluster { ctas } => (cluster_slice(rows.vocab, ctas), false),
+        path => (0, path == RowPath::SharedMemory),
     };
     let p = fk_ce_params {
         logits: ptr.logits as *const c_void,
@@ -270,7 +261,7 @@ pub(crate) fn fused_kernel<B: Backend, T: LossElement, I: TargetIndex>(
         targets: ptr.targets as *const c_void,
         weights: ptr.weights as *const f32,
         grad_output: ptr.grad_output as *const f32,
-        denominator: if reduction == Reduction::Mean {
+        denominator: if plan.reduction == Reduction::Mean {
             ptr.denominator as *const f32
         } else {
             std::ptr::null()
@@ -282,68 +273,32 @@ pub(crate) fn fused_kernel<B: Backend, T: LossElement, I: TargetIndex>(
         vocab: rows.vocab as i64,
         row_stride: rows.row_stride as i64,
         grad_stride: rows.grad_stride as i64,
-        ignore_index,
-        reduction: reduction_code(reduction),
+        ignore_index: plan.ignore_index,
+        reduction: reduction_code(plan.reduction),
         cache_row: cache_row as u32,
         slice: slice as i64,
-        cfg,
+        cfg: plan.params,
     };
-    if ctas > 1 {
-        // One cluster per row, up to 2^20 clusters (grid-stride over rows beyond).
-        let clusters = rows.n_rows.min(1 << 20);
-        let lc = LaunchConfig {
-            grid_dim: ((clusters * ctas) as u32, 1, 1),
-            block_dim: (row_threads(slice, size), 1, 1),
-            shared_mem_bytes: (slice * size + 16) as u32,
-        };
-        return launch(
-            dev,
-            &format!("fk_ce_fwd_bwd_cluster{ctas}_{}_{}", T::SUFFIX, I::SUFFIX),
-            lc,
-            &p,
-        );
-    }
-    let lc = LaunchConfig {
-        grid_dim: (row_grid(rows.n_rows), 1, 1),
-        block_dim: (row_threads(rows.vocab, size), 1, 1),
-        shared_mem_bytes: if cache_row {
-            (rows.vocab * size + 16) as u32
-        } else {
-            0
-        },
-    };
-    launch(
-        dev,
-        &format!("fk_ce_fwd_bwd_{}_{}", T::SUFFIX, I::SUFFIX),
-        lc,
-        &p,
-    )
+    launch(dev, &l.kernel, l.config(), &p)
 }
 
 /// The fused kernel plus its mean-denominator prologue and reduction epilogue. `gp == 0`: forward only.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn fused<B: Backend, T: LossElement, I: TargetIndex, S: DeviceRead<I, B>>(
+pub(super) fn fused<B: Backend, I: TargetIndex, S: DeviceRead<I, B>>(
     dev: &B,
-    rows: Rows,
+    plan: &FusedPlan,
     lp: u64,
     gp: u64,
     targets: &S,
     extras: &LossExtras<'_, B>,
-    reduction: Reduction,
-    ignore_index: i64,
-    cfg: fk_loss_config,
     out: &mut LossOutputs<B>,
 ) -> Result<()> {
-    // An unusable row path is an error before anything is queued.
-    extras
-        .row_path
-        .resolve(dev.props(), rows.vocab, std::mem::size_of::<T>(), gp != 0)?;
+    let rows = plan.rows;
     let (tp, _tg) = targets.addr(dev);
     let (wp, _wg) = opt_addr(extras.class_weights, dev);
     let (gop, _gog) = opt_addr(extras.grad_output.as_ref(), dev);
     dev.zero(&mut out.status)?;
-    if reduction == Reduction::Mean {
-        denominator::<B, I>(dev, tp, wp, rows.n_rows, rows.vocab, ignore_index, out)?;
+    if plan.reduction == Reduction::Mean {
+        denominator::<B, I>(dev, tp, wp, rows.n_rows, rows.vocab, plan.ignore_index, out)?;
     }
     {
         let (rp, _rg) = out.rows.addr_mut(dev);
@@ -361,17 +316,9 @@ pub(super) fn fused<B: Backend, T: LossElement, I: TargetIndex, S: DeviceRead<I,
             lse: sp,
             status: stp,
         };
-        fused_kernel::<B, T, I>(
-            dev,
-            rows,
-            &ptr,
-            reduction,
-            ignore_index,
-            cfg,
-            extras.row_path,
-        )?;
+        fused_kernel(dev, plan, &ptr)?;
     }
-    reduce_rows(dev, rows.n_rows, reduction, out)
+    reduce_rows(dev, rows.n_rows, plan.reduction, out)
 }
 
 /// The reduced loss from the per-row losses (mean/sum); nothing for `Reduction::None`.

@@ -17,14 +17,29 @@ use half::bf16;
 
 use super::launch::{denominator, fused_kernel, reduce_rows, FusedPtrs};
 use super::{
-    check_common, check_ctx, check_len, LossConfig, LossExtras, LossOutputs, Reduction, Rows,
-    TargetIndex,
+    check_ctx, check_len, FusedArgs, FusedPlan, GradBuffer, LossConfig, LossExtras, LossOutputs,
+    Reduction, Rows, TargetIndex,
 };
 use crate::backend::opt_addr;
 use crate::backend::private::{Addr, AddrMut, Device};
 use crate::backend::Gemm;
 use crate::error::{Error, Result};
+use crate::plan::mul;
+use crate::validate::exactly;
 use crate::{Backend, DeviceRead, DeviceWrite, Gpu};
+
+/// Lengths of the buffers of one [`LinearCrossEntropy::fwd_bwd`] call, for its plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearCeLens {
+    /// Elements of `hidden`.
+    pub hidden: usize,
+    /// Elements of `weight`.
+    pub weight: usize,
+    /// Elements of `grad_hidden`.
+    pub grad_hidden: usize,
+    /// Elements of `grad_weight`.
+    pub grad_weight: usize,
+}
 
 /// How many rows a chunk holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +150,48 @@ impl<B: Backend> LinearCrossEntropy<B> {
         self.chunk_rows * self.vocab * 2
     }
 
+    /// Validates a [`fwd_bwd`](Self::fwd_bwd) call of `n_rows` rows from the lengths of its buffers,
+    /// without a device: the plan of each chunk's fused kernel.
+    ///
+    /// ```
+    /// # fn main() -> fusekit::Result<()> {
+    /// use fusekit::loss::{Chunking, FusedArgs, GradBuffer, LinearCeLens, LinearCrossEntropy, LossConfig};
+    /// let dev = fusekit::emu::Emulator::new()?;
+    /// let lce = LinearCrossEntropy::new(&dev, 16, 8, Chunking::Rows(3))?;
+    /// let lens = LinearCeLens { hidden: 4 * 8, weight: 16 * 8, grad_hidden: 4 * 8, grad_weight: 16 * 8 };
+    /// let args = FusedArgs::new(0, GradBuffer::None, 4, 4);
+    /// lce.plan::<i64>(&fusekit::DeviceProps::example_h100(), 4, &lens, &args, &LossConfig::default())?;
+    /// let short = LinearCeLens { weight: 16 * 8 - 1, ..lens };
+    /// assert!(lce.plan::<i64>(&fusekit::DeviceProps::example_h100(), 4, &short, &args, &LossConfig::default()).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn plan<I: TargetIndex>(
+        &self,
+        props: &crate::DeviceProps,
+        n_rows: usize,
+        lens: &LinearCeLens,
+        args: &FusedArgs<'_>,
+        cfg: &LossConfig,
+    ) -> Result<FusedPlan> {
+        let (v, h) = (self.vocab, self.hidden);
+        if n_rows > i32::MAX as usize {
+            return Err(Error::Unsupported {
+                what: format!("{n_rows} rows beyond cuBLAS's 32-bit dimensions"),
+            });
+        }
+        let nh = mul("hidden", n_rows, h, "N * H")?;
+        let vh = mul("weight", v, h, "V * H")?;
+        exactly("hidden", lens.hidden, nh, "[N, H]")?;
+        exactly("weight", lens.weight, vh, "[V, H]")?;
+        check_len("grad_hidden", lens.grad_hidden, nh, "[N, H]")?;
+        check_len("grad_weight", lens.grad_weight, vh, "[V, H]")?;
+        // The whole batch's targets, outputs and upstream gradient; each chunk's fused kernel works in
+        // place in the chunk buffer.
+        let params = super::plan::common(n_rows, v, args, cfg, true)?;
+        let chunk = Rows::contiguous(self.chunk_rows.min(n_rows).max(1), v);
+        FusedPlan::assemble::<bf16, I>(props, chunk, params, cfg, args.row_path, true)
+    }
+
     /// Loss of `hidden [N, H] · weightᵀ` against `targets [N]`, with `grad_hidden [N, H]` (bf16) and
     /// `grad_weight [V, H]` (fp32; overwritten, or added to with `accumulate` for gradient accumulation over
     /// micro-batches). Every [`LossConfig`] option applies. Queued on the handle's stream.
@@ -191,35 +248,22 @@ impl<B: Backend> LinearCrossEntropy<B> {
         check_ctx(dev, "weight", weight)?;
         check_ctx(dev, "grad_hidden", grad_hidden)?;
         check_ctx(dev, "grad_weight", grad_weight)?;
-        if n_rows > i32::MAX as usize {
-            return Err(Error::Unsupported {
-                what: format!("{n_rows} rows beyond cuBLAS's 32-bit dimensions"),
-            });
-        }
-        let rows = Rows::contiguous(n_rows, v);
-        let ck = check_common(dev, rows, usize::MAX, targets, extras, cfg, out)?;
-        // An unusable row path is an error before any work is queued.
-        extras.row_path.resolve(dev.props(), v, 2, true)?;
-        let nh = n_rows
-            .checked_mul(h)
-            .ok_or_else(|| Error::shape("hidden", "N * H below 2^64", "more"))?;
-        if hidden.len() != nh {
-            return Err(Error::shape(
-                "hidden",
-                format!("[{n_rows}, {h}] = {nh} elements"),
-                format!("{}", hidden.len()),
-            ));
-        }
-        if weight.len() != v * h {
-            return Err(Error::shape(
-                "weight",
-                format!("[{v}, {h}] = {} elements", v * h),
-                format!("{}", weight.len()),
-            ));
-        }
-        check_len("grad_hidden", grad_hidden.len(), nh, "[N, H]")?;
-        check_len("grad_weight", grad_weight.len(), v * h, "[V, H]")?;
-
+        check_ctx(dev, "targets", targets)?;
+        extras.check_owner(dev)?;
+        out.check_owner(dev)?;
+        let args = extras.args(0, GradBuffer::None, targets.len(), out.n_rows());
+        let plan = self.plan::<I>(
+            dev.props(),
+            n_rows,
+            &LinearCeLens {
+                hidden: hidden.len(),
+                weight: weight.len(),
+                grad_hidden: grad_hidden.len(),
+                grad_weight: grad_weight.len(),
+            },
+            &args,
+            cfg,
+        )?;
         let (hp, _a) = hidden.addr(dev);
         let (wp, _b) = weight.addr(dev);
         let (tp, _c) = targets.addr(dev);
@@ -278,15 +322,7 @@ impl<B: Backend> LinearCrossEntropy<B> {
                 lse: sp + 4 * r0 as u64,
                 status: stp,
             };
-            fused_kernel::<B, bf16, I>(
-                dev,
-                Rows::contiguous(c, v),
-                &ptr,
-                cfg.reduction,
-                cfg.ignore_index,
-                ck.cfg,
-                extras.row_path,
-            )?;
+            fused_kernel(dev, &plan.chunk(c), &ptr)?;
             // dH_c (col-major H×C) = W(H×V col-major) · dL_c(V×C col-major)
             let dh = Gemm {
                 trans_a: false,

@@ -42,7 +42,12 @@
 //!   on data).
 
 mod launch;
+mod plan;
 pub mod reference;
+
+pub use plan::{
+    FusedArgs, FusedPlan, GradBuffer, ShardCombinePlan, ShardPlan, ShardStage, SigmoidFocalPlan,
+};
 
 pub use launch::{RowPath, ROW_CACHE_LIMIT};
 
@@ -243,54 +248,6 @@ impl Rows {
             grad_stride: vocab,
         }
     }
-
-    /// Elements a buffer needs for `n_rows` rows at `stride`.
-    fn extent(&self, stride: usize) -> usize {
-        if self.n_rows == 0 {
-            0
-        } else {
-            (self.n_rows - 1) * stride + self.vocab
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        if self.n_rows == 0 {
-            return Err(Error::shape(
-                "logits",
-                "at least one row",
-                "an empty batch (0 rows)",
-            ));
-        }
-        if self.vocab == 0 {
-            return Err(Error::shape("logits", "vocab >= 1", "vocab 0"));
-        }
-        if self.vocab > i32::MAX as usize {
-            return Err(Error::shape(
-                "logits",
-                "vocab < 2^31",
-                format!("vocab {}", self.vocab),
-            ));
-        }
-        if self.row_stride < self.vocab {
-            return Err(Error::layout(
-                "logits",
-                format!(
-                    "row_stride {} is smaller than vocab {}",
-                    self.row_stride, self.vocab
-                ),
-            ));
-        }
-        if self.grad_stride < self.vocab {
-            return Err(Error::layout(
-                "grad",
-                format!(
-                    "grad_stride {} is smaller than vocab {}",
-                    self.grad_stride, self.vocab
-                ),
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// Optional per-call buffers.
@@ -405,101 +362,91 @@ impl<B: Backend> LossOutputs<B> {
         if st[0] == 0 {
             return Ok(());
         }
-        let row = self.n_rows.saturating_sub(st[0] as usize);
+        // The status word only says that some row was bad (a chunk of fused linear + CE, or a call with
+        // fewer rows than these outputs, numbers its rows its own way): find the first on the host.
         let all = dev.download(targets)?;
-        Err(Error::OutOfRange {
-            arg: "targets",
-            index: row,
-            value: all.get(row).map_or(-1, |v| v.to_i64()),
-            allowed: format!("[0, {vocab}) (or ignore_index {ignore_index})"),
+        let allowed = format!("[0, {vocab}) (or ignore_index {ignore_index})");
+        let bad = all.iter().enumerate().find(|(_, t)| {
+            let t = t.to_i64();
+            t != ignore_index && !(0..vocab as i64).contains(&t)
+        });
+        Err(match bad {
+            Some((index, t)) => Error::OutOfRange {
+                arg: "targets",
+                index,
+                value: t.to_i64(),
+                allowed,
+            },
+            None => Error::invalid(
+                "targets",
+                format!(
+                    "the last launch found a target outside {allowed}, but these targets hold none \
+                     (pass the same targets and vocab as that launch)"
+                ),
+            ),
         })
     }
 }
 
 use crate::validate::{at_least as check_len, owned as check_ctx};
 
-/// Validated, kernel-ready view of one fused call.
-struct Checked {
-    cfg: fk_loss_config,
+impl<B: Backend> LossExtras<'_, B> {
+    /// `Err(Layout)` unless every buffer here belongs to `dev`.
+    pub(crate) fn check_owner(&self, dev: &B) -> Result<()> {
+        if let Some(w) = self.class_weights {
+            check_ctx(dev, "class_weights", w)?;
+        }
+        if let Some(g) = &self.grad_output {
+            check_ctx(dev, "grad_output", g)?;
+        }
+        Ok(())
+    }
+
+    /// The lengths of a call with these extras, for its plan.
+    pub(crate) fn args(
+        &self,
+        logits: usize,
+        grad: GradBuffer,
+        targets: usize,
+        out_rows: usize,
+    ) -> FusedArgs<'_> {
+        FusedArgs {
+            logits,
+            grad,
+            targets,
+            class_weights: self.class_weights.map(|w| w.len()),
+            class_weights_host: self.class_weights_host,
+            grad_output: self.grad_output.as_ref().map(|g| g.len()),
+            row_path: self.row_path,
+            out_rows,
+        }
+    }
 }
 
-fn check_common<B: Backend, I: TargetIndex, S: DeviceRead<I, B>>(
+impl<B: Backend> LossOutputs<B> {
+    /// `Err(Layout)` unless these outputs were allocated on `dev`.
+    pub(crate) fn check_owner(&self, dev: &B) -> Result<()> {
+        check_ctx(dev, "out", &self.rows)
+    }
+}
+
+/// The device checks of a fused call (every buffer on `dev`), then its plan.
+#[allow(clippy::too_many_arguments)]
+fn plan_call<B: Backend, T: LossElement, I: TargetIndex, S: DeviceRead<I, B>>(
     dev: &B,
     rows: Rows,
     logits_len: usize,
+    grad: GradBuffer,
     targets: &S,
     extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
     out: &LossOutputs<B>,
-) -> Result<Checked> {
-    rows.validate()?;
-    check_len(
-        "logits",
-        logits_len,
-        rows.extent(rows.row_stride),
-        "(n_rows - 1) * row_stride + vocab",
-    )?;
+) -> Result<FusedPlan> {
     check_ctx(dev, "targets", targets)?;
-    if targets.len() != rows.n_rows {
-        return Err(Error::shape(
-            "targets",
-            format!("{} elements (one per row)", rows.n_rows),
-            format!("{}", targets.len()),
-        ));
-    }
-    if out.n_rows < rows.n_rows {
-        return Err(Error::shape(
-            "out",
-            format!("LossOutputs for >= {} rows", rows.n_rows),
-            format!("{} rows", out.n_rows),
-        ));
-    }
-    if let Some(w) = extras.class_weights {
-        check_ctx(dev, "class_weights", w)?;
-        if w.len() != rows.vocab {
-            return Err(Error::shape(
-                "class_weights",
-                format!("{} elements (vocab)", rows.vocab),
-                format!("{}", w.len()),
-            ));
-        }
-    }
-    let smoothing = cfg.label_smoothing != LabelSmoothing::None;
-    let host_w = match (extras.class_weights, extras.class_weights_host, smoothing) {
-        (Some(_), None, true) => return Err(Error::invalid(
-            "class_weights_host",
-            "label smoothing with class weights needs the host copy of the weights (for sum_j w_j)",
-        )),
-        (Some(_), Some(h), _) => {
-            if h.len() != rows.vocab {
-                return Err(Error::shape(
-                    "class_weights_host",
-                    format!("{} elements (vocab)", rows.vocab),
-                    format!("{}", h.len()),
-                ));
-            }
-            Some(h)
-        }
-        _ => None,
-    };
-    if let Some(g) = &extras.grad_output {
-        check_ctx(dev, "grad_output", g)?;
-        let need = if cfg.reduction == Reduction::None {
-            rows.n_rows
-        } else {
-            1
-        };
-        if g.len() != need {
-            return Err(Error::shape(
-                "grad_output",
-                format!("{need} elements for {:?} reduction", cfg.reduction),
-                format!("{}", g.len()),
-            ));
-        }
-    }
-    Ok(Checked {
-        cfg: cfg.to_params(rows.vocab, host_w, extras.class_weights.is_some())?,
-    })
+    extras.check_owner(dev)?;
+    out.check_owner(dev)?;
+    let args = extras.args(logits_len, grad, targets.len(), out.n_rows);
+    FusedPlan::new::<T, I>(dev.props(), rows, &args, cfg)
 }
 
 /// Fused forward + backward: per-row loss and lse into `out`, the reduced loss into `out.loss` (mean/sum),
@@ -541,38 +488,29 @@ where
 {
     check_ctx(dev, "logits", logits)?;
     check_ctx(dev, "grad", grad)?;
-    let ck = check_common(dev, rows, logits.len(), targets, extras, cfg, out)?;
-    check_len(
-        "grad",
-        grad.len(),
-        rows.extent(rows.grad_stride),
-        "(n_rows - 1) * grad_stride + vocab",
+    let plan = plan_call::<B, T, I, S>(
+        dev,
+        rows,
+        logits.len(),
+        GradBuffer::Separate(grad.len()),
+        targets,
+        extras,
+        cfg,
+        out,
     )?;
+    let (l_len, g_len) = (logits.len() as u64, grad.len() as u64);
     let (lp, _lg) = logits.addr(dev);
-    let (gp, _gg) = grad.addr_mut(dev);
+    let (gp, _lg2) = grad.addr_mut(dev);
+    // Byte sizes of live buffers cannot overflow.
     let size = std::mem::size_of::<T>() as u64;
-    let (l_end, g_end) = (
-        lp + rows.extent(rows.row_stride) as u64 * size,
-        gp + rows.extent(rows.grad_stride) as u64 * size,
-    );
+    let (l_end, g_end) = (lp + l_len * size, gp + g_len * size);
     if lp < g_end && gp < l_end {
         return Err(Error::layout(
             "grad",
             "overlaps logits; use fwd_bwd_inplace to overwrite the logits",
         ));
     }
-    launch::fused::<B, T, I, S>(
-        dev,
-        rows,
-        lp,
-        gp,
-        targets,
-        extras,
-        cfg.reduction,
-        cfg.ignore_index,
-        ck.cfg,
-        out,
-    )
+    launch::fused::<B, I, S>(dev, &plan, lp, gp, targets, extras, out)
 }
 
 /// [`fwd_bwd`] writing the gradient over the logits (`grad_stride` is taken equal to `row_stride`): no
@@ -605,25 +543,19 @@ where
     L: DeviceWrite<T, B>,
     S: DeviceRead<I, B>,
 {
-    let rows = Rows {
-        grad_stride: rows.row_stride,
-        ..rows
-    };
     check_ctx(dev, "logits", logits)?;
-    let ck = check_common(dev, rows, logits.len(), targets, extras, cfg, out)?;
-    let (lp, _lg) = logits.addr_mut(dev);
-    launch::fused::<B, T, I, S>(
+    let plan = plan_call::<B, T, I, S>(
         dev,
         rows,
-        lp,
-        lp,
+        logits.len(),
+        GradBuffer::InPlace,
         targets,
         extras,
-        cfg.reduction,
-        cfg.ignore_index,
-        ck.cfg,
+        cfg,
         out,
-    )
+    )?;
+    let (lp, _lg) = logits.addr_mut(dev);
+    launch::fused::<B, I, S>(dev, &plan, lp, lp, targets, extras, out)
 }
 
 /// Forward only: per-row loss and lse, and the reduced loss; no gradient (one read of the logits).
@@ -657,27 +589,25 @@ where
     S: DeviceRead<I, B>,
 {
     check_ctx(dev, "logits", logits)?;
-    let ck = check_common(dev, rows, logits.len(), targets, extras, cfg, out)?;
-    let (lp, _lg) = logits.addr(dev);
-    launch::fused::<B, T, I, S>(
+    let plan = plan_call::<B, T, I, S>(
         dev,
         rows,
-        lp,
-        0,
+        logits.len(),
+        GradBuffer::None,
         targets,
         extras,
-        cfg.reduction,
-        cfg.ignore_index,
-        ck.cfg,
+        cfg,
         out,
-    )
+    )?;
+    let (lp, _lg) = logits.addr(dev);
+    launch::fused::<B, I, S>(dev, &plan, lp, 0, targets, extras, out)
 }
 
 mod shard;
 pub use shard::{shard_backward, shard_combine, shard_stats, ShardSpec, SHARD_STAT_WIDTH};
 
 mod linear_ce;
-pub use linear_ce::{linear_ce_reference, Chunking, LinearCrossEntropy};
+pub use linear_ce::{linear_ce_reference, Chunking, LinearCeLens, LinearCrossEntropy};
 
 mod sigmoid;
 pub use sigmoid::{sigmoid_focal_fwd_bwd, SigmoidFocalConfig, SigmoidFocalOutputs};
@@ -835,7 +765,8 @@ mod tests {
                 row_stride: 5,
                 ..Rows::contiguous(3, 3)
             }
-            .extent(5),
+            .extent_of("logits", 5)
+            .unwrap(),
             13
         );
     }

@@ -9,12 +9,10 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::LaunchConfig;
-
-use super::launch::{denominator, launch, reduce_rows, reduction_code, row_grid, row_threads};
+use super::launch::{denominator, launch, reduce_rows, reduction_code};
 use super::{
-    check_common, check_ctx, check_len, LossConfig, LossElement, LossExtras, LossOutputs,
-    Reduction, Rows, TargetIndex,
+    check_ctx, GradBuffer, LossConfig, LossElement, LossExtras, LossOutputs, Reduction, Rows,
+    ShardCombinePlan, ShardPlan, ShardStage, TargetIndex,
 };
 use crate::backend::opt_addr;
 use crate::backend::private::{Addr, AddrMut};
@@ -35,8 +33,12 @@ pub struct ShardSpec {
 }
 
 impl ShardSpec {
-    fn validate(&self, shard_vocab: usize) -> Result<()> {
-        if self.vocab_offset + shard_vocab > self.full_vocab {
+    pub(crate) fn validate(&self, shard_vocab: usize) -> Result<()> {
+        if self
+            .vocab_offset
+            .checked_add(shard_vocab)
+            .is_none_or(|end| end > self.full_vocab)
+        {
             return Err(Error::shape(
                 "shard",
                 format!(
@@ -85,18 +87,23 @@ where
     S: DeviceRead<I, B>,
     D: DeviceWrite<f32, B>,
 {
-    let kcfg = check_shard(dev, rows, spec, logits, targets, extras, cfg)?;
     check_ctx(dev, "stats", stats)?;
-    check_len(
-        "stats",
-        stats.len(),
-        rows.n_rows * SHARD_STAT_WIDTH,
-        "[N, 4]",
+    let plan = plan_shard::<B, T, I, L, S>(
+        dev,
+        rows,
+        spec,
+        logits,
+        targets,
+        extras,
+        cfg,
+        usize::MAX,
+        ShardStage::Stats { stats: stats.len() },
     )?;
     let (lp, _a) = logits.addr(dev);
     let (tp, _b) = targets.addr(dev);
     let (sp, _c) = stats.addr_mut(dev);
     let (wp, _d) = opt_addr(extras.class_weights, dev);
+    let rows = plan.rows;
     let p = fk_ce_shard_stats_params {
         logits: lp as *const c_void,
         targets: tp as *const c_void,
@@ -108,23 +115,15 @@ where
         vocab_offset: spec.vocab_offset as i64,
         row_stride: rows.row_stride as i64,
         ignore_index: cfg.ignore_index,
-        cfg: kcfg,
+        cfg: plan.params,
     };
-    let lc = LaunchConfig {
-        grid_dim: (row_grid(rows.n_rows), 1, 1),
-        block_dim: (row_threads(rows.vocab, std::mem::size_of::<T>()), 1, 1),
-        shared_mem_bytes: 0,
-    };
-    launch(
-        dev,
-        &format!("fk_ce_shard_stats_{}_{}", T::SUFFIX, I::SUFFIX),
-        lc,
-        &p,
-    )
+    let l = &plan.launches()[0];
+    launch(dev, &l.kernel, l.config(), &p)
 }
 
-/// Checks shared by the per-shard kernels; returns the kernel's loss configuration.
-fn check_shard<
+/// The device checks of a per-shard call (every buffer on `dev`), then its plan.
+#[allow(clippy::too_many_arguments)]
+fn plan_shard<
     B: Backend,
     T: LossElement,
     I: TargetIndex,
@@ -138,57 +137,14 @@ fn check_shard<
     targets: &S,
     extras: &LossExtras<'_, B>,
     cfg: &LossConfig,
-) -> Result<fk_loss_config> {
-    rows.validate()?;
-    spec.validate(rows.vocab)?;
+    out_rows: usize,
+    stage: ShardStage,
+) -> Result<ShardPlan> {
     check_ctx(dev, "logits", logits)?;
     check_ctx(dev, "targets", targets)?;
-    check_len(
-        "logits",
-        logits.len(),
-        (rows.n_rows - 1) * rows.row_stride + rows.vocab,
-        "the shard",
-    )?;
-    if targets.len() != rows.n_rows {
-        return Err(Error::shape(
-            "targets",
-            format!("{} elements", rows.n_rows),
-            format!("{}", targets.len()),
-        ));
-    }
-    weights_cfg(dev, cfg, extras, spec.full_vocab)
-}
-
-fn weights_cfg<B: Backend>(
-    dev: &B,
-    cfg: &LossConfig,
-    extras: &LossExtras<'_, B>,
-    vocab: usize,
-) -> Result<fk_loss_config> {
-    if let Some(w) = extras.class_weights {
-        check_ctx(dev, "class_weights", w)?;
-        if w.len() != vocab {
-            return Err(Error::shape(
-                "class_weights",
-                format!("{vocab} elements (full vocab)"),
-                format!("{}", w.len()),
-            ));
-        }
-    }
-    if extras.class_weights.is_some()
-        && extras.class_weights_host.is_none()
-        && cfg.label_smoothing != super::LabelSmoothing::None
-    {
-        return Err(Error::invalid(
-            "class_weights_host",
-            "label smoothing with class weights needs the host copy",
-        ));
-    }
-    cfg.to_params(
-        vocab,
-        extras.class_weights_host,
-        extras.class_weights.is_some(),
-    )
+    extras.check_owner(dev)?;
+    let args = extras.args(logits.len(), GradBuffer::None, targets.len(), out_rows);
+    ShardPlan::new::<T, I>(rows, spec, &args, cfg, stage)
 }
 
 /// Merges the all-gathered statistics `[n_shards, N, 4]` (in shard order) into per-row loss, lse and
@@ -225,18 +181,12 @@ where
     D: DeviceRead<f32, B>,
     S: DeviceRead<I, B>,
 {
-    if n_shards == 0 {
-        return Err(Error::invalid("n_shards", "must be >= 1"));
-    }
     check_ctx(dev, "stats", stats)?;
-    check_len(
-        "stats",
-        stats.len(),
-        n_shards * n_rows * SHARD_STAT_WIDTH,
-        "[n_shards, N, 4]",
-    )?;
-    let rows = Rows::contiguous(n_rows, full_vocab);
-    let ck = check_common(dev, rows, usize::MAX, targets, extras, cfg, out)?;
+    check_ctx(dev, "targets", targets)?;
+    extras.check_owner(dev)?;
+    out.check_owner(dev)?;
+    let args = extras.args(0, GradBuffer::None, targets.len(), out.n_rows());
+    let plan = ShardCombinePlan::new::<I>(n_rows, full_vocab, stats.len(), n_shards, &args, cfg)?;
     let (tp, _a) = targets.addr(dev);
     let (wp, _b) = opt_addr(extras.class_weights, dev);
     let (gop, _c) = opt_addr(extras.grad_output.as_ref(), dev);
@@ -265,19 +215,15 @@ where
             lse: lp as *mut f32,
             coeffs: cp as *mut fk_row_coeffs,
             status: stp as *mut u64,
-            n_rows: n_rows as i64,
-            n_shards: n_shards as i64,
-            vocab: full_vocab as i64,
+            n_rows: plan.n_rows as i64,
+            n_shards: plan.n_shards as i64,
+            vocab: plan.vocab as i64,
             ignore_index: cfg.ignore_index,
             reduction: reduction_code(cfg.reduction),
-            cfg: ck.cfg,
+            cfg: plan.params,
         };
-        let lc = LaunchConfig {
-            grid_dim: (n_rows.div_ceil(256).min(65535) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch(dev, &format!("fk_ce_shard_combine_{}", I::SUFFIX), lc, &p)?;
+        let l = plan.combine_launch();
+        launch(dev, &l.kernel, l.config(), &p)?;
     }
     reduce_rows(dev, n_rows, cfg.reduction, out)
 }
@@ -319,26 +265,25 @@ where
     S: DeviceRead<I, B>,
     G: DeviceWrite<T, B>,
 {
-    let kcfg = check_shard(dev, rows, spec, logits, targets, extras, cfg)?;
     check_ctx(dev, "grad", grad)?;
-    check_len(
-        "grad",
-        grad.len(),
-        (rows.n_rows - 1) * rows.grad_stride + rows.vocab,
-        "the shard gradient",
+    out.check_owner(dev)?;
+    let plan = plan_shard::<B, T, I, L, S>(
+        dev,
+        rows,
+        spec,
+        logits,
+        targets,
+        extras,
+        cfg,
+        out.n_rows(),
+        ShardStage::Backward { grad: grad.len() },
     )?;
-    if out.n_rows() < rows.n_rows {
-        return Err(Error::shape(
-            "out",
-            format!("LossOutputs for >= {} rows", rows.n_rows),
-            format!("{} rows", out.n_rows()),
-        ));
-    }
+    let (l_len, g_len) = (logits.len() as u64, grad.len() as u64);
     let (lp, _a) = logits.addr(dev);
     let (gp, _b) = grad.addr_mut(dev);
+    // Byte sizes of live buffers cannot overflow.
     let size = std::mem::size_of::<T>() as u64;
-    let l_end = lp + ((rows.n_rows - 1) * rows.row_stride + rows.vocab) as u64 * size;
-    let g_end = gp + ((rows.n_rows - 1) * rows.grad_stride + rows.vocab) as u64 * size;
+    let (l_end, g_end) = (lp + l_len * size, gp + g_len * size);
     if lp != gp && lp < g_end && gp < l_end {
         return Err(Error::layout("grad", "partially overlaps logits"));
     }
@@ -359,17 +304,8 @@ where
         row_stride: rows.row_stride as i64,
         grad_stride: rows.grad_stride as i64,
         ignore_index: cfg.ignore_index,
-        cfg: kcfg,
+        cfg: plan.params,
     };
-    let lc = LaunchConfig {
-        grid_dim: (row_grid(rows.n_rows), 1, 1),
-        block_dim: (row_threads(rows.vocab, size as usize), 1, 1),
-        shared_mem_bytes: 0,
-    };
-    launch(
-        dev,
-        &format!("fk_ce_shard_bwd_{}_{}", T::SUFFIX, I::SUFFIX),
-        lc,
-        &p,
-    )
+    let l = &plan.launches()[0];
+    launch(dev, &l.kernel, l.config(), &p)
 }

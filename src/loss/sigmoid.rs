@@ -2,10 +2,8 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::LaunchConfig;
-
 use super::launch::{launch, reduce, reduction_code};
-use super::{check_ctx, LossElement, Reduction};
+use super::{check_ctx, LossElement, Reduction, SigmoidFocalPlan};
 use crate::backend::opt_addr;
 use crate::backend::private::{Addr, AddrMut};
 use crate::error::{Error, Result};
@@ -46,6 +44,7 @@ pub struct SigmoidFocalOutputs<B: Backend = Gpu> {
     block_sums: B::Buffer<f32>,
     count: B::Buffer<f32>,
     n: usize,
+    per_element: bool,
 }
 
 impl<B: Backend> SigmoidFocalOutputs<B> {
@@ -62,6 +61,7 @@ impl<B: Backend> SigmoidFocalOutputs<B> {
             block_sums: dev.alloc_zeros(SIGMOID_FOCAL_MAX_BLOCKS)?,
             count: dev.upload(&[n as f32])?,
             n,
+            per_element,
         })
     }
 }
@@ -98,67 +98,24 @@ where
     Tt: DeviceRead<T, B>,
     G: DeviceWrite<T, B>,
 {
-    let n = logits.len();
-    if n == 0 {
-        return Err(Error::shape(
-            "logits",
-            "at least one element",
-            "an empty tensor",
-        ));
-    }
     check_ctx(dev, "logits", logits)?;
     check_ctx(dev, "targets", targets)?;
     check_ctx(dev, "grad", grad)?;
-    for (arg, len) in [("targets", targets.len()), ("grad", grad.len())] {
-        if len != n {
-            return Err(Error::shape(
-                arg,
-                format!("{n} elements (as logits)"),
-                format!("{len}"),
-            ));
-        }
-    }
-    if out.n != n {
-        return Err(Error::shape(
-            "out",
-            format!("SigmoidFocalOutputs for {n} elements"),
-            format!("{}", out.n),
-        ));
-    }
-    if cfg.reduction == Reduction::None && out.elements.len() < n {
-        return Err(Error::shape(
-            "out.elements",
-            format!("{n} elements for Reduction::None"),
-            "none allocated".to_string(),
-        ));
-    }
-    if !(cfg.gamma.is_finite() && cfg.gamma >= 0.0) {
-        return Err(Error::invalid(
-            "gamma",
-            format!("must be finite and >= 0, got {}", cfg.gamma),
-        ));
-    }
-    if !(cfg.alpha.is_finite() && cfg.alpha <= 1.0) {
-        return Err(Error::invalid(
-            "alpha",
-            format!("must be <= 1 (negative disables it), got {}", cfg.alpha),
-        ));
-    }
+    check_ctx(dev, "out", &out.loss)?;
     if let Some(g) = &grad_output {
         check_ctx(dev, "grad_output", g)?;
-        let need = if cfg.reduction == Reduction::None {
-            n
-        } else {
-            1
-        };
-        if g.len() != need {
-            return Err(Error::shape(
-                "grad_output",
-                format!("{need} elements"),
-                format!("{}", g.len()),
-            ));
-        }
     }
+    let plan = SigmoidFocalPlan::new::<T>(
+        logits.len(),
+        targets.len(),
+        grad.len(),
+        grad_output.as_ref().map(|g| g.len()),
+        cfg,
+        out.n,
+        out.per_element,
+    )?;
+    let (n, blocks) = (plan.n, plan.blocks);
+    let launches = plan.launches();
     let (lp, _a) = logits.addr(dev);
     let (tp, _b) = targets.addr(dev);
     let (gp, _c) = grad.addr_mut(dev);
@@ -167,10 +124,6 @@ where
         return Err(Error::layout("grad", "overlaps logits"));
     }
     let (gop, _d) = opt_addr(grad_output.as_ref(), dev);
-    let per_vec = 16 / std::mem::size_of::<T>();
-    let blocks = n
-        .div_ceil(FK_SIGMOID_FOCAL_THREADS as usize * per_vec * 4)
-        .clamp(1, SIGMOID_FOCAL_MAX_BLOCKS);
     {
         let (ep, _e) = out.elements.addr_mut(dev);
         let (bp, _f) = out.block_sums.addr_mut(dev);
@@ -199,12 +152,7 @@ where
             },
             reduction: reduction_code(cfg.reduction),
         };
-        let lc = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (FK_SIGMOID_FOCAL_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch(dev, &format!("fk_sigmoid_focal_{}", T::SUFFIX), lc, &p)?;
+        launch(dev, &launches[0].kernel, launches[0].config(), &p)?;
     }
     if cfg.reduction != Reduction::None {
         let (bp, _a) = out.block_sums.addr(dev);

@@ -2,13 +2,16 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{BalanceState, GateConfig, HiddenElement, PermutePlan, RouterElement, Scoring};
+use super::{
+    BalanceState, EpCountsPlan, GatePlan, HiddenElement, PermutePlan, RouterElement, Scoring,
+};
 use crate::backend::opt_addr;
 use crate::backend::private::{Addr, AddrMut};
 use crate::device::Family;
 use crate::error::Result;
 use crate::launch::{grid, launch_kernel};
 use crate::params::*;
+use crate::plan::PlannedLaunch;
 use crate::{Backend, DeviceRead, DeviceWrite};
 
 fn launch1<B: Backend>(
@@ -28,8 +31,7 @@ pub(crate) fn experts_per_lane(e: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gate<B, T, L, I, W, C>(
     dev: &B,
-    cfg: &GateConfig,
-    n_tokens: usize,
+    plan: &GatePlan,
     logits: &L,
     bias: Option<&B::Buffer<f32>>,
     ids: &mut I,
@@ -44,6 +46,7 @@ where
     W: DeviceWrite<f32, B>,
     C: DeviceWrite<i32, B>,
 {
+    let (cfg, n_tokens) = (&plan.cfg, plan.n_tokens);
     let (lp, _a) = logits.addr(dev);
     let (bp, _b) = opt_addr(bias, dev);
     let (ip, _c) = ids.addr_mut(dev);
@@ -67,16 +70,8 @@ where
         renormalize: cfg.renormalize as u32,
         scaling: cfg.scaling,
     };
-    let warps = FK_MOE_GATE_WARPS as usize;
-    let blocks = n_tokens
-        .div_ceil(warps)
-        .min(dev.props().sm_count as usize * 8);
-    let name = format!(
-        "fk_moe_gate_{}_e{}",
-        T::SUFFIX,
-        experts_per_lane(cfg.n_experts)
-    );
-    launch1(dev, &name, grid(blocks, FK_MOE_GATE_WARPS * 32), &p)
+    let l = &plan.launches()[0];
+    launch1(dev, &l.kernel, l.config(), &p)
 }
 
 pub(super) fn bias_update<B: Backend>(
@@ -122,12 +117,14 @@ pub(super) fn plan<B: Backend, I: DeviceRead<i32, B>>(
     dev: &B,
     pl: &mut PermutePlan<B>,
     ids: &I,
+    launches: &[PlannedLaunch],
 ) -> Result<()> {
     dev.zero(&mut pl.status)?;
-    let slots = pl.n_tokens * pl.top_k;
+    let s = pl.shape;
+    let slots = s.slots();
     let chunk = FK_MOE_PLAN_CHUNK as usize;
-    let n_chunks = slots.div_ceil(chunk);
-    let max_rows = pl.max_rows();
+    let n_chunks = s.n_chunks();
+    let max_rows = s.max_rows();
     let (idp, _a) = ids.addr(dev);
     let (ccp, _b) = pl.chunk_counts.addr_mut(dev);
     let (op, _c) = pl.offsets.addr_mut(dev);
@@ -146,31 +143,23 @@ pub(super) fn plan<B: Backend, I: DeviceRead<i32, B>>(
         slot_row: srp as *mut i32,
         status: stp as *mut i32,
         n_slots: slots as i64,
-        n_experts: pl.n_experts as i32,
+        n_experts: s.n_experts as i32,
         chunk: chunk as i32,
         n_chunks: n_chunks as i32,
-        block_size: pl.block_size as i32,
+        block_size: s.block_size as i32,
         max_rows: max_rows as i64,
-        max_blocks: max_rows.div_ceil(pl.block_size) as i32,
+        max_blocks: max_rows.div_ceil(s.block_size) as i32,
     };
-    launch1(dev, "fk_moe_plan_count", grid(n_chunks, 256), &p)?;
-    launch1(
-        dev,
-        "fk_moe_plan_scan_chunks",
-        grid(pl.n_experts.div_ceil(32), 1024),
-        &p,
-    )?;
-    launch1(dev, "fk_moe_plan_scan", grid(1, 1024), &p)?;
-    launch1(dev, "fk_moe_plan_scatter", grid(n_chunks, 32), &p)
-}
-
-fn row_blocks<B: Backend>(dev: &B, rows: usize) -> usize {
-    rows.min(dev.props().sm_count as usize * 16)
+    for l in launches {
+        launch1(dev, &l.kernel, l.config(), &p)?;
+    }
+    Ok(())
 }
 
 pub(super) fn gather<B: Backend, T: HiddenElement, Hs: DeviceRead<T, B>, O: DeviceWrite<T, B>>(
     dev: &B,
     pl: &PermutePlan<B>,
+    l: &PlannedLaunch,
     hidden: &Hs,
     h: usize,
     out: &mut O,
@@ -185,20 +174,12 @@ pub(super) fn gather<B: Backend, T: HiddenElement, Hs: DeviceRead<T, B>, O: Devi
         out: op as *mut std::ffi::c_void,
         rows: pl.max_rows() as i64,
         hidden_size: h as i64,
-        top_k: pl.top_k as i32,
+        top_k: pl.shape.top_k as i32,
     };
     // The total row count lives on the device (padded_offsets[E]); the kernel stops there.
-    let total = pop + 4 * pl.n_experts as u64;
     // `total` points at padded_offsets[E], inside the plan's [E + 1] buffer.
-    let cfg = grid(row_blocks(dev, pl.max_rows()), FK_MOE_ROW_THREADS);
-    launch_kernel(
-        dev,
-        Family::Moe,
-        &format!("fk_moe_gather_{}", T::SUFFIX),
-        cfg,
-        &p,
-        Some(total),
-    )
+    let total = pop + 4 * pl.shape.n_experts as u64;
+    launch_kernel(dev, Family::Moe, &l.kernel, l.config(), &p, Some(total))
 }
 
 pub(super) fn combine<
@@ -210,6 +191,7 @@ pub(super) fn combine<
 >(
     dev: &B,
     pl: &PermutePlan<B>,
+    l: &PlannedLaunch,
     expert_out: &X,
     weights: &W,
     h: usize,
@@ -224,16 +206,11 @@ pub(super) fn combine<
         weights: wp as *const f32,
         slot_row: srp as *const i32,
         out: op as *mut std::ffi::c_void,
-        n_tokens: pl.n_tokens as i64,
+        n_tokens: pl.shape.n_tokens as i64,
         hidden_size: h as i64,
-        top_k: pl.top_k as i32,
+        top_k: pl.shape.top_k as i32,
     };
-    launch1(
-        dev,
-        &format!("fk_moe_combine_{}", T::SUFFIX),
-        grid(row_blocks(dev, pl.n_tokens), FK_MOE_ROW_THREADS),
-        &p,
-    )
+    launch1(dev, &l.kernel, l.config(), &p)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -244,11 +221,8 @@ pub(super) fn ep_counts<
     R: DeviceWrite<i32, B>,
 >(
     dev: &B,
+    plan: &EpCountsPlan,
     ids: &I,
-    n_tokens: usize,
-    top_k: usize,
-    n_ranks: usize,
-    experts_per_rank: usize,
     membership: &mut M,
     tokens_per_rank: &mut R,
 ) -> Result<()> {
@@ -259,22 +233,13 @@ pub(super) fn ep_counts<
         ids: ip as *const i32,
         membership: mp as *mut u8,
         tokens_per_rank: tp as *mut i32,
-        n_tokens: n_tokens as i64,
-        top_k: top_k as i32,
-        n_ranks: n_ranks as i32,
-        experts_per_rank: experts_per_rank as i32,
+        n_tokens: plan.n_tokens as i64,
+        top_k: plan.top_k as i32,
+        n_ranks: plan.n_ranks as i32,
+        experts_per_rank: plan.experts_per_rank() as i32,
     };
-    launch1(
-        dev,
-        "fk_moe_ep_counts",
-        grid(
-            n_tokens
-                .div_ceil(256)
-                .min(dev.props().sm_count as usize * 8),
-            256,
-        ),
-        &p,
-    )
+    let l = &plan.launches()[0];
+    launch1(dev, &l.kernel, l.config(), &p)
 }
 
 #[cfg(test)]

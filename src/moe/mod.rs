@@ -25,7 +25,10 @@
 //! among them makes every weight of that token NaN.
 
 mod launch;
+mod plan;
 pub mod reference;
+
+pub use plan::{EpCountsPlan, GateLens, GatePlan, PermuteShape};
 
 use half::bf16;
 
@@ -173,7 +176,7 @@ impl GateConfig {
     }
 }
 
-use crate::validate::{exactly as check_len, owned as check_ctx};
+use crate::validate::owned as check_ctx;
 
 /// The fused gate: ids `[T, K]` (best first), weights `[T, K]` and counts `[E]` from router logits
 /// `[T, E]` and an optional selection bias `[E]`. Counts are added to (`accumulate_counts`: over
@@ -215,34 +218,25 @@ where
     W: DeviceWrite<f32, B>,
     C: DeviceWrite<i32, B>,
 {
-    cfg.validate()?;
-    if n_tokens == 0 {
-        return Err(Error::shape(
-            "logits",
-            "at least one token",
-            "an empty batch (0 tokens)",
-        ));
-    }
-    let (e, k) = (cfg.n_experts, cfg.top_k);
     check_ctx(dev, "logits", logits)?;
     check_ctx(dev, "ids", ids)?;
     check_ctx(dev, "weights", weights)?;
     check_ctx(dev, "counts", counts)?;
-    let te = n_tokens
-        .checked_mul(e)
-        .ok_or_else(|| Error::shape("logits", "T * E below 2^64", "more"))?;
-    check_len("logits", logits.len(), te, "[T, E]")?;
-    check_len("ids", ids.len(), n_tokens * k, "[T, K]")?;
-    check_len("weights", weights.len(), n_tokens * k, "[T, K]")?;
-    check_len("counts", counts.len(), e, "[E]")?;
     if let Some(b) = bias {
         check_ctx(dev, "bias", b)?;
-        check_len("bias", b.len(), e, "[E]")?;
     }
+    let lens = GateLens {
+        logits: logits.len(),
+        bias: bias.map(|b| b.len()),
+        ids: ids.len(),
+        weights: weights.len(),
+        counts: counts.len(),
+    };
+    let plan = GatePlan::new::<T>(dev.props(), cfg, n_tokens, &lens)?;
     if !accumulate_counts {
         dev.zero(counts)?;
     }
-    launch::gate::<B, T, L, I, W, C>(dev, cfg, n_tokens, logits, bias, ids, weights, counts)
+    launch::gate::<B, T, L, I, W, C>(dev, &plan, logits, bias, ids, weights, counts)
 }
 
 /// How the bias moves.
@@ -281,21 +275,7 @@ impl<B: Backend> BalanceState<B> {
     /// let state = fusekit::moe::BalanceState::new(&dev, 256, 100).unwrap();
     /// ```
     pub fn new(dev: &B, n_experts: usize, window: usize) -> Result<Self> {
-        if n_experts == 0 || n_experts > FK_MOE_MAX_EXPERTS as usize {
-            return Err(Error::invalid(
-                "n_experts",
-                format!("must be in 1..={FK_MOE_MAX_EXPERTS}, got {n_experts}"),
-            ));
-        }
-        let wn = window
-            .checked_mul(n_experts)
-            .filter(|&w| w <= i32::MAX as usize)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "window",
-                    format!("{window} steps x {n_experts} experts is too large"),
-                )
-            })?;
+        let wn = plan::balance_window(n_experts, window)?;
         Ok(BalanceState {
             bias: dev.alloc_zeros(n_experts)?,
             counts: dev.alloc_zeros(n_experts)?,
@@ -340,12 +320,7 @@ impl<B: Backend> BalanceState<B> {
         rule: UpdateRule,
         reset_counts: bool,
     ) -> Result<()> {
-        if !rate.is_finite() || rate < 0.0 {
-            return Err(Error::invalid(
-                "rate",
-                format!("must be finite and >= 0, got {rate}"),
-            ));
-        }
+        plan::check_rate(rate)?;
         check_ctx(dev, "state", &self.bias)?;
         launch::bias_update(
             dev,
@@ -418,10 +393,7 @@ pub struct PermutePlan<B: Backend = Gpu> {
     pub block_expert: B::Buffer<i32>,
     chunk_counts: B::Buffer<i32>,
     status: B::Buffer<i32>,
-    n_tokens: usize,
-    top_k: usize,
-    n_experts: usize,
-    block_size: usize,
+    pub(crate) shape: PermuteShape,
 }
 
 impl<B: Backend> PermutePlan<B> {
@@ -440,37 +412,8 @@ impl<B: Backend> PermutePlan<B> {
         n_experts: usize,
         block_size: usize,
     ) -> Result<Self> {
-        if n_tokens == 0 {
-            return Err(Error::shape("ids", "at least one token", "0 tokens"));
-        }
-        if top_k == 0 || top_k > FK_MOE_MAX_TOPK as usize {
-            return Err(Error::invalid(
-                "top_k",
-                format!("must be in 1..={FK_MOE_MAX_TOPK}, got {top_k}"),
-            ));
-        }
-        if n_experts == 0 || n_experts > FK_MOE_MAX_EXPERTS as usize {
-            return Err(Error::invalid(
-                "n_experts",
-                format!("must be in 1..={FK_MOE_MAX_EXPERTS}, got {n_experts}"),
-            ));
-        }
-        if block_size == 0 {
-            return Err(Error::invalid("block_size", "must be >= 1 (1: no padding)"));
-        }
-        // Checked: every count below must fit the kernels' 32-bit rows.
-        let max_rows = n_tokens
-            .checked_mul(top_k)
-            .and_then(|s| s.checked_add(n_experts.checked_mul(block_size - 1)?))
-            .filter(|&r| r <= i32::MAX as usize)
-            .ok_or_else(|| Error::Unsupported {
-                what: format!(
-                    "{n_tokens} tokens x top-{top_k} + {n_experts} experts x (block {block_size} - 1) \
-                     permuted rows exceed 2^31 - 1"
-                ),
-            })?;
-        let slots = n_tokens * top_k;
-        let n_chunks = slots.div_ceil(crate::params::FK_MOE_PLAN_CHUNK as usize);
+        let shape = PermuteShape::new(n_tokens, top_k, n_experts, block_size)?;
+        let (max_rows, slots, n_chunks) = (shape.max_rows(), shape.slots(), shape.n_chunks());
         let a = |n: usize| dev.alloc_zeros::<i32>(n.max(1));
         Ok(PermutePlan {
             sorted_slots: a(max_rows)?,
@@ -480,10 +423,7 @@ impl<B: Backend> PermutePlan<B> {
             block_expert: a(max_rows.div_ceil(block_size))?,
             chunk_counts: a(n_chunks * n_experts)?,
             status: a(1)?,
-            n_tokens,
-            top_k,
-            n_experts,
-            block_size,
+            shape,
         })
     }
 
@@ -495,7 +435,7 @@ impl<B: Backend> PermutePlan<B> {
     /// assert_eq!(plan.max_rows(), 20 + 4 * 7);
     /// ```
     pub fn max_rows(&self) -> usize {
-        self.n_tokens * self.top_k + self.n_experts * (self.block_size - 1)
+        self.shape.max_rows()
     }
 
     /// Tokens, experts per token, experts, block size.
@@ -506,7 +446,8 @@ impl<B: Backend> PermutePlan<B> {
     /// assert_eq!(plan.shape(), (10, 2, 4, 8));
     /// ```
     pub fn shape(&self) -> (usize, usize, usize, usize) {
-        (self.n_tokens, self.top_k, self.n_experts, self.block_size)
+        let s = &self.shape;
+        (s.n_tokens, s.top_k, s.n_experts, s.block_size)
     }
 
     /// Builds the plan from expert ids `[T, K]` (e.g. from [`gate`]): four small kernels, no sync.
@@ -526,13 +467,9 @@ impl<B: Backend> PermutePlan<B> {
     /// ```
     pub fn build<I: DeviceRead<i32, B>>(&mut self, dev: &B, ids: &I) -> Result<()> {
         check_ctx(dev, "ids", ids)?;
-        check_len(
-            "ids",
-            ids.len(),
-            self.n_tokens * self.top_k,
-            "[T, K] of the plan",
-        )?;
-        launch::plan(dev, self, ids)
+        check_ctx(dev, "plan", &self.status)?;
+        let launches = self.shape.build_launches(ids.len())?;
+        launch::plan(dev, self, ids, &launches)
     }
 
     /// `Err(OutOfRange)` naming the first slot whose expert id was outside `[0, E)` in the last build.
@@ -551,13 +488,13 @@ impl<B: Backend> PermutePlan<B> {
         if st == 0 {
             return Ok(());
         }
-        let slot = (self.n_tokens * self.top_k).saturating_sub(st as usize);
+        let slot = self.shape.slots().saturating_sub(st as usize);
         let all = dev.download(ids)?;
         Err(Error::OutOfRange {
             arg: "ids",
             index: slot,
             value: all.get(slot).copied().unwrap_or(-1) as i64,
-            allowed: format!("[0, {})", self.n_experts),
+            allowed: format!("[0, {})", self.shape.n_experts),
         })
     }
 
@@ -573,7 +510,7 @@ impl<B: Backend> PermutePlan<B> {
     /// ```
     pub fn total_rows_sync(&self, dev: &B) -> Result<usize> {
         let v = dev.download(&self.padded_offsets)?;
-        Ok(v[self.n_experts] as usize)
+        Ok(v[self.shape.n_experts] as usize)
     }
 }
 
@@ -598,22 +535,13 @@ pub fn gather<B: Backend, T: HiddenElement, Hs: DeviceRead<T, B>, O: DeviceWrite
     hidden_size: usize,
     out: &mut O,
 ) -> Result<()> {
-    if hidden_size == 0 {
-        return Err(Error::shape("hidden", "hidden_size >= 1", "0"));
-    }
     check_ctx(dev, "hidden", hidden)?;
     check_ctx(dev, "out", out)?;
-    let th = plan
-        .n_tokens
-        .checked_mul(hidden_size)
-        .ok_or_else(|| Error::shape("hidden", "T * H below 2^64", "more"))?;
-    let rh = plan
-        .max_rows()
-        .checked_mul(hidden_size)
-        .ok_or_else(|| Error::shape("out", "max_rows * H below 2^64", "more"))?;
-    check_len("hidden", hidden.len(), th, "[T, H]")?;
-    check_len("out", out.len(), rh, "[max_rows, H]")?;
-    launch::gather(dev, plan, hidden, hidden_size, out)
+    check_ctx(dev, "plan", &plan.status)?;
+    let l = plan
+        .shape
+        .gather_launch::<T>(dev.props(), hidden_size, hidden.len(), out.len())?;
+    launch::gather(dev, plan, &l, hidden, hidden_size, out)
 }
 
 /// Weighted combine of expert outputs `[max_rows, H]` (in the plan's layout) back to tokens:
@@ -644,29 +572,18 @@ pub fn combine<
     hidden_size: usize,
     out: &mut O,
 ) -> Result<()> {
-    if hidden_size == 0 {
-        return Err(Error::shape("expert_out", "hidden_size >= 1", "0"));
-    }
     check_ctx(dev, "expert_out", expert_out)?;
     check_ctx(dev, "weights", weights)?;
     check_ctx(dev, "out", out)?;
-    let th = plan
-        .n_tokens
-        .checked_mul(hidden_size)
-        .ok_or_else(|| Error::shape("out", "T * H below 2^64", "more"))?;
-    let rh = plan
-        .max_rows()
-        .checked_mul(hidden_size)
-        .ok_or_else(|| Error::shape("expert_out", "max_rows * H below 2^64", "more"))?;
-    check_len("expert_out", expert_out.len(), rh, "[max_rows, H]")?;
-    check_len(
-        "weights",
+    check_ctx(dev, "plan", &plan.status)?;
+    let l = plan.shape.combine_launch::<T>(
+        dev.props(),
+        hidden_size,
+        expert_out.len(),
         weights.len(),
-        plan.n_tokens * plan.top_k,
-        "[T, K]",
+        out.len(),
     )?;
-    check_len("out", out.len(), th, "[T, H]")?;
-    launch::combine(dev, plan, expert_out, weights, hidden_size, out)
+    launch::combine(dev, plan, &l, expert_out, weights, hidden_size, out)
 }
 
 /// Expert-parallel dispatch counts for experts split evenly over `n_ranks` (rank r owns experts
@@ -701,46 +618,21 @@ pub fn ep_counts<
     membership: &mut M,
     tokens_per_rank: &mut R,
 ) -> Result<()> {
-    if n_ranks == 0
-        || n_experts == 0
-        || n_experts % n_ranks != 0
-        || n_experts > FK_MOE_MAX_EXPERTS as usize
-    {
-        return Err(Error::invalid(
-            "n_ranks",
-            format!("must divide n_experts {n_experts} (<= {FK_MOE_MAX_EXPERTS}), got {n_ranks}"),
-        ));
-    }
-    if n_tokens == 0 || top_k == 0 {
-        return Err(Error::shape(
-            "ids",
-            "at least one token and top_k >= 1",
-            format!("T = {n_tokens}, K = {top_k}"),
-        ));
-    }
     check_ctx(dev, "ids", ids)?;
     check_ctx(dev, "membership", membership)?;
     check_ctx(dev, "tokens_per_rank", tokens_per_rank)?;
-    let tk = n_tokens
-        .checked_mul(top_k)
-        .ok_or_else(|| Error::shape("ids", "T * K below 2^64", "more"))?;
-    let tr = n_tokens
-        .checked_mul(n_ranks)
-        .ok_or_else(|| Error::shape("membership", "T * R below 2^64", "more"))?;
-    check_len("ids", ids.len(), tk, "[T, K]")?;
-    check_len("membership", membership.len(), tr, "[T, R]")?;
-    check_len("tokens_per_rank", tokens_per_rank.len(), n_ranks, "[R]")?;
-    dev.zero(tokens_per_rank)?;
-    launch::ep_counts(
-        dev,
-        ids,
+    let plan = EpCountsPlan::new(
+        dev.props(),
         n_tokens,
         top_k,
+        n_experts,
         n_ranks,
-        n_experts / n_ranks,
-        membership,
-        tokens_per_rank,
-    )
+        ids.len(),
+        membership.len(),
+        tokens_per_rank.len(),
+    )?;
+    dev.zero(tokens_per_rank)?;
+    launch::ep_counts(dev, &plan, ids, membership, tokens_per_rank)
 }
 
 pub mod check;
@@ -749,10 +641,7 @@ pub mod simulate;
 impl<B: Backend> std::fmt::Debug for PermutePlan<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PermutePlan")
-            .field("n_tokens", &self.n_tokens)
-            .field("top_k", &self.top_k)
-            .field("n_experts", &self.n_experts)
-            .field("block_size", &self.block_size)
+            .field("shape", &self.shape)
             .field("max_rows", &self.max_rows())
             .finish()
     }
