@@ -24,7 +24,7 @@ fn main() -> fusekit::Result<()> {
     let run = |cfg: &SimConfig| -> fusekit::Result<SimTrace> {
         match &gpu {
             Some(g) => simulate_device(g, cfg),
-            None => Ok(simulate_cpu(cfg)),
+            None => simulate_cpu(cfg),
         }
     };
     println!(
@@ -51,7 +51,7 @@ fn main() -> fusekit::Result<()> {
                 at(50),
                 at(100),
                 at(tr.maxvio.len() - 1),
-                tr.tail_mean(20),
+                tr.tail_mean(20)?,
                 tr.weights_unbiased
             );
         }

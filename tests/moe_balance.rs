@@ -14,17 +14,18 @@ fn demonstrate(
     end_max: f64,
     stuck_min: f64,
 ) {
-    let with = simulate_cpu(&cfg);
+    let with = simulate_cpu(&cfg).unwrap();
     let without = simulate_cpu(&SimConfig {
         rate: 0.0,
         steps: no_update_steps,
         ..cfg
-    });
+    })
+    .unwrap();
     println!(
         "with update: start {:.3}, last-20 mean {:.3}; without: {:.3}",
         with.maxvio[0],
-        with.tail_mean(20),
-        without.tail_mean(20)
+        with.tail_mean(20).unwrap(),
+        without.tail_mean(20).unwrap()
     );
     assert!(
         with.maxvio[0] > start_min,
@@ -32,15 +33,15 @@ fn demonstrate(
         with.maxvio[0]
     );
     assert!(
-        with.tail_mean(20) <= end_max,
+        with.tail_mean(20).unwrap() <= end_max,
         "MaxVio_batch after {} steps: {}",
         cfg.steps,
-        with.tail_mean(20)
+        with.tail_mean(20).unwrap()
     );
     assert!(
-        without.tail_mean(20) > stuck_min,
+        without.tail_mean(20).unwrap() > stuck_min,
         "without the update the skew persists: {}",
-        without.tail_mean(20)
+        without.tail_mean(20).unwrap()
     );
     assert!(with.weights_unbiased && without.weights_unbiased);
 }

@@ -388,7 +388,8 @@ mod tests {
                 })
                 .collect();
             let got = plan_as_kernels(&ids, e, bs);
-            let (sorted, slot_row, off, poff, blocks) = super::super::reference::plan(&ids, e, bs);
+            let (sorted, slot_row, off, poff, blocks) =
+                super::super::reference::plan(&ids, e, bs).unwrap();
             let ctx = format!("seed {seed:#x} T {t} K {k} E {e} bs {bs}");
             let used = *poff.last().unwrap() as usize;
             assert_eq!(&got.0[..used], &sorted[..], "{ctx}: sorted slots");
