@@ -1535,28 +1535,32 @@ proptest! {
     }
 }
 
+/// A proptest runner seeded from the test's seed (printed, and replayable with `FUSEKIT_SEED`).
+fn seeded_runner(name: &str, cases: u32) -> (u64, proptest::test_runner::TestRunner) {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let seed = seed_for(name);
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
+    (seed, TestRunner::new_with_rng(config, rng))
+}
+
 /// Small random calls end to end on the emulator: the call errs exactly when its plan does, with the
 /// same error; otherwise every output matches the f64 reference. Seeded (the seed is printed); at least a
 /// quarter of the cases must launch and an eighth must be refused, so the property cannot pass vacuously.
 #[test]
 fn fused_calls_err_as_planned_or_match_the_reference() {
-    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
     use std::cell::Cell;
     let name = "fused_calls_err_as_planned_or_match_the_reference";
     let Some(dev) = fusekit::testing::emulator_for(name) else {
         return;
     };
-    let seed = seed_for(name);
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    let mut runner = TestRunner::new_with_rng(
-        Config {
-            cases: cases(),
-            failure_persistence: None,
-            ..Config::default()
-        },
-        TestRng::from_seed(RngAlgorithm::ChaCha, &key),
-    );
+    let (seed, mut runner) = seeded_runner(name, cases());
     let (launched, refused) = (Cell::new(0u32), Cell::new(0u32));
     let r = runner.run(&(fused_input(6, 300), any::<u64>()), |(inp, seed)| {
         fused_call_property(&dev, &inp, seed, &launched, &refused)
@@ -1674,4 +1678,105 @@ fn fused_call_property(
         }
     }
     Ok(())
+}
+
+/// The MoE gate and permutation end to end on the emulator, with random configurations (valid or not):
+/// the call, the plan and the CPU reference agree on the error, or the kernels match the reference (gate
+/// bit for bit; permute + gather + combine within bf16 rounding). Non-vacuous as above.
+#[test]
+fn moe_calls_err_as_planned_or_match_the_reference() {
+    use std::cell::Cell;
+    let name = "moe_calls_err_as_planned_or_match_the_reference";
+    let Some(dev) = fusekit::testing::emulator_for(name) else {
+        return;
+    };
+    let (seed, mut runner) = seeded_runner(name, cases() / 4);
+    let (launched, refused) = (Cell::new(0u32), Cell::new(0u32));
+    let strategy = (
+        0usize..40,    // tokens
+        0usize..70,    // experts
+        0usize..10,    // top_k
+        0usize..9,     // groups
+        0usize..9,     // kept groups
+        any::<bool>(), // softmax
+        0usize..20,    // block size
+        any::<u64>(),  // data seed
+        any::<bool>(), // fuzzed (else made valid)
+    );
+    let r = runner.run(&strategy, |(t, e, k, g, kg, softmax, block, s, fuzz)| {
+        // Half the cases are made valid: groups dividing the experts, top-k reachable.
+        let (t, e, k, g, kg, block) = if fuzz {
+            (t, e, k, g, kg, block)
+        } else {
+            let e = e.max(1);
+            let g = (1..=g.clamp(1, 8)).rev().find(|d| e % d == 0).unwrap_or(1);
+            let kg = kg.clamp(1, g);
+            let reach = if g > 1 { kg * (e / g) } else { e };
+            (t.max(1), e, k.clamp(1, reach.min(32)), g, kg, block.max(1))
+        };
+        let cfg = GateConfig {
+            n_experts: e,
+            top_k: k,
+            n_group: g,
+            topk_group: kg,
+            scoring: if softmax {
+                moe::Scoring::Softmax
+            } else {
+                moe::Scoring::Sigmoid
+            },
+            ..GateConfig::deepseek_v3()
+        };
+        let mut rng = Rng::new(s);
+        let plan = GatePlan::new::<f32>(dev.props(), &cfg, t, &GateLens::dense(&cfg, t));
+        match plan {
+            Err(pe) => {
+                // The call with buffers of the lengths it asks for, and the reference, err the same.
+                let lens = GateLens::dense(&cfg, t);
+                let x = dev.alloc_zeros::<f32>(lens.logits).unwrap();
+                let mut ids = dev.alloc_zeros::<i32>(lens.ids).unwrap();
+                let mut w = dev.alloc_zeros::<f32>(lens.weights).unwrap();
+                let mut c = dev.alloc_zeros::<i32>(lens.counts).unwrap();
+                let ce = moe::gate(&dev, &cfg, t, &x, None, &mut ids, &mut w, &mut c, false)
+                    .unwrap_err();
+                prop_assert_eq!(&pe, &ce);
+                let host = vec![0.0f32; lens.logits];
+                prop_assert!(moe::reference::gate(&host, t, None, &cfg).is_err());
+                refused.set(refused.get() + 1);
+            }
+            Ok(_) => {
+                let r = moe::check::run_gate::<_, f32>(&dev, &cfg, t, &mut rng);
+                prop_assert!(r.is_ok(), "{:?}: {:?}", cfg, r.err());
+                launched.set(launched.get() + 1);
+            }
+        }
+        match PermuteShape::new(t, k, e, block) {
+            Err(_) => {
+                prop_assert!(moe::PermutePlan::new(&dev, t, k, e, block).is_err());
+            }
+            Ok(_) => {
+                let r = moe::check::run_permute::<_, bf16>(&dev, &mut rng, t, k, e, block, 24);
+                prop_assert!(
+                    r.is_ok(),
+                    "t {} k {} e {} block {}: {:?}",
+                    t,
+                    k,
+                    e,
+                    block,
+                    r.err()
+                );
+                prop_assert!(r.unwrap().0 < 1e-2);
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = r {
+        panic!("seed {seed}: {e}");
+    }
+    let (l, f) = (launched.get(), refused.get());
+    println!("{name}: {l} gate calls matched the reference, {f} refused as planned");
+    assert!(
+        l >= cases() / 16 && f >= cases() / 16,
+        "launched {l}, refused {f} of {}",
+        cases() / 4
+    );
 }
