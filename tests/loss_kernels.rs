@@ -381,7 +381,7 @@ fn more_than_2_pow_31_elements_on<B: Backend>(dev: &B) {
         ..LossConfig::default()
     };
     let xf: Vec<f64> = vals.iter().map(|z| z.to_f64()).collect();
-    let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg);
+    let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg).unwrap();
     let rows = Rows {
         n_rows: n,
         vocab: v,
@@ -503,7 +503,7 @@ fn more_than_2_pow_31_dense_elements_on<B: Backend>(dev: &B) {
     // Check rows straddling and beyond element 2^31, and the first.
     for i in [0, (1usize << 31) / v, (1usize << 31) / v + 1, n - 1] {
         let xi: Vec<f64> = (0..v).map(|j| host[i * v + j].to_f64()).collect();
-        let r = reference::fwd_bwd(&xi, 1, v, &[targets[i]], None, None, &cfg);
+        let r = reference::fwd_bwd(&xi, 1, v, &[targets[i]], None, None, &cfg).unwrap();
         let g = dev
             .download(&dev.view(&x, i * v..(i + 1) * v).unwrap())
             .unwrap();
@@ -556,6 +556,11 @@ fn invalid_targets_are_reported_and_never_read_out_of_bounds_on<B: Backend>(dev:
         let e = out
             .check_targets_sync(dev, &td, v, cfg.ignore_index)
             .unwrap_err();
+        // The reference reports the same row, and the mean is NaN on both sides.
+        let t64: Vec<i64> = t.iter().map(|&y| y as i64).collect();
+        let r = reference::fwd_bwd(&vec![0.5; n * v], n, v, &t64, None, None, &cfg).unwrap();
+        assert_eq!(r.status, Err(e.clone()));
+        assert!(r.loss.is_nan() && dev.download(&out.loss).unwrap()[0].is_nan());
         match e {
             Error::OutOfRange {
                 arg: "targets",
@@ -601,7 +606,7 @@ fn forward_only_matches_fused_rows_on<B: Backend>(dev: &B) {
     )
     .unwrap();
     let xf: Vec<f64> = inp.logits.iter().map(|z| z.to_f64()).collect();
-    let r = reference::fwd_bwd(&xf, n, v, &inp.targets, None, None, &case.cfg);
+    let r = reference::fwd_bwd(&xf, n, v, &inp.targets, None, None, &case.cfg).unwrap();
     verify::compare_stats("rows", &dev.download(&out.rows).unwrap(), &r.rows).unwrap();
     verify::compare_stats("loss", &dev.download(&out.loss).unwrap(), &[r.loss]).unwrap();
 }
@@ -713,7 +718,7 @@ fn vocabulary_shards_equal_the_unsharded_kernel_on<B: Backend>(dev: &B) {
     }
     let xf: Vec<f64> = x.iter().map(|&z| z as f64).collect();
     let wf: Vec<f64> = w.iter().map(|&z| z as f64).collect();
-    let r = reference::fwd_bwd(&xf, n, v, &targets, Some(&wf), None, &cfg);
+    let r = reference::fwd_bwd(&xf, n, v, &targets, Some(&wf), None, &cfg).unwrap();
     verify::compare_loss_grad(
         "shard grad",
         &cfg,
@@ -1295,7 +1300,7 @@ fn masked_minus_infinity_logits_are_handled_on<B: Backend>(dev: &B) {
     let cfg = LossConfig::default();
     let (g, out) = fused_from_host(dev, n, v, &x, &targets, &cfg);
     let xf: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
-    let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg);
+    let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg).unwrap();
     verify::compare_loss_grad("masked grad", &cfg, n, v, &xf, &targets, None, None, &g, &r)
         .unwrap();
     verify::compare_stats("masked rows", &dev.download(&out.rows).unwrap(), &r.rows).unwrap();
@@ -1334,7 +1339,7 @@ fn nan_rows<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, v: usize) {
     let (gh, out) = fused_from_host(dev, n, v, &xt, &targets, &cfg);
     let rows = dev.download(&out.rows).unwrap();
     let lse = dev.download(&out.lse).unwrap();
-    let r = reference::fwd_bwd(&xr, n, v, &targets, None, None, &cfg);
+    let r = reference::fwd_bwd(&xr, n, v, &targets, None, None, &cfg).unwrap();
     for i in 0..n {
         let has_nan = xr[i * v..(i + 1) * v].iter().any(|z| z.is_nan());
         let ctx = format!("{} v={v} row {i}", T::NAME);
@@ -1358,7 +1363,8 @@ fn nan_rows<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, v: usize) {
                 None,
                 None,
                 &cfg,
-            );
+            )
+            .unwrap();
             verify::compare_loss_grad(
                 &format!("{ctx} grad"),
                 &cfg,

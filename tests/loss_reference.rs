@@ -27,7 +27,7 @@ fn ce_gradient_is_softmax_minus_onehot_and_rows_sum_to_zero() {
         reduction: Reduction::Sum,
         ..LossConfig::default()
     };
-    let r = fwd_bwd(&x, n, v, &t, None, None, &cfg);
+    let r = fwd_bwd(&x, n, v, &t, None, None, &cfg).unwrap();
     for i in 0..n {
         let row = &x[i * v..(i + 1) * v];
         let m = row.iter().cloned().fold(f64::MIN, f64::max);
@@ -59,7 +59,7 @@ fn label_smoothing_matches_the_pytorch_target_distribution() {
             ..LossConfig::default()
         };
         assert!(close(effective_smoothing(ls, v), e, 1e-7));
-        let r = fwd_bwd(&x, 1, v, &[4], None, None, &cfg);
+        let r = fwd_bwd(&x, 1, v, &[4], None, None, &cfg).unwrap();
         let lse = r.lse[0];
         for j in 0..v {
             let q = (1.0 - e) * if j == 4 { 1.0 } else { 0.0 } + e / v as f64;
@@ -87,7 +87,7 @@ fn focal_with_gamma_zero_is_cross_entropy_and_poly_eps_zero_too() {
         n * v,
     );
     let t: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
-    let ce = fwd_bwd(&x, n, v, &t, None, None, &LossConfig::default());
+    let ce = fwd_bwd(&x, n, v, &t, None, None, &LossConfig::default()).unwrap();
     for kind in [
         LossKind::Focal { gamma: 0.0 },
         LossKind::Poly1 { epsilon: 0.0 },
@@ -107,7 +107,8 @@ fn focal_with_gamma_zero_is_cross_entropy_and_poly_eps_zero_too() {
                 kind,
                 ..LossConfig::default()
             },
-        );
+        )
+        .unwrap();
         assert!(close(r.loss, ce.loss, 1e-13), "{kind:?}");
         for (a, b) in r.grad.iter().zip(&ce.grad) {
             assert!((a - b).abs() < 1e-14, "{kind:?}");
@@ -125,7 +126,8 @@ fn focal_with_gamma_zero_is_cross_entropy_and_poly_eps_zero_too() {
             kind: LossKind::Gce { q: 1e-6 },
             ..LossConfig::default()
         },
-    );
+    )
+    .unwrap();
     assert!(close(g.loss, ce.loss, 1e-4));
 }
 
@@ -142,8 +144,8 @@ fn focal_down_weights_easy_examples() {
         reduction: Reduction::None,
         ..LossConfig::default()
     };
-    let f = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_f);
-    let c = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_c);
+    let f = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_f).unwrap();
+    let c = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_c).unwrap();
     assert!(f.rows[0] < 1e-6 * c.rows[0] + 1e-9);
     assert!(f.rows[1] > 0.99 * c.rows[1]);
 }
@@ -181,14 +183,14 @@ fn sigmoid_focal_maths_agree_and_match_torchvision_values() {
 fn ignored_rows_and_all_ignored_batches() {
     let x = [1.0, 2.0, 3.0, 3.0, 2.0, 1.0];
     let cfg = LossConfig::default();
-    let r = fwd_bwd(&x, 2, 3, &[-100, 1], None, None, &cfg);
+    let r = fwd_bwd(&x, 2, 3, &[-100, 1], None, None, &cfg).unwrap();
     assert_eq!(r.rows[0], 0.0);
     assert_eq!(r.lse[0], 0.0);
     assert!(r.grad[..3].iter().all(|&g| g == 0.0));
     // The mean is over the one counted row.
     assert!(close(r.loss, r.rows[1], 1e-15));
     // All ignored: loss 0 and zero gradient, not NaN.
-    let r = fwd_bwd(&x, 2, 3, &[-100, -100], None, None, &cfg);
+    let r = fwd_bwd(&x, 2, 3, &[-100, -100], None, None, &cfg).unwrap();
     assert_eq!(r.loss, 0.0);
     assert!(r.grad.iter().all(|&g| g == 0.0));
 }
@@ -198,7 +200,7 @@ fn weighted_mean_divides_by_the_target_weights() {
     let x = [0.0, 1.0, 0.0, 1.0];
     let w = [2.0, 0.5];
     let cfg = LossConfig::default();
-    let r = fwd_bwd(&x, 2, 2, &[0, 1], Some(&w), None, &cfg);
+    let r = fwd_bwd(&x, 2, 2, &[0, 1], Some(&w), None, &cfg).unwrap();
     let want = (r.rows[0] + r.rows[1]) / 2.5;
     assert!(close(r.loss, want, 1e-15));
     let lse = (1.0f64.exp() + 1.0).ln();
@@ -233,7 +235,7 @@ fn vocabulary_shards_combine_to_the_unsharded_result() {
         softcap: Some(8.0),
         ..LossConfig::default()
     };
-    let full = fwd_bwd(&x, n, v, &t, Some(&w), None, &cfg);
+    let full = fwd_bwd(&x, n, v, &t, Some(&w), None, &cfg).unwrap();
     for bounds in [vec![0, 40], vec![0, 13, 40], vec![0, 7, 19, 20, 40]] {
         let parts: Vec<Vec<[f64; 4]>> = bounds
             .windows(2)
@@ -242,7 +244,7 @@ fn vocabulary_shards_combine_to_the_unsharded_result() {
                 let shard: Vec<f64> = (0..n)
                     .flat_map(|i| x[i * v + b[0]..i * v + b[1]].to_vec())
                     .collect();
-                shard_stats(&shard, n, vs, b[0], &t, Some(&w), &cfg)
+                shard_stats(&shard, n, vs, b[0], &t, Some(&w), &cfg).unwrap()
             })
             .collect();
         for i in 0..n {
@@ -279,20 +281,20 @@ fn nan_reaches_the_combined_lse_from_any_shard_and_masked_shards_drop_out() {
             true,
         ),
     ] {
-        let a = shard_stats(&clean, 1, 4, 0, &[1], None, &cfg);
-        let b = shard_stats(&shard1, 1, 4, 4, &[1], None, &cfg);
+        let a = shard_stats(&clean, 1, 4, 0, &[1], None, &cfg).unwrap();
+        let b = shard_stats(&shard1, 1, 4, 4, &[1], None, &cfg).unwrap();
         for parts in [[a[0], b[0]], [b[0], a[0]]] {
             let (lse, _, _) = combine_stats(&parts);
             assert_eq!(lse.is_nan(), want_nan, "{shard1:?}: lse {lse}");
             if !want_nan {
-                let full = fwd_bwd(&clean, 1, 4, &[1], None, None, &cfg);
+                let full = fwd_bwd(&clean, 1, 4, &[1], None, None, &cfg).unwrap();
                 assert!(close(lse, full.lse[0], 1e-15));
             }
         }
     }
     // The unsharded reference: a NaN logit makes the row and the mean NaN, other rows stay finite.
     let x = [0.0, f64::NAN, 1.0, 0.0, 2.0, 3.0];
-    let out = fwd_bwd(&x, 2, 3, &[0, 2], None, None, &cfg);
+    let out = fwd_bwd(&x, 2, 3, &[0, 2], None, None, &cfg).unwrap();
     assert!(out.rows[0].is_nan() && out.lse[0].is_nan() && out.loss.is_nan());
     assert!(out.grad[..3].iter().all(|g| g.is_nan()));
     assert!(out.rows[1].is_finite() && out.grad[3..].iter().all(|g| g.is_finite()));
@@ -311,7 +313,7 @@ fn linear_ce_reference_gradients_match_finite_differences() {
         .collect();
     let t = [1i64, 4, 0];
     let cfg = LossConfig::default();
-    let (_, _, dh, dw) = fusekit::loss::linear_ce_reference(&hid, &w, n, h, v, &t, &cfg);
+    let (_, _, dh, dw) = fusekit::loss::linear_ce_reference(&hid, &w, n, h, v, &t, &cfg).unwrap();
     // Finite differences on the exact (unrounded) maths: the loss as a function of hidden and weight.
     let loss = |hid: &[f64], w: &[f64]| {
         let mut logits = vec![0.0; n * v];
@@ -320,7 +322,7 @@ fn linear_ce_reference_gradients_match_finite_differences() {
                 logits[i * v + j] = (0..h).map(|k| hid[i * h + k] * w[j * h + k]).sum();
             }
         }
-        fwd_bwd(&logits, n, v, &t, None, None, &cfg).loss
+        fwd_bwd(&logits, n, v, &t, None, None, &cfg).unwrap().loss
     };
     let e = 1e-6;
     for k in 0..n * h {
@@ -346,7 +348,7 @@ fn masked_logit_without_smoothing_has_a_finite_loss() {
     let x = [1.0, f64::NEG_INFINITY, 0.5, -2.0];
     let finite = [1.0f64, 0.5, -2.0];
     let lse = finite.iter().map(|z| z.exp()).sum::<f64>().ln();
-    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &LossConfig::default());
+    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &LossConfig::default()).unwrap();
     assert!((r.rows[0] - (lse - 0.5)).abs() < 1e-12, "{:?}", r.rows);
     assert!(r.grad.iter().all(|g| g.is_finite()), "{:?}", r.grad);
     assert_eq!(r.grad[1], 0.0);
@@ -355,6 +357,6 @@ fn masked_logit_without_smoothing_has_a_finite_loss() {
         label_smoothing: LabelSmoothing::PyTorch(0.1),
         ..LossConfig::default()
     };
-    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &smooth);
+    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &smooth).unwrap();
     assert_eq!(r.rows[0], f64::INFINITY);
 }
