@@ -641,4 +641,5 @@ fn sigmoid_focal_takes_any_value() {
             }
         }
     }
+    assert_eq!(sigmoid_focal(f64::NEG_INFINITY, 0.0, 0.25, 2.0), (0.0, 0.0));
 }

@@ -2,7 +2,9 @@
 //! coefficient form), so the kernels, the shared `fk_loss_math.h` and this file check each other.
 //!
 //! No function here panics: a slice of the wrong length, an empty batch or vocabulary, a size product
-//! that overflows, or a configuration the kernels reject is a typed [`Error`] naming the parameter.
+//! that overflows, or a configuration the kernels reject is a typed [`Error`] naming the parameter. The
+//! edge semantics (masked and NaN logits, NaN or zero-sum class weights, invalid targets) are the
+//! kernels', documented in `src/loss/edges.md`.
 
 use super::{LabelSmoothing, LossConfig, LossKind, Reduction};
 use crate::error::{Error, Result};
@@ -43,6 +45,16 @@ fn elements(arg: &'static str, a: usize, b: usize, what: &str) -> Result<usize> 
             "a product beyond usize::MAX",
         )
     })
+}
+
+/// `k·x`, with `0·(±∞) = 0`: a term weighted by exactly 0 (a class weight, `1 − ε`, `α_t`) contributes
+/// nothing, even where `x` is infinite (a masked logit); a NaN `x` still gives NaN. As `fk_weighted`.
+fn weighted(k: f64, x: f64) -> f64 {
+    if k == 0.0 && x.is_infinite() {
+        0.0
+    } else {
+        k * x
+    }
 }
 
 /// The scalar parameters of `cfg`, checked as the kernels check them (`Err(InvalidArgument)` naming
@@ -120,7 +132,13 @@ pub fn row_loss_grad(
     }
     check_config(cfg, v, w.is_some())?;
     let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let lse = m + z.iter().map(|zj| (zj - m).exp()).sum::<f64>().ln();
+    // Every logit masked: lse = log 0 = −∞ (not −∞ − (−∞)); the loss and p are then NaN. (A NaN logit
+    // also leaves m = −∞, but it is not masked, and its NaN reaches lse below.)
+    let lse = if z.iter().all(|&zj| zj == f64::NEG_INFINITY) {
+        f64::NEG_INFINITY
+    } else {
+        m + z.iter().map(|zj| (zj - m).exp()).sum::<f64>().ln()
+    };
     let p: Vec<f64> = z.iter().map(|zj| (zj - lse).exp()).collect();
     let wj = |j: usize| w.map_or(1.0, |w| w[j]);
     let wy = wj(y);
@@ -133,15 +151,23 @@ pub fn row_loss_grad(
             let eps = effective_smoothing(cfg.label_smoothing, v);
             let wsum: f64 = (0..v).map(wj).sum();
             // Without smoothing the term is absent, not 0 · Σ: a masked (−∞) logit would make it 0 · ∞.
+            // Likewise a class of weight 0 adds nothing, masked or not.
             let smooth = if eps == 0.0 {
                 0.0
             } else {
-                eps / v as f64 * (0..v).map(|j| wj(j) * (lse - z[j])).sum::<f64>()
+                eps / v as f64 * (0..v).map(|j| weighted(wj(j), lse - z[j])).sum::<f64>()
             };
-            let loss = (1.0 - eps) * wy * (-logp) + smooth;
+            let loss = weighted((1.0 - eps) * wy, -logp) + smooth;
+            // The smoothing term only with smoothing: Σ_j w_j of a NaN weight no row targets must not
+            // reach the gradient through 0 · NaN (the kernel's c and Σ w terms are absent too).
             let grad = (0..v)
                 .map(|j| {
-                    (1.0 - eps) * wy * (p[j] - delta(j)) + eps / v as f64 * (wsum * p[j] - wj(j))
+                    let g = (1.0 - eps) * wy * (p[j] - delta(j));
+                    if eps == 0.0 {
+                        g
+                    } else {
+                        g + eps / v as f64 * (wsum * p[j] - wj(j))
+                    }
                 })
                 .collect();
             (loss, grad)
@@ -149,13 +175,14 @@ pub fn row_loss_grad(
         LossKind::Focal { gamma } | LossKind::Poly1Focal { gamma, .. } => {
             let g = gamma as f64;
             let qg = q.powf(g);
-            let t2 = if g == 0.0 || q <= 0.0 {
+            // p log p → 0 as p → 0: a masked target (p = 0, log p = −∞) has a finite gradient.
+            let t2 = if g == 0.0 || q <= 0.0 || py == 0.0 {
                 0.0
             } else {
                 g * q.powf(g - 1.0) * py * logp
             };
             let b = wy * (-qg + t2); // dℓ/dz_j = b (δ_j − p_j)
-            let mut loss = -wy * qg * logp;
+            let mut loss = weighted(-wy * qg, logp);
             let mut grad: Vec<f64> = (0..v).map(|j| b * (delta(j) - p[j])).collect();
             if let LossKind::Poly1Focal { epsilon, .. } = cfg.kind {
                 let e = epsilon as f64;
@@ -169,7 +196,7 @@ pub fn row_loss_grad(
         }
         LossKind::Poly1 { epsilon } => {
             let e = epsilon as f64;
-            let loss = wy * (-logp + e * q);
+            let loss = weighted(wy, -logp + e * q);
             let grad = (0..v)
                 .map(|j| wy * ((p[j] - delta(j)) + e * py * (p[j] - delta(j))))
                 .collect();
@@ -197,7 +224,10 @@ pub fn row_loss_grad(
 /// `grad_output`: None (1), one value (mean/sum) or n values (none). As in the kernel:
 /// * a target outside [0, v) that is not the ignore index makes its row's loss and lse NaN and its
 ///   gradient 0, and is reported in [`RefOutput::status`];
-/// * a NaN logit makes its row's loss, lse and gradient NaN; either makes a mean or sum NaN.
+/// * a NaN logit makes its row's loss, lse and gradient NaN; either makes a mean or sum NaN;
+/// * the mean divides by `D = Σ w_{y_i}` over the counted rows whenever `D ≠ 0` (a NaN or negative `D`
+///   included); `D = 0` (every row ignored, or the counted rows' weights summing to zero) gives loss 0
+///   and a zero gradient, unless a row's loss is NaN: then the mean is NaN.
 ///
 /// `Err(Shape)` naming `n`, `v`, `logits`, `targets`, `weights` or `grad_output` for a zero dimension,
 /// an `n·v` beyond `usize` or a slice of the wrong length; `Err(InvalidArgument)` for a configuration the
@@ -286,7 +316,8 @@ pub fn fwd_bwd(
             (_, Some(g)) => g[0],
         };
         if cfg.reduction == Reduction::Mean {
-            scale = if denom > 0.0 { scale / denom } else { 0.0 };
+            // D ≠ 0 divides, NaN and negative included (a NaN weight is never averaged away).
+            scale = if denom != 0.0 { scale / denom } else { 0.0 };
         }
         for j in 0..v {
             grad[i * v + j] = scale * gz[j] * dz[j];
@@ -296,9 +327,12 @@ pub fn fwd_bwd(
     let total: f64 = rows.iter().sum();
     let loss = match cfg.reduction {
         Reduction::Mean => {
-            if denom > 0.0 {
+            if denom != 0.0 {
                 total / denom
+            } else if total.is_nan() {
+                f64::NAN
             } else {
+                // Nothing to average (every row ignored, or zero total weight): 0, not PyTorch's 0/0.
                 0.0
             }
         }
@@ -315,7 +349,8 @@ pub fn fwd_bwd(
 
 /// Per-row statistics of a vocabulary shard `logits` [n, vs] starting at class `offset`:
 /// (max, Σ exp(z − max), z_y if y is in the shard else 0, Σ w_j z_j if smoothing else 0). `weights` are
-/// the whole vocabulary's (at least `offset + vs` of them).
+/// the whole vocabulary's (at least `offset + vs` of them); a class of weight 0 adds nothing to Σ w z,
+/// even where its logit is masked.
 ///
 /// `Err(Shape)` naming `n`, `vs`, `logits`, `targets` or `weights` for a zero dimension, an `n·vs` beyond
 /// `usize` or a slice of the wrong length; `Err(InvalidArgument { arg: "offset", .. })` when
@@ -390,7 +425,7 @@ pub fn shard_stats(
             let swz = if smoothing {
                 z.iter()
                     .enumerate()
-                    .map(|(j, zj)| weights.map_or(1.0, |w| w[offset + j]) * zj)
+                    .map(|(j, &zj)| weighted(weights.map_or(1.0, |w| w[offset + j]), zj))
                     .sum()
             } else {
                 0.0
@@ -426,15 +461,25 @@ pub fn combine_stats(parts: &[[f64; 4]]) -> (f64, f64, f64) {
 
 /// Sigmoid focal loss of one element (torchvision semantics) and its derivative.
 ///
+/// At `x = ±∞` the loss and gradient are their limits, as in the kernel: 0 and 0 for a correct
+/// prediction (`x = +∞, t = 1` or `x = −∞, t = 0`), `+∞` and `±α_t` for a wrong one, where torchvision's
+/// formula gives NaN (`0·∞` in `x·t` or in `α_t·ce`). A class of weight `α_t = 0` has loss 0.
+///
 /// ```
 /// let (l, g) = fusekit::loss::reference::sigmoid_focal(0.0, 1.0, 0.25, 2.0);
 /// // p = 0.5: ce = ln 2, (1 − p_t)^2 = 0.25, times α = 0.25
 /// assert!((l - 0.25 * 0.25 * 2f64.ln()).abs() < 1e-15);
 /// assert!(g < 0.0);
+/// assert_eq!(fusekit::loss::reference::sigmoid_focal(f64::INFINITY, 1.0, 0.25, 2.0), (0.0, 0.0));
 /// ```
 pub fn sigmoid_focal(x: f64, t: f64, alpha: f64, gamma: f64) -> (f64, f64) {
     let p = 1.0 / (1.0 + (-x).exp());
-    let ce = x.max(0.0) - x * t + (-x.abs()).exp().ln_1p();
+    let ce = if x.is_infinite() {
+        // x(1 − t) (x = +∞) or −x·t (x = −∞): 0 where the factor is 0 (a correct prediction), not 0·∞.
+        weighted(if x > 0.0 { 1.0 - t } else { -t }, x)
+    } else {
+        x.max(0.0) - x * t + (-x.abs()).exp().ln_1p()
+    };
     let pt = p * t + (1.0 - p) * (1.0 - t);
     let m = 1.0 - pt;
     let mg = m.powf(gamma);
@@ -444,11 +489,14 @@ pub fn sigmoid_focal(x: f64, t: f64, alpha: f64, gamma: f64) -> (f64, f64) {
     } else {
         gamma * m.powf(gamma - 1.0) * dm
     };
+    // ce·dmg → 0 at x = ±∞ (dm decays like e^{−|x|}); not ∞·0.
+    let ce_dmg = weighted(dmg, ce);
     let mut l = ce * mg;
-    let mut g = (p - t) * mg + ce * dmg;
+    let mut g = (p - t) * mg + ce_dmg;
     if alpha >= 0.0 {
         let at = alpha * t + (1.0 - alpha) * (1.0 - t);
-        l *= at;
+        // α_t = 0 weighs the element out: loss 0 even where ce is infinite.
+        l = weighted(at, l);
         g *= at;
     }
     (l, g)

@@ -1028,7 +1028,7 @@ pub fn grad_floor(
             _ => grad_output[0] as f64,
         };
         if cfg.reduction == Reduction::Mean {
-            sc = if denominator > 0.0 {
+            sc = if denominator != 0.0 {
                 sc / denominator
             } else {
                 0.0
@@ -1240,7 +1240,13 @@ pub fn host_replay<T: LossElement>(case: &Case, inp: &CaseInputs<T>) -> Result<R
                 swz += block_reduce_as_kernel(
                     parts
                         .iter()
-                        .map(|js| js.iter().fold(0f32, |a, &j| a + w(j0 + j) * z[j0 + j]))
+                        .map(|js| {
+                            // fk_weighted: a class of weight 0 adds nothing, even a masked one.
+                            js.iter().fold(0f32, |a, &j| match (w(j0 + j), z[j0 + j]) {
+                                (wj, zj) if wj == 0.0 && zj.is_infinite() => a,
+                                (wj, zj) => a + wj * zj,
+                            })
+                        })
                         .collect(),
                     0f32,
                     |a, b| a + b,
@@ -1262,7 +1268,7 @@ pub fn host_replay<T: LossElement>(case: &Case, inp: &CaseInputs<T>) -> Result<R
             };
         }
         if cfg.reduction == Reduction::Mean {
-            sc = if denominator > 0.0 {
+            sc = if denominator != 0.0 {
                 sc / denominator
             } else {
                 0.0
@@ -1284,7 +1290,8 @@ pub fn host_replay<T: LossElement>(case: &Case, inp: &CaseInputs<T>) -> Result<R
     // fk_loss_reduce: f64 sum in a fixed order, / denominator for a mean.
     let total: f64 = rows.iter().map(|&r| r as f64).sum();
     let loss = match cfg.reduction {
-        Reduction::Mean if denominator > 0.0 => (total / denominator as f64) as f32,
+        Reduction::Mean if denominator != 0.0 => (total / denominator as f64) as f32,
+        Reduction::Mean if total.is_nan() => f32::NAN,
         Reduction::Mean => 0.0,
         _ => total as f32,
     };
