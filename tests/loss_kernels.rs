@@ -381,7 +381,7 @@ fn more_than_2_pow_31_elements_on<B: Backend>(dev: &B) {
         ..LossConfig::default()
     };
     let xf: Vec<f64> = vals.iter().map(|z| z.to_f64()).collect();
-    let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg);
+    let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg).unwrap();
     let rows = Rows {
         n_rows: n,
         vocab: v,
@@ -503,7 +503,7 @@ fn more_than_2_pow_31_dense_elements_on<B: Backend>(dev: &B) {
     // Check rows straddling and beyond element 2^31, and the first.
     for i in [0, (1usize << 31) / v, (1usize << 31) / v + 1, n - 1] {
         let xi: Vec<f64> = (0..v).map(|j| host[i * v + j].to_f64()).collect();
-        let r = reference::fwd_bwd(&xi, 1, v, &[targets[i]], None, None, &cfg);
+        let r = reference::fwd_bwd(&xi, 1, v, &[targets[i]], None, None, &cfg).unwrap();
         let g = dev
             .download(&dev.view(&x, i * v..(i + 1) * v).unwrap())
             .unwrap();
@@ -556,6 +556,11 @@ fn invalid_targets_are_reported_and_never_read_out_of_bounds_on<B: Backend>(dev:
         let e = out
             .check_targets_sync(dev, &td, v, cfg.ignore_index)
             .unwrap_err();
+        // The reference reports the same row, and the mean is NaN on both sides.
+        let t64: Vec<i64> = t.iter().map(|&y| y as i64).collect();
+        let r = reference::fwd_bwd(&vec![0.5; n * v], n, v, &t64, None, None, &cfg).unwrap();
+        assert_eq!(r.status, Err(e.clone()));
+        assert!(r.loss.is_nan() && dev.download(&out.loss).unwrap()[0].is_nan());
         match e {
             Error::OutOfRange {
                 arg: "targets",
@@ -601,7 +606,7 @@ fn forward_only_matches_fused_rows_on<B: Backend>(dev: &B) {
     )
     .unwrap();
     let xf: Vec<f64> = inp.logits.iter().map(|z| z.to_f64()).collect();
-    let r = reference::fwd_bwd(&xf, n, v, &inp.targets, None, None, &case.cfg);
+    let r = reference::fwd_bwd(&xf, n, v, &inp.targets, None, None, &case.cfg).unwrap();
     verify::compare_stats("rows", &dev.download(&out.rows).unwrap(), &r.rows).unwrap();
     verify::compare_stats("loss", &dev.download(&out.loss).unwrap(), &[r.loss]).unwrap();
 }
@@ -713,7 +718,7 @@ fn vocabulary_shards_equal_the_unsharded_kernel_on<B: Backend>(dev: &B) {
     }
     let xf: Vec<f64> = x.iter().map(|&z| z as f64).collect();
     let wf: Vec<f64> = w.iter().map(|&z| z as f64).collect();
-    let r = reference::fwd_bwd(&xf, n, v, &targets, Some(&wf), None, &cfg);
+    let r = reference::fwd_bwd(&xf, n, v, &targets, Some(&wf), None, &cfg).unwrap();
     verify::compare_loss_grad(
         "shard grad",
         &cfg,
@@ -1233,10 +1238,15 @@ fn masked_minus_infinity_logits_are_handled_on<B: Backend>(dev: &B) {
     let cfg = LossConfig::default();
     let (g, out) = fused_from_host(dev, n, v, &x, &targets, &cfg);
     let xf: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
-    let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg);
+    let r = reference::fwd_bwd(&xf, n, v, &targets, None, None, &cfg).unwrap();
     verify::compare_loss_grad("masked grad", &cfg, n, v, &xf, &targets, None, None, &g, &r)
         .unwrap();
     verify::compare_stats("masked rows", &dev.download(&out.rows).unwrap(), &r.rows).unwrap();
+    // One, many, all but the target, the target, all: on every row path and loss kind.
+    for v in [7, 1003] {
+        masked_edge_rows::<B, f32>(dev, &mut rng, v);
+        masked_edge_rows::<B, bf16>(dev, &mut rng, v);
+    }
 }
 
 /// Rows of NaN-free logits, a single NaN, a NaN run long enough to cover whole threads' shares, an
@@ -1272,7 +1282,7 @@ fn nan_rows<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, v: usize) {
     let (gh, out) = fused_from_host(dev, n, v, &xt, &targets, &cfg);
     let rows = dev.download(&out.rows).unwrap();
     let lse = dev.download(&out.lse).unwrap();
-    let r = reference::fwd_bwd(&xr, n, v, &targets, None, None, &cfg);
+    let r = reference::fwd_bwd(&xr, n, v, &targets, None, None, &cfg).unwrap();
     for i in 0..n {
         let has_nan = xr[i * v..(i + 1) * v].iter().any(|z| z.is_nan());
         let ctx = format!("{} v={v} row {i}", T::NAME);
@@ -1296,7 +1306,8 @@ fn nan_rows<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, v: usize) {
                 None,
                 None,
                 &cfg,
-            );
+            )
+            .unwrap();
             verify::compare_loss_grad(
                 &format!("{ctx} grad"),
                 &cfg,
@@ -1387,5 +1398,513 @@ fn nan_logits_make_their_rows_nan_on<B: Backend>(dev: &B) {
     for &v in &[1usize, 7, 1003, 32000, 131072] {
         nan_rows::<B, f32>(dev, &mut rng, v);
         nan_rows::<B, bf16>(dev, &mut rng, v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Edge semantics (src/loss/edges.md): the kernels against the reference where inputs are not finite or
+// weights are degenerate. NaN may appear only where the reference has NaN, and there it must be a
+// written NaN (not the poison); infinities must match exactly; the rest within the usual tolerances.
+
+/// What one fused call produced.
+struct Fused<T> {
+    grad: Vec<T>,
+    rows: Vec<f32>,
+    lse: Vec<f32>,
+    loss: f32,
+    status: fusekit::Result<()>,
+}
+
+/// The fused kernel on `x` `[n, v]` with optional class weights (device and host copies) on `path`.
+#[allow(clippy::too_many_arguments)]
+fn fused_edges<B: Backend, T: LossElement>(
+    dev: &B,
+    n: usize,
+    v: usize,
+    x: &[T],
+    targets: &[i64],
+    weights: Option<&[f32]>,
+    cfg: &LossConfig,
+    path: RowPath,
+) -> Fused<T> {
+    let xd = dev.upload(x).unwrap();
+    let td = dev.upload(targets).unwrap();
+    let wd = weights.map(|w| dev.upload(w).unwrap());
+    let mut g = poisoned::<B, T>(dev, n * v).unwrap();
+    let mut out = LossOutputs::new(dev, n).unwrap();
+    out.loss = poisoned(dev, 1).unwrap();
+    let extras = LossExtras {
+        class_weights: wd.as_ref(),
+        class_weights_host: weights,
+        row_path: path,
+        ..Default::default()
+    };
+    fwd_bwd(
+        dev,
+        Rows::contiguous(n, v),
+        &xd,
+        &td,
+        &mut g,
+        &extras,
+        cfg,
+        &mut out,
+    )
+    .unwrap();
+    Fused {
+        grad: dev.download(&g).unwrap(),
+        rows: dev.download(&out.rows).unwrap(),
+        lse: dev.download(&out.lse).unwrap(),
+        loss: dev.download(&out.loss).unwrap()[0],
+        status: out.check_targets_sync(dev, &td, v, cfg.ignore_index),
+    }
+}
+
+/// `got` with its NaN cleared to 0 where the reference is NaN (both sides), after checking that NaN
+/// appears exactly there and is written.
+fn clear_nan<T: LossElement>(what: &str, got: &[T], want: &[f64]) -> (Vec<T>, Vec<f64>) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let mut g = got.to_vec();
+    let mut w = want.to_vec();
+    for i in 0..got.len() {
+        let (o, r) = (got[i].to_f64(), want[i]);
+        assert!(!got[i].is_poison(), "{what}[{i}]: never written");
+        assert_eq!(
+            o.is_nan(),
+            r.is_nan(),
+            "{what}[{i}]: {o:e}, reference {r:e}"
+        );
+        if r.is_nan() {
+            g[i] = T::from_f64(0.0);
+            w[i] = 0.0;
+        }
+    }
+    (g, w)
+}
+
+/// The fused kernel's outputs against the reference, non-finite values included; returns the reference.
+#[allow(clippy::too_many_arguments)]
+fn assert_edges_match<T: LossElement>(
+    what: &str,
+    cfg: &LossConfig,
+    n: usize,
+    v: usize,
+    xr: &[f64],
+    targets: &[i64],
+    weights: Option<&[f32]>,
+    got: &Fused<T>,
+) -> reference::RefOutput {
+    let w64: Option<Vec<f64>> = weights.map(|w| w.iter().map(|&x| x as f64).collect());
+    let r = reference::fwd_bwd(xr, n, v, targets, w64.as_deref(), None, cfg).unwrap();
+    let (g, gw) = clear_nan(&format!("{what} grad"), &got.grad, &r.grad);
+    let clean = reference::RefOutput {
+        grad: gw,
+        ..r.clone()
+    };
+    verify::compare_loss_grad(what, cfg, n, v, xr, targets, weights, None, &g, &clean)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (name, out, want) in [("rows", &got.rows, &r.rows), ("lse", &got.lse, &r.lse)] {
+        let (o, w) = clear_nan(&format!("{what} {name}"), out, want);
+        verify::compare_stats(&format!("{what} {name}"), &o, &w).unwrap_or_else(|e| panic!("{e}"));
+    }
+    if cfg.reduction != Reduction::None {
+        let (o, w) = clear_nan(&format!("{what} loss"), &[got.loss], &[r.loss]);
+        verify::compare_stats(&format!("{what} loss"), &o, &w).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(got.status, r.status, "{what} status");
+    r
+}
+
+/// [`fused_edges`] checked by [`assert_edges_match`] (logits `x` widened as the reference sees them).
+#[allow(clippy::too_many_arguments)]
+fn edges<B: Backend, T: LossElement>(
+    dev: &B,
+    what: &str,
+    x: &[T],
+    (n, v): (usize, usize),
+    targets: &[i64],
+    weights: Option<&[f32]>,
+    cfg: &LossConfig,
+    path: RowPath,
+) -> (Fused<T>, reference::RefOutput) {
+    let what = format!("{} {} {path:?} {what}", dev.kind(), T::NAME);
+    let xr: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
+    let got = fused_edges::<B, T>(dev, n, v, x, targets, weights, cfg, path);
+    let r = assert_edges_match(&what, cfg, n, v, &xr, targets, weights, &got);
+    (got, r)
+}
+
+/// The row paths a row of `v` elements of T can take on `dev`.
+fn row_paths<B: Backend, T: LossElement>(dev: &B, v: usize) -> Vec<RowPath> {
+    [
+        RowPath::SharedMemory,
+        RowPath::Reread,
+        RowPath::Cluster { ctas: 2 },
+    ]
+    .into_iter()
+    .filter(|p| {
+        p.resolve(dev.props(), v, std::mem::size_of::<T>(), true)
+            .is_ok()
+    })
+    .collect()
+}
+
+/// Rows with masked (−∞) logits: 0 one masked class, 1 many, 2 all but the target, 3 the target, 4 every
+/// logit, 5 the target, of a class whose weight is 0 in the weighted configurations. Every row path, the
+/// whole family, label smoothing with and without weight 0 on the masked classes, z-loss, softcap.
+fn masked_edge_rows<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, v: usize) {
+    let n = 6;
+    let targets: Vec<i64> = vec![v as i64 - 1, v as i64 / 2, 1, 0, 2, 5];
+    // The masked classes of rows 0 and 1, which the weighted configurations give weight 0 (row 5's target
+    // among them).
+    let masked = |j: usize| j % 3 == 2 && !targets[..4].contains(&(j as i64));
+    let mut x: Vec<f64> = rng.sample(
+        Dist::Normal {
+            mean: 0.0,
+            std: 2.0,
+        },
+        n * v,
+    );
+    let first = (0..v).find(|&j| masked(j)).unwrap();
+    x[first] = f64::NEG_INFINITY;
+    for j in (0..v).filter(|&j| masked(j)) {
+        x[v + j] = f64::NEG_INFINITY;
+    }
+    for j in (0..v).filter(|&j| j != 1) {
+        x[2 * v + j] = f64::NEG_INFINITY;
+    }
+    x[3 * v] = f64::NEG_INFINITY;
+    x[4 * v..5 * v].fill(f64::NEG_INFINITY);
+    x[5 * v + 5] = f64::NEG_INFINITY;
+    let xt: Vec<T> = x.iter().map(|&z| T::from_f64(z)).collect();
+    let zero_masked: Vec<f32> = (0..v)
+        .map(|j| {
+            if masked(j) {
+                0.0
+            } else {
+                rng.uniform(0.5, 2.0) as f32
+            }
+        })
+        .collect();
+    let ce = LossConfig::default();
+    let smooth = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.1),
+        ..ce
+    };
+    let configs: Vec<(&str, LossConfig, Option<&[f32]>)> = vec![
+        ("ce", ce, None),
+        ("ce weighted", ce, Some(&zero_masked)),
+        ("smoothing", smooth, None),
+        ("smoothing, masked weight 0", smooth, Some(&zero_masked)),
+        (
+            "megatron smoothing + z-loss, sum",
+            LossConfig {
+                label_smoothing: LabelSmoothing::Megatron(0.2),
+                z_loss: 1e-3,
+                reduction: Reduction::Sum,
+                ..ce
+            },
+            Some(&zero_masked),
+        ),
+        (
+            "focal",
+            LossConfig {
+                kind: LossKind::Focal { gamma: 2.0 },
+                ..ce
+            },
+            None,
+        ),
+        (
+            "focal 0.5 weighted",
+            LossConfig {
+                kind: LossKind::Focal { gamma: 0.5 },
+                ..ce
+            },
+            Some(&zero_masked),
+        ),
+        (
+            "poly1",
+            LossConfig {
+                kind: LossKind::Poly1 { epsilon: 1.0 },
+                ..ce
+            },
+            Some(&zero_masked),
+        ),
+        (
+            "poly1 focal",
+            LossConfig {
+                kind: LossKind::Poly1Focal {
+                    gamma: 2.0,
+                    epsilon: 1.0,
+                },
+                reduction: Reduction::None,
+                ..ce
+            },
+            None,
+        ),
+        (
+            "gce",
+            LossConfig {
+                kind: LossKind::Gce { q: 0.5 },
+                ..ce
+            },
+            None,
+        ),
+        ("z-loss", LossConfig { z_loss: 1e-3, ..ce }, None),
+        (
+            "softcap",
+            LossConfig {
+                softcap: Some(30.0),
+                ..ce
+            },
+            None,
+        ),
+    ];
+    for path in row_paths::<B, T>(dev, v) {
+        for (name, cfg, w) in &configs {
+            let what = format!("v={v} {name}");
+            let (got, r) = edges(dev, &what, &xt, (n, v), &targets, *w, cfg, path);
+            let what = format!("{} {} {path:?} {what}", dev.kind(), T::NAME);
+            // The decisions themselves (on the kernel's outputs), for plain CE and weighted smoothing.
+            let rows = &got.rows;
+            let grad_row = |i: usize| &got.grad[i * v..(i + 1) * v];
+            if *name == "ce" {
+                assert!(rows[0].is_finite() && rows[1].is_finite(), "{what}");
+                assert!(grad_row(0)[first].to_f64() == 0.0, "{what}");
+                assert!(rows[2] == 0.0 && grad_row(2).iter().all(|g| g.to_f64() == 0.0));
+                assert_eq!(rows[3], f32::INFINITY, "{what}: masked target");
+                assert!(grad_row(3).iter().all(|g| g.to_f64().is_finite()), "{what}");
+                assert!(grad_row(3)[0].to_f64() < 0.0, "{what}");
+                assert!(
+                    rows[4].is_nan() && got.lse[4] == f32::NEG_INFINITY,
+                    "{what}: all masked"
+                );
+                assert!(got.loss.is_nan(), "{what}: a NaN row makes the mean NaN");
+            }
+            if *name == "smoothing" {
+                assert_eq!((rows[0], rows[1]), (f32::INFINITY, f32::INFINITY), "{what}");
+            }
+            if *name == "smoothing, masked weight 0" {
+                // Weight 0 on the masked classes: finite, and row 5's masked target weighs out to
+                // its smoothing term alone.
+                for i in [0, 1, 5] {
+                    assert!(
+                        rows[i].is_finite() && r.rows[i].is_finite(),
+                        "{what} row {i}"
+                    );
+                }
+                assert_eq!(rows[3], f32::INFINITY, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn nan_class_weights_are_never_averaged_away() {
+    fusekit::on_every_backend!("nan_class_weights_are_never_averaged_away", |dev| {
+        nan_class_weights_on::<_, f32>(dev);
+        nan_class_weights_on::<_, bf16>(dev);
+    });
+}
+
+fn nan_class_weights_on<B: Backend, T: LossElement>(dev: &B) {
+    let mut rng = Rng::new(seed_for("nan_class_weights_are_never_averaged_away"));
+    let (n, v) = (4, 37);
+    let x: Vec<T> = rng.sample_as(
+        Dist::Normal {
+            mean: 0.0,
+            std: 2.0,
+        },
+        n * v,
+    );
+    let targets = [0i64, 5, 0, 9];
+    let mut w: Vec<f32> = (0..v).map(|_| rng.uniform(0.5, 2.0) as f32).collect();
+    let mean = LossConfig::default();
+    let sum = LossConfig {
+        reduction: Reduction::Sum,
+        ..mean
+    };
+    let smooth = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.1),
+        ..mean
+    };
+    let focal = LossConfig {
+        kind: LossKind::Focal { gamma: 2.0 },
+        ..mean
+    };
+    let run = |what: &str, w: &[f32], cfg: &LossConfig| {
+        edges(dev, what, &x, (n, v), &targets, Some(w), cfg, RowPath::Auto).0
+    };
+    // NaN on a target's class: its rows are NaN; through the mean's denominator, the mean and every
+    // gradient element are NaN (it used to be a loss of 0: "denominator > 0" was false).
+    w[0] = f32::NAN;
+    for cfg in [mean, focal] {
+        let got = run("NaN target weight, mean", &w, &cfg);
+        assert!(got.loss.is_nan() && got.rows[0].is_nan() && got.rows[1].is_finite());
+        assert!(got.grad.iter().all(|g| g.to_f64().is_nan()));
+    }
+    let got = run("NaN target weight, sum", &w, &sum);
+    assert!(got.loss.is_nan());
+    assert!(got.grad[v..2 * v].iter().all(|g| g.to_f64().is_finite()));
+    // NaN on a class no row targets: never read without smoothing; with smoothing every row is NaN.
+    w[0] = 1.0;
+    w[3] = f32::NAN;
+    let got = run("NaN other weight, mean", &w, &mean);
+    assert!(got.loss.is_finite() && got.grad.iter().all(|g| g.to_f64().is_finite()));
+    let got = run("NaN other weight, smoothing", &w, &smooth);
+    assert!(got.loss.is_nan() && got.rows.iter().all(|l| l.is_nan()));
+}
+
+#[test]
+fn mean_over_zero_negative_or_nan_total_weight() {
+    fusekit::on_every_backend!("mean_over_zero_negative_or_nan_total_weight", |dev| {
+        mean_denominator_edges_on::<_, f32>(dev);
+        mean_denominator_edges_on::<_, bf16>(dev);
+    });
+}
+
+fn mean_denominator_edges_on<B: Backend, T: LossElement>(dev: &B) {
+    let mut rng = Rng::new(seed_for("mean_over_zero_negative_or_nan_total_weight"));
+    let (n, v) = (3, 1003);
+    let mut xr: Vec<f64> = rng.sample(
+        Dist::Normal {
+            mean: 0.0,
+            std: 2.0,
+        },
+        n * v,
+    );
+    let targets = [4i64, 7, 4];
+    let mean = LossConfig::default();
+    let smooth = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.1),
+        z_loss: 1e-3,
+        ..mean
+    };
+    let weights = |w4: f32, w7: f32| {
+        let mut w = vec![1.0f32; v];
+        w[4] = w4;
+        w[7] = w7;
+        w
+    };
+    let run = |what: &str, xr: &[f64], targets: &[i64], w: Option<&[f32]>, cfg: &LossConfig| {
+        let x: Vec<T> = xr.iter().map(|&z| T::from_f64(z)).collect();
+        edges(dev, what, &x, (n, v), targets, w, cfg, RowPath::Auto).0
+    };
+    let zero_grad = |got: &Fused<T>| got.grad.iter().all(|g| g.to_f64() == 0.0);
+    // D = 0: the targets' weights are 0, or cancel: loss 0 and zero gradient (PyTorch: NaN).
+    for cfg in [mean, smooth] {
+        for (w4, w7) in [(0.0, 0.0), (1.0, -2.0)] {
+            let got = run("D = 0", &xr, &targets, Some(&weights(w4, w7)), &cfg);
+            assert_eq!(got.loss, 0.0, "{w4} {w7} {cfg:?}");
+            assert!(zero_grad(&got));
+        }
+    }
+    // D < 0 divides, as PyTorch does (it used to give 0 and a zero gradient): with every weight negative
+    // the mean is again a weighted average of the rows' (positive) losses.
+    let got = run("D < 0", &xr, &targets, Some(&weights(-1.0, -0.5)), &mean);
+    assert!(got.loss.is_finite() && got.loss > 0.0 && !zero_grad(&got));
+    // Every row ignored: 0, zero gradient (PyTorch: NaN loss, zero gradient).
+    let got = run("all ignored", &xr, &[-100; 3], None, &mean);
+    assert!(got.loss == 0.0 && zero_grad(&got));
+    // D = 0 never hides a NaN row (it used to give 0): a NaN logit in a weight-0 row...
+    xr[v + 11] = f64::NAN;
+    let got = run(
+        "D = 0, NaN row",
+        &xr,
+        &targets,
+        Some(&weights(0.0, 0.0)),
+        &mean,
+    );
+    assert!(got.loss.is_nan() && got.rows[1].is_nan());
+    // ...or every target out of range (rows NaN, gradient 0, reported).
+    xr[v + 11] = 0.0;
+    let got = run(
+        "all out of range",
+        &xr,
+        &[v as i64, -1, 1 << 40],
+        None,
+        &mean,
+    );
+    assert!(got.loss.is_nan() && zero_grad(&got));
+    assert!(matches!(
+        got.status,
+        Err(Error::OutOfRange {
+            arg: "targets",
+            index: 0,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn sigmoid_focal_at_infinite_logits() {
+    fusekit::on_every_backend!("sigmoid_focal_at_infinite_logits", |dev| {
+        sigmoid_focal_at_infinite_logits_on::<_, f32>(dev);
+        sigmoid_focal_at_infinite_logits_on::<_, bf16>(dev);
+    });
+}
+
+fn sigmoid_focal_at_infinite_logits_on<B: Backend, T: LossElement>(dev: &B) {
+    let inf = f64::INFINITY;
+    // ±∞ with both targets, large finite logits, an ordinary one; 21 elements so the vector body and
+    // the scalar tail both see infinities.
+    let base = [
+        (inf, 1.0),
+        (-inf, 0.0),
+        (inf, 0.0),
+        (-inf, 1.0),
+        (40.0, 0.0),
+        (-40.0, 1.0),
+        (0.5, 1.0),
+    ];
+    let (xs, ts): (Vec<T>, Vec<T>) = base
+        .iter()
+        .cycle()
+        .take(21)
+        .map(|&(x, t)| (T::from_f64(x), T::from_f64(t)))
+        .unzip();
+    let n = xs.len();
+    let xd = dev.upload(&xs).unwrap();
+    let td = dev.upload(&ts).unwrap();
+    for alpha in [0.25, -1.0, 0.0, 1.0] {
+        for gamma in [0.0, 0.5, 2.0] {
+            for reduction in [Reduction::None, Reduction::Sum] {
+                let cfg = SigmoidFocalConfig {
+                    alpha,
+                    gamma,
+                    reduction,
+                };
+                let what = format!("{} {} {cfg:?}", dev.kind(), T::NAME);
+                let mut g = poisoned::<B, T>(dev, n).unwrap();
+                let mut out =
+                    SigmoidFocalOutputs::new(dev, n, reduction == Reduction::None).unwrap();
+                sigmoid_focal_fwd_bwd(dev, &xd, &td, &mut g, None, &cfg, &mut out).unwrap();
+                let (rl, rg) = verify::sigmoid_focal_expected(&xs, &ts, &vec![1.0; n], &cfg);
+                let gh = dev.download(&g).unwrap();
+                assert!(gh.iter().all(|g| g.to_f64().is_finite()), "{what}: {gh:?}");
+                verify::compare_elementwise_grad(&what, &gh, &rg).unwrap_or_else(|e| panic!("{e}"));
+                let (got, want) = if reduction == Reduction::None {
+                    (dev.download(&out.elements).unwrap()[..n].to_vec(), rl)
+                } else {
+                    (
+                        dev.download(&out.loss).unwrap(),
+                        vec![rl.iter().sum::<f64>()],
+                    )
+                };
+                assert!(got.iter().all(|l| !l.is_nan()), "{what}: {got:?}");
+                verify::compare_stats(&what, &got, &want).unwrap_or_else(|e| panic!("{e}"));
+                // A correct prediction at ±∞ costs nothing; a wrong one +∞ (0 if α_t = 0) with the
+                // gradient ±α_t.
+                if reduction == Reduction::None {
+                    assert_eq!((got[0], got[1]), (0.0, 0.0), "{what}");
+                    assert_eq!((gh[0].to_f64(), gh[1].to_f64()), (0.0, 0.0), "{what}");
+                    let at0 = if alpha < 0.0 { 1.0 } else { 1.0 - alpha };
+                    let at1 = if alpha < 0.0 { 1.0 } else { alpha };
+                    assert_eq!(gh[2].to_f64(), at0 as f64, "{what}");
+                    assert_eq!(gh[3].to_f64(), -at1 as f64, "{what}");
+                    let lim = |at: f32| if at == 0.0 { 0.0 } else { f32::INFINITY };
+                    assert_eq!((got[2], got[3]), (lim(at0), lim(at1)), "{what}");
+                }
+            }
+        }
     }
 }

@@ -27,7 +27,7 @@ fn ce_gradient_is_softmax_minus_onehot_and_rows_sum_to_zero() {
         reduction: Reduction::Sum,
         ..LossConfig::default()
     };
-    let r = fwd_bwd(&x, n, v, &t, None, None, &cfg);
+    let r = fwd_bwd(&x, n, v, &t, None, None, &cfg).unwrap();
     for i in 0..n {
         let row = &x[i * v..(i + 1) * v];
         let m = row.iter().cloned().fold(f64::MIN, f64::max);
@@ -59,7 +59,7 @@ fn label_smoothing_matches_the_pytorch_target_distribution() {
             ..LossConfig::default()
         };
         assert!(close(effective_smoothing(ls, v), e, 1e-7));
-        let r = fwd_bwd(&x, 1, v, &[4], None, None, &cfg);
+        let r = fwd_bwd(&x, 1, v, &[4], None, None, &cfg).unwrap();
         let lse = r.lse[0];
         for j in 0..v {
             let q = (1.0 - e) * if j == 4 { 1.0 } else { 0.0 } + e / v as f64;
@@ -87,7 +87,7 @@ fn focal_with_gamma_zero_is_cross_entropy_and_poly_eps_zero_too() {
         n * v,
     );
     let t: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
-    let ce = fwd_bwd(&x, n, v, &t, None, None, &LossConfig::default());
+    let ce = fwd_bwd(&x, n, v, &t, None, None, &LossConfig::default()).unwrap();
     for kind in [
         LossKind::Focal { gamma: 0.0 },
         LossKind::Poly1 { epsilon: 0.0 },
@@ -107,7 +107,8 @@ fn focal_with_gamma_zero_is_cross_entropy_and_poly_eps_zero_too() {
                 kind,
                 ..LossConfig::default()
             },
-        );
+        )
+        .unwrap();
         assert!(close(r.loss, ce.loss, 1e-13), "{kind:?}");
         for (a, b) in r.grad.iter().zip(&ce.grad) {
             assert!((a - b).abs() < 1e-14, "{kind:?}");
@@ -125,7 +126,8 @@ fn focal_with_gamma_zero_is_cross_entropy_and_poly_eps_zero_too() {
             kind: LossKind::Gce { q: 1e-6 },
             ..LossConfig::default()
         },
-    );
+    )
+    .unwrap();
     assert!(close(g.loss, ce.loss, 1e-4));
 }
 
@@ -142,8 +144,8 @@ fn focal_down_weights_easy_examples() {
         reduction: Reduction::None,
         ..LossConfig::default()
     };
-    let f = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_f);
-    let c = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_c);
+    let f = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_f).unwrap();
+    let c = fwd_bwd(&x, 2, 3, &[0, 0], None, None, &cfg_c).unwrap();
     assert!(f.rows[0] < 1e-6 * c.rows[0] + 1e-9);
     assert!(f.rows[1] > 0.99 * c.rows[1]);
 }
@@ -181,14 +183,14 @@ fn sigmoid_focal_maths_agree_and_match_torchvision_values() {
 fn ignored_rows_and_all_ignored_batches() {
     let x = [1.0, 2.0, 3.0, 3.0, 2.0, 1.0];
     let cfg = LossConfig::default();
-    let r = fwd_bwd(&x, 2, 3, &[-100, 1], None, None, &cfg);
+    let r = fwd_bwd(&x, 2, 3, &[-100, 1], None, None, &cfg).unwrap();
     assert_eq!(r.rows[0], 0.0);
     assert_eq!(r.lse[0], 0.0);
     assert!(r.grad[..3].iter().all(|&g| g == 0.0));
     // The mean is over the one counted row.
     assert!(close(r.loss, r.rows[1], 1e-15));
     // All ignored: loss 0 and zero gradient, not NaN.
-    let r = fwd_bwd(&x, 2, 3, &[-100, -100], None, None, &cfg);
+    let r = fwd_bwd(&x, 2, 3, &[-100, -100], None, None, &cfg).unwrap();
     assert_eq!(r.loss, 0.0);
     assert!(r.grad.iter().all(|&g| g == 0.0));
 }
@@ -198,7 +200,7 @@ fn weighted_mean_divides_by_the_target_weights() {
     let x = [0.0, 1.0, 0.0, 1.0];
     let w = [2.0, 0.5];
     let cfg = LossConfig::default();
-    let r = fwd_bwd(&x, 2, 2, &[0, 1], Some(&w), None, &cfg);
+    let r = fwd_bwd(&x, 2, 2, &[0, 1], Some(&w), None, &cfg).unwrap();
     let want = (r.rows[0] + r.rows[1]) / 2.5;
     assert!(close(r.loss, want, 1e-15));
     let lse = (1.0f64.exp() + 1.0).ln();
@@ -233,7 +235,7 @@ fn vocabulary_shards_combine_to_the_unsharded_result() {
         softcap: Some(8.0),
         ..LossConfig::default()
     };
-    let full = fwd_bwd(&x, n, v, &t, Some(&w), None, &cfg);
+    let full = fwd_bwd(&x, n, v, &t, Some(&w), None, &cfg).unwrap();
     for bounds in [vec![0, 40], vec![0, 13, 40], vec![0, 7, 19, 20, 40]] {
         let parts: Vec<Vec<[f64; 4]>> = bounds
             .windows(2)
@@ -242,7 +244,7 @@ fn vocabulary_shards_combine_to_the_unsharded_result() {
                 let shard: Vec<f64> = (0..n)
                     .flat_map(|i| x[i * v + b[0]..i * v + b[1]].to_vec())
                     .collect();
-                shard_stats(&shard, n, vs, b[0], &t, Some(&w), &cfg)
+                shard_stats(&shard, n, vs, b[0], &t, Some(&w), &cfg).unwrap()
             })
             .collect();
         for i in 0..n {
@@ -279,20 +281,20 @@ fn nan_reaches_the_combined_lse_from_any_shard_and_masked_shards_drop_out() {
             true,
         ),
     ] {
-        let a = shard_stats(&clean, 1, 4, 0, &[1], None, &cfg);
-        let b = shard_stats(&shard1, 1, 4, 4, &[1], None, &cfg);
+        let a = shard_stats(&clean, 1, 4, 0, &[1], None, &cfg).unwrap();
+        let b = shard_stats(&shard1, 1, 4, 4, &[1], None, &cfg).unwrap();
         for parts in [[a[0], b[0]], [b[0], a[0]]] {
             let (lse, _, _) = combine_stats(&parts);
             assert_eq!(lse.is_nan(), want_nan, "{shard1:?}: lse {lse}");
             if !want_nan {
-                let full = fwd_bwd(&clean, 1, 4, &[1], None, None, &cfg);
+                let full = fwd_bwd(&clean, 1, 4, &[1], None, None, &cfg).unwrap();
                 assert!(close(lse, full.lse[0], 1e-15));
             }
         }
     }
     // The unsharded reference: a NaN logit makes the row and the mean NaN, other rows stay finite.
     let x = [0.0, f64::NAN, 1.0, 0.0, 2.0, 3.0];
-    let out = fwd_bwd(&x, 2, 3, &[0, 2], None, None, &cfg);
+    let out = fwd_bwd(&x, 2, 3, &[0, 2], None, None, &cfg).unwrap();
     assert!(out.rows[0].is_nan() && out.lse[0].is_nan() && out.loss.is_nan());
     assert!(out.grad[..3].iter().all(|g| g.is_nan()));
     assert!(out.rows[1].is_finite() && out.grad[3..].iter().all(|g| g.is_finite()));
@@ -311,7 +313,7 @@ fn linear_ce_reference_gradients_match_finite_differences() {
         .collect();
     let t = [1i64, 4, 0];
     let cfg = LossConfig::default();
-    let (_, _, dh, dw) = fusekit::loss::linear_ce_reference(&hid, &w, n, h, v, &t, &cfg);
+    let (_, _, dh, dw) = fusekit::loss::linear_ce_reference(&hid, &w, n, h, v, &t, &cfg).unwrap();
     // Finite differences on the exact (unrounded) maths: the loss as a function of hidden and weight.
     let loss = |hid: &[f64], w: &[f64]| {
         let mut logits = vec![0.0; n * v];
@@ -320,7 +322,7 @@ fn linear_ce_reference_gradients_match_finite_differences() {
                 logits[i * v + j] = (0..h).map(|k| hid[i * h + k] * w[j * h + k]).sum();
             }
         }
-        fwd_bwd(&logits, n, v, &t, None, None, &cfg).loss
+        fwd_bwd(&logits, n, v, &t, None, None, &cfg).unwrap().loss
     };
     let e = 1e-6;
     for k in 0..n * h {
@@ -346,7 +348,7 @@ fn masked_logit_without_smoothing_has_a_finite_loss() {
     let x = [1.0, f64::NEG_INFINITY, 0.5, -2.0];
     let finite = [1.0f64, 0.5, -2.0];
     let lse = finite.iter().map(|z| z.exp()).sum::<f64>().ln();
-    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &LossConfig::default());
+    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &LossConfig::default()).unwrap();
     assert!((r.rows[0] - (lse - 0.5)).abs() < 1e-12, "{:?}", r.rows);
     assert!(r.grad.iter().all(|g| g.is_finite()), "{:?}", r.grad);
     assert_eq!(r.grad[1], 0.0);
@@ -355,6 +357,258 @@ fn masked_logit_without_smoothing_has_a_finite_loss() {
         label_smoothing: LabelSmoothing::PyTorch(0.1),
         ..LossConfig::default()
     };
-    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &smooth);
+    let r = reference::fwd_bwd(&x, 1, 4, &[2], None, None, &smooth).unwrap();
     assert_eq!(r.rows[0], f64::INFINITY);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Edge semantics (src/loss/edges.md), on the reference; tests/loss_kernels.rs holds the kernels to them.
+
+const NEG: f64 = f64::NEG_INFINITY;
+
+fn row(x: &[f64], y: i64, w: Option<&[f64]>, cfg: &LossConfig) -> reference::RefOutput {
+    let cfg = LossConfig {
+        reduction: Reduction::Sum,
+        ..*cfg
+    };
+    fwd_bwd(x, 1, x.len(), &[y], w, None, &cfg).unwrap()
+}
+
+#[test]
+fn masked_logits_one_many_all_but_the_target_and_all() {
+    let ce = LossConfig::default();
+    let kinds = [
+        ce,
+        LossConfig {
+            kind: LossKind::Focal { gamma: 2.0 },
+            ..ce
+        },
+        LossConfig {
+            kind: LossKind::Poly1 { epsilon: 1.0 },
+            ..ce
+        },
+        LossConfig {
+            kind: LossKind::Poly1Focal {
+                gamma: 2.0,
+                epsilon: 1.0,
+            },
+            ..ce
+        },
+        LossConfig {
+            kind: LossKind::Gce { q: 0.5 },
+            ..ce
+        },
+        LossConfig { z_loss: 1e-3, ..ce },
+    ];
+    for cfg in kinds {
+        // One or many masked: the masked classes drop out of the softmax; their gradient is exactly 0.
+        for x in [[1.0, NEG, 0.5, -2.0, 0.0], [NEG, NEG, 0.5, NEG, 0.0]] {
+            let finite: Vec<f64> = x.iter().cloned().filter(|z| z.is_finite()).collect();
+            let r = row(&x, 2, None, &cfg);
+            let want = row(
+                &finite,
+                finite.iter().position(|&z| z == 0.5).unwrap() as i64,
+                None,
+                &cfg,
+            );
+            assert!(close(r.rows[0], want.rows[0], 1e-14), "{cfg:?} {x:?}");
+            assert!(close(r.lse[0], want.lse[0], 1e-14));
+            for (j, &z) in x.iter().enumerate() {
+                assert!(r.grad[j].is_finite());
+                if z == NEG {
+                    assert_eq!(r.grad[j], 0.0, "{cfg:?} {x:?}");
+                }
+            }
+        }
+        // All but the target masked: p_y = 1, loss 0 (plus the z-loss s·lse²), gradient 0.
+        let r = row(&[NEG, NEG, 0.5, NEG], 2, None, &cfg);
+        let z = cfg.z_loss as f64 * 0.25;
+        assert!(close(r.rows[0], z, 1e-15), "{cfg:?}: {}", r.rows[0]);
+        if cfg.z_loss == 0.0 {
+            assert!(r.grad.iter().all(|&g| g == 0.0), "{cfg:?} {:?}", r.grad);
+        }
+        // Every logit masked: lse = log 0 = −∞, log-softmax is undefined: loss and gradient NaN.
+        let r = row(&[NEG; 4], 2, None, &cfg);
+        assert_eq!(r.lse[0], NEG);
+        assert!(r.rows[0].is_nan() && r.grad.iter().all(|g| g.is_nan()));
+    }
+}
+
+#[test]
+fn a_masked_target_has_an_infinite_loss_and_a_finite_gradient() {
+    let x = [1.0, NEG, 0.5, -2.0];
+    let ce = LossConfig::default();
+    let lse = [1.0f64, 0.5, -2.0]
+        .iter()
+        .map(|z| z.exp())
+        .sum::<f64>()
+        .ln();
+    let p = |j: usize| (x[j] - lse).exp();
+    // CE (and focal, Poly-1, which reduce to it at p_y = 0): +∞, gradient p − onehot, as PyTorch.
+    for kind in [
+        LossKind::CrossEntropy,
+        LossKind::Focal { gamma: 2.0 },
+        LossKind::Focal { gamma: 0.5 },
+        LossKind::Poly1 { epsilon: 1.0 },
+        LossKind::Poly1Focal {
+            gamma: 2.0,
+            epsilon: 1.0,
+        },
+    ] {
+        let r = row(&x, 1, None, &LossConfig { kind, ..ce });
+        assert_eq!(r.rows[0], f64::INFINITY, "{kind:?}");
+        let want = [p(0), -1.0, p(2), p(3)];
+        for j in 0..4 {
+            // Poly-1 adds ε·p_y(p − onehot) = 0; focal's extra terms vanish at p_y = 0.
+            assert!(
+                close(r.grad[j], want[j], 1e-14),
+                "{kind:?} [{j}] {:?}",
+                r.grad
+            );
+        }
+    }
+    // GCE is bounded: (1 − 0^q)/q, and flat there.
+    let r = row(
+        &x,
+        1,
+        None,
+        &LossConfig {
+            kind: LossKind::Gce { q: 0.5 },
+            ..ce
+        },
+    );
+    assert!(close(r.rows[0], 2.0, 1e-15) && r.grad.iter().all(|&g| g == 0.0));
+    // A class of weight 0 weighs its row out even there: loss 0, not 0·∞ (PyTorch: NaN).
+    let r = row(&x, 1, Some(&[1.0, 0.0, 1.0, 1.0]), &ce);
+    assert_eq!(r.rows[0], 0.0);
+    assert!(r.grad.iter().all(|&g| g == 0.0));
+}
+
+#[test]
+fn label_smoothing_over_masked_logits() {
+    let x = [1.0, NEG, 0.5, -2.0];
+    let smooth = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.1),
+        ..LossConfig::default()
+    };
+    // The masked class carries ε/V of the target mass: +∞ (as PyTorch), with a finite gradient whose
+    // masked element is −ε/V.
+    let e = 0.1f32 as f64;
+    let r = row(&x, 2, None, &smooth);
+    assert_eq!(r.rows[0], f64::INFINITY);
+    assert!(r.grad.iter().all(|g| g.is_finite()));
+    assert!(close(r.grad[1], -e / 4.0, 1e-15));
+    // Weight 0 on the masked class: it carries nothing, the loss is finite (PyTorch: NaN, 0·∞).
+    let w = [1.0, 0.0, 2.0, 0.5];
+    let r = row(&x, 2, Some(&w), &smooth);
+    let lse = [1.0f64, 0.5, -2.0]
+        .iter()
+        .map(|z| z.exp())
+        .sum::<f64>()
+        .ln();
+    let want = (1.0 - e) * 2.0 * (lse - 0.5)
+        + e / 4.0 * (1.0 * (lse - 1.0) + 2.0 * (lse - 0.5) + 0.5 * (lse + 2.0));
+    assert!(close(r.rows[0], want, 1e-14), "{} vs {want}", r.rows[0]);
+    assert_eq!(r.grad[1], 0.0);
+    // The shard statistics agree: Σ w z skips the weight-0 masked class.
+    let s = shard_stats(&x, 1, 4, 0, &[2], Some(&w), &smooth).unwrap();
+    assert!(close(s[0][3], 1.0 + 2.0 * 0.5 + 0.5 * -2.0, 1e-15));
+}
+
+/// Two rows of three classes, their targets, and the mean and sum configurations.
+fn two_rows() -> ([f64; 6], [i64; 2], LossConfig, LossConfig) {
+    let mean = LossConfig::default();
+    let sum = LossConfig {
+        reduction: Reduction::Sum,
+        ..mean
+    };
+    ([0.0, 1.0, 2.0, 2.0, 1.0, 0.0], [0, 2], mean, sum)
+}
+
+#[test]
+fn nan_class_weights_are_never_averaged_away() {
+    let (x, t, mean, sum) = two_rows();
+    // On a target's class: that row is NaN, and so are the mean (its denominator) and every gradient.
+    let w = [f64::NAN, 1.0, 1.0];
+    let r = fwd_bwd(&x, 2, 3, &t, Some(&w), None, &mean).unwrap();
+    assert!(r.loss.is_nan() && r.rows[0].is_nan() && r.rows[1].is_finite());
+    assert!(r.grad.iter().all(|g| g.is_nan()), "{:?}", r.grad);
+    // A sum keeps the other row's gradient.
+    let r = fwd_bwd(&x, 2, 3, &t, Some(&w), None, &sum).unwrap();
+    assert!(r.loss.is_nan());
+    assert!(r.grad[..3].iter().all(|g| g.is_nan()) && r.grad[3..].iter().all(|g| g.is_finite()));
+    // On a class no row targets: never read without smoothing (as PyTorch); with smoothing, Σ_j w_j
+    // and Σ_j w_j z_j are NaN in every row.
+    let w = [1.0, f64::NAN, 1.0];
+    let r = fwd_bwd(&x, 2, 3, &t, Some(&w), None, &mean).unwrap();
+    let clean = fwd_bwd(&x, 2, 3, &t, Some(&[1.0, 1.0, 1.0]), None, &mean).unwrap();
+    assert_eq!(r, clean);
+    let smooth = LossConfig {
+        label_smoothing: LabelSmoothing::PyTorch(0.1),
+        ..mean
+    };
+    let r = fwd_bwd(&x, 2, 3, &t, Some(&w), None, &smooth).unwrap();
+    assert!(r.loss.is_nan() && r.rows.iter().all(|l| l.is_nan()));
+    assert!(r.grad.iter().all(|g| g.is_nan()));
+}
+
+#[test]
+fn mean_over_zero_negative_or_nan_total_weight() {
+    let (x, t, mean, sum) = two_rows();
+    // D = Σ w_y = 0 (the targets' weights are 0, or cancel): nothing to average: loss 0, gradient 0
+    // (PyTorch: NaN, 0/0, or ±∞).
+    for w in [[0.0, 1.0, 0.0], [1.0, 5.0, -1.0]] {
+        let r = fwd_bwd(&x, 2, 3, &t, Some(&w), None, &mean).unwrap();
+        assert_eq!(r.loss, 0.0, "{w:?}");
+        assert!(r.grad.iter().all(|&g| g == 0.0), "{w:?}");
+    }
+    // D < 0: the mean divides by it, as PyTorch does.
+    let w = [-1.0, 1.0, -2.0];
+    let r = fwd_bwd(&x, 2, 3, &t, Some(&w), None, &mean).unwrap();
+    let s = fwd_bwd(&x, 2, 3, &t, Some(&w), None, &sum).unwrap();
+    assert!(close(r.loss, s.loss / -3.0, 1e-15));
+    for (a, b) in r.grad.iter().zip(&s.grad) {
+        assert!(close(*a, b / -3.0, 1e-15));
+    }
+    // D = 0 never hides a NaN: a NaN row (a NaN logit, or an invalid target) keeps the mean NaN.
+    let xn = [f64::NAN, 1.0, 2.0, 2.0, 1.0, 0.0];
+    let r = fwd_bwd(&xn, 2, 3, &t, Some(&[0.0, 1.0, 0.0]), None, &mean).unwrap();
+    assert!(r.loss.is_nan() && r.grad[..3].iter().all(|g| g.is_nan()));
+    assert!(r.grad[3..].iter().all(|&g| g == 0.0));
+    let r = fwd_bwd(&x, 2, 3, &[3, -1], None, None, &mean).unwrap();
+    assert!(r.loss.is_nan() && r.status.is_err() && r.grad.iter().all(|&g| g == 0.0));
+    // Every row ignored: loss 0 and zero gradient (PyTorch: NaN and zero gradient).
+    let r = fwd_bwd(&x, 2, 3, &[-100, -100], None, None, &mean).unwrap();
+    assert_eq!(r.loss, 0.0);
+    assert!(r.status.is_ok() && r.grad.iter().all(|&g| g == 0.0));
+}
+
+#[test]
+fn sigmoid_focal_at_infinite_logits_takes_the_limits() {
+    let inf = f64::INFINITY;
+    for gamma in [0.0, 0.5, 2.0] {
+        for alpha in [0.25, -1.0, 0.0, 1.0] {
+            // α_t: α for positives, 1 − α for negatives, 1 when disabled.
+            let at = |t: f64| {
+                if alpha < 0.0 {
+                    1.0
+                } else {
+                    alpha * t + (1.0 - alpha) * (1.0 - t)
+                }
+            };
+            let wrong = |t: f64| if at(t) == 0.0 { 0.0 } else { inf };
+            for (x, t, want) in [
+                (inf, 1.0, (0.0, 0.0)),
+                (-inf, 0.0, (0.0, 0.0)),
+                (inf, 0.0, (wrong(0.0), at(0.0))),
+                (-inf, 1.0, (wrong(1.0), -at(1.0))),
+            ] {
+                let got = reference::sigmoid_focal(x, t, alpha, gamma);
+                assert_eq!(got, want, "x={x} t={t} alpha={alpha} gamma={gamma}");
+                // The limit of the finite values.
+                let near = reference::sigmoid_focal(x.signum() * 40.0, t, alpha, gamma);
+                assert!((near.1 - want.1).abs() < 1e-12, "{near:?} vs {want:?}");
+            }
+        }
+    }
 }

@@ -20,6 +20,11 @@ typedef struct fk_row_result {
     float c;
 } fk_row_result;
 
+/* k x, with 0 * +-inf = 0: a term weighted by exactly 0 (a class weight, 1 - eps, alpha_t) contributes
+ * nothing, even where x is infinite (a masked logit: log p = -inf); a NaN x still gives NaN. For finite x
+ * this is k * x, bit for bit. */
+FK_HD float fk_weighted(float k, float x) { return (k == 0.0f && fabsf(x) == INFINITY) ? 0.0f : k * x; }
+
 /* q = 1 - p_y computed from log p_y without cancellation near p_y = 1. */
 FK_HD float fk_one_minus_exp(float logp) { return -expm1f(logp); }
 
@@ -36,10 +41,11 @@ FK_HD fk_row_result fk_row_loss(const fk_loss_config *cfg, float lse, float logp
     case FK_LOSS_POLY1_FOCAL: {
         const float g = cfg->gamma;
         const float qg = (g == 0.0f) ? 1.0f : powf(q, g);
-        /* gamma q^(gamma-1) p log p: the q^(gamma-1) blow-up at q -> 0 is cancelled by log p ~ -q. */
-        const float t2 = (g == 0.0f || q <= 0.0f) ? 0.0f : g * powf(q, g - 1.0f) * p * logp;
+        /* gamma q^(gamma-1) p log p: the q^(gamma-1) blow-up at q -> 0 is cancelled by log p ~ -q, and
+         * p log p -> 0 at p = 0 (a masked target, log p = -inf: 0 * -inf would make the gradient NaN). */
+        const float t2 = (g == 0.0f || q <= 0.0f || p == 0.0f) ? 0.0f : g * powf(q, g - 1.0f) * p * logp;
         const float B = wy * (-qg + t2);
-        r.loss = -wy * qg * logp;
+        r.loss = fk_weighted(-wy * qg, logp);
         r.a = -B;
         r.b = B;
         if (cfg->kind == FK_LOSS_POLY1_FOCAL) {
@@ -53,7 +59,7 @@ FK_HD fk_row_result fk_row_loss(const fk_loss_config *cfg, float lse, float logp
     }
     case FK_LOSS_POLY1: {
         const float k = wy * (1.0f + cfg->poly_eps * p);
-        r.loss = wy * (-logp + cfg->poly_eps * q);
+        r.loss = fk_weighted(wy, -logp + cfg->poly_eps * q);
         r.a = k;
         r.b = -k;
         break;
@@ -68,7 +74,7 @@ FK_HD fk_row_result fk_row_loss(const fk_loss_config *cfg, float lse, float logp
     default: { /* FK_LOSS_CE */
         const float eps = cfg->smoothing;
         const float ev = eps / cfg->vocab;
-        r.loss = (1.0f - eps) * wy * (-logp);
+        r.loss = fk_weighted((1.0f - eps) * wy, -logp);
         r.a = (1.0f - eps) * wy;
         r.b = -(1.0f - eps) * wy;
         if (eps != 0.0f) {
@@ -94,14 +100,19 @@ FK_HD float fk_softcap_grad(float x, float c) {
     return 1.0f - t * t;
 }
 
-/* Sigmoid focal loss of one element (torchvision): returns the loss, writes dloss/dx to *grad. */
+/* Sigmoid focal loss of one element (torchvision): returns the loss, writes dloss/dx to *grad.
+ * At x = +-inf the loss and gradient are their limits (torchvision's formula gives NaN there, 0 * inf):
+ * 0 and 0 for a correct prediction, +inf and +-alpha_t for a wrong one; alpha_t = 0 gives loss 0. */
 FK_HD float fk_sigmoid_focal(float x, float t, float alpha, float gamma, float *grad) {
     const float e = expf(-fabsf(x));
     /* p = sigmoid(x) and q = 1 - p = sigmoid(-x), each without cancellation: forming 1 - p (or p - 1)
      * from p loses all relative accuracy once p is near 1 (x = 8: 1 - p = 3e-4 to 2e-4 relative). */
     const float p = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
     const float q = x >= 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);
-    const float ce = fmaxf(x, 0.0f) - x * t + log1pf(e);
+    /* ce = max(x, 0) - x t + log(1 + e^-|x|); at x = +-inf that is x (1 - t) or -x t: 0 where the factor
+     * is 0 (a correct prediction), not 0 * inf. */
+    const float ce = fabsf(x) == INFINITY ? fk_weighted(x > 0.0f ? 1.0f - t : -t, x)
+                                          : fmaxf(x, 0.0f) - x * t + log1pf(e);
     /* m = 1 - p_t = 1 - (p t + q (1 - t)) = p (1 - t) + q t: exact for t in {0, 1}, no cancellation. */
     const float m = p * (1.0f - t) + q * t;
     const float mg = (gamma == 0.0f) ? 1.0f : powf(m, gamma);
@@ -109,11 +120,13 @@ FK_HD float fk_sigmoid_focal(float x, float t, float alpha, float gamma, float *
     const float dm = -p * q * (2.0f * t - 1.0f);
     const float dmg = (gamma == 0.0f || m <= 0.0f) ? 0.0f : gamma * powf(m, gamma - 1.0f) * dm;
     float loss = ce * mg;
+    /* ce dmg -> 0 at x = +-inf (dm decays like e^-|x|), not inf * 0. */
+    const float ce_dmg = fk_weighted(dmg, ce);
     /* dce/dx = p - t = p (1 - t) - q t, again without cancellation. */
-    float g = (p * (1.0f - t) - q * t) * mg + ce * dmg;
+    float g = (p * (1.0f - t) - q * t) * mg + ce_dmg;
     if (alpha >= 0.0f) {
         const float at = alpha * t + (1.0f - alpha) * (1.0f - t);
-        loss *= at;
+        loss = fk_weighted(at, loss);
         g *= at;
     }
     *grad = g;

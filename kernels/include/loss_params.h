@@ -66,7 +66,7 @@ typedef struct fk_loss_denominator_params {
 } fk_loss_denominator_params;
 
 /* Deterministic fixed-order sum of per-row (or per-element) losses into one scalar, divided by
- * *denominator (mean; 0/0 gives 0) or not (sum). One block. */
+ * *denominator (mean: D = 0 gives 0, or NaN if a value is NaN) or not (sum). One block. */
 typedef struct fk_loss_reduce_params {
     const float *values;
     const float *denominator; /* NULL: plain sum */

@@ -206,8 +206,10 @@ extern "C" __global__ void __launch_bounds__(FK_LOSS_REDUCE_THREADS) fk_loss_red
     acc = fk_block_reduce(acc, fk_sum_op{}, 0.0, red);
     if (threadIdx.x == 0) {
         if (p.denominator) {
+            // D = 0: nothing to average, 0 (PyTorch: 0/0 = NaN), but a NaN row is never averaged away.
+            // Any other D divides, a negative or NaN one included.
             const double d = (double)*p.denominator;
-            *p.out = d > 0.0 ? (float)(acc / d) : 0.0f;
+            *p.out = d != 0.0 ? (float)(acc / d) : (acc != acc ? NAN : 0.0f);
         } else {
             *p.out = (float)acc;
         }

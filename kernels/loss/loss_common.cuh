@@ -21,14 +21,16 @@ __device__ __forceinline__ int64_t fk_target(const void *targets, int64_t row) {
 
 __device__ __forceinline__ float fk_class_weight(const float *w, int64_t j) { return w ? w[j] : 1.0f; }
 
-// Upstream gradient of row `row` divided by the mean's denominator (an all-ignored batch: 0, not NaN).
+// Upstream gradient of row `row` divided by the mean's denominator D = sum of the counted rows' w_y.
+// D = 0 (every row ignored, or zero total weight) gives 0, not NaN; any other D divides, a negative or a
+// NaN one included (a NaN class weight must reach every gradient, never be dropped as "not > 0").
 __device__ __forceinline__ float fk_row_grad_scale(uint32_t reduction, const float *grad_output,
                                                    const float *denominator, int64_t row) {
     float g = 1.0f;
     if (grad_output) g = reduction == FK_REDUCTION_NONE ? grad_output[row] : grad_output[0];
     if (reduction == FK_REDUCTION_MEAN) {
         const float d = *denominator;
-        g = d > 0.0f ? g / d : 0.0f;
+        g = d != 0.0f ? g / d : 0.0f;
     }
     return g;
 }
@@ -72,7 +74,8 @@ __device__ __forceinline__ void fk_row_stats(const T *x, int64_t n, const fk_los
         if (cache) cache[j] = raw;
         const float z = cap > 0.0f ? cap * tanhf(fk_to_f32(raw) / cap) : fk_to_f32(raw);
         fk_maxsum_push(&st, z);
-        if (want_swz) acc += fk_class_weight(weights ? weights + w_offset : nullptr, j) * z;
+        // A class of weight 0 adds nothing, even where its logit is masked (not 0 * -inf = NaN).
+        if (want_swz) acc += fk_weighted(fk_class_weight(weights ? weights + w_offset : nullptr, j), z);
     });
     st = fk_block_reduce(st, fk_merge_op{}, fk_maxsum{-INFINITY, 0.0f}, red_ms);
     swz = want_swz ? fk_block_reduce(acc, fk_sum_op{}, 0.0f, red_f) : 0.0f;

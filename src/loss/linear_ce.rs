@@ -367,13 +367,22 @@ impl<B: Backend> LinearCrossEntropy<B> {
 }
 
 /// CPU reference of fused linear + CE (f64), with the chunk logits rounded to bf16 as the GPU path stores
-/// them. Returns (per-row loss, reduced loss, grad_hidden [N, H], grad_weight [V, H]).
+/// them. Returns (per-row loss, reduced loss, grad_hidden [N, H], grad_weight [V, H]). Edge semantics are
+/// [`reference::fwd_bwd`](super::reference::fwd_bwd)'s: a target outside `[0, v)` (not the ignore index)
+/// makes its row's loss NaN and adds nothing to the gradients.
+///
+/// `Err(Shape)` naming `n`, `h`, `v`, `hidden`, `weight` or `targets` for a zero dimension, a size
+/// product beyond `usize` or a slice of the wrong length; `Err(InvalidArgument { arg: "n", .. })` when the
+/// `[n, v]` logits cannot be allocated; `Err(InvalidArgument)` for a configuration the kernels reject.
 ///
 /// ```
+/// # fn main() -> fusekit::Result<()> {
 /// use fusekit::loss::{linear_ce_reference, LossConfig};
-/// let (rows, loss, dh, dw) = linear_ce_reference(&[1.0, 0.0], &[1.0, 0.0, 0.0, 1.0], 1, 2, 2, &[0], &LossConfig::default());
+/// let (rows, loss, dh, dw) = linear_ce_reference(&[1.0, 0.0], &[1.0, 0.0, 0.0, 1.0], 1, 2, 2, &[0], &LossConfig::default())?;
 /// assert!((loss - rows[0]).abs() < 1e-15 && dh.len() == 2 && dw.len() == 4);
+/// # Ok(()) }
 /// ```
+#[allow(clippy::type_complexity)] // (rows, loss, grad_hidden, grad_weight), as before it was fallible
 pub fn linear_ce_reference(
     hidden: &[f64],
     weight: &[f64],
@@ -382,15 +391,50 @@ pub fn linear_ce_reference(
     v: usize,
     targets: &[i64],
     cfg: &LossConfig,
-) -> (Vec<f64>, f64, Vec<f64>, Vec<f64>) {
-    let mut logits = vec![0.0; n * v];
+) -> Result<(Vec<f64>, f64, Vec<f64>, Vec<f64>)> {
+    let dims = |arg: &'static str, x: usize, what: &str| {
+        if x == 0 {
+            Err(Error::shape(arg, format!("{what} >= 1"), "0"))
+        } else {
+            Ok(())
+        }
+    };
+    dims("n", n, "rows")?;
+    dims("h", h, "hidden size")?;
+    dims("v", v, "classes")?;
+    let product = |arg: &'static str, a: usize, b: usize, what: &str| {
+        a.checked_mul(b).ok_or_else(|| {
+            Error::shape(
+                arg,
+                format!("{what} = {a} x {b} elements"),
+                "a product beyond usize::MAX",
+            )
+        })
+    };
+    let nh = product("hidden", n, h, "[n, h]")?;
+    let vh = product("weight", v, h, "[v, h]")?;
+    crate::validate::exactly("hidden", hidden.len(), nh, "[n, h]")?;
+    crate::validate::exactly("weight", weight.len(), vh, "[v, h]")?;
+    crate::validate::exactly("targets", targets.len(), n, "one per row")?;
+    cfg.to_params(v, None, false)?;
+    // The [n, v] logits are not bounded by the inputs' sizes: checked, and allocated fallibly.
+    let mut logits = Vec::new();
+    n.checked_mul(v)
+        .and_then(|nv| logits.try_reserve_exact(nv).ok().map(|_| nv))
+        .map(|nv| logits.resize(nv, 0.0))
+        .ok_or_else(|| {
+            Error::invalid(
+                "n",
+                format!("the [{n}, {v}] logits of the reference do not fit in host memory"),
+            )
+        })?;
     for i in 0..n {
         for j in 0..v {
             let dot: f64 = (0..h).map(|k| hidden[i * h + k] * weight[j * h + k]).sum();
             logits[i * v + j] = bf16::from_f64(dot).to_f64();
         }
     }
-    let r = super::reference::fwd_bwd(&logits, n, v, targets, None, None, cfg);
+    let r = super::reference::fwd_bwd(&logits, n, v, targets, None, None, cfg)?;
     let mut dh = vec![0.0; n * h];
     let mut dw = vec![0.0; v * h];
     for i in 0..n {
@@ -405,5 +449,5 @@ pub fn linear_ce_reference(
             }
         }
     }
-    (r.rows, r.loss, dh, dw)
+    Ok((r.rows, r.loss, dh, dw))
 }

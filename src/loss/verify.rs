@@ -316,7 +316,7 @@ pub fn run_linear_ce<B: Backend>(
     let h64: Vec<f64> = hidden.iter().map(|x| x.to_f64()).collect();
     let w64: Vec<f64> = weight.iter().map(|x| x.to_f64()).collect();
     let (rows_ref, loss_ref, dh_ref, dw_ref) =
-        super::linear_ce_reference(&h64, &w64, n, h, v, targets, cfg);
+        super::linear_ce_reference(&h64, &w64, n, h, v, targets, cfg).map_err(e)?;
     let mut lce = super::LinearCrossEntropy::new(dev, v, h, chunking).map_err(e)?;
     let mut dh = poisoned::<B, bf16>(dev, n * h).map_err(e)?;
     let mut dw = poisoned::<B, f32>(dev, v * h).map_err(e)?;
@@ -469,7 +469,7 @@ pub fn run_shards<B: Backend, T: LossElement, I: super::TargetIndex>(
     }
     let xf: Vec<f64> = x.iter().map(|z| z.to_f64()).collect();
     let t64: Vec<i64> = targets.iter().map(|&y| y.to_i64()).collect();
-    let r = reference::fwd_bwd(&xf, n, v, &t64, None, None, cfg);
+    let r = reference::fwd_bwd(&xf, n, v, &t64, None, None, cfg).map_err(e)?;
     let what = format!("{} shards {bounds:?}, {} targets", T::NAME, I::SUFFIX);
     let g = compare_loss_grad(&what, cfg, n, v, &xf, &t64, None, None, &grad, &r)?;
     let rows = compare_stats(&what, &dev.download(&out.rows).map_err(e)?, &r.rows)?;
@@ -720,7 +720,8 @@ pub fn check_outputs<T: LossElement>(
         w64.as_deref(),
         g64.as_deref(),
         &case.cfg,
-    );
+    )
+    .map_err(|e| format!("reference: {e}"))?;
     let what = format!("{} {case:?}", T::NAME);
     let grad_rep = compare_grad(&format!("grad ({what})"), case, inp, grad, &r.grad, &r.lse)?;
     let rows_rep = compare_stats(&format!("rows ({what})"), rows, &r.rows)?;
@@ -838,7 +839,12 @@ pub fn reference_fd_error(rng: &mut Rng) -> f64 {
                 .collect()
         });
         let total = |x: &[f64]| {
-            let r = reference::fwd_bwd(x, n, v, &targets, w.as_deref(), go.as_deref(), &case.cfg);
+            // Never an error here: `analytic` below, with the same shapes, returns ∞ on one first.
+            let Ok(r) =
+                reference::fwd_bwd(x, n, v, &targets, w.as_deref(), go.as_deref(), &case.cfg)
+            else {
+                return f64::NAN;
+            };
             match (case.cfg.reduction, &go) {
                 (Reduction::None, Some(g)) => r.rows.iter().zip(g).map(|(a, b)| a * b).sum(),
                 (Reduction::None, None) => r.rows.iter().sum(),
@@ -846,8 +852,12 @@ pub fn reference_fd_error(rng: &mut Rng) -> f64 {
                 (_, None) => r.loss,
             }
         };
-        let analytic =
-            reference::fwd_bwd(&x, n, v, &targets, w.as_deref(), go.as_deref(), &case.cfg).grad;
+        let Ok(analytic) =
+            reference::fwd_bwd(&x, n, v, &targets, w.as_deref(), go.as_deref(), &case.cfg)
+        else {
+            return f64::INFINITY;
+        };
+        let analytic = analytic.grad;
         let h = 1e-6;
         for k in 0..n * v {
             let mut xp = x.clone();
@@ -893,7 +903,9 @@ pub fn host_math_error(rng: &mut Rng) -> f64 {
             softcap: None,
             ..case.cfg
         };
-        let (loss, lse, grad) = reference::row_loss_grad(&z, y, w.as_deref(), &cfg);
+        let Ok((loss, lse, grad)) = reference::row_loss_grad(&z, y, w.as_deref(), &cfg) else {
+            return f64::INFINITY;
+        };
         let wf: Option<Vec<f32>> = w.as_ref().map(|w| w.iter().map(|&x| x as f32).collect());
         let Ok(k) = cfg.to_params(v, wf.as_deref(), w.is_some()) else {
             return f64::INFINITY;
@@ -1016,7 +1028,7 @@ pub fn grad_floor(
             _ => grad_output[0] as f64,
         };
         if cfg.reduction == Reduction::Mean {
-            sc = if denominator > 0.0 {
+            sc = if denominator != 0.0 {
                 sc / denominator
             } else {
                 0.0
@@ -1077,7 +1089,7 @@ fn quantum<T: Element>() -> f64 {
 /// use fusekit::loss::{reference, verify::compare_loss_grad, LossConfig};
 /// let cfg = LossConfig::default();
 /// let x = [0.5, -1.0, 2.0];
-/// let r = reference::fwd_bwd(&x, 1, 3, &[2], None, None, &cfg);
+/// let r = reference::fwd_bwd(&x, 1, 3, &[2], None, None, &cfg).unwrap();
 /// let got: Vec<f32> = r.grad.iter().map(|&g| g as f32).collect();
 /// assert!(compare_loss_grad("g", &cfg, 1, 3, &x, &[2], None, None, &got, &r).is_ok());
 /// ```
@@ -1228,7 +1240,13 @@ pub fn host_replay<T: LossElement>(case: &Case, inp: &CaseInputs<T>) -> Result<R
                 swz += block_reduce_as_kernel(
                     parts
                         .iter()
-                        .map(|js| js.iter().fold(0f32, |a, &j| a + w(j0 + j) * z[j0 + j]))
+                        .map(|js| {
+                            // fk_weighted: a class of weight 0 adds nothing, even a masked one.
+                            js.iter().fold(0f32, |a, &j| match (w(j0 + j), z[j0 + j]) {
+                                (wj, zj) if wj == 0.0 && zj.is_infinite() => a,
+                                (wj, zj) => a + wj * zj,
+                            })
+                        })
                         .collect(),
                     0f32,
                     |a, b| a + b,
@@ -1250,7 +1268,7 @@ pub fn host_replay<T: LossElement>(case: &Case, inp: &CaseInputs<T>) -> Result<R
             };
         }
         if cfg.reduction == Reduction::Mean {
-            sc = if denominator > 0.0 {
+            sc = if denominator != 0.0 {
                 sc / denominator
             } else {
                 0.0
@@ -1272,7 +1290,8 @@ pub fn host_replay<T: LossElement>(case: &Case, inp: &CaseInputs<T>) -> Result<R
     // fk_loss_reduce: f64 sum in a fixed order, / denominator for a mean.
     let total: f64 = rows.iter().map(|&r| r as f64).sum();
     let loss = match cfg.reduction {
-        Reduction::Mean if denominator > 0.0 => (total / denominator as f64) as f32,
+        Reduction::Mean if denominator != 0.0 => (total / denominator as f64) as f32,
+        Reduction::Mean if total.is_nan() => f32::NAN,
         Reduction::Mean => 0.0,
         _ => total as f32,
     };
