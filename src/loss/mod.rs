@@ -23,11 +23,12 @@
 //! `1 − tanh²`).
 //!
 //! # Semantics worth knowing
-//! * `ignore_index` rows: loss 0, lse 0, gradient 0, not counted in a mean. A batch where every row is
-//!   ignored gives loss **0 and a zero gradient** (PyTorch gives NaN).
-//! * `Reduction::Mean` divides by `Σ w_{y_i}` over the rows that are not ignored (the row count without
-//!   weights), for the smoothing term too. PyTorch divides its unweighted smoothing term by *all* rows,
-//!   ignored ones included; the two agree whenever no row is ignored.
+//! * `ignore_index` rows: loss 0, lse 0, gradient 0, not counted in a mean.
+//! * `Reduction::Mean` divides by `D = Σ w_{y_i}` over the counted rows (not ignored, target in range;
+//!   the row count without weights), for the smoothing term too, as PyTorch does (checked against torch
+//!   2.15.0, with and without class weights). It divides whenever `D ≠ 0` (negative totals included);
+//!   with `D = 0` (every row ignored, or weights that are 0 or cancel) the mean is **0 with a zero
+//!   gradient**, where PyTorch returns a NaN loss, unless a row's loss is NaN (then NaN).
 //! * The upstream gradient (`grad_output`) multiplies the gradient: one value for mean/sum, one per row
 //!   for `Reduction::None`. The per-row `loss`/`lse` outputs are never scaled.
 //! * Targets outside `[0, V)` that are not `ignore_index` never cause an out-of-bounds access: that row's
@@ -35,11 +36,13 @@
 //!   as [`Error::OutOfRange`]. (Checking device targets on the host would need a synchronisation the
 //!   launch functions never make.)
 //! * A NaN logit makes its row's loss, lse and every gradient element of the row NaN, and so a mean or
-//!   sum; a NaN is never averaged away, whichever threads of the block saw it (masked `−∞` logits are
-//!   fine: a row needs one finite logit). The vocabulary-shard path keeps the NaN through the combine,
-//!   even from a shard that saw nothing but NaN.
+//!   sum; a NaN is never averaged away (NaN class weights included), whichever threads of the block saw
+//!   it. Masked `−∞` logits are fine; a term weighted by exactly 0 adds 0, never `0·∞`. The whole table,
+//!   beside PyTorch's results for the same inputs, is below (*Edge semantics of the fused losses*).
 //! * Deterministic: the same inputs give the same bits on every run (fixed-order reductions, no atomics
 //!   on data).
+//!
+#![doc = include_str!("edges.md")]
 
 mod launch;
 mod plan;
