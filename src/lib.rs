@@ -10,6 +10,12 @@
 //!   its name ends in `_sync`.
 //! * Every argument is validated: bad input is an [`Error`] naming the argument, never a panic.
 //! * No GPU or no driver is [`Error::NoDevice`]: the crate builds, and its CPU references run, anywhere.
+//! * Every entry point is a pure plan and a launch ([`plan`]): a call can be validated from lengths
+//!   alone, without a device.
+//!
+//! The test harness (`testing`, `loss::verify`, `moe::check`), shared by the integration tests, the
+//! benchmarks and `fusekit check`, is public only so they can reach it: hidden from these docs, outside
+//! the API's stability and its no-panic rule (it assumes the inputs it generates itself).
 //!
 //! ```no_run
 //! # fn main() -> fusekit::Result<()> {
@@ -35,6 +41,7 @@ mod params;
 pub mod plan;
 pub mod probe;
 pub mod selftest;
+#[doc(hidden)] // the test harness: see the crate docs
 pub mod testing;
 pub mod timing;
 mod validate;

@@ -616,6 +616,7 @@ mod sigmoid;
 pub use sigmoid::{sigmoid_focal_fwd_bwd, SigmoidFocalConfig, SigmoidFocalOutputs};
 
 pub(crate) mod check;
+#[doc(hidden)] // test harness (crate docs)
 pub mod verify;
 
 impl<B: Backend> std::fmt::Debug for LossOutputs<B> {

@@ -635,6 +635,7 @@ pub fn ep_counts<
     launch::ep_counts(dev, &plan, ids, membership, tokens_per_rank)
 }
 
+#[doc(hidden)] // test harness (crate docs)
 pub mod check;
 pub mod simulate;
 
