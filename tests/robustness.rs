@@ -1780,3 +1780,14 @@ fn moe_calls_err_as_planned_or_match_the_reference() {
         cases() / 4
     );
 }
+
+#[test]
+fn copy_plan_rejects_each_bad_argument() {
+    use fusekit::probe::CopyPlan;
+    let p = h100();
+    assert!(CopyPlan::new(&p, 5, 5, 4).is_ok());
+    assert!(CopyPlan::new(&p, 0, 0, 4).unwrap().launches().is_empty());
+    bad!(CopyPlan::new(&p, 5, 4, 4), Shape, "dst");
+    bad!(CopyPlan::new(&p, 4, 5, 4), Shape, "dst");
+    bad!(CopyPlan::new(&p, usize::MAX, usize::MAX, 4), Shape, "src");
+}

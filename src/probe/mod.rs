@@ -34,19 +34,10 @@ pub fn copy<B: Backend, T, S: DeviceRead<T, B>, D: DeviceWrite<T, B>>(
     src: &S,
     dst: &mut D,
 ) -> Result<()> {
-    if src.len() != dst.len() {
-        return Err(Error::shape(
-            "dst",
-            format!("{} elements (the length of src)", src.len()),
-            format!("{} elements", dst.len()),
-        ));
-    }
     owned(dev, "src", src)?;
     owned(dev, "dst", dst)?;
-    let n_bytes =
-        src.len()
-            .checked_mul(std::mem::size_of::<T>())
-            .ok_or_else(|| Error::shape("src", "a size below 2^64 bytes", "more"))? as u64;
+    let plan = CopyPlan::new(dev.props(), src.len(), dst.len(), std::mem::size_of::<T>())?;
+    let n_bytes = plan.n_bytes;
     let (src_ptr, _src_guard) = src.addr(dev);
     let (dst_ptr, _dst_guard) = dst.addr_mut(dev);
     check_aligned("src", src_ptr, 16)?;
@@ -57,7 +48,51 @@ pub fn copy<B: Backend, T, S: DeviceRead<T, B>, D: DeviceWrite<T, B>>(
     if src_ptr < dst_ptr + n_bytes && dst_ptr < src_ptr + n_bytes {
         return Err(Error::layout("dst", "overlaps src"));
     }
-    launch::copy_v16(dev, src_ptr, dst_ptr, n_bytes)
+    launch::copy_v16(dev, &plan, src_ptr, dst_ptr)
+}
+
+/// The validated plan of a [`copy`] of `src` elements into `dst` elements of `elem_size` bytes:
+/// lengths and sizes, and the launch (alignment and overlap are properties of the addresses, checked at
+/// the launch).
+///
+/// ```
+/// let p = fusekit::probe::CopyPlan::new(&fusekit::DeviceProps::example_h100(), 1 << 20, 1 << 20, 4)?;
+/// assert_eq!(p.launches()[0].kernel, "fk_copy_v16");
+/// assert!(fusekit::probe::CopyPlan::new(&fusekit::DeviceProps::example_h100(), 3, 4, 4).is_err());
+/// # Ok::<(), fusekit::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct CopyPlan {
+    pub(crate) n_bytes: u64,
+    launch: Option<crate::plan::PlannedLaunch>,
+}
+
+impl CopyPlan {
+    /// Validates a copy on `props`' GPU.
+    pub fn new(
+        props: &crate::DeviceProps,
+        src: usize,
+        dst: usize,
+        elem_size: usize,
+    ) -> Result<Self> {
+        if src != dst {
+            return Err(Error::shape(
+                "dst",
+                format!("{src} elements (the length of src)"),
+                format!("{dst} elements"),
+            ));
+        }
+        let n_bytes = crate::plan::mul("src", src, elem_size, "the size in bytes")? as u64;
+        Ok(CopyPlan {
+            n_bytes,
+            launch: (n_bytes > 0).then(|| launch::copy_launch(props, n_bytes)),
+        })
+    }
+
+    /// The launch (none for an empty copy).
+    pub fn launches(&self) -> Vec<crate::plan::PlannedLaunch> {
+        self.launch.iter().cloned().collect()
+    }
 }
 
 /// Measured device-to-device copy bandwidth.
