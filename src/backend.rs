@@ -427,18 +427,33 @@ impl private::Device for Gpu {
     }
 
     fn blas(&self) -> Result<cudarc::cublas::CudaBlas> {
-        // SAFETY: only tries to dlopen libcublas by its known names.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(Error::Library {
-                library: "cuBLAS",
-                during: "opening the library".into(),
-                detail: "libcublas was not found (install the CUDA toolkit or the nvidia-cublas wheel and \
-                         add its lib folder to LD_LIBRARY_PATH)"
-                    .into(),
-            });
+        let missing = |detail: &str| Error::Library {
+            library: "cuBLAS",
+            during: "opening the library".into(),
+            detail: format!(
+                "{detail} (install the CUDA toolkit or the nvidia-cublas wheel and add its lib folder \
+                 to LD_LIBRARY_PATH)"
+            ),
+        };
+        if !crate::device::library_present(&[
+            "libcublas.so",
+            "libcublas.so.13",
+            "libcublas.so.12",
+            "libcublas.so.11",
+        ]) {
+            return Err(missing("libcublas was not found"));
         }
-        cudarc::cublas::CudaBlas::new(self.stream().clone())
-            .map_err(blas_err("creating a cuBLAS handle"))
+        // cudarc opens libcublas under the names of the CUDA version it was built for, and panics when
+        // none opens (a graph that pins CUDA 12 on a machine with only libcublas.so.13): an Err too.
+        let stream = self.stream().clone();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cudarc::cublas::CudaBlas::new(stream)
+        })) {
+            Ok(r) => r.map_err(blas_err("creating a cuBLAS handle")),
+            Err(_) => Err(missing(
+                "libcublas could not be opened under the names of the CUDA version cudarc was built for",
+            )),
+        }
     }
 
     fn same_queue(&self, other: &Gpu) -> bool {

@@ -232,9 +232,9 @@ fn cache_for(ctx: &Arc<CudaContext>) -> Arc<ModuleCache> {
 /// }
 /// ```
 pub fn probe_driver() -> Result<usize> {
-    // cudarc panics on first use if libcuda cannot be opened: look for it first.
-    // SAFETY: only tries to dlopen the driver library by its known names.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    // cudarc panics on first use if libcuda cannot be opened: look for it first (under the names cudarc
+    // tries; with dynamic linking the process could not have started without it).
+    if !library_present(LIBCUDA) {
         return Err(Error::NoDevice {
             reason: "the CUDA driver library (libcuda.so) was not found on this machine".into(),
         });
@@ -263,6 +263,45 @@ pub fn probe_driver() -> Result<usize> {
     }
     Ok(n as usize)
 }
+
+/// Whether one of the shared libraries `names` can be opened. Works whether cudarc loads libraries at run
+/// time or links them (then they are loaded already), without cudarc's own probe, which exists only with
+/// its `dynamic-loading` feature. Callers pass names cudarc would also try.
+pub(crate) fn library_present(names: &[&str]) -> bool {
+    #[cfg(unix)]
+    {
+        use std::ffi::{c_char, c_int, c_void, CString};
+        extern "C" {
+            fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+            fn dlclose(handle: *mut c_void) -> c_int;
+        }
+        const RTLD_LAZY: c_int = 1;
+        names.iter().any(|name| {
+            let Ok(c) = CString::new(*name) else {
+                return false;
+            };
+            // SAFETY: dlopen of a library by name; the handle is closed at once (the library stays
+            // loaded while anything else holds it, which is what cudarc's own open does).
+            unsafe {
+                let h = dlopen(c.as_ptr(), RTLD_LAZY);
+                if h.is_null() {
+                    false
+                } else {
+                    dlclose(h);
+                    true
+                }
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = names;
+        false
+    }
+}
+
+/// The driver library under the names every driver installs (both among those cudarc tries).
+pub(crate) const LIBCUDA: &[&str] = &["libcuda.so.1", "libcuda.so"];
 
 fn driver_error_text(e: DriverError) -> String {
     match e.error_string() {
