@@ -427,13 +427,15 @@ impl private::Device for Gpu {
     }
 
     fn blas(&self) -> Result<cudarc::cublas::CudaBlas> {
-        let missing = |detail: &str| Error::Library {
+        let missing = |detail: &str| {
+            Error::Library {
             library: "cuBLAS",
             during: "opening the library".into(),
             detail: format!(
                 "{detail} (install the CUDA toolkit or the nvidia-cublas wheel and add its lib folder \
                  to LD_LIBRARY_PATH)"
             ),
+        }
         };
         if !crate::device::library_present(&[
             "libcublas.so",

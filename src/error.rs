@@ -210,7 +210,20 @@ impl fmt::Debug for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    /// The driver's error for [`Error::Driver`]; nothing else wraps another error.
+    ///
+    /// ```
+    /// use std::error::Error as _;
+    /// assert!(fusekit::Error::invalid("gamma", "must be >= 0").source().is_none());
+    /// ```
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Driver { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
 
 impl From<DriverError> for Error {
     fn from(source: DriverError) -> Self {

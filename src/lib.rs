@@ -47,11 +47,16 @@ pub mod timing;
 mod validate;
 
 pub use backend::{Backend, DeviceRead, DeviceWrite, Scalar};
+/// The cudarc fusekit is built against: use it (`fusekit::cudarc`) for the slices and streams you pass,
+/// so the types match whatever version your own dependencies resolve.
+pub use cudarc;
 pub use device::{
     compiled_families, probe_driver, DeviceProps, Family, Gpu, MIN_COMPUTE_CAPABILITY,
     MIN_DRIVER_VERSION,
 };
 pub use error::{Error, Result};
+/// The half-precision types (`bf16`, `f16`) fusekit's kernels take.
+pub use half;
 
 /// The ptxas resource report of this build (per kernel and architecture: registers, shared memory,
 /// stack, spills), as `fusekit ptxas` prints it.
