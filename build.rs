@@ -17,6 +17,42 @@ use std::process::Command;
 const DEFAULT_SASS: &[&str] = &["80", "86", "89", "90a"];
 const PTX_TARGET: &str = "90";
 
+/// The SASS architectures to build: `FUSEKIT_SASS` (this project's list, e.g. `80,90a`), else
+/// `CUDA_COMPUTE_CAP` as the Rust CUDA ecosystem sets it (candle's build, cudarc users: `90`, or a list;
+/// 9.0 builds sm_90a, as the default does), else every supported architecture. PTX for compute_90 is
+/// always embedded (newer GPUs JIT it).
+fn sass_list() -> Result<Vec<String>, String> {
+    let list = |v: &str| -> Vec<String> {
+        v.split(',')
+            .map(|s| s.trim().trim_start_matches("sm_").to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    if let Ok(v) = env::var("FUSEKIT_SASS") {
+        if !v.trim().is_empty() {
+            return Ok(list(&v));
+        }
+    }
+    if let Ok(v) = env::var("CUDA_COMPUTE_CAP") {
+        if !v.trim().is_empty() {
+            let mut out = Vec::new();
+            for cap in list(&v) {
+                let n: u32 = cap.trim_end_matches('a').parse().map_err(|_| {
+                    format!("CUDA_COMPUTE_CAP={v}: `{cap}` is not a compute capability such as 80 or 90")
+                })?;
+                if n < 80 {
+                    return Err(format!(
+                        "CUDA_COMPUTE_CAP={v}: fusekit's kernels need compute capability 8.0 or newer"
+                    ));
+                }
+                out.push(if n == 90 { "90a".to_string() } else { cap });
+            }
+            return Ok(out);
+        }
+    }
+    Ok(DEFAULT_SASS.iter().map(|s| s.to_string()).collect())
+}
+
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
@@ -29,6 +65,7 @@ fn main() {
         "CUDA_HOME",
         "CUDA_PATH",
         "FUSEKIT_SASS",
+        "CUDA_COMPUTE_CAP",
         "DOCS_RS",
         "FUSEKIT_EMU_VARIANTS",
         "FUSEKIT_REQUIRE_EMU",
@@ -53,12 +90,7 @@ fn main() {
         report.push_str("DOCS_RS build: kernels were not compiled\n");
     } else {
         let nvcc = find_nvcc(&root).unwrap_or_else(|msg| fail(&msg));
-        let sass: Vec<String> = match env::var("FUSEKIT_SASS") {
-            Ok(list) if !list.trim().is_empty() => {
-                list.split(',').map(|s| s.trim().to_string()).collect()
-            }
-            _ => DEFAULT_SASS.iter().map(|s| s.to_string()).collect(),
-        };
+        let sass = sass_list().unwrap_or_else(|msg| fail(&msg));
         let nvcc_version = run_capture(Command::new(&nvcc).arg("--version"))
             .unwrap_or_else(|e| fail(&format!("`{} --version` failed: {e}", nvcc.display())));
         let allow = read_allowlist(&kernels.join("ptxas-allowlist.txt"));
