@@ -1584,98 +1584,95 @@ fn fused_call_property(
     launched: &std::cell::Cell<u32>,
     refused: &std::cell::Cell<u32>,
 ) -> Result<(), proptest::test_runner::TestCaseError> {
-    {
-        let dev = dev.clone();
-        let host = vec![1.0f32; inp.rows.vocab + 1];
-        let planned = plan_of(inp, &host, dev.props());
-        // Buffers of the asked lengths (absurd lengths are capped: the plan's verdict on those is the
-        // property above; here the call must still agree with it when both are small).
-        let cap = |x: usize| x.min(1 << 16);
-        let lens = [
-            Some(inp.logits),
-            Some(inp.targets),
-            Some(inp.out_rows),
-            inp.weights,
-            inp.weights_host,
-            inp.grad_output,
-            match inp.grad {
-                GradBuffer::Separate(g) => Some(g),
-                _ => None,
-            },
-        ];
-        if lens.iter().flatten().any(|&x| x > 1 << 16) {
-            return Ok(());
+    let host = vec![1.0f32; inp.rows.vocab + 1];
+    let planned = plan_of(inp, &host, dev.props());
+    // Buffers of the asked lengths (absurd lengths are capped: the plan's verdict on those is the
+    // property above; here the call must still agree with it when both are small).
+    let cap = |x: usize| x.min(1 << 16);
+    let lens = [
+        Some(inp.logits),
+        Some(inp.targets),
+        Some(inp.out_rows),
+        inp.weights,
+        inp.weights_host,
+        inp.grad_output,
+        match inp.grad {
+            GradBuffer::Separate(g) => Some(g),
+            _ => None,
+        },
+    ];
+    if lens.iter().flatten().any(|&x| x > 1 << 16) {
+        return Ok(());
+    }
+    let mut rng = Rng::new(seed);
+    let logits: Vec<bf16> = (0..cap(inp.logits))
+        .map(|_| bf16::from_f64(rng.normal() * 2.0))
+        .collect();
+    let targets: Vec<i32> = (0..cap(inp.targets))
+        .map(|_| {
+            if rng.unit() < 0.1 {
+                inp.cfg.ignore_index as i32
+            } else {
+                rng.below(inp.rows.vocab.max(1) as u64) as i32
+            }
+        })
+        .collect();
+    let x = dev.upload(&logits).unwrap();
+    let t = dev.upload(&targets).unwrap();
+    let w = inp
+        .weights
+        .map(|n| dev.upload(&vec![1.0f32; cap(n)]).unwrap());
+    let go = inp
+        .grad_output
+        .map(|n| dev.upload(&vec![1.0f32; cap(n)]).unwrap());
+    let extras = LossExtras {
+        class_weights: w.as_ref(),
+        class_weights_host: inp.weights_host.map(|n| &host[..n.min(host.len())]),
+        grad_output: go.as_ref().map(|g| dev.view(g, 0..g.len()).unwrap()),
+        row_path: inp.path,
+    };
+    let mut out = LossOutputs::new(dev, inp.out_rows).unwrap();
+    let r = match inp.grad {
+        GradBuffer::None => loss::forward(dev, inp.rows, &x, &t, &extras, &inp.cfg, &mut out),
+        GradBuffer::InPlace => {
+            let mut x2 = dev.upload(&logits).unwrap();
+            loss::fwd_bwd_inplace(dev, inp.rows, &mut x2, &t, &extras, &inp.cfg, &mut out)
         }
-        let mut rng = Rng::new(seed);
-        let logits: Vec<bf16> = (0..cap(inp.logits))
-            .map(|_| bf16::from_f64(rng.normal() * 2.0))
-            .collect();
-        let targets: Vec<i32> = (0..cap(inp.targets))
-            .map(|_| {
-                if rng.unit() < 0.1 {
-                    inp.cfg.ignore_index as i32
-                } else {
-                    rng.below(inp.rows.vocab.max(1) as u64) as i32
-                }
-            })
-            .collect();
-        let x = dev.upload(&logits).unwrap();
-        let t = dev.upload(&targets).unwrap();
-        let w = inp
-            .weights
-            .map(|n| dev.upload(&vec![1.0f32; cap(n)]).unwrap());
-        let go = inp
-            .grad_output
-            .map(|n| dev.upload(&vec![1.0f32; cap(n)]).unwrap());
-        let extras = LossExtras {
-            class_weights: w.as_ref(),
-            class_weights_host: inp.weights_host.map(|n| &host[..n.min(host.len())]),
-            grad_output: go.as_ref().map(|g| dev.view(g, 0..g.len()).unwrap()),
-            row_path: inp.path,
-        };
-        let mut out = LossOutputs::new(&dev, inp.out_rows).unwrap();
-        let r = match inp.grad {
-            GradBuffer::None => loss::forward(&dev, inp.rows, &x, &t, &extras, &inp.cfg, &mut out),
-            GradBuffer::InPlace => {
-                let mut x2 = dev.upload(&logits).unwrap();
-                loss::fwd_bwd_inplace(&dev, inp.rows, &mut x2, &t, &extras, &inp.cfg, &mut out)
-            }
-            GradBuffer::Separate(g) => {
-                let mut gb = dev.alloc_zeros::<bf16>(g.max(1)).unwrap();
-                let mut gv = dev.view_mut(&mut gb, 0..g).unwrap();
-                loss::fwd_bwd(&dev, inp.rows, &x, &t, &mut gv, &extras, &inp.cfg, &mut out)
-            }
-        };
-        match (&planned, &r) {
-            (Err(pe), Err(ce)) => {
-                refused.set(refused.get() + 1);
-                prop_assert_eq!(pe, ce)
-            }
-            (Ok(_), Ok(())) => {
-                // The launch ran: compare with the reference through the tests' own comparison.
-                let case = loss::verify::Case {
-                    n_rows: inp.rows.n_rows,
-                    vocab: inp.rows.vocab,
-                    row_pad: 0,
-                    cfg: inp.cfg,
-                    weights: inp.weights.is_some(),
-                    grad_output: inp.grad_output.is_some(),
-                    inplace: inp.grad == GradBuffer::InPlace,
-                    targets_i64: false,
-                    ignore_frac: 0.1,
-                    row_path: inp.path,
-                };
-                let rep = loss::verify::run::<_, bf16>(&dev, &mut rng, &case);
-                prop_assert!(rep.is_ok(), "{:?}: {:?}", case, rep.err());
-                launched.set(launched.get() + 1);
-            }
-            _ => prop_assert!(
-                false,
-                "plan {:?} but call {:?}",
-                planned.as_ref().map(|_| ()),
-                r
-            ),
+        GradBuffer::Separate(g) => {
+            let mut gb = dev.alloc_zeros::<bf16>(g.max(1)).unwrap();
+            let mut gv = dev.view_mut(&mut gb, 0..g).unwrap();
+            loss::fwd_bwd(dev, inp.rows, &x, &t, &mut gv, &extras, &inp.cfg, &mut out)
         }
+    };
+    match (&planned, &r) {
+        (Err(pe), Err(ce)) => {
+            refused.set(refused.get() + 1);
+            prop_assert_eq!(pe, ce)
+        }
+        (Ok(_), Ok(())) => {
+            // The launch ran: compare with the reference through the tests' own comparison.
+            let case = loss::verify::Case {
+                n_rows: inp.rows.n_rows,
+                vocab: inp.rows.vocab,
+                row_pad: 0,
+                cfg: inp.cfg,
+                weights: inp.weights.is_some(),
+                grad_output: inp.grad_output.is_some(),
+                inplace: inp.grad == GradBuffer::InPlace,
+                targets_i64: false,
+                ignore_frac: 0.1,
+                row_path: inp.path,
+            };
+            let rep = loss::verify::run::<_, bf16>(dev, &mut rng, &case);
+            prop_assert!(rep.is_ok(), "{:?}: {:?}", case, rep.err());
+            launched.set(launched.get() + 1);
+        }
+        _ => prop_assert!(
+            false,
+            "plan {:?} but call {:?}",
+            planned.as_ref().map(|_| ()),
+            r
+        ),
     }
     Ok(())
 }

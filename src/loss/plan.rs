@@ -200,7 +200,9 @@ pub(crate) fn common(
 pub struct FusedPlan {
     pub(crate) rows: Rows,
     elem_size: usize,
-    suffix: String,
+    /// Kernel-name suffixes of the logits and the targets type.
+    elem: &'static str,
+    index: &'static str,
     pub(crate) reduction: Reduction,
     pub(crate) ignore_index: i64,
     pub(crate) params: fk_loss_config,
@@ -263,7 +265,8 @@ impl FusedPlan {
         Ok(FusedPlan {
             rows,
             elem_size: size,
-            suffix: format!("{}_{}", T::SUFFIX, I::SUFFIX),
+            elem: T::SUFFIX,
+            index: I::SUFFIX,
             reduction: cfg.reduction,
             ignore_index: cfg.ignore_index,
             params,
@@ -291,7 +294,7 @@ impl FusedPlan {
     /// ```
     pub fn launches(&self) -> Vec<PlannedLaunch> {
         let reduce = crate::launch::grid(1, FK_LOSS_REDUCE_THREADS);
-        let index = &self.suffix[self.suffix.rfind('_').map_or(0, |i| i + 1)..];
+        let index = self.index;
         let mut v = Vec::with_capacity(3);
         if self.reduction == Reduction::Mean {
             v.push(PlannedLaunch::new(
@@ -315,14 +318,14 @@ impl FusedPlan {
                 // One cluster per row, up to 2^20 clusters (grid-stride over rows beyond).
                 let clusters = self.rows.n_rows.min(1 << 20);
                 PlannedLaunch {
-                    kernel: format!("fk_ce_fwd_bwd_cluster{ctas}_{}", self.suffix),
+                    kernel: format!("fk_ce_fwd_bwd_cluster{ctas}_{}_{}", self.elem, self.index),
                     grid: (clusters * ctas as usize) as u32,
                     block: row_threads(slice, size),
                     shared_mem_bytes: (slice * size + 16) as u32,
                 }
             }
             path => PlannedLaunch {
-                kernel: format!("fk_ce_fwd_bwd_{}", self.suffix),
+                kernel: format!("fk_ce_fwd_bwd_{}_{}", self.elem, self.index),
                 grid: row_grid(self.rows.n_rows),
                 block: row_threads(self.rows.vocab, size),
                 shared_mem_bytes: if path == RowPath::SharedMemory {

@@ -44,7 +44,6 @@ pub struct SigmoidFocalOutputs<B: Backend = Gpu> {
     block_sums: B::Buffer<f32>,
     count: B::Buffer<f32>,
     n: usize,
-    per_element: bool,
 }
 
 impl<B: Backend> SigmoidFocalOutputs<B> {
@@ -61,7 +60,6 @@ impl<B: Backend> SigmoidFocalOutputs<B> {
             block_sums: dev.alloc_zeros(SIGMOID_FOCAL_MAX_BLOCKS)?,
             count: dev.upload(&[n as f32])?,
             n,
-            per_element,
         })
     }
 }
@@ -112,7 +110,7 @@ where
         grad_output.as_ref().map(|g| g.len()),
         cfg,
         out.n,
-        out.per_element,
+        out.elements.len() >= out.n,
     )?;
     let (n, blocks) = (plan.n, plan.blocks);
     let launches = plan.launches();
