@@ -208,16 +208,26 @@ fn every_instantiation_on<B: Backend>(dev: &B) {
         paths.extend([2, 4, 8].map(|ctas| RowPath::Cluster { ctas }));
     }
     fn one<B: Backend, T: LossElement>(dev: &B, rng: &mut Rng, paths: &[RowPath]) {
+        // The plain kernels (default config) and the general ones (softcap, label smoothing).
+        let general = LossConfig {
+            softcap: Some(20.0),
+            label_smoothing: LabelSmoothing::PyTorch(0.1),
+            ..LossConfig::default()
+        };
         for targets_i64 in [false, true] {
             for &row_path in paths {
-                let case = Case {
-                    targets_i64,
-                    row_path,
-                    ignore_frac: 0.2,
-                    ..Case::ce(5, 1003)
-                };
-                verify::run::<B, T>(dev, rng, &case)
-                    .unwrap_or_else(|e| panic!("{} {row_path:?} i64 {targets_i64}: {e}", T::NAME));
+                for cfg in [LossConfig::default(), general] {
+                    let case = Case {
+                        targets_i64,
+                        row_path,
+                        ignore_frac: 0.2,
+                        cfg,
+                        ..Case::ce(5, 1003)
+                    };
+                    verify::run::<B, T>(dev, rng, &case).unwrap_or_else(|e| {
+                        panic!("{} {row_path:?} i64 {targets_i64}: {e}", T::NAME)
+                    });
+                }
             }
             shard_case::<B, T>(dev, rng, targets_i64);
         }

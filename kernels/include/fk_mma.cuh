@@ -1,6 +1,7 @@
-// fk_mma.cuh: tensor-core (mma.sync), ldmatrix and cp.async, as small wrappers. The only inline PTX of
-// fusekit lives here; each wrapper has an emulated branch (kernels/emu/fk_emu_mma.h) that implements the
-// PTX ISA's fragment layouts, so kernels built on these run unchanged on the SIMT emulator.
+// fk_mma.cuh: tensor-core (mma.sync), ldmatrix and cp.async, as small wrappers. The inline PTX of
+// fusekit lives here (and in fk_common.cuh's one-instruction fk_ex2, fk_rcp, fk_lg2); each wrapper has an
+// emulated branch (kernels/emu/fk_emu_mma.h) that implements the PTX ISA's fragment layouts,
+// so kernels built on these run unchanged on the SIMT emulator.
 //
 // Fragment layouts (groupID g = lane >> 2, t = lane % 4; element 0 of a packed register in its low bits):
 //   m16n8k16 .bf16/.f16  A[16][16]: reg r holds row g (+8 for r = 1, 3), cols 2t, 2t+1 (+8 for r = 2, 3)

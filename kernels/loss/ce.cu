@@ -16,6 +16,18 @@
 // one read and one write. Elsewhere such rows re-read the row in pass 2 (mostly from L2).
 #include "loss_common.cuh"
 
+// Two instantiations of every row kernel. The plain kernels (fk_ce_fwd_bwd_*, fk_ce_fwd_bwd_cluster*_*)
+// carry nothing in their loops beyond the online softmax and p_j: every loss kind, z-loss and class
+// weights are per-row scalars (a, b) there. The general kernels (fk_ce_fwd_bwd_gen_*) add what needs
+// per-element work: a logit softcap (tanh per element, times dz/dx) and label smoothing (sum_j w_j z_j in
+// pass 1, c w_j in pass 2). The host picks (FusedPlan).
+//
+// Hot loops (per element; kernels/loss/PERF.md has the SASS counts): pass 1 is a max, z - m, a scale
+// by log2e, one MUFU.EX2 (FTZ) and one FADD into the online sum, with a rescale only when the running
+// max grows; the row goes to shared memory with 16-byte stores. Pass 2 is x - lse, the scale, one
+// MUFU.EX2 and one FMUL by A. The target column's b term is added once per row by thread 0 after pass 2 (it
+// rewrites g[y]); in-row indices are 32-bit (the plan caps vocab below 2^31).
+
 // Ignored or invalid-target row: loss/lse 0 or NaN (written by the CTA with `writer`), gradient 0.
 template <typename T>
 __device__ __forceinline__ void ce_skip_row(const fk_ce_params &p, int64_t row, bool bad, bool writer, T *g,
@@ -28,49 +40,161 @@ __device__ __forceinline__ void ce_skip_row(const fk_ce_params &p, int64_t row, 
     if (g) fk_row_fill<T>(g, n, 0.0f);
 }
 
-// Thread 0 only: the row's loss and lse from its statistics (stored when `writer`), and the gradient
-// coefficients (a, b, c) times the upstream scale, plus lse, into coef[0..4).
-__device__ __forceinline__ void ce_finish_row(const fk_ce_params &p, int64_t row, float m, float s, float zy,
-                                              float swz, float wy, bool writer, float *coef) {
+// One thread's online softmax statistics: s = sum_j 2^((z_j - m) log2e) for the running max m, kept
+// also as mm (0 while m = -inf, so a masked logit adds 2^-inf = 0, not 2^NaN). z - m is exact where it
+// matters (Sterbenz), so the max itself adds exactly 1 and a row whose other logits are all masked has
+// loss 0 and gradient 0 exactly. (One FMA z log2e - m log2e would save an instruction per element but
+// adds the rounding of m log2e to every term, so not even that row would be exact.) A NaN logit, or a
+// +inf one (the max then makes every other term 0 and its own 2^(inf - inf)), makes s NaN, so the row's
+// loss, lse and gradient are NaN (the f64 reference gives NaN for both). swz: sum_j w_j z_j.
+struct ce_stats {
+    float m, mm, s, swz;
+};
+
+template <int K>
+__device__ __forceinline__ void ce_push(ce_stats &st, const float (&z)[K]) {
+    float vm = z[0];
+#pragma unroll
+    for (int k = 1; k < K; ++k) vm = fmaxf(vm, z[k]);  // a NaN is skipped here and reaches s below
+    if (vm > st.m) {
+        // While the max is -inf, s is 0 (or NaN after a NaN logit): nothing to rescale.
+        if (st.m != -INFINITY) st.s *= fk_ex2((st.m - vm) * FK_LOG2E_F);
+        st.m = vm;
+        st.mm = vm;
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) st.s += fk_ex2((z[k] - st.mm) * FK_LOG2E_F);
+}
+
+// Per-row constants of pass 2, in shared memory: A, C (scaled by the upstream gradient and the mean's
+// denominator), lse, and the target column's gradient before dz/dx: A p_y + B + C w_y.
+struct ce_coef {
+    float a, c, lse, gy;
+};
+
+// Softcapped logits and, for label smoothing, the weighted sum, in the general kernels.
+template <bool GEN, int K>
+__device__ __forceinline__ void ce_features(float (&z)[K], int j, const fk_loss_config &cfg, bool want_swz,
+                                            const float *w, ce_stats &st) {
+    if constexpr (GEN) {
+        const float cap = cfg.softcap;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            if (cap > 0.0f) z[k] = cap * tanhf(z[k] / cap);
+            // A class of weight 0 adds nothing, even where its logit is masked (not 0 * -inf = NaN).
+            if (want_swz) st.swz += fk_weighted(fk_class_weight(w, j + k), z[k]);
+        }
+    }
+}
+
+// Pass 1 over the n elements of x (w: the class weights of those elements or NULL): the thread's
+// statistics, and the raw row copied to `cache` (aligned as x, so the copy is 16-byte stores) if given.
+template <typename T, bool GEN>
+__device__ __forceinline__ void ce_pass1(const T *x, int n, const fk_loss_config &cfg, bool want_swz,
+                                         const float *w, T *cache, ce_stats &st) {
+    using V = fk_vec16<T>;
+    constexpr int N = V::N;
+    const int head = (int)min(fk_head_elems<T>(x), (int64_t)n);
+    const int nvec = (n - head) / N;
+    const int tail0 = head + nvec * N;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const V *body = reinterpret_cast<const V *>(x + head);
+    V *cbody = cache ? reinterpret_cast<V *>(cache + head) : nullptr;
+    for (int v = tid; v < nvec; v += nt) {
+        const V xv = body[v];
+        if (cache) cbody[v] = xv;
+        float z[N];
+        fk_vec_to_f32(xv, z);
+        ce_features<GEN>(z, head + v * N, cfg, want_swz, w, st);
+        ce_push<N>(st, z);
+    }
+    // Head and tail elements, one by one.
+    for (int j = tid; j < head + (n - tail0); j += nt) {
+        const int e = j < head ? j : tail0 + (j - head);
+        const T raw = x[e];
+        if (cache) cache[e] = raw;
+        float z[1] = {fk_to_f32(raw)};
+        ce_features<GEN>(z, e, cfg, want_swz, w, st);
+        ce_push<1>(st, z);
+    }
+}
+
+// The gradient of one element before the target's b term: A p_j (+ C w_j) times dz/dx.
+template <bool GEN>
+__device__ __forceinline__ float ce_grad(float x, int j, const ce_coef &k, float cap, const float *w) {
+    if constexpr (GEN) {
+        const fk_capped zc = fk_cap(x, cap);
+        float r = k.a * fk_ex2((zc.z - k.lse) * FK_LOG2E_F);
+        if (k.c != 0.0f) r += k.c * fk_class_weight(w, j);
+        return r * zc.dz;
+    } else {
+        return k.a * fk_ex2((x - k.lse) * FK_LOG2E_F);
+    }
+}
+
+// Pass 2: g[j] = ce_grad(src[j]) for j < n, with 16-byte loads and stores when src and g share their
+// alignment within 16 bytes (src is the cache, aligned as the logits; or the logits themselves), element
+// by element otherwise.
+template <typename T, bool GEN>
+__device__ __forceinline__ void ce_pass2(const T *src, T *g, int n, const ce_coef &k, float cap, const float *w) {
+    using V = fk_vec16<T>;
+    constexpr int N = V::N;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    int head = n, nvec = 0;
+    if ((((uint64_t)src ^ (uint64_t)g) & 15u) == 0) {
+        head = (int)min(fk_head_elems<T>(g), (int64_t)n);
+        nvec = (n - head) / N;
+    }
+    const int tail0 = head + nvec * N;
+    const V *in = reinterpret_cast<const V *>(src + head);
+    V *out = reinterpret_cast<V *>(g + head);
+    for (int v = tid; v < nvec; v += nt) {
+        const V xv = in[v];  // one 16-byte load (LDS.128 from the cache), then the unpack in registers
+        float xf[N];
+        fk_vec_to_f32(xv, xf);
+        V gv;
+#pragma unroll
+        for (int e = 0; e < N; ++e) gv.v[e] = fk_from_f32<T>(ce_grad<GEN>(xf[e], head + v * N + e, k, cap, w));
+        out[v] = gv;
+    }
+    for (int j = tid; j < head + (n - tail0); j += nt) {
+        const int e = j < head ? j : tail0 + (j - head);
+        g[e] = fk_from_f32<T>(ce_grad<GEN>(fk_to_f32(src[e]), e, k, cap, w));
+    }
+}
+
+// Thread 0 only: the row's loss and lse from its statistics (stored when `writer`), and the pass-2
+// constants times the upstream scale into `k`. xy: the target's raw logit.
+__device__ __forceinline__ void ce_finish_row(const fk_ce_params &p, int64_t row, float m, float s, float xy,
+                                              float swz, float wy, bool writer, ce_coef *k) {
     const float ls = logf(s);
     const float lse = m + ls;
-    const fk_row_result r = fk_row_loss(&p.cfg, lse, (zy - m) - ls, swz, wy);
+    const float logp = (fk_cap(xy, p.cfg.softcap).z - m) - ls;
+    const fk_row_result r = fk_row_loss(&p.cfg, lse, logp, swz, wy);
     if (writer) {
         p.loss[row] = r.loss;
         p.lse[row] = lse;
     }
     const float sc = fk_row_grad_scale(p.reduction, p.grad_output, p.denominator, row);
-    coef[0] = r.a * sc;
-    coef[1] = r.b * sc;
-    coef[2] = r.c * sc;
-    coef[3] = lse;
+    k->a = r.a * sc;
+    k->c = r.c * sc;
+    k->lse = lse;
+    // The target column in fp32, rounded once: A p_y + C w_y + B, with p_y = exp(log p_y) (not from lse).
+    float gy = k->a * expf(logp);
+    if (k->c != 0.0f) gy += k->c * wy;
+    k->gy = gy + r.b * sc;
 }
 
-// Pass 2: g[j] = (A p_j + C w_j + B [j == y]) dz_j from the cached (or re-read) raw row `src`; j and y are
-// local to the slice, `w` already offset to it.
-template <typename T>
-__device__ __forceinline__ void ce_write_grad(const T *src, T *g, int64_t n, const float *coef, float cap,
-                                              const float *w, int64_t y) {
-    const float A = coef[0], B = coef[1], C = coef[2], lse = coef[3];
-    const bool use_c = C != 0.0f;
-    fk_row_map<T>(src, g, n, [&](int64_t j, float xv) {
-        const fk_capped zc = fk_cap(xv, cap);
-        float r = A * expf(zc.z - lse);
-        if (use_c) r += C * fk_class_weight(w, j);
-        if (j == y) r += B;  // the target column: fp32, rounded once
-        return r * zc.dz;
-    });
-}
-
-template <typename T, typename I>
+template <typename T, typename I, bool GEN>
 __device__ __forceinline__ void ce_fwd_bwd(const fk_ce_params &p) {
     extern __shared__ __align__(16) unsigned char fk_smem[];
     __shared__ fk_maxsum red_ms[32];
     __shared__ float red_f[32];
-    __shared__ float row_coef[4];  // a, b, c (scaled), lse
+    __shared__ ce_coef row_coef;
     const fk_loss_config &cfg = p.cfg;
-    const bool want_swz = cfg.kind == FK_LOSS_CE && cfg.smoothing != 0.0f;
-    const int64_t V = p.vocab;
+    const bool want_swz = GEN && cfg.kind == FK_LOSS_CE && cfg.smoothing != 0.0f;
+    const float cap = GEN ? cfg.softcap : 0.0f;
+    const int V = (int)p.vocab;
 
     for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
         const T *x = reinterpret_cast<const T *>(p.logits) + row * p.row_stride;
@@ -83,23 +207,32 @@ __device__ __forceinline__ void ce_fwd_bwd(const fk_ce_params &p) {
             __syncthreads();
             continue;
         }
-        // The cache mirrors the gradient row's alignment, so pass 2 moves 16-byte vectors.
-        T *cache = (p.cache_row && g) ? reinterpret_cast<T *>(fk_smem + ((uint64_t)g & 15u)) : nullptr;
-        float m, s, swz;
-        fk_row_stats<T>(x, V, cfg, want_swz, p.weights, 0, cache, red_ms, red_f, m, s, swz);
-        if (threadIdx.x == 0) {
-            const float zy = fk_cap(fk_to_f32(cache ? cache[y] : x[y]), cfg.softcap).z;
-            ce_finish_row(p, row, m, s, zy, swz, fk_class_weight(p.weights, y), true, row_coef);
-        }
+        // Read before pass 2 may overwrite it (in place).
+        const float xy = threadIdx.x == 0 ? fk_to_f32(x[y]) : 0.0f;
+        T *cache = (p.cache_row && g) ? reinterpret_cast<T *>(fk_smem + ((uint64_t)x & 15u)) : nullptr;
+        ce_stats st{-INFINITY, 0.0f, 0.0f, 0.0f};
+        ce_pass1<T, GEN>(x, V, cfg, want_swz, p.weights, cache, st);
+        const fk_maxsum ms = fk_block_reduce(fk_maxsum{st.m, st.s}, fk_merge_op{}, fk_maxsum{-INFINITY, 0.0f}, red_ms);
+        const float swz = want_swz ? fk_block_reduce(st.swz, fk_sum_op{}, 0.0f, red_f) : 0.0f;
+        if (threadIdx.x == 0)
+            ce_finish_row(p, row, ms.m, ms.s, xy, swz, fk_class_weight(p.weights, y), true, &row_coef);
         __syncthreads();
-        if (g) ce_write_grad<T>(cache ? cache : x, g, V, row_coef, cfg.softcap, p.weights, y);
-        __syncthreads();  // the cache and row_coef are reused by the next row
+        if (g) {
+            const ce_coef k = row_coef;
+            ce_pass2<T, GEN>(cache ? cache : x, g, V, k, cap, p.weights);
+            __syncthreads();  // pass 2 is done with the cache and row_coef, and g[y] is written
+            if (threadIdx.x == 0) g[y] = fk_from_f32<T>(k.gy * fk_cap(xy, cap).dz);
+        }
     }
 }
 
 #define FK_CE_ENTRY(TN, T, IN, I)                                                                      \
     extern "C" __global__ void __launch_bounds__(FK_CE_MAX_THREADS) fk_ce_fwd_bwd_##TN##_##IN(const fk_ce_params p) { \
-        ce_fwd_bwd<T, I>(p);                                                                           \
+        ce_fwd_bwd<T, I, false>(p);                                                                    \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FK_CE_MAX_THREADS)                                    \
+        fk_ce_fwd_bwd_gen_##TN##_##IN(const fk_ce_params p) {                                          \
+        ce_fwd_bwd<T, I, true>(p);                                                                     \
     }
 FK_LOSS_TYPES(FK_CE_ENTRY)
 
@@ -111,22 +244,28 @@ FK_LOSS_TYPES(FK_CE_ENTRY)
 // One row per cluster of C CTAs (grid-stride over rows by cluster). CTA `rank` owns the elements
 // [rank slice, (rank + 1) slice) of the row and keeps them in its shared memory between the passes.
 // Every CTA merges the C partial states itself, in rank order, so all compute the same lse bit for bit.
-template <typename T, typename I, int C>
+// One cluster barrier per row: each CTA publishes its partial state in one of two buffers, alternating
+// by row, so the next row's write never meets a read of this row's (a CTA writes buffer b again only
+// after the next barrier, which every CTA reaches after its reads); a last barrier keeps every CTA's
+// shared memory alive until the cluster's last remote read.
+template <typename T, typename I, bool GEN, int C>
 __device__ __forceinline__ void ce_fwd_bwd_cluster(const fk_ce_params &p) {
     namespace cg = cooperative_groups;
     extern __shared__ __align__(16) unsigned char fk_smem[];
     __shared__ fk_maxsum red_ms[32];
     __shared__ float red_f[32];
-    __shared__ float part[3];  // this CTA's (max, sum exp, sum w z): read by the whole cluster
-    __shared__ float row_coef[4];
+    __shared__ float part[2][3];  // this CTA's (max, sum exp, sum w z), by row parity: read by the cluster
+    __shared__ ce_coef row_coef;
     cg::cluster_group cluster = cg::this_cluster();
     const int rank = (int)cluster.block_rank();
     const fk_loss_config &cfg = p.cfg;
-    const bool want_swz = cfg.kind == FK_LOSS_CE && cfg.smoothing != 0.0f;
+    const bool want_swz = GEN && cfg.kind == FK_LOSS_CE && cfg.smoothing != 0.0f;
+    const float cap = GEN ? cfg.softcap : 0.0f;
     const int64_t V = p.vocab;
     const int64_t j0 = rank * p.slice;
-    const int64_t n = j0 >= V ? 0 : min(p.slice, V - j0);
+    const int n = j0 >= V ? 0 : (int)min(p.slice, V - j0);
     const float *w = p.weights ? p.weights + j0 : nullptr;
+    int buf = 0;
 
     for (int64_t row = blockIdx.x / C; row < p.n_rows; row += gridDim.x / C) {
         const T *xrow = reinterpret_cast<const T *>(p.logits) + row * p.row_stride;
@@ -139,39 +278,49 @@ __device__ __forceinline__ void ce_fwd_bwd_cluster(const fk_ce_params &p) {
             ce_skip_row<T>(p, row, bad, rank == 0, g, n);
             continue;
         }
-        T *cache = reinterpret_cast<T *>(fk_smem + ((uint64_t)g & 15u));
-        float m, s, swz;
-        fk_row_stats<T>(xrow + j0, n, cfg, want_swz, p.weights, j0, cache, red_ms, red_f, m, s, swz);
+        // z_y from global memory (it may lie in another CTA's slice), read before this CTA's barrier: no
+        // CTA writes the row (in place) before every CTA has arrived.
+        const float xy = threadIdx.x == 0 ? fk_to_f32(xrow[y]) : 0.0f;
+        T *cache = reinterpret_cast<T *>(fk_smem + ((uint64_t)(xrow + j0) & 15u));
+        ce_stats st{-INFINITY, 0.0f, 0.0f, 0.0f};
+        ce_pass1<T, GEN>(xrow + j0, n, cfg, want_swz, w, cache, st);
+        const fk_maxsum ms = fk_block_reduce(fk_maxsum{st.m, st.s}, fk_merge_op{}, fk_maxsum{-INFINITY, 0.0f}, red_ms);
+        const float swz = want_swz ? fk_block_reduce(st.swz, fk_sum_op{}, 0.0f, red_f) : 0.0f;
         if (threadIdx.x == 0) {
-            part[0] = m;
-            part[1] = s;
-            part[2] = swz;
+            part[buf][0] = ms.m;
+            part[buf][1] = ms.s;
+            part[buf][2] = swz;
         }
         cluster.sync();  // every CTA's part is written (release) and visible to the cluster (acquire)
         if (threadIdx.x == 0) {
-            fk_maxsum st{-INFINITY, 0.0f};
+            fk_maxsum all{-INFINITY, 0.0f};
             float swz_all = 0.0f;
 #pragma unroll
-            for (int k = 0; k < C; ++k) {
-                const float *q = cluster.map_shared_rank(part, k);
-                st = fk_maxsum_merge(st, fk_maxsum{q[0], q[1]});
+            for (int r = 0; r < C; ++r) {
+                const float *q = cluster.map_shared_rank(&part[buf][0], r);
+                all = fk_maxsum_merge(all, fk_maxsum{q[0], q[1]});
                 swz_all += q[2];
             }
-            // z_y from global memory: it may lie in another CTA's slice. Pass 2 (which may overwrite the
-            // logits in place) starts only after the next cluster barrier.
-            const float zy = fk_cap(fk_to_f32(xrow[y]), cfg.softcap).z;
-            ce_finish_row(p, row, st.m, st.s, zy, swz_all, fk_class_weight(p.weights, y), rank == 0, row_coef);
+            ce_finish_row(p, row, all.m, all.s, xy, swz_all, fk_class_weight(p.weights, y), rank == 0, &row_coef);
         }
-        cluster.sync();  // no CTA reuses `part` while another may still read it; row_coef is visible
-        ce_write_grad<T>(cache, g, n, row_coef, cfg.softcap, w, y - j0);
-        __syncthreads();  // the cache and row_coef are reused by the next row
+        buf ^= 1;
+        __syncthreads();
+        const ce_coef k = row_coef;
+        ce_pass2<T, GEN>(cache, g, n, k, cap, w);
+        __syncthreads();  // pass 2 is done with the cache and row_coef, and g[y] is written
+        if (threadIdx.x == 0 && y >= j0 && y - j0 < n) g[y - j0] = fk_from_f32<T>(k.gy * fk_cap(xy, cap).dz);
     }
+    cluster.sync();  // no CTA exits while another may still read its `part`
 }
 
 #define FK_CE_CLUSTER_ENTRY(TN, T, IN, I, C)                                                          \
     extern "C" __global__ void __cluster_dims__(C, 1, 1) __launch_bounds__(FK_CE_MAX_THREADS)          \
         fk_ce_fwd_bwd_cluster##C##_##TN##_##IN(const fk_ce_params p) {                                 \
-        ce_fwd_bwd_cluster<T, I, C>(p);                                                                \
+        ce_fwd_bwd_cluster<T, I, false, C>(p);                                                         \
+    }                                                                                                  \
+    extern "C" __global__ void __cluster_dims__(C, 1, 1) __launch_bounds__(FK_CE_MAX_THREADS)          \
+        fk_ce_fwd_bwd_gen_cluster##C##_##TN##_##IN(const fk_ce_params p) {                             \
+        ce_fwd_bwd_cluster<T, I, true, C>(p);                                                          \
     }
 #define FK_CE_CLUSTER_ENTRIES(TN, T, IN, I)   \
     FK_CE_CLUSTER_ENTRY(TN, T, IN, I, 2)      \

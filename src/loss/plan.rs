@@ -309,23 +309,35 @@ impl FusedPlan {
         v
     }
 
+    /// Whether the configuration needs the general row kernels (`fk_ce_fwd_bwd_gen_*`): a softcap or
+    /// label smoothing of cross-entropy puts work on every element. Every other configuration (any
+    /// loss kind, z-loss, class weights) takes the plain kernels, whose loops carry none of it.
+    pub(crate) fn general(&self) -> bool {
+        self.params.softcap > 0.0
+            || (self.params.kind == crate::params::FK_LOSS_CE && self.params.smoothing != 0.0)
+    }
+
     /// The fused row kernel's launch for the plan's path.
     pub(crate) fn row_kernel(&self) -> PlannedLaunch {
         let size = self.elem_size;
+        let variant = if self.general() { "gen_" } else { "" };
         match self.path {
             RowPath::Cluster { ctas } => {
                 let slice = cluster_slice(self.rows.vocab, ctas);
                 // One cluster per row, up to 2^20 clusters (grid-stride over rows beyond).
                 let clusters = self.rows.n_rows.min(1 << 20);
                 PlannedLaunch {
-                    kernel: format!("fk_ce_fwd_bwd_cluster{ctas}_{}_{}", self.elem, self.index),
+                    kernel: format!(
+                        "fk_ce_fwd_bwd_{variant}cluster{ctas}_{}_{}",
+                        self.elem, self.index
+                    ),
                     grid: (clusters * ctas as usize) as u32,
                     block: row_threads(slice, size),
                     shared_mem_bytes: (slice * size + 16) as u32,
                 }
             }
             path => PlannedLaunch {
-                kernel: format!("fk_ce_fwd_bwd_{}_{}", self.elem, self.index),
+                kernel: format!("fk_ce_fwd_bwd_{variant}{}_{}", self.elem, self.index),
                 grid: row_grid(self.rows.n_rows),
                 block: row_threads(self.rows.vocab, size),
                 shared_mem_bytes: if path == RowPath::SharedMemory {
@@ -374,7 +386,7 @@ impl FusedPlan {
 /// ```
 /// use fusekit::loss::{SigmoidFocalConfig, SigmoidFocalPlan};
 /// let plan = SigmoidFocalPlan::new::<half::bf16>(1 << 20, 1 << 20, 1 << 20, None, &SigmoidFocalConfig::default(), 1 << 20, false)?;
-/// assert_eq!(plan.launches()[0].kernel, "fk_sigmoid_focal_bf16");
+/// assert_eq!(plan.launches()[0].kernel, "fk_sigmoid_focal_g2_bf16"); // gamma = 2: its own kernel
 /// # Ok::<(), fusekit::Error>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -450,7 +462,19 @@ impl SigmoidFocalPlan {
         Ok(SigmoidFocalPlan {
             n,
             blocks,
-            kernel: format!("fk_sigmoid_focal_{}", T::SUFFIX),
+            // gamma 0 and 2 (torchvision's default) have kernels of their own with the powers
+            // written out; any other gamma takes the general one.
+            kernel: format!(
+                "fk_sigmoid_focal_{}{}",
+                if cfg.gamma == 0.0 {
+                    "g0_"
+                } else if cfg.gamma == 2.0 {
+                    "g2_"
+                } else {
+                    ""
+                },
+                T::SUFFIX
+            ),
             cfg: *cfg,
         })
     }

@@ -186,8 +186,10 @@ mod tests {
     use crate::testing::{compare, Rng};
     use half::bf16;
 
-    /// The GPU test's inputs and gradient comparison, with the kernel's per-element maths (the host build
-    /// of fk_sigmoid_focal, the same scaling): a correct kernel must pass them.
+    /// The GPU test's inputs and gradient comparison, with the kernels' accurate per-element maths (the
+    /// host build of fk_sigmoid_focal, which the kernels take for a vector holding a non-finite logit;
+    /// their fast maths, exp2/rcp/lg2 and a log1p polynomial, run on the emulator in
+    /// tests/loss_kernels.rs), the same scaling: a correct kernel must pass them.
     fn replay<T: crate::loss::LossElement>(
         rng: &mut Rng,
         n: usize,
