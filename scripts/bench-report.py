@@ -2,7 +2,8 @@
 """bench-report.py REPORT.json [FAMILY ...]: write BENCHMARKS.md sections and plots from a GPU-suite report.
 
 For each family (loss, moe, probe) it pairs fusekit's `FUSEKIT_BENCH` records with the peers' `FUSEKIT_PEER`
-records of the same bench name, writes a table (time, GB/s, % of the copy floor, ratio to each peer) into
+records of the same bench name, writes a table (time, GB/s, % of the copy floor, the prediction of kernels/predictions.tsv, ratio to each
+peer) into
 BENCHMARKS.md between `<!-- bench:FAMILY:begin -->` / `<!-- bench:FAMILY:end -->` markers, and a plot of
 achieved bandwidth (or latency) against problem size to docs/bench/FAMILY.png (matplotlib, if present).
 Only numbers present in the report appear: nothing is estimated."""
@@ -10,7 +11,11 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import predictions  # noqa: E402
+
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRED = predictions.load(root)
 
 
 def time_us(r):
@@ -26,16 +31,17 @@ def section(report, family):
     peers = [b for b in report["benches"] if b["source"] == "peer" and b["bench"].startswith(family + "/")]
     lines = [f"Measured {report['date'][:10]} on {report['gpu']} (driver {report['driver']}), commit "
              f"`{report['commit'][:8]}`; report: docs/verification/{report['stem']}.md.", "",
-             "| bench | fusekit µs | GB/s | % of copy floor | peer | peer µs | speed-up |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| bench | fusekit µs | GB/s | % of copy floor | predicted | peer | peer µs | speed-up |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in ours:
         t = time_us(b)
         ps = [p for p in peers if p["bench"] == b["bench"]] or [None]
         for p in ps:
             pt = time_us(p) if p else None
-            lines.append("| {} | {} | {} | {} | {} | {} | {} |".format(
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 b["bench"], f"{t:.1f}" if t else "–", f"{b['gbps']:.0f}" if "gbps" in b else "–",
                 f"{b['pct_of_floor']:.0f}%" if "pct_of_floor" in b else "–",
+                predictions.cell(PRED, b["bench"]),
                 p["peer"] if p else "–", f"{pt:.1f}" if pt else "–",
                 f"{pt / t:.2f}×" if (pt and t) else "–"))
     return "\n".join(lines), ours, peers

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """gpu-report.py ROOT: turn the logs of run.sh (ROOT/logs, one or several phases merged) into
-ROOT/report.json and ROOT/report.md."""
+ROOT/report.json and ROOT/report.md (with each benchmark's prediction from kernels/predictions.tsv
+beside its measurement)."""
 import datetime
 import glob
 import json
 import os
 import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import predictions  # noqa: E402
 
 out = sys.argv[1]
 logs = os.path.join(out, "logs")
@@ -130,6 +134,21 @@ if benches:
         md.append(f"| {b['source']} | {b['bench']} | " + " | ".join(cells) + " |")
 else:
     md.append("no benchmark records")
+# Prediction beside measurement (issue 12, item 4): every bench kernels/predictions.tsv predicts.
+pred = predictions.load()
+pairs = []
+for b in benches:
+    r = predictions.lookup(pred, b["bench"]) if b["source"] == "fusekit" else None
+    if r:
+        got = b.get(r["metric"])
+        if got is None and r["metric"] == "median_us" and "median_ms" in b:
+            got = b["median_ms"] * 1e3
+        pairs.append((b["bench"], r, got))
+if pairs:
+    md += ["", "## Predicted and measured", "",
+           "| bench | metric | predicted | measured | basis |", "| --- | --- | --- | --- | --- |"]
+    md += [f"| {name} | {r['metric']} | {r['value']:g} | {got:.4g} | {r['basis']} |" if got is not None
+           else f"| {name} | {r['metric']} | {r['value']:g} | – | {r['basis']} |" for name, r, got in pairs]
 md += ["", "Bench binaries: " + "; ".join(report["bench_exits"]),
        "Peers: " + ("; ".join(report["peer_exits"]) or "none"), ""]
 with open(os.path.join(out, "report.md"), "w") as f:
