@@ -19,7 +19,7 @@ fn gate_matches_the_reference_bit_for_bit() {
 
 fn gate_matches_the_reference_bit_for_bit_on<B: Backend>(dev: &B) {
     let mut rng = Rng::new(seed_for("gate_matches_the_reference_bit_for_bit"));
-    // The emulator runs every shuffle as 32 fiber switches (~300 per DeepSeek token): smaller batches
+    // The emulator runs every warp collective as 32 fiber switches (~60 per DeepSeek token): smaller batches
     // there; gate_grid_stride_loops_on_a_small_device covers the multi-token loop.
     let sizes: &[usize] = if dev.kind() == "gpu" || emu_large() {
         &[1, 7, 64, 4099]
@@ -33,7 +33,7 @@ fn gate_matches_the_reference_bit_for_bit_on<B: Backend>(dev: &B) {
         }
     }
     // Millions of tokens, DeepSeek-V3 routing (the emulator: opt-in, FUSEKIT_EMU_LARGE=1; each token is
-    // a warp of ~250 shuffles there).
+    // a warp of ~60 warp collectives there).
     let many = if dev.kind() == "gpu" || emu_large() {
         1 << 20
     } else {
@@ -143,6 +143,107 @@ fn non_finite_logits_follow_the_documented_rule_on<B: Backend>(dev: &B) {
             &[0, 1, 2, 3],
             "all-NaN row falls back to the lowest indices"
         );
+    }
+}
+
+#[test]
+fn gate_ties_and_non_finite_keys_match_the_reference() {
+    fusekit::on_every_backend!("gate_ties_and_non_finite_keys_match_the_reference", |dev| {
+        gate_ties_and_non_finite_keys_match_the_reference_on(dev)
+    });
+}
+
+/// Logits and biases from three values each, so keys and group scores tie exactly and often (the order
+/// is value descending, then index ascending, for experts and for groups), with NaN, +inf and -inf
+/// logits sprinkled in: group-aligned (groups of 32 and 64 experts) and unaligned groups (3 and 1
+/// experts), no groups, softmax.
+fn gate_ties_and_non_finite_keys_match_the_reference_on<B: Backend>(dev: &B) {
+    let mut rng = Rng::new(seed_for("gate_ties_and_non_finite_keys"));
+    let configs = [
+        GateConfig::deepseek_v3(),
+        GateConfig {
+            n_experts: 512,
+            top_k: 12,
+            n_group: 8,
+            topk_group: 3,
+            ..GateConfig::deepseek_v3()
+        },
+        gate_configs()[7],
+        gate_configs()[8],
+        GateConfig::default(),
+        GateConfig {
+            n_experts: 160,
+            top_k: 6,
+            scoring: Scoring::Softmax,
+            ..GateConfig::default()
+        },
+    ];
+    let t = 96;
+    for cfg in configs {
+        let e = cfg.n_experts;
+        let mut logits: Vec<f32> = (0..t * e)
+            .map(|_| rng.below(3) as f32 * 0.5 - 0.5)
+            .collect();
+        for (i, x) in logits.iter_mut().enumerate() {
+            // Tokens 1, 4, 7, ...: a few non-finite logits; token 2: every logit NaN.
+            if i / e == 2 {
+                *x = f32::NAN;
+            } else if (i / e) % 3 == 1 {
+                match rng.below(16) {
+                    0 => *x = f32::NAN,
+                    1 => *x = f32::INFINITY,
+                    2 => *x = f32::NEG_INFINITY,
+                    _ => {}
+                }
+            }
+        }
+        let bias: Vec<f32> = (0..e).map(|_| rng.below(3) as f32 * 0.25 - 0.25).collect();
+        let (k, ld, bd) = (
+            cfg.top_k,
+            dev.upload(&logits).unwrap(),
+            dev.upload(&bias).unwrap(),
+        );
+        for b in [None, Some(&bd)] {
+            let mut ids = poisoned::<B, i32>(dev, t * k).unwrap();
+            let mut w = poisoned::<B, f32>(dev, t * k).unwrap();
+            let mut c = poisoned::<B, i32>(dev, e).unwrap();
+            gate(dev, &cfg, t, &ld, b, &mut ids, &mut w, &mut c, false).unwrap();
+            let hb = b.map(|_| bias.as_slice());
+            let (ri, rw, rc) = reference::gate(&logits, t, hb, &cfg).unwrap();
+            assert_eq!(
+                dev.download(&ids).unwrap(),
+                ri,
+                "{cfg:?} bias {}",
+                b.is_some()
+            );
+            // Bit for bit, except that a NaN weight only has to be NaN: its payload is whatever the
+            // hardware (canonical NaN on a GPU) or the host compiler's operand order makes it.
+            let wh = dev.download(&w).unwrap();
+            let same = |x: &f32, y: &f32| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
+            if let Some(i) = wh.iter().zip(&rw).position(|(x, y)| !same(x, y)) {
+                panic!(
+                    "{cfg:?} bias {}: weight {i} = {:e} ({:#x}) vs reference {:e} ({:#x})",
+                    b.is_some(),
+                    wh[i],
+                    wh[i].to_bits(),
+                    rw[i],
+                    rw[i].to_bits()
+                );
+            }
+            if let Some(i) = first_bit_difference(&wh, &rw) {
+                println!(
+                    "{cfg:?}: NaN weight {i} with payload {:#x}, reference {:#x}",
+                    wh[i].to_bits(),
+                    rw[i].to_bits()
+                );
+            }
+            assert_eq!(
+                dev.download(&c).unwrap(),
+                rc,
+                "{cfg:?} bias {}",
+                b.is_some()
+            );
+        }
     }
 }
 

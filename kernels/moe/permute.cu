@@ -108,10 +108,11 @@ extern "C" __global__ void __launch_bounds__(1024) fk_moe_plan_scan_chunks(const
 }
 
 // Offsets and padded offsets over the experts (one block, thread e = expert e), the padding rows of each
-// expert, and the expert of every block of block_size rows (a binary search in the padded offsets, so no
-// thread loops over a hot expert's blocks).
+// expert, and the expert of every block of block_size rows: each expert's range of blocks written
+// directly, the whole block striding over one expert's blocks at a time (coalesced stores, no search,
+// and no thread walks a hot expert's blocks alone): E + blocks / blockDim iterations per thread.
 extern "C" __global__ void __launch_bounds__(1024) fk_moe_plan_scan(const fk_moe_plan_params p) {
-    __shared__ int s_poff[FK_MOE_MAX_EXPERTS + 1];
+    __shared__ int s_bstart[FK_MOE_MAX_EXPERTS + 1];  // first block of each expert; [E]: blocks in use
     const int E = p.n_experts, e = threadIdx.x, bs = p.block_size;
     const int n = e < E ? p.offsets[e] : 0;  // the expert's total, from fk_moe_plan_scan_chunks
     int total, ptotal;
@@ -121,32 +122,24 @@ extern "C" __global__ void __launch_bounds__(1024) fk_moe_plan_scan(const fk_moe
     if (e < E) {
         p.offsets[e] = off;
         p.padded_offsets[e] = poff;
-        s_poff[e] = poff;
+        s_bstart[e] = poff / bs;
         for (int r = poff + n; r < poff + padded; ++r) p.sorted_slots[r] = -1;
     }
+    const int used = ptotal / bs;  // ptotal is a multiple of bs
     if (e == 0) {
         p.offsets[E] = total;
         p.padded_offsets[E] = ptotal;
+        s_bstart[E] = used;
     }
     __syncthreads();
-    for (int64_t b = e; b < p.max_blocks; b += blockDim.x) {
-        const int64_t r0 = b * bs;
-        int who = -1;
-        if (r0 < ptotal) {
-            // The largest expert whose padded start is <= r0: the one whose (non-empty) range holds r0.
-            int lo = 0, hi = E - 1;
-            while (lo < hi) {
-                const int mid = (lo + hi + 1) >> 1;
-                if (s_poff[mid] <= r0) {
-                    lo = mid;
-                } else {
-                    hi = mid - 1;
-                }
-            }
-            who = lo;
-        }
-        p.block_expert[b] = who;
+    const int nb = p.max_blocks;
+    int b0 = s_bstart[0];
+    for (int x = 0; x < E; ++x) {
+        const int b1 = s_bstart[x + 1];
+        for (int b = b0 + e; b < min(b1, nb); b += blockDim.x) p.block_expert[b] = x;
+        b0 = b1;
     }
+    for (int b = used + e; b < nb; b += blockDim.x) p.block_expert[b] = -1;
     for (int64_t r = ptotal + e; r < p.max_rows; r += blockDim.x) p.sorted_slots[r] = -1;
 }
 

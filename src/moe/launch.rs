@@ -248,8 +248,8 @@ mod tests {
     use crate::testing::Rng;
 
     /// The four plan kernels replayed on the host step by step (chunk histograms; per-expert scan over
-    /// the chunks in 32 warp segments; scan over the experts with padding and the binary search for each
-    /// block's expert; the warp-synchronous scatter), returning the reference's tuple plus block_expert
+    /// the chunks in 32 warp segments; scan over the experts with padding and each expert's range of blocks
+    /// written directly; the warp-synchronous scatter), returning the reference's tuple plus block_expert
     /// over all max_blocks.
     #[allow(clippy::needless_range_loop)] // indices as the kernels use them
     fn plan_as_kernels(ids: &[i32], e: usize, bs: usize) -> crate::moe::reference::Plan {
@@ -307,23 +307,16 @@ mod tests {
         }
         offsets[e] = total;
         poff[e] = ptotal;
+        // Each expert's range of blocks written directly, then -1 for the blocks past the padded total.
         let mut block_expert = vec![i32::MIN; max_blocks];
-        for (b, be) in block_expert.iter_mut().enumerate() {
-            let r0 = (b * bs) as i32;
-            *be = if r0 < ptotal {
-                let (mut lo, mut hi) = (0usize, e - 1);
-                while lo < hi {
-                    let mid = (lo + hi).div_ceil(2);
-                    if poff[mid] <= r0 {
-                        lo = mid;
-                    } else {
-                        hi = mid - 1;
-                    }
-                }
-                lo as i32
-            } else {
-                -1
-            };
+        for x in 0..e {
+            let (b0, b1) = (poff[x] as usize / bs, poff[x + 1] as usize / bs);
+            for be in &mut block_expert[b0.min(max_blocks)..b1.min(max_blocks)] {
+                *be = x as i32;
+            }
+        }
+        for be in &mut block_expert[(ptotal as usize / bs).min(max_blocks)..] {
+            *be = -1;
         }
         for r in ptotal as usize..max_rows {
             sorted[r] = -1;
