@@ -26,6 +26,7 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod attention;
 mod backend;
 pub mod check;
 mod device;

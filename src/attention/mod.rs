@@ -1,0 +1,110 @@
+//! Attention over a paged, compressible KV cache (issue 14): **in progress**.
+//!
+//! Built so far, on the CPU only (no kernel of this family exists yet, so nothing here runs on a GPU
+//! or on the emulator):
+//! * [`PagedKvLayout`] and [`PageTable`]: the cache's layout (any page size, GQA/MQA, head dims 64,
+//!   128 and 256, 64-bit offsets) and a batch's pages, validated with typed errors;
+//! * [`DecodeConfig`]: query heads, scale, softcap, sliding window;
+//! * [`reference`](mod@reference): exact decode attention in f64 and the merge of partial states `(o, lse)`.
+//!
+//! The kernels (decode with split-KV, prefill, append, the int8/int4 KIVI formats, sinks + window
+//! retention, inter-layer sharing) follow the plan in `src/attention/DESIGN.md`.
+
+mod cache;
+pub mod reference;
+
+pub use cache::{Kv, KvFormat, PageTable, PagedKvLayout, HEAD_DIMS};
+
+use crate::error::{Error, Result};
+
+/// One decode step's attention configuration.
+///
+/// ```
+/// use fusekit::attention::{DecodeConfig, KvFormat, PagedKvLayout};
+/// let l = PagedKvLayout::new(64, 16, 8, 128, KvFormat::Bf16)?;
+/// let cfg = DecodeConfig { softcap: Some(50.0), ..DecodeConfig::new(32) }; // 4 query heads per KV head
+/// cfg.validate(&l)?;
+/// assert_eq!(cfg.scale(128), 1.0 / 128f64.sqrt());
+/// # Ok::<(), fusekit::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeConfig {
+    /// Query heads: a multiple of the cache's KV heads (GQA; equal: MHA; one KV head: MQA).
+    pub num_qo_heads: usize,
+    /// Score scale; `None`: `1 / sqrt(head_dim)`.
+    pub sm_scale: Option<f32>,
+    /// Logit softcap `c > 0`: scores become `c · tanh(s / c)` (Gemma 2).
+    pub softcap: Option<f32>,
+    /// Sliding window: attend to the last `window >= 1` tokens of each sequence only.
+    pub window: Option<u32>,
+}
+
+impl DecodeConfig {
+    /// `num_qo_heads` query heads, default scale, no softcap, no window.
+    ///
+    /// ```
+    /// let c = fusekit::attention::DecodeConfig::new(8);
+    /// assert_eq!((c.num_qo_heads, c.softcap, c.window), (8, None, None));
+    /// ```
+    pub fn new(num_qo_heads: usize) -> Self {
+        DecodeConfig {
+            num_qo_heads,
+            sm_scale: None,
+            softcap: None,
+            window: None,
+        }
+    }
+
+    /// Checks the configuration against a cache: query heads a non-zero multiple of its KV heads, a
+    /// finite positive scale and softcap, a window of at least one token.
+    ///
+    /// ```
+    /// use fusekit::attention::{DecodeConfig, KvFormat, PagedKvLayout};
+    /// let l = PagedKvLayout::new(64, 16, 8, 128, KvFormat::Bf16)?;
+    /// assert!(DecodeConfig::new(12).validate(&l).is_err()); // 12 query heads over 8 KV heads
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn validate(&self, layout: &PagedKvLayout) -> Result<()> {
+        let hkv = layout.num_kv_heads();
+        if self.num_qo_heads == 0 || self.num_qo_heads % hkv != 0 {
+            return Err(Error::invalid(
+                "num_qo_heads",
+                format!(
+                    "must be a non-zero multiple of the cache's {hkv} KV heads, got {}",
+                    self.num_qo_heads
+                ),
+            ));
+        }
+        if let Some(s) = self.sm_scale {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(Error::invalid(
+                    "sm_scale",
+                    format!("must be finite and > 0, got {s}"),
+                ));
+            }
+        }
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::invalid(
+                    "softcap",
+                    format!("must be finite and > 0, got {c}"),
+                ));
+            }
+        }
+        if self.window == Some(0) {
+            return Err(Error::invalid("window", "must be >= 1 token, got 0"));
+        }
+        Ok(())
+    }
+
+    /// The score scale for `head_dim`: `sm_scale`, or `1 / sqrt(head_dim)`.
+    ///
+    /// ```
+    /// let c = fusekit::attention::DecodeConfig { sm_scale: Some(0.5), ..fusekit::attention::DecodeConfig::new(1) };
+    /// assert_eq!(c.scale(64), 0.5);
+    /// ```
+    pub fn scale(&self, head_dim: usize) -> f64 {
+        self.sm_scale
+            .map_or(1.0 / (head_dim as f64).sqrt(), |s| s as f64)
+    }
+}
