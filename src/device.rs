@@ -19,6 +19,8 @@ mod fatbins {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Family {
+    /// Attention over a paged KV cache: split-KV decode and the merge of partial states.
+    Attention,
     /// Fused losses: cross-entropy family, focal, Poly-1, GCE, sigmoid focal, vocabulary shards.
     Loss,
     /// MoE routing: fused gate, bias update, permutation, gather, combine, expert-parallel counts.
@@ -33,8 +35,13 @@ pub enum Family {
 
 impl Family {
     /// Every family, in fatbin order.
-    pub const ALL: &'static [Family] =
-        &[Family::Loss, Family::Moe, Family::Probe, Family::Selftest];
+    pub const ALL: &'static [Family] = &[
+        Family::Attention,
+        Family::Loss,
+        Family::Moe,
+        Family::Probe,
+        Family::Selftest,
+    ];
 
     /// The folder name under `kernels/`.
     ///
@@ -43,6 +50,7 @@ impl Family {
     /// ```
     pub fn name(self) -> &'static str {
         match self {
+            Family::Attention => "attention",
             Family::Loss => "loss",
             Family::Moe => "moe",
             Family::Probe => "probe",

@@ -14,6 +14,8 @@ include!(concat!(env!("OUT_DIR"), "/params.rs"));
 
 // SAFETY: plain C structs of scalars and device pointers, `#[repr(C)]` by bindgen, passed by value.
 unsafe impl DeviceRepr for fk_copy_params {}
+unsafe impl DeviceRepr for fk_attn_decode_params {}
+unsafe impl DeviceRepr for fk_attn_merge_params {}
 unsafe impl DeviceRepr for fk_ce_params {}
 unsafe impl DeviceRepr for fk_loss_denominator_params {}
 unsafe impl DeviceRepr for fk_loss_reduce_params {}

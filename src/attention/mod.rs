@@ -1,19 +1,24 @@
 //! Attention over a paged, compressible KV cache (issue 14): **in progress**.
 //!
-//! Built so far, on the CPU only (no kernel of this family exists yet, so nothing here runs on a GPU
-//! or on the emulator):
+//! Built so far (checked on the SIMT emulator; not yet run on a GPU):
 //! * [`PagedKvLayout`] and [`PageTable`]: the cache's layout (any page size, GQA/MQA, head dims 64,
 //!   128 and 256, 64-bit offsets) and a batch's pages, validated with typed errors;
 //! * [`DecodeConfig`]: query heads, scale, softcap, sliding window;
-//! * [`reference`](mod@reference): exact decode attention in f64 and the merge of partial states `(o, lse)`.
+//! * [`decode`] with its [`DecodePlan`] and [`DecodeWorkspace`]: split-KV decode over a bf16/f16 paged
+//!   cache (fixed split size, so batch-invariant), the query heads of a KV head read each KV byte
+//!   once, and the merge of the splits' `(o, lse)` in split order;
+//! * [`reference`](mod@reference): exact decode attention in f64 and the merge of partial states.
 //!
-//! The kernels (decode with split-KV, prefill, append, the int8/int4 KIVI formats, sinks + window
-//! retention, inter-layer sharing) follow the plan in `src/attention/DESIGN.md`.
+//! Still to come (issue 14): prefill, append, RoPE in the kernel, the int8/int4 KIVI formats, sinks +
+//! window retention and inter-layer sharing, following `src/attention/DESIGN.md`.
 
 mod cache;
+pub(crate) mod check;
+mod decode;
 pub mod reference;
 
 pub use cache::{Kv, KvFormat, PageTable, PagedKvLayout, HEAD_DIMS};
+pub use decode::{decode, DecodePlan, DecodeWorkspace, KvElement, DEFAULT_SPLIT_SIZE};
 
 use crate::error::{Error, Result};
 

@@ -24,6 +24,7 @@ use crate::{Backend, Gpu};
 pub fn registry() -> Vec<SelfCheck> {
     vec![
         crate::probe::self_check(),
+        crate::attention::check::self_check(),
         crate::loss::check::self_check(),
         crate::moe::check::self_check(),
         crate::selftest::self_check(),

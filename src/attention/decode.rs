@@ -1,0 +1,432 @@
+//! Split-KV decode over a paged bf16/f16 cache: the plan (validated on the host, without a device),
+//! the workspace, and the launch of the decode and merge kernels.
+
+use std::ffi::c_void;
+
+use cudarc::driver::LaunchConfig;
+
+use super::cache::{PageTable, PagedKvLayout};
+use super::DecodeConfig;
+use crate::backend::private::AddrMut;
+use crate::device::{check_aligned, Family};
+use crate::error::{Error, Result};
+use crate::launch::launch_kernel;
+use crate::params::*;
+use crate::plan::PlannedLaunch;
+use crate::testing::Element;
+use crate::validate::{exactly, owned};
+use crate::{Backend, DeviceRead, DeviceWrite};
+
+/// Element types of the query, the cache and the output: bf16 and f16.
+pub trait KvElement: Element + crate::dtype::sealed::Sealed {
+    /// Kernel-name suffix.
+    const SUFFIX: &'static str;
+    /// The cache format of this element type.
+    const FORMAT: super::KvFormat;
+}
+impl KvElement for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const FORMAT: super::KvFormat = super::KvFormat::Bf16;
+}
+impl KvElement for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    const FORMAT: super::KvFormat = super::KvFormat::F16;
+}
+
+/// Tokens per split when the caller does not choose: long enough that the partials (4·(head_dim + 1)
+/// bytes per head and split) are small against the split's K and V, short enough that a batch of
+/// one long sequence still fills the GPU.
+pub const DEFAULT_SPLIT_SIZE: usize = 512;
+
+/// The validated plan of a [`decode`]: shapes, the grid (splits × KV heads × head chunks × batch) and
+/// the kernel parameters, from the host's copy of the page table, without a device.
+///
+/// ```
+/// use fusekit::attention::{DecodeConfig, DecodePlan, KvFormat, PageTable, PagedKvLayout};
+/// let l = PagedKvLayout::new(1024, 16, 8, 128, KvFormat::Bf16)?;
+/// let lens = [1000u32, 17];
+/// let idx: Vec<i32> = (0..65).collect();
+/// let t = PageTable { page_indptr: &[0, 63, 65], page_indices: &idx, seq_lens: &lens };
+/// let plan = DecodePlan::new::<half::bf16>(&l, &t, &DecodeConfig::new(32), None)?;
+/// assert_eq!(plan.n_splits(), 2); // 1000 tokens in splits of 512
+/// assert_eq!(plan.launches()[0].kernel, "fk_attn_decode_bf16_d128_h4");
+/// # Ok::<(), fusekit::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct DecodePlan {
+    layout: PagedKvLayout,
+    cfg: DecodeConfig,
+    batch: usize,
+    n_page_indices: usize,
+    split_size: usize,
+    n_splits: usize,
+    heads_per_cta: usize,
+    elem: &'static str,
+}
+
+impl DecodePlan {
+    /// Validates a decode of `T` elements: the layout's format is `T`'s, the page table fits the
+    /// layout, the configuration fits the cache, at most 65535 sequences, and a split size of at least
+    /// one token (`None`: [`DEFAULT_SPLIT_SIZE`]).
+    pub fn new<T: KvElement>(
+        layout: &PagedKvLayout,
+        table: &PageTable<'_>,
+        cfg: &DecodeConfig,
+        split_size: Option<usize>,
+    ) -> Result<Self> {
+        if layout.format() != T::FORMAT {
+            return Err(Error::DType {
+                arg: "cache",
+                expected: format!("{:?} (the layout's format)", layout.format()),
+                got: T::SUFFIX.to_string(),
+            });
+        }
+        layout.check_page_table(table)?;
+        cfg.validate(layout)?;
+        let batch = table.seq_lens.len();
+        if batch > 65535 {
+            return Err(Error::Unsupported {
+                what: format!("a decode batch of {batch} sequences (at most 65535 per call)"),
+            });
+        }
+        let split_size = split_size.unwrap_or(DEFAULT_SPLIT_SIZE);
+        if split_size == 0 || split_size > i32::MAX as usize {
+            return Err(Error::invalid(
+                "split_size",
+                format!("must be in 1..=2^31-1 tokens, got {split_size}"),
+            ));
+        }
+        let max_len = *table.seq_lens.iter().max().unwrap_or(&1) as usize;
+        let n_splits = max_len.div_ceil(split_size);
+        if n_splits > 65535 || cfg.num_qo_heads > i32::MAX as usize {
+            return Err(Error::Unsupported {
+                what: format!("{n_splits} splits of {split_size} tokens (at most 65535)"),
+            });
+        }
+        let group = cfg.num_qo_heads / layout.num_kv_heads();
+        let heads_per_cta = group
+            .next_power_of_two()
+            .min(FK_ATTN_MAX_HEADS_PER_CTA as usize);
+        let chunks = group.div_ceil(heads_per_cta);
+        if layout.num_kv_heads() * chunks > 65535 {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{} KV heads x {chunks} head chunks (at most 65535 CTAs in y)",
+                    layout.num_kv_heads()
+                ),
+            });
+        }
+        Ok(DecodePlan {
+            layout: *layout,
+            cfg: *cfg,
+            batch,
+            n_page_indices: table.page_indices.len(),
+            split_size,
+            n_splits,
+            heads_per_cta,
+            elem: T::SUFFIX,
+        })
+    }
+
+    /// Splits per sequence (of the longest).
+    ///
+    /// ```
+    /// # use fusekit::attention::{DecodeConfig, DecodePlan, KvFormat, PageTable, PagedKvLayout};
+    /// let l = PagedKvLayout::new(4, 16, 1, 64, KvFormat::F16)?;
+    /// let t = PageTable { page_indptr: &[0, 4], page_indices: &[0, 1, 2, 3], seq_lens: &[64] };
+    /// assert_eq!(DecodePlan::new::<half::f16>(&l, &t, &DecodeConfig::new(1), Some(16))?.n_splits(), 4);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn n_splits(&self) -> usize {
+        self.n_splits
+    }
+
+    /// Rows of the output: sequences × query heads.
+    ///
+    /// ```
+    /// # use fusekit::attention::{DecodeConfig, DecodePlan, KvFormat, PageTable, PagedKvLayout};
+    /// let l = PagedKvLayout::new(4, 16, 2, 64, KvFormat::F16)?;
+    /// let t = PageTable { page_indptr: &[0, 1, 2], page_indices: &[0, 1], seq_lens: &[5, 9] };
+    /// assert_eq!(DecodePlan::new::<half::f16>(&l, &t, &DecodeConfig::new(6), None)?.rows(), 12);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn rows(&self) -> usize {
+        self.batch * self.cfg.num_qo_heads
+    }
+
+    /// The two launches: the split decode, then the merge.
+    ///
+    /// ```
+    /// # use fusekit::attention::{DecodeConfig, DecodePlan, KvFormat, PageTable, PagedKvLayout};
+    /// let l = PagedKvLayout::new(4, 16, 2, 256, KvFormat::F16)?;
+    /// let t = PageTable { page_indptr: &[0, 1], page_indices: &[3], seq_lens: &[5] };
+    /// let names: Vec<String> = DecodePlan::new::<half::f16>(&l, &t, &DecodeConfig::new(2), None)?
+    ///     .launches().into_iter().map(|l| l.kernel).collect();
+    /// assert_eq!(names, ["fk_attn_decode_f16_d256_h1", "fk_attn_merge_f16"]);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn launches(&self) -> Vec<PlannedLaunch> {
+        vec![
+            PlannedLaunch {
+                kernel: format!(
+                    "fk_attn_decode_{}_d{}_h{}",
+                    self.elem,
+                    self.layout.head_dim(),
+                    self.heads_per_cta
+                ),
+                grid: self.n_splits as u32,
+                block: FK_ATTN_DECODE_THREADS,
+                shared_mem_bytes: 0,
+            },
+            PlannedLaunch {
+                kernel: format!("fk_attn_merge_{}", self.elem),
+                grid: self.rows().min(1 << 20) as u32,
+                block: FK_ATTN_MERGE_THREADS,
+                shared_mem_bytes: 0,
+            },
+        ]
+    }
+
+    fn decode_config(&self) -> LaunchConfig {
+        let group = self.cfg.num_qo_heads / self.layout.num_kv_heads();
+        let chunks = group.div_ceil(self.heads_per_cta);
+        LaunchConfig {
+            grid_dim: (
+                self.n_splits as u32,
+                (self.layout.num_kv_heads() * chunks) as u32,
+                self.batch as u32,
+            ),
+            block_dim: (FK_ATTN_DECODE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// Device scratch of a decode: the splits' partial states and the page-table status word. Reusable
+/// for any plan with at most as many rows × splits as the one it was made for.
+#[derive(Debug)]
+pub struct DecodeWorkspace<B: Backend> {
+    o_part: B::Buffer<f32>,
+    lse_part: B::Buffer<f32>,
+    status: B::Buffer<u64>,
+    head_dim: usize,
+}
+
+impl<B: Backend> DecodeWorkspace<B> {
+    /// Allocates the workspace of `plan` on `dev`.
+    ///
+    /// ```
+    /// # fn main() -> fusekit::Result<()> {
+    /// use fusekit::attention::{DecodeConfig, DecodePlan, DecodeWorkspace, KvFormat, PageTable, PagedKvLayout};
+    /// let dev = fusekit::emu::Emulator::new()?;
+    /// let l = PagedKvLayout::new(4, 16, 1, 64, KvFormat::Bf16)?;
+    /// let t = PageTable { page_indptr: &[0, 1], page_indices: &[0], seq_lens: &[3] };
+    /// let plan = DecodePlan::new::<half::bf16>(&l, &t, &DecodeConfig::new(1), None)?;
+    /// let _ws = DecodeWorkspace::new(&dev, &plan)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn new(dev: &B, plan: &DecodePlan) -> Result<Self> {
+        let parts = plan.rows() * plan.n_splits;
+        Ok(DecodeWorkspace {
+            o_part: dev.alloc_zeros(parts * plan.layout.head_dim())?,
+            lse_part: dev.alloc_zeros(parts)?,
+            status: dev.alloc_zeros(1)?,
+            head_dim: plan.layout.head_dim(),
+        })
+    }
+
+    /// After a [`decode`]: `Err(OutOfRange)` naming the first sequence whose device page table
+    /// disagreed with the plan's (its outputs are NaN), else `Ok`. Synchronises the stream.
+    ///
+    /// ```
+    /// # fn main() -> fusekit::Result<()> {
+    /// # use fusekit::attention::{DecodeConfig, DecodePlan, DecodeWorkspace, KvFormat, PageTable, PagedKvLayout};
+    /// # let dev = fusekit::emu::Emulator::new()?;
+    /// # let l = PagedKvLayout::new(4, 16, 1, 64, KvFormat::Bf16)?;
+    /// # let t = PageTable { page_indptr: &[0, 1], page_indices: &[0], seq_lens: &[3] };
+    /// # let plan = DecodePlan::new::<half::bf16>(&l, &t, &DecodeConfig::new(1), None)?;
+    /// let ws = DecodeWorkspace::new(&dev, &plan)?;
+    /// ws.check_status_sync(&dev, 1)?; // nothing launched yet: Ok
+    /// # Ok(()) }
+    /// ```
+    pub fn check_status_sync(&self, dev: &B, batch: usize) -> Result<()> {
+        let s = dev.download(&self.status)?[0];
+        if s == 0 {
+            return Ok(());
+        }
+        let b = batch.saturating_sub(s as usize);
+        Err(Error::OutOfRange {
+            arg: "page_table",
+            index: b,
+            value: b as i64,
+            allowed:
+                "a device page table equal to the plan's (pages in range, ceil(len / page_size) \
+                      pages per sequence)"
+                    .into(),
+        })
+    }
+}
+
+/// Decode attention of one query token per sequence over a paged cache: `o = softmax(scale · q Kᵀ) V`
+/// per query head (GQA: query head `h` reads KV head `h / (Hq / Hkv)`), with the plan's softcap and
+/// window, and `lse` (natural log) per head. `q` and `o` are `[batch, num_qo_heads, head_dim]`, `lse`
+/// is `[batch, num_qo_heads]`; the device page table (`page_indptr`, `page_indices`, `seq_lens`) must
+/// hold the values the plan was made from (a different one is never read out of bounds: the sequence
+/// comes out NaN and [`DecodeWorkspace::check_status_sync`] reports it). Splits of a fixed size, merged
+/// in order: the result for a sequence does not depend on the rest of the batch.
+///
+/// ```
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
+/// use fusekit::attention::{decode, DecodeConfig, DecodePlan, DecodeWorkspace, KvFormat, PageTable, PagedKvLayout};
+/// use half::bf16;
+/// let dev = fusekit::emu::Emulator::new()?;
+/// let l = PagedKvLayout::new(2, 16, 1, 64, KvFormat::Bf16)?;
+/// let t = PageTable { page_indptr: &[0, 1], page_indices: &[1], seq_lens: &[3] };
+/// let plan = DecodePlan::new::<bf16>(&l, &t, &DecodeConfig::new(2), None)?;
+/// let cache = dev.upload(&vec![bf16::ONE; l.elements() as usize])?; // every value 1
+/// let q = dev.upload(&vec![bf16::ZERO; 2 * 64])?;
+/// let (indptr, idx, lens) = (dev.upload(t.page_indptr)?, dev.upload(t.page_indices)?, dev.upload(t.seq_lens)?);
+/// let mut ws = DecodeWorkspace::new(&dev, &plan)?;
+/// let mut o = dev.alloc_zeros::<bf16>(2 * 64)?;
+/// let mut lse = dev.alloc_zeros::<f32>(2)?;
+/// decode(&dev, &plan, &q, &cache, &indptr, &idx, &lens, &mut ws, &mut o, &mut lse)?;
+/// assert!(dev.download(&o)?.iter().all(|&x| x == bf16::ONE));
+/// assert!((dev.download(&lse)?[0] - 3f32.ln()).abs() < 1e-6); // three equal scores
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn decode<B, T, Q, C, P, I, S, O, L>(
+    dev: &B,
+    plan: &DecodePlan,
+    q: &Q,
+    cache: &C,
+    page_indptr: &P,
+    page_indices: &I,
+    seq_lens: &S,
+    ws: &mut DecodeWorkspace<B>,
+    o: &mut O,
+    lse: &mut L,
+) -> Result<()>
+where
+    B: Backend,
+    T: KvElement,
+    Q: DeviceRead<T, B>,
+    C: DeviceRead<T, B>,
+    P: DeviceRead<i32, B>,
+    I: DeviceRead<i32, B>,
+    S: DeviceRead<u32, B>,
+    O: DeviceWrite<T, B>,
+    L: DeviceWrite<f32, B>,
+{
+    if plan.elem != T::SUFFIX {
+        return Err(Error::DType {
+            arg: "q",
+            expected: plan.elem.to_string(),
+            got: T::SUFFIX.to_string(),
+        });
+    }
+    owned(dev, "q", q)?;
+    owned(dev, "cache", cache)?;
+    owned(dev, "page_indptr", page_indptr)?;
+    owned(dev, "page_indices", page_indices)?;
+    owned(dev, "seq_lens", seq_lens)?;
+    owned(dev, "o", o)?;
+    owned(dev, "lse", lse)?;
+    let (d, rows) = (plan.layout.head_dim(), plan.rows());
+    exactly("q", q.len(), rows * d, "batch * num_qo_heads * head_dim")?;
+    exactly(
+        "cache",
+        cache.len(),
+        plan.layout.elements() as usize,
+        "layout.elements()",
+    )?;
+    exactly(
+        "page_indptr",
+        page_indptr.len(),
+        plan.batch + 1,
+        "batch + 1",
+    )?;
+    exactly(
+        "page_indices",
+        page_indices.len(),
+        plan.n_page_indices,
+        "the plan's page table",
+    )?;
+    exactly("seq_lens", seq_lens.len(), plan.batch, "batch")?;
+    exactly("o", o.len(), rows * d, "batch * num_qo_heads * head_dim")?;
+    exactly("lse", lse.len(), rows, "batch * num_qo_heads")?;
+    if ws.head_dim != d || ws.lse_part.len() < rows * plan.n_splits {
+        return Err(Error::shape(
+            "ws",
+            format!(
+                "a workspace for {} partials of head_dim {d}",
+                rows * plan.n_splits
+            ),
+            format!("{} partials of head_dim {}", ws.lse_part.len(), ws.head_dim),
+        ));
+    }
+    owned(dev, "ws", &ws.o_part)?;
+    let (qp, _a) = q.addr(dev);
+    let (cp, _b) = cache.addr(dev);
+    check_aligned("q", qp, 16)?;
+    check_aligned("cache", cp, 16)?;
+    let (ip, _c) = page_indptr.addr(dev);
+    let (xp, _d) = page_indices.addr(dev);
+    let (sp, _e) = seq_lens.addr(dev);
+    let (op, _f) = o.addr_mut(dev);
+    let (lp, _g) = lse.addr_mut(dev);
+    dev.zero(&mut ws.status)?;
+    let (opp, _h) = ws.o_part.addr_mut(dev);
+    let (lpp, _i) = ws.lse_part.addr_mut(dev);
+    let (stp, _j) = ws.status.addr_mut(dev);
+    let l = &plan.layout;
+    let p = fk_attn_decode_params {
+        q: qp as *const c_void,
+        cache: cp as *const c_void,
+        page_indptr: ip as *const i32,
+        page_indices: xp as *const i32,
+        seq_lens: sp as *const u32,
+        o_part: opp as *mut f32,
+        lse_part: lpp as *mut f32,
+        status: stp as *mut u64,
+        num_pages: l.num_pages() as i64,
+        n_page_indices: plan.n_page_indices as i64,
+        batch: plan.batch as i32,
+        num_qo_heads: plan.cfg.num_qo_heads as i32,
+        num_kv_heads: l.num_kv_heads() as i32,
+        page_size: l.page_size() as i32,
+        split_size: plan.split_size as i32,
+        n_splits: plan.n_splits as i32,
+        window: plan.cfg.window.map_or(0, |w| w.min(i32::MAX as u32) as i32),
+        scale: plan.cfg.scale(d) as f32,
+        softcap: plan.cfg.softcap.unwrap_or(0.0),
+    };
+    let launches = plan.launches();
+    // The kernel reads q, the cache through the checked page table, and writes rows x splits partials.
+    launch_kernel(
+        dev,
+        Family::Attention,
+        &launches[0].kernel,
+        plan.decode_config(),
+        &p,
+        None,
+    )?;
+    let m = fk_attn_merge_params {
+        o_part: opp as *const f32,
+        lse_part: lpp as *const f32,
+        o: op as *mut c_void,
+        lse: lp as *mut f32,
+        rows: rows as i64,
+        n_splits: plan.n_splits as i32,
+        head_dim: d as i32,
+    };
+    launch_kernel(
+        dev,
+        Family::Attention,
+        &launches[1].kernel,
+        launches[1].config(),
+        &m,
+        None,
+    )
+}
