@@ -210,6 +210,8 @@ pub struct DecodeWorkspace<B: Backend> {
     lse_part: B::Buffer<f32>,
     status: B::Buffer<u64>,
     head_dim: usize,
+    /// Sequences of the last decode launched with this workspace: the status word counts from it.
+    batch: usize,
 }
 
 impl<B: Backend> DecodeWorkspace<B> {
@@ -232,6 +234,7 @@ impl<B: Backend> DecodeWorkspace<B> {
             lse_part: dev.alloc_zeros(parts)?,
             status: dev.alloc_zeros(1)?,
             head_dim: plan.layout.head_dim(),
+            batch: plan.batch,
         })
     }
 
@@ -246,15 +249,15 @@ impl<B: Backend> DecodeWorkspace<B> {
     /// # let t = PageTable { page_indptr: &[0, 1], page_indices: &[0], seq_lens: &[3] };
     /// # let plan = DecodePlan::new::<half::bf16>(&l, &t, &DecodeConfig::new(1), None)?;
     /// let ws = DecodeWorkspace::new(&dev, &plan)?;
-    /// ws.check_status_sync(&dev, 1)?; // nothing launched yet: Ok
+    /// ws.check_status_sync(&dev)?; // nothing launched yet: Ok
     /// # Ok(()) }
     /// ```
-    pub fn check_status_sync(&self, dev: &B, batch: usize) -> Result<()> {
+    pub fn check_status_sync(&self, dev: &B) -> Result<()> {
         let s = dev.download(&self.status)?[0];
         if s == 0 {
             return Ok(());
         }
-        let b = batch.saturating_sub(s as usize);
+        let b = self.batch.saturating_sub(s as usize);
         Err(Error::OutOfRange {
             arg: "page_table",
             index: b,
@@ -377,6 +380,7 @@ where
     let (op, _f) = o.addr_mut(dev);
     let (lp, _g) = lse.addr_mut(dev);
     dev.zero(&mut ws.status)?;
+    ws.batch = plan.batch;
     let (opp, _h) = ws.o_part.addr_mut(dev);
     let (lpp, _i) = ws.lse_part.addr_mut(dev);
     let (stp, _j) = ws.status.addr_mut(dev);
