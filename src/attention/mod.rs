@@ -7,18 +7,24 @@
 //! * [`decode`] with its [`DecodePlan`] and [`DecodeWorkspace`]: split-KV decode over a bf16/f16 paged
 //!   cache (fixed split size, so batch-invariant), the query heads of a KV head read each KV byte
 //!   once, and the merge of the splits' `(o, lse)` in split order;
-//! * [`reference`](mod@reference): exact decode attention in f64 and the merge of partial states.
+//! * [`prefill`] with its [`PrefillPlan`] and [`PrefillWorkspace`]: causal flash attention of ragged
+//!   batches of new tokens over the paged cache that holds them (chunked prefill over a cached prefix),
+//!   on tensor cores (`mma.sync`, `ldmatrix`, a `cp.async` pipeline), GQA rows packed per KV head;
+//! * [`reference`](mod@reference): exact decode and prefill attention in f64 and the merge of partial
+//!   states.
 //!
-//! Still to come (issue 14): prefill, append, RoPE in the kernel, the int8/int4 KIVI formats, sinks +
+//! Still to come (issue 14): append, RoPE in the kernel, the int8/int4 KIVI formats, sinks +
 //! window retention and inter-layer sharing, following `src/attention/DESIGN.md`.
 
 mod cache;
 pub(crate) mod check;
 mod decode;
+mod prefill;
 pub mod reference;
 
 pub use cache::{Kv, KvFormat, PageTable, PagedKvLayout, HEAD_DIMS};
 pub use decode::{decode, DecodePlan, DecodeWorkspace, KvElement, DEFAULT_SPLIT_SIZE};
+pub use prefill::{prefill, PrefillPlan, PrefillWorkspace};
 
 use crate::error::{Error, Result};
 
@@ -40,7 +46,8 @@ pub struct DecodeConfig {
     pub sm_scale: Option<f32>,
     /// Logit softcap `c > 0`: scores become `c · tanh(s / c)` (Gemma 2).
     pub softcap: Option<f32>,
-    /// Sliding window: attend to the last `window >= 1` tokens of each sequence only.
+    /// Sliding window: attend to the last `window >= 1` tokens of each sequence only (prefill: the
+    /// last `window` tokens up to and including each query).
     pub window: Option<u32>,
 }
 
