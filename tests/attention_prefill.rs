@@ -350,6 +350,59 @@ fn softcap_window_on<B: Backend>(dev: &B) {
 }
 
 #[test]
+fn rising_scores_move_the_running_max() {
+    fusekit::on_every_backend!("rising_scores_move_the_running_max", |dev| {
+        rising_on(dev)
+    });
+}
+
+/// Keys whose score grows along the sequence, by less and by more than the kernel's rescale
+/// threshold (2^8) per K/V tile: the running max is stale for some tiles and moves on others.
+fn rising_on<B: Backend>(dev: &B) {
+    let mut rng = Rng::new(seed_for("rising_scores_move_the_running_max"));
+    fn one<B: Backend, T: KvElement>(dev: &B, rng: &mut Rng, d: usize, ps: usize) {
+        let mut s = setup::<T>(rng, ps, 1, d, &[(100, 65), (0, 40)]);
+        // Key dim 0 = position / 4 (exact in bf16 and f16 below 64), the query's dim 0 = 1 and the
+        // rest small: the score rises by about scale / 4 per token.
+        for b in 0..s.lens.len() {
+            for t in 0..s.lens[b] as usize {
+                let page = s.indices[s.indptr[b] as usize + t / ps] as usize;
+                let at = s
+                    .layout
+                    .offset(fusekit::attention::Kv::K, page, 0, t % ps, 0)
+                    as usize;
+                s.cache[at] = T::from_f64(t as f64 / 4.0);
+            }
+        }
+        let rows = *s.qo.last().unwrap() as usize * 2;
+        let mut q = random_q::<T>(rng, rows * d);
+        for (i, x) in q.iter_mut().enumerate() {
+            *x = T::from_f64(if i % d == 0 { 1.0 } else { 0.1 * x.to_f64() });
+        }
+        // Per 64-token tile the max rises by 2^(64 · scale / 4 · log2 e): 2^6.9 at 0.3 (stale, then
+        // moved), 2^23 at 1, 2^69 at 3.
+        for scale in [0.3f32, 1.0, 3.0] {
+            let cfg = DecodeConfig {
+                sm_scale: Some(scale),
+                ..DecodeConfig::new(2)
+            };
+            let (o, lse) = run(dev, &s, &q, &cfg).unwrap_or_else(|e| panic!("{e}"));
+            check(
+                &format!("rising d={d} scale={scale}"),
+                &s,
+                &q,
+                &cfg,
+                &o,
+                &lse,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    one::<B, bf16>(dev, &mut rng, 64, 16);
+    one::<B, f16>(dev, &mut rng, 256, 5);
+}
+
+#[test]
 fn results_do_not_depend_on_the_batch() {
     fusekit::on_every_backend!("prefill_results_do_not_depend_on_the_batch", |dev| {
         batch_invariance_on(dev)

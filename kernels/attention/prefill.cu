@@ -18,8 +18,9 @@
 //   online softmax in base 2 per row (fk_ex2 of s·c − m·c, one FFMA + one MUFU per score), fp32 state;
 //   O += P V: P rounded to T in registers (the S accumulators are already the A fragment), B = V
 //   (ldmatrix.trans).
-// The causal/window mask is applied only to tiles that cross a row's range; the other tiles skip it.
-// CTAs are launched heaviest first (the last query tiles attend to the most tokens).
+// The causal/window mask is applied only to tiles that cross a row's range (a second copy of the
+// softmax); O is rescaled only when a row's max passes the running reference by more than 2^8. CTAs are
+// launched heaviest first (the last query tiles attend to the most tokens).
 //
 // Floor: FLOPs 4 · Σ_rows attended tokens · head_dim (two GEMMs), bytes: Q and O once, K and V of the
 // attended tokens once per (query tile, KV head). Compute-bound for query tiles of 64 rows.
@@ -31,6 +32,8 @@
 #include "attention_params.h"
 #include "fk_common.cuh"
 #include "fk_mma.cuh"
+
+#include <type_traits>
 
 namespace fk_prefill {
 
@@ -121,7 +124,7 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
     T *const sQ = reinterpret_cast<T *>(fk_smem);  // [BQ][D], swizzled; O is staged here at the end
     T *const sK = sQ + BQ * D;                      // [2][BKV][D]
     T *const sV = sK + 2 * BKV * D;                 // [2][BKV][D]
-    __shared__ int64_t s_off[2][BKV];               // K offset of each tile token in the cache; -1: zeros
+    __shared__ int64_t s_off[2][BKV];               // byte offset of each tile token's K row in the cache
 
     const int tile = gridDim.x - 1 - blockIdx.x;  // heaviest tiles first
     const int kvh = blockIdx.y, b = blockIdx.z;
@@ -187,37 +190,37 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
 
     const int64_t page_elems = 2 * (int64_t)p.num_kv_heads * ps * D;
     const int64_t head_run = (int64_t)ps * D;
-    const int64_t v_delta = (int64_t)p.num_kv_heads * head_run;
-    // Threads < BKV look up one token each of tile j's page: its K offset, or -1 (past the range: zeros).
-    // A page outside the cache is never read; it returns true. Tokens are below 2^32 (u32 lengths).
+    const int64_t v_delta = (int64_t)p.num_kv_heads * head_run * (int64_t)sizeof(T);  // bytes, K to V
+    // Threads < BKV look up one token each of tile j's page: the byte offset of its K row. Tiles past
+    // the last are the last one again, tokens past the range the range's last token: every tile copy
+    // reads real rows (the mask discards the extra ones), so the loop's copies need no zero fill and
+    // no branch. A page outside the cache is never read (offset 0 instead); it returns true. Tokens are
+    // below 2^32 (u32 lengths).
     auto tile_offsets = [&](int j, int stage) -> bool {
         bool bad = false;
-        if (tid < BKV && j < n_tiles) {
-            const int64_t t = kv_lo + (int64_t)j * BKV + tid;
-            int64_t off = -1;
-            if (t < kv_hi) {
-                const uint32_t pi = (uint32_t)t / (uint32_t)ps, slot = (uint32_t)t - pi * (uint32_t)ps;
-                const int32_t page = p.page_indices[pg0 + pi];
-                if (page >= 0 && page < p.num_pages)
-                    off = page * page_elems + kvh * head_run + (int64_t)slot * D;
-                else
-                    bad = true;
-            }
+        if (tid < BKV) {
+            const int64_t t = min(kv_lo + (int64_t)min(j, n_tiles - 1) * BKV + tid, kv_hi - 1);
+            const uint32_t pi = (uint32_t)t / (uint32_t)ps, slot = (uint32_t)t - pi * (uint32_t)ps;
+            const int32_t page = p.page_indices[pg0 + pi];
+            int64_t off = 0;
+            if (page >= 0 && page < p.num_pages)
+                off = (page * page_elems + kvh * head_run + (int64_t)slot * D) * (int64_t)sizeof(T);
+            else
+                bad = true;
             s_off[stage][tid] = off;
         }
         return bad;
     };
     // Each thread copies one 16-byte chunk column (tid % CPR) of every RPP-th row of the K and V tiles.
+    const char *const kv_col = reinterpret_cast<const char *>(cache) + (tid % CPR) * 16;
     auto issue_kv = [&](int stage) {
         const int c = tid % CPR;
 #pragma unroll
         for (int u = 0; u < BKV / RPP; ++u) {
             const int row = tid / CPR + u * RPP;
-            const int64_t off = s_off[stage][row];
-            const T *src = off >= 0 ? cache + off + c * 8 : cache;
-            const uint32_t n = off >= 0 ? 16 : 0;
-            fk_cp_async_16(sK + stage * BKV * D + swz<D>(row, c), src, n);
-            fk_cp_async_16(sV + stage * BKV * D + swz<D>(row, c), off >= 0 ? src + v_delta : cache, n);
+            const char *src = kv_col + s_off[stage][row];
+            fk_cp_async_16(sK + stage * BKV * D + swz<D>(row, c), src);
+            fk_cp_async_16(sV + stage * BKV * D + swz<D>(row, c), src + v_delta);
         }
     };
 
@@ -260,7 +263,7 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
 
     for (int j = 0; j < n_tiles; ++j) {
         const int stage = j & 1;
-        if (j + 1 < n_tiles) issue_kv(stage ^ 1);
+        issue_kv(stage ^ 1);  // tile j + 1 (the last trip: the last tile again, into the free stage)
         fk_cp_async_commit();
         fk_cp_async_wait<1>();
         __syncthreads();  // tile j (and Q) landed for every thread's copies
@@ -299,55 +302,76 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[n][e] = cap_out * tanhf(s[n][e] * cap_in);
         }
+        // Online softmax, rows g (i = 0) and g + 8 (i = 1); the 4 lanes of a quad share a row. Two copies:
+        // with the causal/window mask (tiles that cross a row's range) and without, so the common tile
+        // runs no compare (one copy with selects would).
         const int64_t t0 = kv_lo + (int64_t)j * BKV;
-        if (t0 < full_lo || t0 + BKV > full_hi) {
-            // Column index relative to the tile against each row's range, clamped to [-1, BKV].
+        auto softmax = [&](auto masked) {
+            constexpr bool MASKED = decltype(masked)::value;
+            float mx[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                const int hi_rel = (int)max((int64_t)-1, min((int64_t)BKV, lim[i] - t0));
-                const int lo_rel = (int)max((int64_t)-1, min((int64_t)BKV, lo[i] - t0));
+                if (MASKED) {
+                    // Column index relative to the tile against the row's range, clamped to [-1, BKV].
+                    const int hi_rel = (int)max((int64_t)-1, min((int64_t)BKV, lim[i] - t0));
+                    const int lo_rel = (int)max((int64_t)-1, min((int64_t)BKV, lo[i] - t0));
+#pragma unroll
+                    for (int n = 0; n < NT_S; ++n)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int col = 8 * n + 2 * t4 + e;
+                            if (col > hi_rel || col < lo_rel) s[n][2 * i + e] = -INFINITY;
+                        }
+                }
+                mx[i] = -INFINITY;
+#pragma unroll
+                for (int n = 0; n < NT_S; ++n) mx[i] = fmaxf(mx[i], fmaxf(s[n][2 * i], s[n][2 * i + 1]));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(FK_FULL_MASK, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(FK_FULL_MASK, mx[i], 2));
+            }
+            // The running max m is only a reference: o and l are scaled by the same 2^(-m·c), so any m
+            // gives the same o / l and lse. It is moved (and o, l rescaled) only when a row's max
+            // passes it by more than 2^RESCALE_LOG2, so probabilities stay <= 2^8 (no fp32 or bf16
+            // overflow) and most tiles skip the rescale of O (FlashAttention-4's conditional
+            // rescaling). The first finite max always moves it (from -inf: an infinite step).
+            constexpr float RESCALE_LOG2 = 8.0f;
+            const bool grow = (mx[0] - m[0]) * c2 > RESCALE_LOG2 || (mx[1] - m[1]) * c2 > RESCALE_LOG2;
+            if (__any_sync(FK_FULL_MASK, grow)) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const float m_new = fmaxf(m[i], mx[i]);
+                    // While every score so far is -inf, l and o are 0: any finite reference will do.
+                    const float mc = (m_new == -INFINITY ? 0.0f : m_new) * c2;
+                    const float alpha = fk_ex2(fmaf(m[i], c2, -mc));  // 0 when m was -inf
+                    m[i] = m_new;
+                    l[i] *= alpha;
+#pragma unroll
+                    for (int n = 0; n < NT_O; ++n) {
+                        o[n][2 * i] *= alpha;
+                        o[n][2 * i + 1] *= alpha;
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const float mc = (m[i] == -INFINITY ? 0.0f : m[i]) * c2;
+                float sum = 0.0f;
 #pragma unroll
                 for (int n = 0; n < NT_S; ++n)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const int col = 8 * n + 2 * t4 + e;
-                        if (col > hi_rel || col < lo_rel) s[n][2 * i + e] = -INFINITY;
+                        // -inf (masked) gives 0; a NaN score makes the row NaN through l and o.
+                        const float pe = fk_ex2(fmaf(s[n][2 * i + e], c2, -mc));
+                        s[n][2 * i + e] = pe;
+                        sum += pe;
                     }
+                l[i] += sum;
             }
-        }
-
-        // Online softmax, rows g (i = 0) and g + 8 (i = 1); the 4 lanes of a quad share a row.
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int n = 0; n < NT_S; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(FK_FULL_MASK, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(FK_FULL_MASK, mx, 2));
-            const float m_new = fmaxf(m[i], mx);
-            // While every score so far is -inf, l and o are 0: any finite reference will do.
-            const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-            const float mc = m_use * c2;
-            const float alpha = fk_ex2(fmaf(m[i], c2, -mc));  // 0 when m was -inf
-            m[i] = m_new;
-            l[i] *= alpha;
-#pragma unroll
-            for (int n = 0; n < NT_O; ++n) {
-                o[n][2 * i] *= alpha;
-                o[n][2 * i + 1] *= alpha;
-            }
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < NT_S; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    // -inf (masked) gives 0; a NaN score makes the row NaN through l and o.
-                    const float pe = fk_ex2(fmaf(s[n][2 * i + e], c2, -mc));
-                    s[n][2 * i + e] = pe;
-                    sum += pe;
-                }
-            l[i] += sum;
-        }
+        };
+        if (t0 < full_lo || t0 + BKV > full_hi)
+            softmax(std::true_type{});
+        else
+            softmax(std::false_type{});
 
         // O += P V: the S accumulators of tokens 16kk..16kk+15 are the A fragment of k-step kk.
 #pragma unroll
@@ -366,6 +390,7 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
         __syncthreads();  // stage j & 1 and s_off[j & 1] are rewritten by the next iteration
     }
 
+    fk_cp_async_wait<0>();  // the last trip's copy: nothing in flight at exit
     // Rows of a CTA that met a page outside the cache are NaN (that page was never read).
     const bool bad = __syncthreads_or(bad_page) != 0;
     if (bad) flag(p, b);
