@@ -248,8 +248,8 @@ impl<B: Backend> PrefillWorkspace<B> {
     }
 
     /// After a [`prefill`]: `Err(OutOfRange)` naming the first sequence whose device page table or
-    /// `qo_indptr` disagreed with the plan's (its rows are NaN where they lie inside the output), else
-    /// `Ok`. Synchronises the stream.
+    /// `qo_indptr` disagreed with the plan's (see [`prefill`] for which rows are then NaN), else `Ok`.
+    /// Synchronises the stream.
     ///
     /// ```
     /// # fn main() -> fusekit::Result<()> {
@@ -282,12 +282,14 @@ impl<B: Backend> PrefillWorkspace<B> {
 /// window; GQA: query head `h` reads KV head `h / (Hq / Hkv)`. `q` and `o` are `[total_q, num_qo_heads,
 /// head_dim]` (16-byte aligned), `lse` is `[total_q, num_qo_heads]` (natural log). The device page
 /// table and `qo_indptr` must hold the values the plan was made from; a different one is never read or
-/// written out of bounds: the sequence comes out NaN and [`PrefillWorkspace::check_status_sync`]
-/// reports it.
+/// written out of bounds, and [`PrefillWorkspace::check_status_sync`] reports it: a sequence whose
+/// length, page count or new-token rows do not fit comes out NaN (the rows that lie inside the output);
+/// a page index outside the cache makes NaN the rows of every 64-row tile that would read that page.
 ///
 /// Precision: scores and the softmax in fp32 (mma.sync with fp32 accumulators); the probabilities are
-/// rounded to `T` before the `P·V` product, as FlashAttention does. A NaN or infinity in a key or value
-/// that one row of a 64-row tile attends to can make other rows of the tile NaN; it never gives a
+/// rounded to `T` before the `P·V` product, as FlashAttention does. A NaN or infinity in a key makes the
+/// rows that attend to it NaN, and no other (the mask drops it exactly); in a value, it can also make
+/// that element NaN in the other rows of a 64-row tile that loads the token (0 · NaN in `P·V`). Never a
 /// finite wrong value.
 ///
 /// ```
