@@ -2,9 +2,9 @@
 //! and one paged GQA decode against the reference on the GPU or the emulator.
 
 use super::{
-    append_quantized, decode, decode_quantized, pack_quantized, reference, AppendPlan,
+    append_quantized, decode, decode_quantized, pack_quantized, prefill, reference, AppendPlan,
     AppendWorkspace, DecodeConfig, DecodePlan, DecodeWorkspace, Kv, KvElement, KvFormat, PageTable,
-    PagedKvLayout,
+    PagedKvLayout, PrefillPlan, PrefillWorkspace,
 };
 use crate::check::row::{CheckRow, SelfCheck};
 use crate::error::Result;
@@ -79,17 +79,25 @@ fn cpu_check(rng: &mut Rng) -> Vec<CheckRow> {
             .fold((lse[0] - whole.1).abs(), f64::max),
         Err(_) => f64::INFINITY,
     };
-    vec![CheckRow {
+    let mut rows = vec![CheckRow {
         kernel: "attention merge (reference)".into(),
         mode: "cpu-ref",
         max_err: err,
         pass: err < 1e-12,
         gbps: None,
         note: "two splits of 300 tokens merged vs the whole".into(),
-    }]
+    }];
+    rows.push(prefill_cpu_check(rng));
+    rows
 }
 
 fn kernel_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
+    let mut rows = decode_check(dev, rng)?;
+    rows.extend(prefill_check(dev, rng)?);
+    Ok(rows)
+}
+
+fn decode_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
     let lens = [1u32, 100, 700];
     let (l, cache, indptr, idx) = case(rng, &lens);
     let t = PageTable {
@@ -276,6 +284,132 @@ fn quant_check<B: Backend>(dev: &B, rng: &mut Rng, mode: &'static str) -> Result
             pass: err < 1e-2 && !err.is_nan(),
             gbps: None,
             note: "GQA 4, 301 tokens (4 groups + 45 in the residual), splits of 128".into(),
+        },
+    ])
+}
+
+// Prefill.
+
+/// The last new token of a prefill sees the whole sequence: its row equals a decode of that token.
+fn prefill_cpu_check(rng: &mut Rng) -> CheckRow {
+    let lens = [40u32, 77];
+    let (l, cache, indptr, idx) = case(rng, &lens);
+    let t = PageTable {
+        page_indptr: &indptr,
+        page_indices: &idx,
+        seq_lens: &lens,
+    };
+    let cfg = DecodeConfig::new(4);
+    let qo = [0, 9, 9 + 77];
+    let q = rng.sample(
+        Dist::Normal {
+            mean: 0.0,
+            std: 1.0,
+        },
+        86 * 4 * 128,
+    );
+    // The last query of each sequence, as a decode batch.
+    let last: Vec<f64> = [8usize, 85]
+        .iter()
+        .flat_map(|&tok| q[tok * 4 * 128..(tok + 1) * 4 * 128].iter().copied())
+        .collect();
+    let err = match (
+        reference::prefill(&l, &cache, &t, &qo, &q, &cfg),
+        reference::decode(&l, &cache, &t, &last, &cfg),
+    ) {
+        (Ok(p), Ok(d)) => [8usize, 85]
+            .iter()
+            .enumerate()
+            .flat_map(|(b, &tok)| {
+                let (p, d) = (&p, &d);
+                (0..4 * 128)
+                    .map(move |i| (p.o[tok * 512 + i] - d.o[b * 512 + i]).abs())
+                    .chain((0..4).map(move |h| (p.lse[tok * 4 + h] - d.lse[b * 4 + h]).abs()))
+            })
+            .fold(0.0, f64::max),
+        _ => f64::INFINITY,
+    };
+    CheckRow {
+        kernel: "attention prefill (reference)".into(),
+        mode: "cpu-ref",
+        max_err: err,
+        pass: err < 1e-12,
+        gbps: None,
+        note: "last new token of a prefill vs a decode of it".into(),
+    }
+}
+
+/// One chunked, ragged GQA prefill against the reference.
+fn prefill_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
+    // Cached prefix + new tokens: (0 + 100), (60 + 33), (200 + 1).
+    let lens = [100u32, 93, 201];
+    let qo = [0, 100, 133, 134];
+    let (l, cache, indptr, idx) = case(rng, &lens);
+    let t = PageTable {
+        page_indptr: &indptr,
+        page_indices: &idx,
+        seq_lens: &lens,
+    };
+    let cfg = DecodeConfig::new(8);
+    let d = 128;
+    let rows = 134 * 8;
+    let q: Vec<f64> = rng
+        .sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
+            rows * d,
+        )
+        .into_iter()
+        .map(|x| bf16::from_f64(x).to_f64())
+        .collect();
+    let plan = PrefillPlan::new::<bf16>(&l, &t, &qo, &cfg)?;
+    let cache_d = dev.upload(&cache.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>())?;
+    let q_d = dev.upload(&q.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>())?;
+    let (ip, xp, lp, qp) = (
+        dev.upload(&indptr)?,
+        dev.upload(&idx)?,
+        dev.upload(&lens)?,
+        dev.upload(&qo)?,
+    );
+    let mut ws = PrefillWorkspace::new(dev)?;
+    let mut o = dev.upload(&vec![bf16::poison(); rows * d])?;
+    let mut lse = dev.upload(&vec![f32::poison(); rows])?;
+    prefill(
+        dev, &plan, &q_d, &cache_d, &ip, &xp, &lp, &qp, &mut ws, &mut o, &mut lse,
+    )?;
+    ws.check_status_sync(dev)?;
+    let want = reference::prefill(&l, &cache, &t, &qo, &q, &cfg)?;
+    let got_o = dev.download(&o)?;
+    let got_lse = dev.download(&lse)?;
+    let err_o = got_o
+        .iter()
+        .zip(&want.o)
+        .map(|(g, w)| (g.to_f64() - w).abs() / w.abs().max(1.0))
+        .fold(0.0, f64::max);
+    let err_l = got_lse
+        .iter()
+        .zip(&want.lse)
+        .map(|(g, w)| (*g as f64 - w).abs() / w.abs().max(1.0))
+        .fold(0.0, f64::max);
+    let mode = if dev.kind() == "gpu" { "gpu" } else { "emu" };
+    Ok(vec![
+        CheckRow {
+            kernel: "fk_attn_prefill_bf16_d128 (o)".into(),
+            mode,
+            max_err: err_o,
+            pass: err_o < 2e-2 && !err_o.is_nan(),
+            gbps: None,
+            note: "GQA 4, pages of 16, 100/33/1 new tokens over 0/60/200 cached".into(),
+        },
+        CheckRow {
+            kernel: "fk_attn_prefill_bf16_d128 (lse)".into(),
+            mode,
+            max_err: err_l,
+            pass: err_l < 1e-5 && !err_l.is_nan(),
+            gbps: None,
+            note: "relative to max(1, |lse|)".into(),
         },
     ])
 }

@@ -12,17 +12,22 @@
 //! * [`append`] / [`append_quantized`] with their [`AppendPlan`]: new tokens into their pages, the token
 //!   groups they complete quantised on the way (bit for bit as [`pack_quantized`] does on the host),
 //!   the newest tokens kept in each sequence's full-precision residual slot;
-//! * [`reference`](mod@reference): exact decode attention in f64, the merge of partial states, and the
-//!   KIVI round trip.
+//! * [`prefill`] with its [`PrefillPlan`] and [`PrefillWorkspace`]: causal flash attention of ragged
+//!   batches of new tokens over the paged bf16/f16 cache that holds them (chunked prefill over a cached
+//!   prefix), on tensor cores (`mma.sync`, `ldmatrix`, a `cp.async` pipeline), GQA rows packed per KV
+//!   head;
+//! * [`reference`](mod@reference): exact decode and prefill attention in f64, the merge of partial
+//!   states, and the KIVI round trip.
 //!
-//! Still to come (issue 14): prefill, RoPE in the kernels, sinks + window retention and inter-layer
-//! sharing, following `src/attention/DESIGN.md`.
+//! Still to come (issue 14): RoPE in the kernels, prefill over quantised caches, sinks + window
+//! retention and inter-layer sharing, following `src/attention/DESIGN.md`.
 
 mod append;
 mod cache;
 pub(crate) mod check;
 mod decode;
 mod kivi;
+mod prefill;
 pub mod reference;
 
 pub use append::{append, append_quantized, AppendPlan, AppendWorkspace};
@@ -31,6 +36,7 @@ pub use decode::{
     decode, decode_quantized, DecodePlan, DecodeWorkspace, KvElement, DEFAULT_SPLIT_SIZE,
 };
 pub use kivi::{pack_quantized, PackedCache};
+pub use prefill::{prefill, PrefillPlan, PrefillWorkspace};
 
 use crate::error::{Error, Result};
 
@@ -52,7 +58,8 @@ pub struct DecodeConfig {
     pub sm_scale: Option<f32>,
     /// Logit softcap `c > 0`: scores become `c · tanh(s / c)` (Gemma 2).
     pub softcap: Option<f32>,
-    /// Sliding window: attend to the last `window >= 1` tokens of each sequence only.
+    /// Sliding window: attend to the last `window >= 1` tokens of each sequence only (prefill: the
+    /// last `window` tokens up to and including each query).
     pub window: Option<u32>,
 }
 

@@ -16,7 +16,8 @@ use super::DecodeConfig;
 use crate::error::{Error, Result};
 use crate::validate::exactly;
 
-/// Output of a decode: `o` is `[batch, num_qo_heads, head_dim]`, `lse` is `[batch, num_qo_heads]`.
+/// Output of a decode: `o` is `[batch, num_qo_heads, head_dim]`, `lse` is `[batch, num_qo_heads]`
+/// (of a [`prefill`]: `total_q` new tokens in place of `batch`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decoded {
     /// Attention output per query head.
@@ -89,6 +90,81 @@ pub fn decode(
             );
             out.o[i * d..(i + 1) * d].copy_from_slice(&o);
             out.lse[i] = lse;
+        }
+    }
+    Ok(out)
+}
+
+/// Exact causal prefill attention: sequence `b` holds `seq_lens[b] = L` tokens, of which the last
+/// `Q = qo_indptr[b + 1] − qo_indptr[b]` are new; new token `i` (row `qo_indptr[b] + i` of `q`) sits at
+/// position `L − Q + i` and attends, per query head `h` (KV head `h / (Hq / Hkv)`), to the cache tokens
+/// `lo..=L − Q + i` with `lo = 0`, or the last `window` of them with a window. `q` is
+/// `[total_q, num_qo_heads, head_dim]`; the output's `o` and `lse` are `[total_q, num_qo_heads, ·]`.
+///
+/// ```
+/// use fusekit::attention::{reference, DecodeConfig, Kv, KvFormat, PageTable, PagedKvLayout};
+/// let l = PagedKvLayout::new(3, 1, 1, 64, KvFormat::Bf16)?;
+/// let mut cache = vec![0.0; l.elements() as usize];
+/// for page in 0..3 {
+///     cache[l.offset(Kv::V, page, 0, 0, 0) as usize] = page as f64; // v = [page, 0, ...]
+/// }
+/// // 3 tokens, the last 2 new; q = 0: equal scores, so o is the mean of the values seen.
+/// let t = PageTable { page_indptr: &[0, 3], page_indices: &[0, 1, 2], seq_lens: &[3] };
+/// let p = reference::prefill(&l, &cache, &t, &[0, 2], &vec![0.0; 2 * 64], &DecodeConfig::new(1))?;
+/// assert_eq!((p.o[0], p.o[64]), (0.5, 1.0)); // (0 + 1) / 2, (0 + 1 + 2) / 3
+/// assert!((p.lse[1] - 3f64.ln()).abs() < 1e-15);
+/// # Ok::<(), fusekit::Error>(())
+/// ```
+pub fn prefill(
+    layout: &PagedKvLayout,
+    cache: &[f64],
+    table: &PageTable<'_>,
+    qo_indptr: &[i32],
+    q: &[f64],
+    cfg: &DecodeConfig,
+) -> Result<Decoded> {
+    layout.check_page_table(table)?;
+    cfg.validate(layout)?;
+    let total = super::prefill::check_qo_indptr(table, qo_indptr)?;
+    exactly(
+        "cache",
+        cache.len(),
+        layout.elements() as usize,
+        "layout.elements()",
+    )?;
+    let (hq, d) = (cfg.num_qo_heads, layout.head_dim());
+    exactly(
+        "q",
+        q.len(),
+        total * hq * d,
+        "total_q * num_qo_heads * head_dim",
+    )?;
+    let mut out = Decoded {
+        o: vec![0.0; total * hq * d],
+        lse: vec![0.0; total * hq],
+    };
+    for (b, &len) in table.seq_lens.iter().enumerate() {
+        let (q0, q1) = (qo_indptr[b] as usize, qo_indptr[b + 1] as usize);
+        let first = len as usize - (q1 - q0);
+        for (i, tok) in (q0..q1).enumerate() {
+            let hi = first + i + 1;
+            let lo = cfg.window.map_or(0, |w| hi.saturating_sub(w as usize));
+            for h in 0..hq {
+                let r = tok * hq + h;
+                let (o, lse) = attend(
+                    layout,
+                    cache,
+                    table,
+                    b,
+                    h,
+                    &q[r * d..(r + 1) * d],
+                    cfg,
+                    lo,
+                    hi,
+                );
+                out.o[r * d..(r + 1) * d].copy_from_slice(&o);
+                out.lse[r] = lse;
+            }
         }
     }
     Ok(out)

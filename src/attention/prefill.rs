@@ -1,0 +1,436 @@
+//! Causal prefill over a paged bf16/f16 cache: the plan (validated on the host, without a device), the
+//! workspace (the page-table status word), and the launch of the tensor-core flash-attention kernel.
+
+use std::ffi::c_void;
+
+use cudarc::driver::LaunchConfig;
+
+use super::cache::{PageTable, PagedKvLayout};
+use super::{DecodeConfig, KvElement};
+use crate::backend::private::AddrMut;
+use crate::device::{check_aligned, Family};
+use crate::error::{Error, Result};
+use crate::launch::launch_kernel;
+use crate::params::*;
+use crate::plan::PlannedLaunch;
+use crate::validate::{exactly, owned};
+use crate::{Backend, DeviceRead, DeviceWrite};
+
+/// Checks `qo_indptr` against a (checked) page table: `batch + 1` entries from 0, non-decreasing, and
+/// no sequence with more new tokens than it holds in the cache. Returns the total of new tokens.
+pub(crate) fn check_qo_indptr(table: &PageTable<'_>, qo_indptr: &[i32]) -> Result<usize> {
+    let batch = table.seq_lens.len();
+    if qo_indptr.len() != batch + 1 {
+        return Err(Error::shape(
+            "qo_indptr",
+            format!("batch + 1 = {} entries", batch + 1),
+            format!("{}", qo_indptr.len()),
+        ));
+    }
+    if qo_indptr[0] != 0 {
+        return Err(Error::invalid(
+            "qo_indptr",
+            format!("must start at 0, got {}", qo_indptr[0]),
+        ));
+    }
+    for b in 0..batch {
+        let (lo, hi) = (qo_indptr[b], qo_indptr[b + 1]);
+        if hi < lo {
+            return Err(Error::invalid(
+                "qo_indptr",
+                format!("decreases at sequence {b}: {lo} then {hi}"),
+            ));
+        }
+        let (q, len) = ((hi - lo) as u64, table.seq_lens[b] as u64);
+        if q > len {
+            return Err(Error::invalid(
+                "qo_indptr",
+                format!(
+                    "sequence {b} has {q} new tokens but {len} tokens in the cache (the cache holds \
+                     the new tokens too: at most seq_lens[b])"
+                ),
+            ));
+        }
+    }
+    Ok(qo_indptr[batch] as usize)
+}
+
+/// The validated plan of a [`prefill`]: shapes, the grid (query tiles × KV heads × sequences) and the
+/// kernel, from the host's copies of the page table and `qo_indptr`, without a device. The
+/// configuration is a [`DecodeConfig`] (query heads, scale, softcap, window), with the same meaning
+/// per query: query `i` of a sequence's `q_len` new tokens sits at position `seq_len − q_len + i` and
+/// attends to the cache tokens up to it (the last `window` of them with a window).
+///
+/// ```
+/// use fusekit::attention::{DecodeConfig, KvFormat, PageTable, PagedKvLayout, PrefillPlan};
+/// let l = PagedKvLayout::new(64, 16, 8, 128, KvFormat::Bf16)?;
+/// // Two sequences: 100 cached + 30 new tokens, and 50 new tokens alone.
+/// let idx: Vec<i32> = (0..13).collect();
+/// let t = PageTable { page_indptr: &[0, 9, 13], page_indices: &idx, seq_lens: &[130, 50] };
+/// let plan = PrefillPlan::new::<half::bf16>(&l, &t, &[0, 30, 80], &DecodeConfig::new(32))?;
+/// assert_eq!(plan.total_q(), 80);
+/// // 4 query heads per KV head: 50 tokens are 200 packed rows, 4 tiles of 64.
+/// assert_eq!(plan.launches()[0].grid, 4);
+/// assert_eq!(plan.launches()[0].kernel, "fk_attn_prefill_bf16_d128");
+/// # Ok::<(), fusekit::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct PrefillPlan {
+    layout: PagedKvLayout,
+    cfg: DecodeConfig,
+    batch: usize,
+    n_page_indices: usize,
+    total_q: usize,
+    q_tiles: usize,
+    elem: &'static str,
+}
+
+impl PrefillPlan {
+    /// Validates a prefill of `T` elements: the layout's format is `T`'s, the page table fits the
+    /// layout, `qo_indptr` fits the page table ([`batch + 1`] entries from 0, non-decreasing, at most
+    /// `seq_lens[b]` new tokens in sequence `b`), the configuration fits the cache, at most 65535
+    /// sequences and KV heads, and fewer than 2^31 packed rows (`q_len · group`) per sequence.
+    pub fn new<T: KvElement>(
+        layout: &PagedKvLayout,
+        table: &PageTable<'_>,
+        qo_indptr: &[i32],
+        cfg: &DecodeConfig,
+    ) -> Result<Self> {
+        if layout.format() != T::FORMAT {
+            return Err(Error::DType {
+                arg: "cache",
+                expected: format!("{:?} (the layout's format)", layout.format()),
+                got: T::SUFFIX.to_string(),
+            });
+        }
+        layout.check_page_table(table)?;
+        cfg.validate(layout)?;
+        let total_q = check_qo_indptr(table, qo_indptr)?;
+        let batch = table.seq_lens.len();
+        if batch > 65535 || layout.num_kv_heads() > 65535 {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "a prefill of {batch} sequences over {} KV heads (at most 65535 of each per call)",
+                    layout.num_kv_heads()
+                ),
+            });
+        }
+        let group = cfg.num_qo_heads / layout.num_kv_heads();
+        let rows = FK_ATTN_PREFILL_ROWS as usize;
+        let max_rows = qo_indptr
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as u64 * group as u64)
+            .max()
+            .unwrap_or(0);
+        let q_tiles = max_rows.div_ceil(rows as u64);
+        if q_tiles * rows as u64 > i32::MAX as u64 || cfg.num_qo_heads > i32::MAX as usize {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{max_rows} packed rows (new tokens x {group} query heads per KV head) in one \
+                     sequence: at most 2^31 - 64"
+                ),
+            });
+        }
+        Ok(PrefillPlan {
+            layout: *layout,
+            cfg: *cfg,
+            batch,
+            n_page_indices: table.page_indices.len(),
+            total_q,
+            q_tiles: q_tiles as usize,
+            elem: T::SUFFIX,
+        })
+    }
+
+    /// New tokens in the batch: the rows of `q` and `o` (`qo_indptr[batch]`).
+    ///
+    /// ```
+    /// # use fusekit::attention::{DecodeConfig, KvFormat, PageTable, PagedKvLayout, PrefillPlan};
+    /// let l = PagedKvLayout::new(4, 16, 1, 64, KvFormat::F16)?;
+    /// let t = PageTable { page_indptr: &[0, 1, 2], page_indices: &[0, 1], seq_lens: &[5, 9] };
+    /// assert_eq!(PrefillPlan::new::<half::f16>(&l, &t, &[0, 5, 7], &DecodeConfig::new(2))?.total_q(), 7);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn total_q(&self) -> usize {
+        self.total_q
+    }
+
+    /// Rows of `lse`: new tokens × query heads.
+    ///
+    /// ```
+    /// # use fusekit::attention::{DecodeConfig, KvFormat, PageTable, PagedKvLayout, PrefillPlan};
+    /// let l = PagedKvLayout::new(4, 16, 2, 64, KvFormat::F16)?;
+    /// let t = PageTable { page_indptr: &[0, 1], page_indices: &[2], seq_lens: &[9] };
+    /// assert_eq!(PrefillPlan::new::<half::f16>(&l, &t, &[0, 4], &DecodeConfig::new(6))?.rows(), 24);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn rows(&self) -> usize {
+        self.total_q * self.cfg.num_qo_heads
+    }
+
+    /// Dynamic shared memory of the kernel: the Q tile and two stages of K and V tiles (40, 80 and
+    /// 96 KiB at head dims 64, 128 and 256; within the 99 KiB a block may opt into on sm_86/sm_89).
+    ///
+    /// ```
+    /// # use fusekit::attention::{DecodeConfig, KvFormat, PageTable, PagedKvLayout, PrefillPlan};
+    /// let l = PagedKvLayout::new(4, 16, 1, 256, KvFormat::F16)?;
+    /// let t = PageTable { page_indptr: &[0, 1], page_indices: &[0], seq_lens: &[9] };
+    /// assert_eq!(PrefillPlan::new::<half::f16>(&l, &t, &[0, 9], &DecodeConfig::new(1))?.shared_mem_bytes(), 96 << 10);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn shared_mem_bytes(&self) -> u32 {
+        let d = self.layout.head_dim() as u32;
+        let kv_tile = match d {
+            64 => FK_ATTN_PREFILL_KV_TILE_D64,
+            128 => FK_ATTN_PREFILL_KV_TILE_D128,
+            _ => FK_ATTN_PREFILL_KV_TILE_D256,
+        };
+        (FK_ATTN_PREFILL_ROWS + 4 * kv_tile) * d * 2
+    }
+
+    /// The launch: one CTA per (query tile of 64 packed rows, KV head, sequence); none when the batch
+    /// has no new token. `grid` is the query tiles of the longest sequence (the x extent).
+    ///
+    /// ```
+    /// # use fusekit::attention::{DecodeConfig, KvFormat, PageTable, PagedKvLayout, PrefillPlan};
+    /// let l = PagedKvLayout::new(4, 16, 2, 64, KvFormat::F16)?;
+    /// let t = PageTable { page_indptr: &[0, 1], page_indices: &[3], seq_lens: &[5] };
+    /// let plan = PrefillPlan::new::<half::f16>(&l, &t, &[0, 5], &DecodeConfig::new(2))?;
+    /// assert_eq!(plan.launches()[0].kernel, "fk_attn_prefill_f16_d64");
+    /// assert!(PrefillPlan::new::<half::f16>(&l, &t, &[0, 0], &DecodeConfig::new(2))?.launches().is_empty());
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn launches(&self) -> Vec<PlannedLaunch> {
+        if self.q_tiles == 0 {
+            return Vec::new();
+        }
+        vec![PlannedLaunch::new(
+            format!("fk_attn_prefill_{}_d{}", self.elem, self.layout.head_dim()),
+            self.config(),
+        )]
+    }
+
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                self.q_tiles as u32,
+                self.layout.num_kv_heads() as u32,
+                self.batch as u32,
+            ),
+            block_dim: (FK_ATTN_PREFILL_THREADS, 1, 1),
+            shared_mem_bytes: self.shared_mem_bytes(),
+        }
+    }
+}
+
+/// Device scratch of a prefill: the page-table status word. Reusable for any plan.
+#[derive(Debug)]
+pub struct PrefillWorkspace<B: Backend> {
+    status: B::Buffer<u64>,
+    /// Sequences of the last prefill launched with this workspace: the status word counts from it.
+    batch: usize,
+}
+
+impl<B: Backend> PrefillWorkspace<B> {
+    /// Allocates a workspace on `dev`.
+    ///
+    /// ```
+    /// # fn main() -> fusekit::Result<()> {
+    /// let dev = fusekit::emu::Emulator::new()?;
+    /// let _ws = fusekit::attention::PrefillWorkspace::new(&dev)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn new(dev: &B) -> Result<Self> {
+        Ok(PrefillWorkspace {
+            status: dev.alloc_zeros(1)?,
+            batch: 0,
+        })
+    }
+
+    /// After a [`prefill`]: `Err(OutOfRange)` naming the first sequence whose device page table or
+    /// `qo_indptr` disagreed with the plan's (see [`prefill`] for which rows are then NaN), else `Ok`.
+    /// Synchronises the stream.
+    ///
+    /// ```
+    /// # fn main() -> fusekit::Result<()> {
+    /// let dev = fusekit::emu::Emulator::new()?;
+    /// let ws = fusekit::attention::PrefillWorkspace::new(&dev)?;
+    /// ws.check_status_sync(&dev)?; // nothing launched yet: Ok
+    /// # Ok(()) }
+    /// ```
+    pub fn check_status_sync(&self, dev: &B) -> Result<()> {
+        let s = dev.download(&self.status)?[0];
+        if s == 0 {
+            return Ok(());
+        }
+        let b = self.batch.saturating_sub(s as usize);
+        Err(Error::OutOfRange {
+            arg: "page_table",
+            index: b,
+            value: b as i64,
+            allowed: "a device page table and qo_indptr equal to the plan's (pages in range, \
+                      ceil(len / page_size) pages and at most len new tokens per sequence)"
+                .into(),
+        })
+    }
+}
+
+/// Causal prefill attention of a batch of new tokens over a paged cache that already holds them:
+/// for sequence `b` with `seq_lens[b] = L` cached tokens, of which the last `Q = qo_indptr[b+1] −
+/// qo_indptr[b]` are new, query `i` attends to cache tokens `0 ..= L − Q + i` (bottom-right aligned
+/// causal mask, so chunked prefill over a cached prefix works), with the plan's scale, softcap and
+/// window; GQA: query head `h` reads KV head `h / (Hq / Hkv)`. `q` and `o` are `[total_q, num_qo_heads,
+/// head_dim]` (16-byte aligned), `lse` is `[total_q, num_qo_heads]` (natural log). The device page
+/// table and `qo_indptr` must hold the values the plan was made from; a different one is never read or
+/// written out of bounds, and [`PrefillWorkspace::check_status_sync`] reports it: a sequence whose
+/// length, page count or new-token rows do not fit comes out NaN (the rows that lie inside the output);
+/// a page index outside the cache makes NaN the rows of every 64-row tile that would read that page.
+///
+/// Precision: scores and the softmax in fp32 (mma.sync with fp32 accumulators); the probabilities are
+/// rounded to `T` before the `P·V` product, as FlashAttention does. A NaN or infinity in a key makes the
+/// rows that attend to it NaN, and no other (the mask drops it exactly); in a value, it can also make
+/// that element NaN in the other rows of a 64-row tile that loads the token (0 · NaN in `P·V`). Never a
+/// finite wrong value.
+///
+/// ```
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
+/// use fusekit::attention::{prefill, DecodeConfig, KvFormat, PageTable, PagedKvLayout, PrefillPlan, PrefillWorkspace};
+/// use half::bf16;
+/// let dev = fusekit::emu::Emulator::new()?;
+/// let l = PagedKvLayout::new(2, 16, 1, 64, KvFormat::Bf16)?;
+/// // 3 tokens in the cache, the last 2 of them new.
+/// let t = PageTable { page_indptr: &[0, 1], page_indices: &[1], seq_lens: &[3] };
+/// let qo = [0, 2];
+/// let plan = PrefillPlan::new::<bf16>(&l, &t, &qo, &DecodeConfig::new(1))?;
+/// let cache = dev.upload(&vec![bf16::ONE; l.elements() as usize])?; // every value 1
+/// let q = dev.upload(&vec![bf16::ZERO; 2 * 64])?;
+/// let (indptr, idx, lens) = (dev.upload(t.page_indptr)?, dev.upload(t.page_indices)?, dev.upload(t.seq_lens)?);
+/// let qo_d = dev.upload(&qo)?;
+/// let mut ws = PrefillWorkspace::new(&dev)?;
+/// let mut o = dev.alloc_zeros::<bf16>(2 * 64)?;
+/// let mut lse = dev.alloc_zeros::<f32>(2)?;
+/// prefill(&dev, &plan, &q, &cache, &indptr, &idx, &lens, &qo_d, &mut ws, &mut o, &mut lse)?;
+/// ws.check_status_sync(&dev)?;
+/// assert!(dev.download(&o)?.iter().all(|&x| x == bf16::ONE));
+/// let lse = dev.download(&lse)?; // the first new token sees 2 tokens, the second 3
+/// assert!((lse[0] - 2f32.ln()).abs() < 1e-6 && (lse[1] - 3f32.ln()).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn prefill<B, T, Q, C, P, I, S, QI, O, L>(
+    dev: &B,
+    plan: &PrefillPlan,
+    q: &Q,
+    cache: &C,
+    page_indptr: &P,
+    page_indices: &I,
+    seq_lens: &S,
+    qo_indptr: &QI,
+    ws: &mut PrefillWorkspace<B>,
+    o: &mut O,
+    lse: &mut L,
+) -> Result<()>
+where
+    B: Backend,
+    T: KvElement,
+    Q: DeviceRead<T, B>,
+    C: DeviceRead<T, B>,
+    P: DeviceRead<i32, B>,
+    I: DeviceRead<i32, B>,
+    S: DeviceRead<u32, B>,
+    QI: DeviceRead<i32, B>,
+    O: DeviceWrite<T, B>,
+    L: DeviceWrite<f32, B>,
+{
+    if plan.elem != T::SUFFIX {
+        return Err(Error::DType {
+            arg: "q",
+            expected: plan.elem.to_string(),
+            got: T::SUFFIX.to_string(),
+        });
+    }
+    owned(dev, "q", q)?;
+    owned(dev, "cache", cache)?;
+    owned(dev, "page_indptr", page_indptr)?;
+    owned(dev, "page_indices", page_indices)?;
+    owned(dev, "seq_lens", seq_lens)?;
+    owned(dev, "qo_indptr", qo_indptr)?;
+    owned(dev, "o", o)?;
+    owned(dev, "lse", lse)?;
+    owned(dev, "ws", &ws.status)?;
+    let (d, rows) = (plan.layout.head_dim(), plan.rows());
+    exactly("q", q.len(), rows * d, "total_q * num_qo_heads * head_dim")?;
+    exactly(
+        "cache",
+        cache.len(),
+        plan.layout.elements() as usize,
+        "layout.elements()",
+    )?;
+    exactly(
+        "page_indptr",
+        page_indptr.len(),
+        plan.batch + 1,
+        "batch + 1",
+    )?;
+    exactly(
+        "page_indices",
+        page_indices.len(),
+        plan.n_page_indices,
+        "the plan's page table",
+    )?;
+    exactly("seq_lens", seq_lens.len(), plan.batch, "batch")?;
+    exactly("qo_indptr", qo_indptr.len(), plan.batch + 1, "batch + 1")?;
+    exactly("o", o.len(), rows * d, "total_q * num_qo_heads * head_dim")?;
+    exactly("lse", lse.len(), rows, "total_q * num_qo_heads")?;
+    let (qp, _a) = q.addr(dev);
+    let (cp, _b) = cache.addr(dev);
+    let (ip, _c) = page_indptr.addr(dev);
+    let (xp, _d) = page_indices.addr(dev);
+    let (sp, _e) = seq_lens.addr(dev);
+    let (qip, _f) = qo_indptr.addr(dev);
+    let (op, _g) = o.addr_mut(dev);
+    let (lp, _h) = lse.addr_mut(dev);
+    check_aligned("q", qp, 16)?;
+    check_aligned("cache", cp, 16)?;
+    check_aligned("o", op, 16)?;
+    dev.zero(&mut ws.status)?;
+    ws.batch = plan.batch;
+    let launches = plan.launches();
+    let Some(launch) = launches.first() else {
+        return Ok(()); // no new token
+    };
+    let (stp, _i) = ws.status.addr_mut(dev);
+    let l = &plan.layout;
+    let p = fk_attn_prefill_params {
+        q: qp as *const c_void,
+        cache: cp as *const c_void,
+        page_indptr: ip as *const i32,
+        page_indices: xp as *const i32,
+        seq_lens: sp as *const u32,
+        qo_indptr: qip as *const i32,
+        o: op as *mut c_void,
+        lse: lp as *mut f32,
+        status: stp as *mut u64,
+        num_pages: l.num_pages() as i64,
+        n_page_indices: plan.n_page_indices as i64,
+        total_q: plan.total_q as i64,
+        batch: plan.batch as i32,
+        num_qo_heads: plan.cfg.num_qo_heads as i32,
+        num_kv_heads: l.num_kv_heads() as i32,
+        page_size: l.page_size() as i32,
+        window: plan.cfg.window.map_or(0, |w| w.min(i32::MAX as u32) as i32),
+        scale: plan.cfg.scale(d) as f32,
+        softcap: plan.cfg.softcap.unwrap_or(0.0),
+    };
+    // The kernel reads q and the cache through the checked page table and qo_indptr, and writes the
+    // rows of o and lse that qo_indptr gives each sequence.
+    launch_kernel(
+        dev,
+        Family::Attention,
+        &launch.kernel,
+        plan.config(),
+        &p,
+        None,
+    )
+}
