@@ -21,6 +21,7 @@
 // out of bounds: the sequence's writes are skipped and the status word records it.
 #include "attention_params.h"
 #include "fk_common.cuh"
+#include "fk_rope.cuh"
 
 __device__ __forceinline__ void append_flag(const fk_attn_append_params &p, int b) {
     if (p.status) atomicMax(p.status, (unsigned long long)(p.batch - b));
@@ -78,7 +79,23 @@ __device__ __forceinline__ void attn_append_copy(const fk_attn_append_params &p)
         }
         const int64_t pos = s.len - s.n + (tok - s.a0);
         const T *src = reinterpret_cast<const T *>(kv ? p.v_new : p.k_new) + (tok * p.num_kv_heads + h) * D;
-        const V x = reinterpret_cast<const V *>(src)[vec];
+        V x = reinterpret_cast<const V *>(src)[vec];
+        if (p.rope_k && kv == 0) {  // RoPE at append: the key rotated at its position, then stored
+            float f[8], g[8];
+            fk_vec_to_f32(x, f);
+            if (p.rope_style == 0) {
+                fk_vec_to_f32(reinterpret_cast<const V *>(src)[vec ^ (VPR / 2)], g);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) g[e] = f[e ^ 1];
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int c = vec * 8 + e;
+                x.v[e] = fk_from_f32<T>(fk_rope_apply(f[e], g[e], fk_rope_inv_freq(c, D, p.rope_style, p.rope_log2_theta),
+                                                      fk_rope_first(c, D, p.rope_style), (float)pos));
+            }
+        }
         if (p.to_residual) {
             const int64_t nq = (int64_t)((uint32_t)s.len / (uint32_t)p.group) * p.group;
             if (pos < nq) continue;  // quantised by the group kernel
@@ -125,6 +142,21 @@ __device__ __forceinline__ float append_load(const T *res, const T *src, int64_t
     return t < old_len ? fk_to_f32(res[((uint32_t)t % (uint32_t)G) * D + e]) : fk_to_f32(src[(t - old_len) * stride + e]);
 }
 
+// A key element as the cache stores it: with RoPE at append (rope_k), a new token's key rotated at its
+// position, as the element type T rounds it (what the bf16/f16 copy stores); the residual's keys are
+// rotated already.
+template <typename T, int D>
+__device__ __forceinline__ float append_load_k(const fk_attn_append_params &p, const T *res, const T *src, int64_t stride,
+                                               int64_t old_len, int G, int64_t t, int e) {
+    const float x = append_load<T, D>(res, src, stride, old_len, G, t, e);
+    if (!p.rope_k || t < old_len) return x;
+    const int partner = p.rope_style == 0 ? (e + D / 2) % D : e ^ 1;
+    const float xp = fk_to_f32(src[(t - old_len) * stride + partner]);
+    const float r = fk_rope_apply(x, xp, fk_rope_inv_freq(e, D, p.rope_style, p.rope_log2_theta),
+                                  fk_rope_first(e, D, p.rope_style), (float)t);
+    return fk_to_f32(fk_from_f32<T>(r));
+}
+
 template <typename T, int D, int BITS>
 __device__ __forceinline__ void attn_append_quant(const fk_attn_append_params &p) {
     constexpr int MAXC = (1 << BITS) - 1;
@@ -169,7 +201,7 @@ __device__ __forceinline__ void attn_append_quant(const fk_attn_append_params &p
             float lo = INFINITY, hi = -INFINITY;
             bool finite = true;
             for (int64_t t = first; t < first + G; ++t) {
-                const float x = append_load<T, D>(res, k_src, src_stride, old_len, G, t, 2 * c2 + j);
+                const float x = append_load_k<T, D>(p, res, k_src, src_stride, old_len, G, t, 2 * c2 + j);
                 finite = finite && isfinite(x);
                 lo = fminf(lo, x);
                 hi = fmaxf(hi, x);
@@ -181,8 +213,8 @@ __device__ __forceinline__ void attn_append_quant(const fk_attn_append_params &p
         kp[0] = words[0];
         kp[1] = words[1];
         for (int64_t t = first; t < first + G; ++t) {
-            const uint32_t c0 = append_code(append_load<T, D>(res, k_src, src_stride, old_len, G, t, 2 * c2), sc[0], zc[0], MAXC);
-            const uint32_t c1 = append_code(append_load<T, D>(res, k_src, src_stride, old_len, G, t, 2 * c2 + 1), sc[1], zc[1], MAXC);
+            const uint32_t c0 = append_code(append_load_k<T, D>(p, res, k_src, src_stride, old_len, G, t, 2 * c2), sc[0], zc[0], MAXC);
+            const uint32_t c1 = append_code(append_load_k<T, D>(p, res, k_src, src_stride, old_len, G, t, 2 * c2 + 1), sc[1], zc[1], MAXC);
             uint8_t *row = (cache + (int64_t)pages[(uint32_t)t / (uint32_t)ps] * p.page_bytes) + ((int64_t)h * ps + (uint32_t)t % (uint32_t)ps) * CROW;
             if constexpr (BITS == 4) {
                 row[c2] = (uint8_t)(c0 | (c1 << 4));

@@ -22,6 +22,7 @@
 // partials are NaN and the status word records it.
 #include "attention_params.h"
 #include "fk_common.cuh"
+#include "fk_rope.cuh"
 
 struct attn_state {
     float m;  // running max of the base-2 scores (-inf: none yet)
@@ -83,20 +84,69 @@ __device__ __forceinline__ attn_cta attn_begin(const fk_attn_decode_params &p, a
     return c;
 }
 
-// q chunk (this lane's VEC elements) of each of the CTA's heads, scaled, and by log2 e when no softcap
-// follows, so scores are base 2.
+// This lane's RoPE constants: the inverse frequency and pair role of each of its VEC channels.
+template <int D, int VEC>
+struct attn_rope {
+    float inv_freq[VEC];
+    bool first[VEC];
+};
+
+template <int D, int VEC>
+__device__ __forceinline__ attn_rope<D, VEC> attn_rope_init(const fk_attn_decode_params &p, int part) {
+    attn_rope<D, VEC> r;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        const int c = part * VEC + e;
+        r.inv_freq[e] = fk_rope_inv_freq(c, D, p.rope_style, p.rope_log2_theta);
+        r.first[e] = fk_rope_first(c, D, p.rope_style);
+    }
+    return r;
+}
+
+// Rotates this lane's VEC channels of a key at pos. Half style: the partner channel is in lane
+// part ^ (L / 2) of the same token (a shuffle, so every lane of the warp calls this); interleaved: in
+// the same lane.
+template <int D, int VEC, int L>
+__device__ __forceinline__ void attn_rope_key(const fk_attn_decode_params &p, const attn_rope<D, VEC> &r,
+                                              float (&k)[VEC], float pos) {
+    float kp[VEC];
+    if (p.rope_style == 0) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) kp[e] = __shfl_xor_sync(FK_FULL_MASK, k[e], L / 2);
+    } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) kp[e] = k[e ^ 1];
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) k[e] = fk_rope_apply(k[e], kp[e], r.inv_freq[e], r.first[e], pos);
+}
+
+// q chunk (this lane's VEC elements) of each of the CTA's heads, rotated at the query's position len - 1
+// when rope_q, then scaled, and by log2 e when no softcap follows, so scores are base 2.
 template <typename T, int D, int HG, int VEC>
 __device__ __forceinline__ void attn_load_q(const fk_attn_decode_params &p, const attn_cta &c, int part,
-                                            float (&q)[HG][VEC]) {
+                                            const attn_rope<D, VEC> &r, float (&q)[HG][VEC]) {
     using V = fk_vec16<T>;
+    constexpr int L = D / VEC;
     const float qs = p.softcap > 0.0f ? p.scale : p.scale * FK_LOG2E_F;
 #pragma unroll
     for (int h = 0; h < HG; ++h) {
         if (h < c.nh) {
-            const V qv = reinterpret_cast<const V *>(reinterpret_cast<const T *>(p.q) +
-                                                     ((int64_t)c.b * p.num_qo_heads + c.h0 + h) * D)[part];
+            const V *row = reinterpret_cast<const V *>(reinterpret_cast<const T *>(p.q) +
+                                                       ((int64_t)c.b * p.num_qo_heads + c.h0 + h) * D);
             float f[VEC];
-            fk_vec_to_f32(qv, f);
+            fk_vec_to_f32(row[part], f);
+            if (p.rope_q) {
+                float g[VEC];
+                if (p.rope_style == 0) {
+                    fk_vec_to_f32(row[part ^ (L / 2)], g);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) g[e] = f[e ^ 1];
+                }
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) f[e] = fk_rope_apply(f[e], g[e], r.inv_freq[e], r.first[e], (float)(c.len - 1));
+            }
 #pragma unroll
             for (int e = 0; e < VEC; ++e) q[h][e] = f[e] * qs;
         } else {
@@ -237,8 +287,9 @@ __device__ __forceinline__ void attn_decode(const fk_attn_decode_params &p) {
     const int sub = lane / L, part = lane % L;
     const int ps = p.page_size;
 
+    const attn_rope<D, VEC> rope = attn_rope_init<D, VEC>(p, part);
     float q[HG][VEC];
-    attn_load_q<T, D, HG, VEC>(p, c, part, q);
+    attn_load_q<T, D, HG, VEC>(p, c, part, rope, q);
     attn_state st[HG];
     float o[HG][VEC];
     attn_init<HG, VEC>(st, o);
@@ -270,6 +321,7 @@ __device__ __forceinline__ void attn_decode(const fk_attn_decode_params &p) {
 #pragma unroll
             for (int e = 0; e < VEC; ++e) k[e] = v[e] = 0.0f;
         }
+        if (p.rope_k) attn_rope_key<D, VEC, L>(p, rope, k, (float)t);
         attn_update<HG, VEC, L>(q, k, v, have, p.softcap, st, o);
     }
     attn_finish<D, HG, VEC, L>(p, c, sm, st, o, bad_page);
@@ -325,8 +377,9 @@ __device__ __forceinline__ void attn_decode_quant(const fk_attn_decode_params &p
     const int sub = lane / L, part = lane % L;
     const int ps = p.page_size, G = p.group;
 
+    const attn_rope<D, VEC> rope = attn_rope_init<D, VEC>(p, part);
     float q[HG][VEC];
-    attn_load_q<T, D, HG, VEC>(p, c, part, q);
+    attn_load_q<T, D, HG, VEC>(p, c, part, rope, q);
     attn_state st[HG];
     float o[HG][VEC];
     attn_init<HG, VEC>(st, o);
@@ -360,6 +413,7 @@ __device__ __forceinline__ void attn_decode_quant(const fk_attn_decode_params &p
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) k[e] = v[e] = 0.0f;
             }
+            if (p.rope_k) attn_rope_key<D, VEC, L>(p, rope, k, (float)t);
             attn_update<HG, VEC, L>(q, k, v, have, p.softcap, st, o);
         }
     }
@@ -409,6 +463,7 @@ __device__ __forceinline__ void attn_decode_quant(const fk_attn_decode_params &p
 #pragma unroll
             for (int e = 0; e < VEC; ++e) k[e] = v[e] = 0.0f;
         }
+        if (p.rope_k) attn_rope_key<D, VEC, L>(p, rope, k, (float)t);
         attn_update<HG, VEC, L>(q, k, v, have, p.softcap, st, o);
     }
     attn_finish<D, HG, VEC, L>(p, c, sm, st, o, bad_page);

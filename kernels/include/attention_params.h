@@ -45,6 +45,11 @@ typedef struct fk_attn_decode_params {
     int32_t group;                /* tokens per K group (per channel) */
     int32_t v_group;              /* channels per V group (per token) */
     int32_t k_param_slots;        /* K parameter slots per page and head: ceil(page_size / group) */
+    /* RoPE (fk_rope.cuh): rope_q rotates q at position len - 1, rope_k each key at its index. */
+    float rope_log2_theta;
+    int32_t rope_style;           /* 0: half (rotate_half), 1: interleaved pairs */
+    int32_t rope_q;
+    int32_t rope_k;
 } fk_attn_decode_params;
 
 /* Merge of the split partials of each (sequence, query head) in split order: o (T) and lse (fp32). */
@@ -91,6 +96,10 @@ typedef struct fk_attn_append_params {
     int32_t k_param_slots;
     int32_t to_residual;          /* the copy kernel: 1 = new tokens past the last complete group into the
                                      residual (quantised caches); 0 = every new token into the pages */
+    /* RoPE at append (fk_rope.cuh): rope_k rotates each new key at its position before it is stored. */
+    float rope_log2_theta;
+    int32_t rope_style;
+    int32_t rope_k;
 } fk_attn_append_params;
 /* Causal prefill over a paged cache (kernels/attention/prefill.cu): one CTA of FK_ATTN_PREFILL_THREADS
  * threads per (tile of FK_ATTN_PREFILL_ROWS packed query rows, KV head, sequence). A packed row is

@@ -5,8 +5,9 @@ use std::ffi::c_void;
 
 use cudarc::driver::LaunchConfig;
 
+use super::cache::RopeMode;
 use super::cache::{PageTable, PagedKvLayout};
-use super::decode::{check_table_buffers, KvElement};
+use super::decode::{check_table_buffers, rope_log2_theta, rope_style, KvElement};
 use super::kivi::{check_quant_sizes, check_residual_slots};
 use crate::backend::private::AddrMut;
 use crate::device::{check_aligned, Family};
@@ -543,6 +544,9 @@ where
         v_group: l.v_group() as i32,
         k_param_slots: l.k_param_slots() as i32,
         to_residual: 0,
+        rope_log2_theta: rope_log2_theta(l),
+        rope_style: rope_style(l),
+        rope_k: matches!(l.rope(), RopeMode::AtAppend(_)) as i32,
     };
     for launch in plan.launches() {
         let cfg = if launch.kernel.contains("_q") {

@@ -80,6 +80,60 @@ impl KvFormat {
     }
 }
 
+/// Which channels RoPE rotates together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Channel `c` with `c + head_dim / 2` (Hugging Face / GPT-NeoX `rotate_half`); frequency index
+    /// `c mod head_dim / 2`.
+    Half,
+    /// Channels `2i` and `2i + 1` (GPT-J, llama.cpp / GGUF); frequency index `i`.
+    Interleaved,
+}
+
+/// Rotary position embedding: the pair of frequency index `i` is rotated by the angle
+/// `pos · theta^(−2i / head_dim)`, the first channel of the pair becoming `x₁ cos − x₂ sin` and the
+/// second `x₂ cos + x₁ sin`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope {
+    /// Base of the frequencies (10 000 for Llama 2, 500 000 for Llama 3, 100 000 for SmolLM2).
+    pub theta: f32,
+    /// Channel pairing.
+    pub style: RopeStyle,
+}
+
+/// Where a cache's keys get their rotary embedding, a per-cache choice. Positions are indices in the
+/// cache: token `j` of a sequence is at position `j`, and a decode's query (the sequence's last token)
+/// at `len − 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum RopeMode {
+    /// The caller rotates q and k (or the model has no RoPE); the kernels rotate nothing.
+    #[default]
+    None,
+    /// The append kernels rotate keys at their position before storing (or quantising) them; decode
+    /// rotates q.
+    AtAppend(Rope),
+    /// Keys are cached before RoPE; decode rotates each key at its position in the cache, and q. This
+    /// is what retention needs: after eviction a key's position is its index in the kept cache.
+    InAttention(Rope),
+}
+
+impl RopeMode {
+    /// The rotation, if any.
+    ///
+    /// ```
+    /// use fusekit::attention::{Rope, RopeMode, RopeStyle};
+    /// let r = Rope { theta: 1e4, style: RopeStyle::Half };
+    /// assert_eq!(RopeMode::InAttention(r).rope(), Some(r));
+    /// assert_eq!(RopeMode::None.rope(), None);
+    /// ```
+    pub fn rope(self) -> Option<Rope> {
+        match self {
+            RopeMode::None => None,
+            RopeMode::AtAppend(r) | RopeMode::InAttention(r) => Some(r),
+        }
+    }
+}
+
 /// Which half of a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kv {
@@ -104,13 +158,14 @@ pub enum Kv {
 /// assert!(matches!(PagedKvLayout::new(1024, 16, 8, 96, KvFormat::Bf16), Err(fusekit::Error::Unsupported { .. })));
 /// # Ok::<(), fusekit::Error>(())
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PagedKvLayout {
     num_pages: usize,
     page_size: usize,
     num_kv_heads: usize,
     head_dim: usize,
     format: KvFormat,
+    rope: RopeMode,
 }
 
 impl PagedKvLayout {
@@ -156,6 +211,7 @@ impl PagedKvLayout {
             num_kv_heads,
             head_dim,
             format,
+            rope: RopeMode::None,
         };
         // Every offset below is at most bytes() - 1 (or elements() - 1): one checked product here
         // covers them all.
@@ -376,6 +432,41 @@ impl PagedKvLayout {
             Kv::V => 1,
         };
         ((((slot * 2 + half) * self.num_kv_heads + kv_head) * g + i) * self.head_dim + dim) as u64
+    }
+
+    /// The same layout with its keys' rotary embedding: applied at append or in attention
+    /// ([`RopeMode`]). `theta` must be finite and > 1.
+    ///
+    /// ```
+    /// use fusekit::attention::{KvFormat, PagedKvLayout, Rope, RopeMode, RopeStyle};
+    /// let r = Rope { theta: 1e5, style: RopeStyle::Interleaved };
+    /// let l = PagedKvLayout::new(4, 16, 3, 64, KvFormat::Bf16)?.with_rope(RopeMode::InAttention(r))?;
+    /// assert_eq!(l.rope(), RopeMode::InAttention(r));
+    /// let bad = Rope { theta: f32::NAN, ..r };
+    /// assert!(l.with_rope(RopeMode::AtAppend(bad)).is_err());
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn with_rope(self, rope: RopeMode) -> Result<Self> {
+        if let Some(r) = rope.rope() {
+            if !(r.theta.is_finite() && r.theta > 1.0) {
+                return Err(Error::invalid(
+                    "rope.theta",
+                    format!("must be finite and > 1, got {}", r.theta),
+                ));
+            }
+        }
+        Ok(PagedKvLayout { rope, ..self })
+    }
+
+    /// Where the keys get their rotary embedding.
+    ///
+    /// ```
+    /// # use fusekit::attention::{KvFormat, PagedKvLayout, RopeMode};
+    /// assert_eq!(PagedKvLayout::new(3, 1, 1, 64, KvFormat::F16)?.rope(), RopeMode::None);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn rope(&self) -> RopeMode {
+        self.rope
     }
 
     /// Pages in the cache.

@@ -5,7 +5,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::LaunchConfig;
 
-use super::cache::{KvFormat, PageTable, PagedKvLayout};
+use super::cache::{KvFormat, PageTable, PagedKvLayout, RopeMode, RopeStyle};
 use super::kivi::{check_quant_sizes, check_residual_slots};
 use super::DecodeConfig;
 use crate::backend::private::AddrMut;
@@ -511,6 +511,21 @@ where
     )
 }
 
+/// `log2(theta)` of the layout's RoPE (0 without).
+pub(crate) fn rope_log2_theta(l: &PagedKvLayout) -> f32 {
+    l.rope()
+        .rope()
+        .map_or(0.0, |r| (r.theta as f64).log2() as f32)
+}
+
+/// The kernels' RoPE style code: 0 half, 1 interleaved.
+pub(crate) fn rope_style(l: &PagedKvLayout) -> i32 {
+    match l.rope().rope().map(|r| r.style) {
+        Some(RopeStyle::Interleaved) => 1,
+        _ => 0,
+    }
+}
+
 /// The device page table's buffers: on `dev`, of the plan's sizes.
 pub(crate) fn check_table_buffers<B, P, I, S>(
     dev: &B,
@@ -643,6 +658,10 @@ where
         group: l.format().group().unwrap_or(0) as i32,
         v_group: l.v_group() as i32,
         k_param_slots: l.k_param_slots() as i32,
+        rope_log2_theta: rope_log2_theta(l),
+        rope_style: rope_style(l),
+        rope_q: l.rope().rope().is_some() as i32,
+        rope_k: matches!(l.rope(), RopeMode::InAttention(_)) as i32,
     };
     let launches = plan.launches();
     // The kernel reads q, the cache through the checked page table, and writes rows x splits partials.

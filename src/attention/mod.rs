@@ -19,8 +19,12 @@
 //! * [`reference`](mod@reference): exact decode and prefill attention in f64, the merge of partial
 //!   states, and the KIVI round trip.
 //!
-//! Still to come (issue 14): RoPE in the kernels, prefill over quantised caches, sinks + window
-//! retention and inter-layer sharing, following `src/attention/DESIGN.md`.
+//! * RoPE in the kernels, a per-cache choice ([`RopeMode`] on the layout): keys rotated by the append
+//!   kernels, or cached before RoPE and rotated in the decode kernel at their index in the cache (what
+//!   retention needs); q rotated by decode; both pairings ([`RopeStyle`]).
+//!
+//! Still to come (issue 14): RoPE and quantised caches in prefill, sinks + window retention and
+//! inter-layer sharing, following `src/attention/DESIGN.md`.
 
 mod append;
 mod cache;
@@ -31,7 +35,9 @@ mod prefill;
 pub mod reference;
 
 pub use append::{append, append_quantized, AppendPlan, AppendWorkspace};
-pub use cache::{Kv, KvFormat, PageTable, PagedKvLayout, HEAD_DIMS, KIVI_GROUPS};
+pub use cache::{
+    Kv, KvFormat, PageTable, PagedKvLayout, Rope, RopeMode, RopeStyle, HEAD_DIMS, KIVI_GROUPS,
+};
 pub use decode::{
     decode, decode_quantized, DecodePlan, DecodeWorkspace, KvElement, DEFAULT_SPLIT_SIZE,
 };

@@ -103,6 +103,15 @@ impl PrefillPlan {
                 got: T::SUFFIX.to_string(),
             });
         }
+        if layout.rope() != super::RopeMode::None {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "prefill over a cache with {:?}: the prefill kernel does not rotate q or keys yet \
+                     (rotate them before the append and use RopeMode::None)",
+                    layout.rope()
+                ),
+            });
+        }
         layout.check_page_table(table)?;
         cfg.validate(layout)?;
         let total_q = check_qo_indptr(table, qo_indptr)?;

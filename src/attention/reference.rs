@@ -11,7 +11,7 @@
 //! tokens is `(o, lse)`: `lse = ln Σ_j exp(s_j)` and `o = Σ_j exp(s_j − lse) v_j`. The empty set is
 //! `(0, −∞)`. A NaN in q, k or v makes its head's `o` and `lse` NaN.
 
-use super::cache::{Kv, KvFormat, PageTable, PagedKvLayout};
+use super::cache::{Kv, KvFormat, PageTable, PagedKvLayout, Rope, RopeMode, RopeStyle};
 use super::DecodeConfig;
 use crate::error::{Error, Result};
 use crate::validate::exactly;
@@ -77,17 +77,12 @@ pub fn decode(
         let lo = cfg.window.map_or(0, |w| len.saturating_sub(w as usize));
         for h in 0..hq {
             let i = b * hq + h;
-            let (o, lse) = attend(
-                layout,
-                cache,
-                table,
-                b,
-                h,
-                &q[i * d..(i + 1) * d],
-                cfg,
-                lo,
-                len,
-            );
+            // With a RoPE mode the query (the sequence's last token) is rotated at position len - 1.
+            let mut qh = q[i * d..(i + 1) * d].to_vec();
+            if let Some(r) = layout.rope().rope() {
+                rope_rotate(&mut qh, (len - 1) as f64, &r)?;
+            }
+            let (o, lse) = attend(layout, cache, table, b, h, &qh, cfg, lo, len);
             out.o[i * d..(i + 1) * d].copy_from_slice(&o);
             out.lse[i] = lse;
         }
@@ -192,9 +187,19 @@ pub(crate) fn attend(
     let at = |kv: Kv, tok: usize, e: usize| {
         cache[layout.offset(kv, pages[tok / ps] as usize, kvh, tok % ps, e) as usize]
     };
+    // Keys cached before RoPE are rotated at their index in the cache.
+    let rope_keys = match layout.rope() {
+        RopeMode::InAttention(r) => Some(r),
+        _ => None,
+    };
     let scores: Vec<f64> = (lo..hi)
         .map(|j| {
-            let s = scale * (0..d).map(|e| q[e] * at(Kv::K, j, e)).sum::<f64>();
+            let mut k: Vec<f64> = (0..d).map(|e| at(Kv::K, j, e)).collect();
+            if let Some(r) = rope_keys {
+                // d is a supported head dim (even): the rotation cannot fail.
+                let _ = rope_rotate(&mut k, j as f64, &r);
+            }
+            let s = scale * (0..d).map(|e| q[e] * k[e]).sum::<f64>();
             match cfg.softcap {
                 Some(c) => c as f64 * (s / c as f64).tanh(),
                 None => s,
@@ -281,6 +286,44 @@ pub fn merge(
         }
     }
     Ok((o, lse))
+}
+
+/// Rotates one head vector by its rotary embedding at position `pos`, in f64 (see [`Rope`]): the pair
+/// of frequency index `i` turns by `pos · theta^(−2i / len)`.
+///
+/// ```
+/// use fusekit::attention::{reference::rope_rotate, Rope, RopeStyle};
+/// let r = Rope { theta: 1e4, style: RopeStyle::Half };
+/// let mut x = vec![1.0, 0.0, 0.0, 0.0]; // pair (0, 2) has frequency 1
+/// rope_rotate(&mut x, 1.0, &r)?;
+/// assert!((x[0] - 1f64.cos()).abs() < 1e-15 && (x[2] - 1f64.sin()).abs() < 1e-15);
+/// // A rotation keeps the norm, and position 0 changes nothing.
+/// let mut y = vec![0.3, -1.0, 2.0, 0.5];
+/// rope_rotate(&mut y, 0.0, &Rope { style: RopeStyle::Interleaved, ..r })?;
+/// assert_eq!(y, vec![0.3, -1.0, 2.0, 0.5]);
+/// # Ok::<(), fusekit::Error>(())
+/// ```
+pub fn rope_rotate(x: &mut [f64], pos: f64, rope: &Rope) -> Result<()> {
+    let d = x.len();
+    if d == 0 || d % 2 != 0 {
+        return Err(Error::invalid(
+            "x",
+            format!("a head vector of even length, got {d}"),
+        ));
+    }
+    let theta = rope.theta as f64;
+    for i in 0..d / 2 {
+        let (a, b) = match rope.style {
+            RopeStyle::Half => (i, i + d / 2),
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+        };
+        let ang = pos * theta.powf(-2.0 * i as f64 / d as f64);
+        let (s, c) = ang.sin_cos();
+        let (x1, x2) = (x[a], x[b]);
+        x[a] = x1 * c - x2 * s;
+        x[b] = x2 * c + x1 * s;
+    }
+    Ok(())
 }
 
 /// The KIVI round trip of one KV head's `[tokens][head_dim]` keys or values, with the kernels'
