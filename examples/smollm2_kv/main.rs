@@ -473,7 +473,7 @@ fn run_all(path: &Path, threads: usize, write: bool) -> Result<(), String> {
         let saved = 0.5 * followers as f64 / c.layers as f64 * distant;
         let desc = describe_groups(&leader);
         pod_lines.push(format!(
-            "PoD size {size}, JS ≤ {tau}: groups {desc} ({followers} layers share; {:.1}% of the KV bytes at {t_len} tokens)",
+            "PoD size {size}, JS ≤ {tau}: groups {desc} ({followers} layers share; {:.1}% of the KV bytes saved at {t_len} tokens)",
             100.0 * saved
         ));
         modes.push((
