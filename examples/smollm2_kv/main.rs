@@ -461,6 +461,15 @@ fn run_all(path: &Path, threads: usize, write: bool) -> Result<(), String> {
             },
         ));
     }
+    // The same window without sinks: what the sinks are worth.
+    modes.push((
+        "window 128, no sinks".into(),
+        format!("{:.3}", 128.0 / t_len as f64),
+        Mode::Sinks {
+            sinks: 0,
+            window: 128,
+        },
+    ));
     let distant = (t_len - SINKS - pod_window) as f64 / t_len as f64;
     let mut pod_lines = Vec::new();
     for (size, tau) in [(2usize, 0.10f64), (2, 0.20), (2, 1.0), (3, 0.20)] {
