@@ -16,6 +16,7 @@ include!(concat!(env!("OUT_DIR"), "/params.rs"));
 unsafe impl DeviceRepr for fk_copy_params {}
 unsafe impl DeviceRepr for fk_attn_decode_params {}
 unsafe impl DeviceRepr for fk_attn_merge_params {}
+unsafe impl DeviceRepr for fk_attn_append_params {}
 unsafe impl DeviceRepr for fk_ce_params {}
 unsafe impl DeviceRepr for fk_loss_denominator_params {}
 unsafe impl DeviceRepr for fk_loss_reduce_params {}

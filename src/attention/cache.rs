@@ -7,29 +7,76 @@ use crate::error::{Error, Result};
 /// wrong answer.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
+/// Group sizes of the quantised formats: tokens per K group (per channel), channels per V group.
+pub const KIVI_GROUPS: [usize; 3] = [32, 64, 128];
+
 /// Storage format of the cache's elements.
 ///
-/// The quantised formats of issue 14 (KIVI int8/int4: K grouped per channel, V per token, with a scale
-/// and zero point per group and the most recent tokens in full precision) are designed in
-/// `src/attention/DESIGN.md` and not built yet; they will be variants of this enum.
+/// The quantised formats are KIVI's: keys are quantised **per channel** over groups of `group`
+/// consecutive tokens (positions `g·group .. (g+1)·group` of a sequence), values **per token** over
+/// groups of `min(group, head_dim)` channels, each group asymmetric with an f16 scale and zero point:
+/// `x ≈ code · scale + zero`, codes in `0 ..= 2^bits − 1`. Only complete token groups are quantised:
+/// the newest `len % group` tokens of a sequence stay in full precision in a per-sequence residual
+/// ([`PagedKvLayout::residual_elements`]) until their group fills. The byte layout of a page is given
+/// by [`PagedKvLayout::code_offset`], [`PagedKvLayout::k_param_offset`] and
+/// [`PagedKvLayout::v_param_offset`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvFormat {
     /// bfloat16.
     Bf16,
     /// IEEE half.
     F16,
+    /// 8-bit KIVI codes; `group` in [`KIVI_GROUPS`].
+    Int8 {
+        /// Tokens per K group and (at most) channels per V group.
+        group: usize,
+    },
+    /// 4-bit KIVI codes, two per byte (the even channel in the low nibble); `group` in
+    /// [`KIVI_GROUPS`].
+    Int4 {
+        /// Tokens per K group and (at most) channels per V group.
+        group: usize,
+    },
 }
 
 impl KvFormat {
-    /// Bytes of one stored element.
+    /// Bits of one stored element (a code for the quantised formats, without their scales).
     ///
     /// ```
-    /// assert_eq!(fusekit::attention::KvFormat::Bf16.bytes_per_element(), 2);
+    /// use fusekit::attention::KvFormat;
+    /// assert_eq!(KvFormat::Bf16.bits_per_code(), 16);
+    /// assert_eq!(KvFormat::Int4 { group: 64 }.bits_per_code(), 4);
     /// ```
-    pub fn bytes_per_element(self) -> usize {
+    pub fn bits_per_code(self) -> usize {
         match self {
-            KvFormat::Bf16 | KvFormat::F16 => 2,
+            KvFormat::Bf16 | KvFormat::F16 => 16,
+            KvFormat::Int8 { .. } => 8,
+            KvFormat::Int4 { .. } => 4,
         }
+    }
+
+    /// The KIVI group size of a quantised format; `None` for bf16 and f16.
+    ///
+    /// ```
+    /// use fusekit::attention::KvFormat;
+    /// assert_eq!(KvFormat::Int8 { group: 32 }.group(), Some(32));
+    /// assert_eq!(KvFormat::F16.group(), None);
+    /// ```
+    pub fn group(self) -> Option<usize> {
+        match self {
+            KvFormat::Bf16 | KvFormat::F16 => None,
+            KvFormat::Int8 { group } | KvFormat::Int4 { group } => Some(group),
+        }
+    }
+
+    /// Largest code of a quantised format (`2^bits − 1`); `None` for bf16 and f16.
+    ///
+    /// ```
+    /// use fusekit::attention::KvFormat;
+    /// assert_eq!(KvFormat::Int4 { group: 32 }.max_code(), Some(15));
+    /// ```
+    pub fn max_code(self) -> Option<u32> {
+        self.group().map(|_| (1u32 << self.bits_per_code()) - 1)
     }
 }
 
@@ -96,6 +143,13 @@ impl PagedKvLayout {
                 ),
             });
         }
+        if let Some(g) = format.group() {
+            if !KIVI_GROUPS.contains(&g) {
+                return Err(Error::Unsupported {
+                    what: format!("KIVI group {g}: the quantised formats use {KIVI_GROUPS:?}"),
+                });
+            }
+        }
         let l = PagedKvLayout {
             num_pages,
             page_size,
@@ -103,16 +157,225 @@ impl PagedKvLayout {
             head_dim,
             format,
         };
-        // Every offset below is at most elements() - 1: one checked product here covers them all.
+        // Every offset below is at most bytes() - 1 (or elements() - 1): one checked product here
+        // covers them all.
         let total =
             (2 * num_kv_heads as u128) * page_size as u128 * head_dim as u128 * num_pages as u128;
-        if total * format.bytes_per_element() as u128 > i64::MAX as u128 {
+        let bytes = (l.page_bytes_u128()) * num_pages as u128;
+        if total * 2 > i64::MAX as u128 || bytes > i64::MAX as u128 {
             return Err(Error::invalid(
                 "num_pages",
                 format!("a cache of {total} elements exceeds 64-bit byte offsets"),
             ));
         }
         Ok(l)
+    }
+
+    fn page_bytes_u128(&self) -> u128 {
+        let (h, ps, d) = (
+            self.num_kv_heads as u128,
+            self.page_size as u128,
+            self.head_dim as u128,
+        );
+        match self.format.group() {
+            None => 2 * h * ps * d * 2,
+            Some(_) => {
+                let codes = 2 * h * ps * d * self.format.bits_per_code() as u128 / 8;
+                let kp = h * self.k_param_slots() as u128 * d * 4;
+                let vp = h * ps * (d / self.v_group() as u128) * 4;
+                (codes + kp + vp).div_ceil(16) * 16
+            }
+        }
+    }
+
+    /// Bytes of one page: `2 · page_elements()` for bf16/f16; for a quantised format the K and V codes,
+    /// the K parameters ([`k_param_slots`](Self::k_param_slots) × `head_dim` (scale, zero) f16 pairs
+    /// per head) and the V parameters (`head_dim / v_group` pairs per token and head), rounded up to
+    /// 16 bytes.
+    ///
+    /// ```
+    /// # use fusekit::attention::{KvFormat, PagedKvLayout};
+    /// let l = PagedKvLayout::new(3, 64, 2, 128, KvFormat::Int4 { group: 64 })?;
+    /// // codes 2·2·64·64 B, K params 2·1·128·4 B, V params 2·64·2·4 B
+    /// assert_eq!(l.page_bytes(), 16384 + 1024 + 1024);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn page_bytes(&self) -> u64 {
+        self.page_bytes_u128() as u64
+    }
+
+    /// Bytes of the whole cache (the device buffer's size).
+    ///
+    /// ```
+    /// # use fusekit::attention::{KvFormat, PagedKvLayout};
+    /// let l = PagedKvLayout::new(3, 16, 2, 64, KvFormat::Bf16)?;
+    /// assert_eq!(l.bytes(), 2 * l.elements());
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn bytes(&self) -> u64 {
+        self.num_pages as u64 * self.page_bytes()
+    }
+
+    /// Quantised formats: slots of K parameters per page and head, `ceil(page_size / group)`. The
+    /// parameters of a token group live in the page of its first token, in slot
+    /// `(first token's slot) / group`. Pages of `group` tokens or a multiple store no unused slot;
+    /// smaller pages hold one slot each, used by every `group / page_size`-th page. `0` for bf16/f16.
+    ///
+    /// ```
+    /// # use fusekit::attention::{KvFormat, PagedKvLayout};
+    /// assert_eq!(PagedKvLayout::new(3, 128, 1, 64, KvFormat::Int8 { group: 32 })?.k_param_slots(), 4);
+    /// assert_eq!(PagedKvLayout::new(3, 16, 1, 64, KvFormat::Int8 { group: 32 })?.k_param_slots(), 1);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn k_param_slots(&self) -> usize {
+        self.format
+            .group()
+            .map_or(0, |g| self.page_size.div_ceil(g))
+    }
+
+    /// Quantised formats: channels per V group, `min(group, head_dim)`; `0` for bf16/f16.
+    ///
+    /// ```
+    /// # use fusekit::attention::{KvFormat, PagedKvLayout};
+    /// assert_eq!(PagedKvLayout::new(3, 16, 1, 64, KvFormat::Int4 { group: 128 })?.v_group(), 64);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn v_group(&self) -> usize {
+        self.format.group().map_or(0, |g| g.min(self.head_dim))
+    }
+
+    /// Quantised formats: bytes of one token's codes for one head (`head_dim · bits / 8`).
+    ///
+    /// ```
+    /// # use fusekit::attention::{KvFormat, PagedKvLayout};
+    /// assert_eq!(PagedKvLayout::new(3, 16, 1, 128, KvFormat::Int4 { group: 32 })?.code_row_bytes(), 64);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn code_row_bytes(&self) -> usize {
+        self.head_dim * self.format.bits_per_code() / 8
+    }
+
+    /// Quantised formats: byte offset of the codes of token `slot` of `page`, head `kv_head`. A page is
+    /// `[K codes [heads][page_size][code_row_bytes]] [V codes, same] [K params] [V params]`.
+    ///
+    /// ```
+    /// # use fusekit::attention::{Kv, KvFormat, PagedKvLayout};
+    /// let l = PagedKvLayout::new(3, 16, 2, 64, KvFormat::Int8 { group: 32 })?;
+    /// assert_eq!(l.code_offset(Kv::V, 1, 1, 2), l.page_bytes() + (2 * 16 + 16 + 2) * 64);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn code_offset(&self, kv: Kv, page: usize, kv_head: usize, slot: usize) -> u64 {
+        debug_assert!(self.format.group().is_some());
+        debug_assert!(
+            page < self.num_pages && kv_head < self.num_kv_heads && slot < self.page_size
+        );
+        let half = match kv {
+            Kv::K => 0,
+            Kv::V => 1,
+        };
+        page as u64 * self.page_bytes()
+            + (((half * self.num_kv_heads + kv_head) * self.page_size + slot)
+                * self.code_row_bytes()) as u64
+    }
+
+    /// Quantised formats: `(page_bytes, V codes, K params, V params)`, the byte offsets within a page the
+    /// kernels take; zeros for bf16/f16.
+    pub(crate) fn quant_sections(&self) -> (i64, i64, i64, i64) {
+        if self.format.group().is_none() {
+            return (0, 0, 0, 0);
+        }
+        (
+            self.page_bytes() as i64,
+            self.code_offset(Kv::V, 0, 0, 0) as i64,
+            self.k_params_start() as i64,
+            self.v_params_start() as i64,
+        )
+    }
+
+    /// Byte offset, within a page, of the K parameters: after both code sections.
+    fn k_params_start(&self) -> u64 {
+        (2 * self.num_kv_heads * self.page_size * self.code_row_bytes()) as u64
+    }
+
+    /// Byte offset, within a page, of the V parameters: after the K parameters.
+    fn v_params_start(&self) -> u64 {
+        self.k_params_start()
+            + (self.num_kv_heads * self.k_param_slots() * self.head_dim * 4) as u64
+    }
+
+    /// Quantised formats: byte offset of channel `dim`'s (scale, zero) f16 pair of the K group whose
+    /// parameters sit in slot `gslot` of `page` (see [`k_param_slots`](Self::k_param_slots)).
+    ///
+    /// ```
+    /// # use fusekit::attention::{KvFormat, PagedKvLayout};
+    /// let l = PagedKvLayout::new(3, 64, 1, 64, KvFormat::Int8 { group: 32 })?;
+    /// assert_eq!(l.k_param_offset(0, 0, 1, 3), 2 * 64 * 64 + (64 + 3) * 4);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn k_param_offset(&self, page: usize, kv_head: usize, gslot: usize, dim: usize) -> u64 {
+        debug_assert!(gslot < self.k_param_slots() && dim < self.head_dim);
+        page as u64 * self.page_bytes()
+            + self.k_params_start()
+            + (((kv_head * self.k_param_slots() + gslot) * self.head_dim + dim) * 4) as u64
+    }
+
+    /// Quantised formats: byte offset of the (scale, zero) f16 pair of V group `vgroup` (channels
+    /// `vgroup · v_group ..`) of token `slot` of `page`.
+    ///
+    /// ```
+    /// # use fusekit::attention::{KvFormat, PagedKvLayout};
+    /// let l = PagedKvLayout::new(3, 16, 1, 128, KvFormat::Int4 { group: 32 })?;
+    /// assert_eq!(l.v_param_offset(0, 0, 1, 2), 2 * 16 * 64 + 128 * 4 + (4 + 2) * 4);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn v_param_offset(&self, page: usize, kv_head: usize, slot: usize, vgroup: usize) -> u64 {
+        let per_tok = self.head_dim / self.v_group();
+        debug_assert!(slot < self.page_size && vgroup < per_tok);
+        page as u64 * self.page_bytes()
+            + self.v_params_start()
+            + (((kv_head * self.page_size + slot) * per_tok + vgroup) * 4) as u64
+    }
+
+    /// Quantised formats: elements of a full-precision residual with `slots` sequence slots,
+    /// `[slots][2][num_kv_heads][group][head_dim]` (the newest `len % group` tokens of the sequence in
+    /// each slot, token `t` at index `t % group`). `0` for bf16/f16.
+    ///
+    /// ```
+    /// # use fusekit::attention::{KvFormat, PagedKvLayout};
+    /// let l = PagedKvLayout::new(3, 16, 2, 64, KvFormat::Int4 { group: 32 })?;
+    /// assert_eq!(l.residual_elements(5), 5 * 2 * 2 * 32 * 64);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn residual_elements(&self, slots: usize) -> u64 {
+        self.format.group().map_or(0, |g| {
+            (slots * 2 * self.num_kv_heads * g * self.head_dim) as u64
+        })
+    }
+
+    /// Quantised formats: offset, in elements, of element `dim` of token index `i` (`< group`) of head
+    /// `kv_head` in residual slot `slot`.
+    ///
+    /// ```
+    /// # use fusekit::attention::{Kv, KvFormat, PagedKvLayout};
+    /// let l = PagedKvLayout::new(3, 16, 2, 64, KvFormat::Int4 { group: 32 })?;
+    /// assert_eq!(l.residual_offset(Kv::V, 1, 0, 3, 5), (2 * 2 + 2) * 32 * 64 + 3 * 64 + 5);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn residual_offset(
+        &self,
+        kv: Kv,
+        slot: usize,
+        kv_head: usize,
+        i: usize,
+        dim: usize,
+    ) -> u64 {
+        let g = self.format.group().unwrap_or(0);
+        debug_assert!(i < g && dim < self.head_dim && kv_head < self.num_kv_heads);
+        let half = match kv {
+            Kv::K => 0,
+            Kv::V => 1,
+        };
+        ((((slot * 2 + half) * self.num_kv_heads + kv_head) * g + i) * self.head_dim + dim) as u64
     }
 
     /// Pages in the cache.
@@ -181,7 +444,7 @@ impl PagedKvLayout {
         2 * (self.num_kv_heads * self.page_size * self.head_dim) as u64
     }
 
-    /// Elements of the whole cache.
+    /// Elements of the whole cache (for a quantised format, the logical elements its codes stand for).
     ///
     /// ```
     /// # use fusekit::attention::{KvFormat, PagedKvLayout};

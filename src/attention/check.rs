@@ -2,7 +2,8 @@
 //! and one paged GQA decode against the reference on the GPU or the emulator.
 
 use super::{
-    decode, reference, DecodeConfig, DecodePlan, DecodeWorkspace, KvElement, PageTable,
+    append_quantized, decode, decode_quantized, pack_quantized, reference, AppendPlan,
+    AppendWorkspace, DecodeConfig, DecodePlan, DecodeWorkspace, Kv, KvElement, KvFormat, PageTable,
     PagedKvLayout,
 };
 use crate::check::row::{CheckRow, SelfCheck};
@@ -135,22 +136,146 @@ fn kernel_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
         .map(|(g, w)| (*g as f64 - w).abs() / w.abs().max(1.0))
         .fold(0.0, f64::max);
     let mode = if dev.kind() == "gpu" { "gpu" } else { "emu" };
+    let mut rows_out = quant_check(dev, rng, mode)?;
+    rows_out.splice(
+        0..0,
+        [
+            CheckRow {
+                kernel: "fk_attn_decode_bf16_d128_h4 + merge (o)".into(),
+                mode,
+                max_err: err_o,
+                pass: err_o < 1e-2 && !err_o.is_nan(),
+                gbps: None,
+                note: "GQA 4, pages of 16, lengths 1/100/700, splits of 256".into(),
+            },
+            CheckRow {
+                kernel: "fk_attn_decode_bf16_d128_h4 + merge (lse)".into(),
+                mode,
+                max_err: err_l,
+                pass: err_l < 1e-5 && !err_l.is_nan(),
+                gbps: None,
+                note: "relative to max(1, |lse|)".into(),
+            },
+        ],
+    );
+    Ok(rows_out)
+}
+
+/// A KIVI int4 cache filled by the append kernels (a 300-token prefill, then one decode step), checked
+/// byte for byte against the host packer, then a quantised decode against the reference over the
+/// dequantised cache.
+fn quant_check<B: Backend>(dev: &B, rng: &mut Rng, mode: &'static str) -> Result<Vec<CheckRow>> {
+    let (d, hkv, g) = (128, 2, 64);
+    let l = PagedKvLayout::new(24, 16, hkv, d, KvFormat::Int4 { group: g })?;
+    let row = hkv * d;
+    let sample = |rng: &mut Rng, n: usize| -> Vec<bf16> {
+        rng.sample(
+            Dist::Normal {
+                mean: 0.0,
+                std: 1.0,
+            },
+            n,
+        )
+        .into_iter()
+        .map(bf16::from_f64)
+        .collect()
+    };
+    let (k, v) = (sample(rng, 301 * row), sample(rng, 301 * row));
+    let pages: Vec<i32> = (0..19).map(|i| (i * 5 + 3) % 24).collect();
+    let mut cache = dev.alloc_zeros::<u8>(l.bytes() as usize)?;
+    let mut res = dev.alloc_zeros::<bf16>(l.residual_elements(1) as usize)?;
+    let slots = dev.upload(&[0i32])?;
+    let mut aws = AppendWorkspace::new(dev)?;
+    for (from, to) in [(0usize, 300usize), (300, 301)] {
+        let lens = [to as u32];
+        let indptr = [0, to.div_ceil(16) as i32];
+        let t = PageTable {
+            page_indptr: &indptr,
+            page_indices: &pages[..indptr[1] as usize],
+            seq_lens: &lens,
+        };
+        let ai = [0, (to - from) as i32];
+        let plan = AppendPlan::new_quantized::<bf16>(&l, &t, &ai, &[0], 1)?;
+        let (kd, vd) = (
+            dev.upload(&k[from * row..to * row])?,
+            dev.upload(&v[from * row..to * row])?,
+        );
+        let (ad, ip, xp, lp) = (
+            dev.upload(&ai)?,
+            dev.upload(&indptr)?,
+            dev.upload(t.page_indices)?,
+            dev.upload(&lens)?,
+        );
+        append_quantized(
+            dev, &plan, &kd, &vd, &ad, &mut cache, &mut res, &ip, &xp, &lp, &slots, &mut aws,
+        )?;
+        aws.check_status_sync(dev)?;
+    }
+    let lens = [301u32];
+    let indptr = [0, 19];
+    let t = PageTable {
+        page_indptr: &indptr,
+        page_indices: &pages,
+        seq_lens: &lens,
+    };
+    let mut values = vec![0.0; l.elements() as usize];
+    for tok in 0..301 {
+        for h in 0..hkv {
+            for e in 0..d {
+                let p = pages[tok / 16] as usize;
+                let i = (tok * hkv + h) * d + e;
+                values[l.offset(Kv::K, p, h, tok % 16, e) as usize] = k[i].to_f64();
+                values[l.offset(Kv::V, p, h, tok % 16, e) as usize] = v[i].to_f64();
+            }
+        }
+    }
+    let packed = pack_quantized::<bf16>(&l, &values, &t, &[0], 1)?;
+    let bytes = dev.download(&cache)?;
+    let diff = bytes
+        .iter()
+        .zip(&packed.bytes)
+        .filter(|(a, b)| a != b)
+        .count();
+    let cfg = DecodeConfig::new(8);
+    let q: Vec<bf16> = sample(rng, 8 * d);
+    let plan = DecodePlan::new_quantized::<bf16>(&l, &t, &[0], 1, &cfg, Some(128))?;
+    let (qd, ip, xp, lp) = (
+        dev.upload(&q)?,
+        dev.upload(&indptr)?,
+        dev.upload(&pages)?,
+        dev.upload(&lens)?,
+    );
+    let mut ws = DecodeWorkspace::new(dev, &plan)?;
+    let mut o = dev.upload(&vec![bf16::poison(); 8 * d])?;
+    let mut lse = dev.upload(&[f32::poison(); 8])?;
+    decode_quantized(
+        dev, &plan, &qd, &cache, &res, &ip, &xp, &lp, &slots, &mut ws, &mut o, &mut lse,
+    )?;
+    ws.check_status_sync(dev)?;
+    let q64: Vec<f64> = q.iter().map(|x| x.to_f64()).collect();
+    let want = reference::decode(&l, &packed.dequantized, &t, &q64, &cfg)?;
+    let err = dev
+        .download(&o)?
+        .iter()
+        .zip(&want.o)
+        .map(|(g, w)| (g.to_f64() - w).abs() / w.abs().max(1.0))
+        .fold(0.0, f64::max);
     Ok(vec![
         CheckRow {
-            kernel: "fk_attn_decode_bf16_d128_h4 + merge (o)".into(),
+            kernel: "fk_attn_append_q4_bf16_d128 (bytes vs host packer)".into(),
             mode,
-            max_err: err_o,
-            pass: err_o < 1e-2 && !err_o.is_nan(),
+            max_err: diff as f64,
+            pass: diff == 0,
             gbps: None,
-            note: "GQA 4, pages of 16, lengths 1/100/700, splits of 256".into(),
+            note: "KIVI int4 g64: a 300-token prefill + 1 decode step; differing bytes".into(),
         },
         CheckRow {
-            kernel: "fk_attn_decode_bf16_d128_h4 + merge (lse)".into(),
+            kernel: "fk_attn_decode_q4_bf16_d128_h4 + merge (o)".into(),
             mode,
-            max_err: err_l,
-            pass: err_l < 1e-5 && !err_l.is_nan(),
+            max_err: err,
+            pass: err < 1e-2 && !err.is_nan(),
             gbps: None,
-            note: "relative to max(1, |lse|)".into(),
+            note: "GQA 4, 301 tokens (4 groups + 45 in the residual), splits of 128".into(),
         },
     ])
 }

@@ -5,7 +5,8 @@ use std::ffi::c_void;
 
 use cudarc::driver::LaunchConfig;
 
-use super::cache::{PageTable, PagedKvLayout};
+use super::cache::{KvFormat, PageTable, PagedKvLayout};
+use super::kivi::{check_quant_sizes, check_residual_slots};
 use super::DecodeConfig;
 use crate::backend::private::AddrMut;
 use crate::device::{check_aligned, Family};
@@ -62,6 +63,8 @@ pub struct DecodePlan {
     n_splits: usize,
     heads_per_cta: usize,
     elem: &'static str,
+    /// Residual slots of a quantised cache (`None`: a bf16/f16 cache).
+    slots: Option<usize>,
 }
 
 impl DecodePlan {
@@ -77,10 +80,62 @@ impl DecodePlan {
         if layout.format() != T::FORMAT {
             return Err(Error::DType {
                 arg: "cache",
-                expected: format!("{:?} (the layout's format)", layout.format()),
+                expected: format!(
+                    "{:?} (the layout's format; a quantised cache takes DecodePlan::new_quantized)",
+                    layout.format()
+                ),
                 got: T::SUFFIX.to_string(),
             });
         }
+        Self::build::<T>(layout, table, cfg, split_size, None)
+    }
+
+    /// Validates a decode over a quantised (KIVI int8/int4) cache whose query, output and residual are
+    /// `T`: as [`new`](Self::new), plus the residual slots (`residual_slots[b]` is sequence `b`'s slot
+    /// in a residual of `slots` slots; each in range, none shared).
+    ///
+    /// ```
+    /// use fusekit::attention::{DecodeConfig, DecodePlan, KvFormat, PageTable, PagedKvLayout};
+    /// let l = PagedKvLayout::new(8, 16, 2, 64, KvFormat::Int4 { group: 32 })?;
+    /// let t = PageTable { page_indptr: &[0, 3, 4], page_indices: &[0, 1, 2, 3], seq_lens: &[40, 9] };
+    /// let plan = DecodePlan::new_quantized::<half::bf16>(&l, &t, &[1, 0], 2, &DecodeConfig::new(2), None)?;
+    /// assert_eq!(plan.launches()[0].kernel, "fk_attn_decode_q4_bf16_d64_h1");
+    /// assert!(DecodePlan::new_quantized::<half::bf16>(&l, &t, &[1, 1], 2, &DecodeConfig::new(2), None).is_err());
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn new_quantized<T: KvElement>(
+        layout: &PagedKvLayout,
+        table: &PageTable<'_>,
+        residual_slots: &[i32],
+        slots: usize,
+        cfg: &DecodeConfig,
+        split_size: Option<usize>,
+    ) -> Result<Self> {
+        if layout.format().group().is_none() {
+            return Err(Error::DType {
+                arg: "layout",
+                expected: "a quantised format (Int8 or Int4); bf16/f16 caches take DecodePlan::new"
+                    .into(),
+                got: format!("{:?}", layout.format()),
+            });
+        }
+        if slots > i32::MAX as usize {
+            return Err(Error::invalid(
+                "slots",
+                format!("at most 2^31-1 residual slots, got {slots}"),
+            ));
+        }
+        check_residual_slots(table.seq_lens.len(), residual_slots, slots)?;
+        Self::build::<T>(layout, table, cfg, split_size, Some(slots))
+    }
+
+    fn build<T: KvElement>(
+        layout: &PagedKvLayout,
+        table: &PageTable<'_>,
+        cfg: &DecodeConfig,
+        split_size: Option<usize>,
+        slots: Option<usize>,
+    ) -> Result<Self> {
         layout.check_page_table(table)?;
         cfg.validate(layout)?;
         let batch = table.seq_lens.len();
@@ -125,6 +180,7 @@ impl DecodePlan {
             n_splits,
             heads_per_cta,
             elem: T::SUFFIX,
+            slots,
         })
     }
 
@@ -169,7 +225,12 @@ impl DecodePlan {
         vec![
             PlannedLaunch {
                 kernel: format!(
-                    "fk_attn_decode_{}_d{}_h{}",
+                    "fk_attn_decode_{}{}_d{}_h{}",
+                    match self.layout.format() {
+                        KvFormat::Int8 { .. } => "q8_",
+                        KvFormat::Int4 { .. } => "q4_",
+                        _ => "",
+                    },
                     self.elem,
                     self.layout.head_dim(),
                     self.heads_per_cta
@@ -322,6 +383,188 @@ where
     O: DeviceWrite<T, B>,
     L: DeviceWrite<f32, B>,
 {
+    if plan.slots.is_some() {
+        return Err(Error::DType {
+            arg: "cache",
+            expected: "the codes of a quantised cache: this plan is for decode_quantized".into(),
+            got: T::SUFFIX.to_string(),
+        });
+    }
+    owned(dev, "cache", cache)?;
+    exactly(
+        "cache",
+        cache.len(),
+        plan.layout.elements() as usize,
+        "layout.elements()",
+    )?;
+    let (cp, _b) = cache.addr(dev);
+    check_aligned("cache", cp, 16)?;
+    run::<B, T, Q, P, I, S, O, L>(
+        dev,
+        plan,
+        q,
+        cp,
+        None,
+        page_indptr,
+        page_indices,
+        seq_lens,
+        ws,
+        o,
+        lse,
+    )
+}
+
+/// [`decode`] over a quantised (KIVI int8/int4) cache: `cache` is the layout's
+/// [`bytes`](PagedKvLayout::bytes) (codes and f16 scales and zero points, as
+/// [`pack_quantized`](super::pack_quantized) or the append kernels write them), `residual` the
+/// full-precision newest tokens (`layout.residual_elements(slots)` elements of `T`), and
+/// `residual_slots[b]` sequence `b`'s residual slot (the values the plan was made from). Codes are
+/// dequantised in registers; no full-precision copy of the cache is ever made.
+///
+/// ```
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
+/// use fusekit::attention::{decode_quantized, pack_quantized, DecodeConfig, DecodePlan, DecodeWorkspace, KvFormat, PageTable, PagedKvLayout};
+/// use half::bf16;
+/// let dev = fusekit::emu::Emulator::new()?;
+/// let l = PagedKvLayout::new(3, 16, 1, 64, KvFormat::Int8 { group: 32 })?;
+/// let t = PageTable { page_indptr: &[0, 3], page_indices: &[2, 0, 1], seq_lens: &[40] };
+/// let values = vec![1.0; l.elements() as usize]; // every K and V element 1
+/// let packed = pack_quantized::<bf16>(&l, &values, &t, &[0], 1)?;
+/// let plan = DecodePlan::new_quantized::<bf16>(&l, &t, &[0], 1, &DecodeConfig::new(1), None)?;
+/// let (cache, res) = (dev.upload(&packed.bytes)?, dev.upload(&packed.residual)?);
+/// let (indptr, idx, lens, slots) = (dev.upload(t.page_indptr)?, dev.upload(t.page_indices)?, dev.upload(t.seq_lens)?, dev.upload(&[0i32])?);
+/// let q = dev.upload(&vec![bf16::ZERO; 64])?;
+/// let mut ws = DecodeWorkspace::new(&dev, &plan)?;
+/// let (mut o, mut lse) = (dev.alloc_zeros::<bf16>(64)?, dev.alloc_zeros::<f32>(1)?);
+/// decode_quantized(&dev, &plan, &q, &cache, &res, &indptr, &idx, &lens, &slots, &mut ws, &mut o, &mut lse)?;
+/// assert!(dev.download(&o)?.iter().all(|&x| x == bf16::ONE));
+/// assert!((dev.download(&lse)?[0] - 40f32.ln()).abs() < 1e-5);
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn decode_quantized<B, T, Q, C, R, P, I, S, RS, O, L>(
+    dev: &B,
+    plan: &DecodePlan,
+    q: &Q,
+    cache: &C,
+    residual: &R,
+    page_indptr: &P,
+    page_indices: &I,
+    seq_lens: &S,
+    residual_slots: &RS,
+    ws: &mut DecodeWorkspace<B>,
+    o: &mut O,
+    lse: &mut L,
+) -> Result<()>
+where
+    B: Backend,
+    T: KvElement,
+    Q: DeviceRead<T, B>,
+    C: DeviceRead<u8, B>,
+    R: DeviceRead<T, B>,
+    P: DeviceRead<i32, B>,
+    I: DeviceRead<i32, B>,
+    S: DeviceRead<u32, B>,
+    RS: DeviceRead<i32, B>,
+    O: DeviceWrite<T, B>,
+    L: DeviceWrite<f32, B>,
+{
+    let Some(slots) = plan.slots else {
+        return Err(Error::DType {
+            arg: "cache",
+            expected: format!(
+                "{:?} elements: this plan is for decode (a bf16/f16 cache)",
+                plan.layout.format()
+            ),
+            got: "the bytes of a quantised cache".into(),
+        });
+    };
+    owned(dev, "cache", cache)?;
+    owned(dev, "residual", residual)?;
+    owned(dev, "residual_slots", residual_slots)?;
+    check_quant_sizes(
+        &plan.layout,
+        slots,
+        plan.batch,
+        cache.len(),
+        residual.len(),
+        residual_slots.len(),
+    )?;
+    let (cp, _b) = cache.addr(dev);
+    let (rp, _r) = residual.addr(dev);
+    let (sp, _s) = residual_slots.addr(dev);
+    check_aligned("cache", cp, 16)?;
+    check_aligned("residual", rp, 16)?;
+    run::<B, T, Q, P, I, S, O, L>(
+        dev,
+        plan,
+        q,
+        cp,
+        Some((rp, sp, slots)),
+        page_indptr,
+        page_indices,
+        seq_lens,
+        ws,
+        o,
+        lse,
+    )
+}
+
+/// The device page table's buffers: on `dev`, of the plan's sizes.
+pub(crate) fn check_table_buffers<B, P, I, S>(
+    dev: &B,
+    batch: usize,
+    n_page_indices: usize,
+    page_indptr: &P,
+    page_indices: &I,
+    seq_lens: &S,
+) -> Result<()>
+where
+    B: Backend,
+    P: DeviceRead<i32, B>,
+    I: DeviceRead<i32, B>,
+    S: DeviceRead<u32, B>,
+{
+    owned(dev, "page_indptr", page_indptr)?;
+    owned(dev, "page_indices", page_indices)?;
+    owned(dev, "seq_lens", seq_lens)?;
+    exactly("page_indptr", page_indptr.len(), batch + 1, "batch + 1")?;
+    exactly(
+        "page_indices",
+        page_indices.len(),
+        n_page_indices,
+        "the plan's page table",
+    )?;
+    exactly("seq_lens", seq_lens.len(), batch, "batch")
+}
+
+/// The checks every decode shares and the two launches. `quant`: the residual's and the slots'
+/// addresses and the slot count of a quantised cache.
+#[allow(clippy::too_many_arguments)]
+fn run<B, T, Q, P, I, S, O, L>(
+    dev: &B,
+    plan: &DecodePlan,
+    q: &Q,
+    cp: u64,
+    quant: Option<(u64, u64, usize)>,
+    page_indptr: &P,
+    page_indices: &I,
+    seq_lens: &S,
+    ws: &mut DecodeWorkspace<B>,
+    o: &mut O,
+    lse: &mut L,
+) -> Result<()>
+where
+    B: Backend,
+    T: KvElement,
+    Q: DeviceRead<T, B>,
+    P: DeviceRead<i32, B>,
+    I: DeviceRead<i32, B>,
+    S: DeviceRead<u32, B>,
+    O: DeviceWrite<T, B>,
+    L: DeviceWrite<f32, B>,
+{
     if plan.elem != T::SUFFIX {
         return Err(Error::DType {
             arg: "q",
@@ -330,33 +573,18 @@ where
         });
     }
     owned(dev, "q", q)?;
-    owned(dev, "cache", cache)?;
-    owned(dev, "page_indptr", page_indptr)?;
-    owned(dev, "page_indices", page_indices)?;
-    owned(dev, "seq_lens", seq_lens)?;
+    check_table_buffers(
+        dev,
+        plan.batch,
+        plan.n_page_indices,
+        page_indptr,
+        page_indices,
+        seq_lens,
+    )?;
     owned(dev, "o", o)?;
     owned(dev, "lse", lse)?;
     let (d, rows) = (plan.layout.head_dim(), plan.rows());
     exactly("q", q.len(), rows * d, "batch * num_qo_heads * head_dim")?;
-    exactly(
-        "cache",
-        cache.len(),
-        plan.layout.elements() as usize,
-        "layout.elements()",
-    )?;
-    exactly(
-        "page_indptr",
-        page_indptr.len(),
-        plan.batch + 1,
-        "batch + 1",
-    )?;
-    exactly(
-        "page_indices",
-        page_indices.len(),
-        plan.n_page_indices,
-        "the plan's page table",
-    )?;
-    exactly("seq_lens", seq_lens.len(), plan.batch, "batch")?;
     exactly("o", o.len(), rows * d, "batch * num_qo_heads * head_dim")?;
     exactly("lse", lse.len(), rows, "batch * num_qo_heads")?;
     if ws.head_dim != d || ws.lse_part.len() < rows * plan.n_splits {
@@ -371,9 +599,7 @@ where
     }
     owned(dev, "ws", &ws.o_part)?;
     let (qp, _a) = q.addr(dev);
-    let (cp, _b) = cache.addr(dev);
     check_aligned("q", qp, 16)?;
-    check_aligned("cache", cp, 16)?;
     let (ip, _c) = page_indptr.addr(dev);
     let (xp, _d) = page_indices.addr(dev);
     let (sp, _e) = seq_lens.addr(dev);
@@ -385,6 +611,8 @@ where
     let (lpp, _i) = ws.lse_part.addr_mut(dev);
     let (stp, _j) = ws.status.addr_mut(dev);
     let l = &plan.layout;
+    let (rp, rsp, slots) = quant.unwrap_or((0, 0, 0));
+    let (page_bytes, v_codes_start, k_params_start, v_params_start) = l.quant_sections();
     let p = fk_attn_decode_params {
         q: qp as *const c_void,
         cache: cp as *const c_void,
@@ -405,6 +633,16 @@ where
         window: plan.cfg.window.map_or(0, |w| w.min(i32::MAX as u32) as i32),
         scale: plan.cfg.scale(d) as f32,
         softcap: plan.cfg.softcap.unwrap_or(0.0),
+        residual: rp as *const c_void,
+        residual_slots: rsp as *const i32,
+        page_bytes,
+        v_codes_start,
+        k_params_start,
+        v_params_start,
+        n_slots: slots as i32,
+        group: l.format().group().unwrap_or(0) as i32,
+        v_group: l.v_group() as i32,
+        k_param_slots: l.k_param_slots() as i32,
     };
     let launches = plan.launches();
     // The kernel reads q, the cache through the checked page table, and writes rows x splits partials.

@@ -2,23 +2,35 @@
 //!
 //! Built so far (checked on the SIMT emulator; not yet run on a GPU):
 //! * [`PagedKvLayout`] and [`PageTable`]: the cache's layout (any page size, GQA/MQA, head dims 64,
-//!   128 and 256, 64-bit offsets) and a batch's pages, validated with typed errors;
+//!   128 and 256, 64-bit offsets; bf16, f16 and the KIVI int8/int4 formats of [`KvFormat`]) and a
+//!   batch's pages, validated with typed errors;
 //! * [`DecodeConfig`]: query heads, scale, softcap, sliding window;
-//! * [`decode`] with its [`DecodePlan`] and [`DecodeWorkspace`]: split-KV decode over a bf16/f16 paged
-//!   cache (fixed split size, so batch-invariant), the query heads of a KV head read each KV byte
-//!   once, and the merge of the splits' `(o, lse)` in split order;
-//! * [`reference`](mod@reference): exact decode attention in f64 and the merge of partial states.
+//! * [`decode`] / [`decode_quantized`] with their [`DecodePlan`] and [`DecodeWorkspace`]: split-KV
+//!   decode over a bf16/f16 or quantised paged cache (fixed split size, so batch-invariant; codes
+//!   dequantised in registers), the query heads of a KV head read each KV byte once, and the merge of
+//!   the splits' `(o, lse)` in split order;
+//! * [`append`] / [`append_quantized`] with their [`AppendPlan`]: new tokens into their pages, the token
+//!   groups they complete quantised on the way (bit for bit as [`pack_quantized`] does on the host),
+//!   the newest tokens kept in each sequence's full-precision residual slot;
+//! * [`reference`](mod@reference): exact decode attention in f64, the merge of partial states, and the
+//!   KIVI round trip.
 //!
-//! Still to come (issue 14): prefill, append, RoPE in the kernel, the int8/int4 KIVI formats, sinks +
-//! window retention and inter-layer sharing, following `src/attention/DESIGN.md`.
+//! Still to come (issue 14): prefill, RoPE in the kernels, sinks + window retention and inter-layer
+//! sharing, following `src/attention/DESIGN.md`.
 
+mod append;
 mod cache;
 pub(crate) mod check;
 mod decode;
+mod kivi;
 pub mod reference;
 
-pub use cache::{Kv, KvFormat, PageTable, PagedKvLayout, HEAD_DIMS};
-pub use decode::{decode, DecodePlan, DecodeWorkspace, KvElement, DEFAULT_SPLIT_SIZE};
+pub use append::{append, append_quantized, AppendPlan, AppendWorkspace};
+pub use cache::{Kv, KvFormat, PageTable, PagedKvLayout, HEAD_DIMS, KIVI_GROUPS};
+pub use decode::{
+    decode, decode_quantized, DecodePlan, DecodeWorkspace, KvElement, DEFAULT_SPLIT_SIZE,
+};
+pub use kivi::{pack_quantized, PackedCache};
 
 use crate::error::{Error, Result};
 

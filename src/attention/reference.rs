@@ -11,7 +11,7 @@
 //! tokens is `(o, lse)`: `lse = ln Σ_j exp(s_j)` and `o = Σ_j exp(s_j − lse) v_j`. The empty set is
 //! `(0, −∞)`. A NaN in q, k or v makes its head's `o` and `lse` NaN.
 
-use super::cache::{Kv, PageTable, PagedKvLayout};
+use super::cache::{Kv, KvFormat, PageTable, PagedKvLayout};
 use super::DecodeConfig;
 use crate::error::{Error, Result};
 use crate::validate::exactly;
@@ -207,10 +207,35 @@ pub fn merge(
     Ok((o, lse))
 }
 
+/// The KIVI round trip of one KV head's `[tokens][head_dim]` keys or values, with the kernels'
+/// arithmetic (see [`KvFormat`]): `Kv::K` quantises each channel over every complete group of `group`
+/// tokens, `Kv::V` each complete group's tokens over groups of `min(group, head_dim)` channels; the
+/// newest `tokens % group` tokens come back unchanged (the full-precision residual). Values are taken
+/// as f32 (the kernels quantise from the element type); bf16/f16 formats return `x` rounded to them.
+/// What a quantised cache does to a model's attention, for accuracy studies on the CPU.
+///
+/// ```
+/// use fusekit::attention::{reference::kivi_roundtrip, Kv, KvFormat};
+/// let x: Vec<f64> = (0..40 * 64).map(|i| ((i * 37 % 101) as f64 - 50.0) / 10.0).collect();
+/// let r = kivi_roundtrip(Kv::K, &x, 40, 64, KvFormat::Int4 { group: 32 })?;
+/// assert_eq!(&r[32 * 64..], &x[32 * 64..]); // 8 tokens left in full precision
+/// // Within half a quantisation step (range 10 over 15 steps) plus the f16 rounding of the zero.
+/// assert!(r.iter().zip(&x).all(|(a, b)| (a - b).abs() <= 0.5 * 10.0 / 15.0 + 3e-3));
+/// # Ok::<(), fusekit::Error>(())
+/// ```
+pub fn kivi_roundtrip(
+    kv: Kv,
+    x: &[f64],
+    tokens: usize,
+    head_dim: usize,
+    format: KvFormat,
+) -> Result<Vec<f64>> {
+    super::kivi::roundtrip(kv, x, tokens, head_dim, format)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::KvFormat;
     use crate::testing::{seed_for, Dist, Rng};
 
     /// A random cache and a batch of sequences of uneven lengths on shuffled pages.
