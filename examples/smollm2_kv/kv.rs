@@ -5,7 +5,7 @@
 //! `s − max`, summed in f64, and the weighted sum of the values is in f64. Every mode returns `[T][heads·head_dim]`.
 
 use crate::model::{Qkv, Rope};
-use fusekit::attention::Kv;
+use fusekit::attention::{reference::kivi_roundtrip, Kv, KvFormat};
 
 /// How the cache is kept.
 #[derive(Clone, Debug)]
@@ -14,10 +14,12 @@ pub enum Mode {
     Exact,
     /// Keys (after RoPE) and values rounded to bf16.
     Bf16,
-    /// KIVI: keys (after RoPE) per channel over groups of `group` tokens, values per token over groups
-    /// of `min(group, head_dim)` channels, asymmetric `bits`-bit codes with f16 scale and zero; tokens
-    /// past the last complete group of `group` tokens stay in full precision (the residual).
-    Kivi { bits: u32, group: usize },
+    /// KIVI (`KvFormat::Int8`/`Int4` with a group `G`), the library's own round trip
+    /// (`fusekit::attention::reference::kivi_roundtrip`, the append kernel's arithmetic): keys (after
+    /// RoPE) per channel over groups of `G` tokens, values per token over groups of `min(G, head_dim)`
+    /// channels, asymmetric codes with f16 scale and zero; at step `t` the tokens past the last
+    /// complete group stay in full precision (the residual).
+    Kivi(KvFormat),
     /// StreamingLLM: the first `sinks` tokens and the last `window` tokens (the query's own included);
     /// keys cached before RoPE and rotated at their position in the kept cache.
     Sinks { sinks: usize, window: usize },
@@ -44,69 +46,6 @@ pub struct Dims {
 pub struct Carry {
     /// `(leader layer, [head][t][t] scores)`.
     leader_scores: Option<(usize, Vec<f32>)>,
-}
-
-/// The KIVI round trip of one KV head's `[tokens][head_dim]`, to the specification of
-/// `fusekit::attention::reference::kivi_roundtrip` (issue 14; this local copy goes when the library's
-/// lands): keys per channel over each complete group of `group` tokens, values per token over groups
-/// of `min(group, head_dim)` channels for the tokens of complete groups; the newest `tokens % group`
-/// tokens returned unchanged. One group, in f32 as the append kernel: scale `(hi − lo)/(2^bits − 1)` and
-/// zero `lo` rounded to f16, code `clamp(rint((x − zero)/scale), 0, 2^bits − 1)` (0 for a zero scale),
-/// value `code·scale + zero`; a non-finite value, scale or zero makes the whole group NaN.
-pub fn kivi_roundtrip(
-    kv: Kv,
-    x: &[f64],
-    tokens: usize,
-    head_dim: usize,
-    bits: u32,
-    group: usize,
-) -> Vec<f64> {
-    let mut y = x.to_vec();
-    let max_code = ((1u32 << bits) - 1) as f32;
-    let quant = |idx: &mut dyn Iterator<Item = usize>, y: &mut [f64]| {
-        let idx: Vec<usize> = idx.collect();
-        let v: Vec<f32> = idx.iter().map(|&i| y[i] as f32).collect();
-        let lo = v.iter().cloned().fold(f32::INFINITY, f32::min);
-        let hi = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let scale = half::f16::from_f32((hi - lo) / max_code);
-        let zero = half::f16::from_f32(lo);
-        let finite = v.iter().all(|x| x.is_finite()) && scale.is_finite() && zero.is_finite();
-        let (s, z) = (scale.to_f32(), zero.to_f32());
-        for (&i, &x) in idx.iter().zip(&v) {
-            y[i] = if !finite {
-                f64::NAN
-            } else {
-                let code = if s == 0.0 {
-                    0.0
-                } else {
-                    ((x - z) / s).round_ties_even().clamp(0.0, max_code)
-                };
-                code as f64 * s as f64 + z as f64
-            };
-        }
-    };
-    let full = tokens / group * group;
-    match kv {
-        Kv::K => {
-            for g0 in (0..full).step_by(group) {
-                for c in 0..head_dim {
-                    quant(&mut (g0..g0 + group).map(|t| t * head_dim + c), &mut y);
-                }
-            }
-        }
-        Kv::V => {
-            let gc = group.min(head_dim);
-            for t in 0..full {
-                for c0 in (0..head_dim).step_by(gc) {
-                    quant(
-                        &mut (c0..(c0 + gc).min(head_dim)).map(|c| t * head_dim + c),
-                        &mut y,
-                    );
-                }
-            }
-        }
-    }
-    y
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -190,7 +129,7 @@ pub fn attention(
             store.k = bf16_round(&x.k);
             store.v = bf16_round(&x.v);
         }
-        Mode::Kivi { bits, group } => {
+        Mode::Kivi(format) => {
             let (mut kq, mut vq) = (vec![0f32; x.k.len()], vec![0f32; x.v.len()]);
             for kvh in 0..dims.kv_heads {
                 for (src, dst, kv) in [(&x.k, &mut kq, Kv::K), (&x.v, &mut vq, Kv::V)] {
@@ -198,7 +137,8 @@ pub fn attention(
                         .flat_map(|j| src[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd].iter())
                         .map(|&v| v as f64)
                         .collect();
-                    let r = kivi_roundtrip(kv, &head, t_len, hd, *bits, *group);
+                    let r = kivi_roundtrip(kv, &head, t_len, hd, *format)
+                        .expect("KIVI round trip of a whole head");
                     for j in 0..t_len {
                         for e in 0..hd {
                             dst[j * kvd + kvh * hd + e] = r[j * hd + e] as f32;
@@ -206,7 +146,8 @@ pub fn attention(
                     }
                 }
             }
-            store.quant = Some((kq, vq, *group));
+            let group = format.group().expect("a quantised format");
+            store.quant = Some((kq, vq, group));
         }
         _ => {}
     }

@@ -21,6 +21,7 @@ mod gguf;
 mod kv;
 mod model;
 
+use fusekit::attention::KvFormat;
 use kv::{Carry, Dims, Mode};
 use model::{Model, Qkv};
 use std::path::{Path, PathBuf};
@@ -491,7 +492,11 @@ fn run_all(path: &Path, threads: usize, write: bool, dump: Option<&Path>) -> Res
             modes.push((
                 format!("KIVI int{bits}, G = {g}"),
                 format!("{:.3}", kivi_bytes(bits, g, hd, t_len)),
-                Mode::Kivi { bits, group: g },
+                Mode::Kivi(if bits == 8 {
+                    KvFormat::Int8 { group: g }
+                } else {
+                    KvFormat::Int4 { group: g }
+                }),
             ));
         }
     }
