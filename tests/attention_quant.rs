@@ -4,7 +4,8 @@
 //! around group and page boundaries (so the full-precision residual is empty, partial and nearly
 //! full), GQA 1/2/3/8, splits that start inside a group, window, softcap, outlier key channels; outputs
 //! poisoned first; NaN in a group reaches the output; bad input is a typed error and a bad device
-//! table is never read.
+//! table is never read. Also sinks + window retention in a streaming loop over bf16/f16 and quantised
+//! caches (append, retention, decode, append into the freed pages).
 
 use fusekit::attention::{
     append, append_quantized, decode_quantized, pack_quantized, reference, AppendPlan,
@@ -455,6 +456,56 @@ fn packing_agrees_with_the_round_trip_and_saves_memory() {
     }
 }
 
+/// A scrambled free list of `n` pages (a real allocator's order).
+fn scrambled(rng: &mut Rng, n: usize) -> Vec<i32> {
+    let mut free: Vec<i32> = (0..n as i32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    free
+}
+
+/// `n` random K or V elements, rows of `d`, channel 5 an outlier channel (×10).
+fn kv_rows<T: KvElement>(rng: &mut Rng, n: usize, d: usize) -> Vec<T> {
+    rng.sample(
+        Dist::Normal {
+            mean: 0.0,
+            std: 1.0,
+        },
+        n,
+    )
+    .into_iter()
+    .enumerate()
+    .map(|(i, x)| T::from_f64(if i % d == 5 { x * 10.0 } else { x }))
+    .collect()
+}
+
+/// The logical cache (f64, [`PagedKvLayout::offset`] order) holding the first `lens[b]` rows of each
+/// sequence's K and V (`[tokens][num_kv_heads][head_dim]`) on its pages.
+fn logical_cache<T: KvElement>(
+    l: &PagedKvLayout,
+    k: &[Vec<T>],
+    v: &[Vec<T>],
+    pages: &[Vec<i32>],
+    lens: &[u32],
+) -> Vec<f64> {
+    let (ps, hkv, d) = (l.page_size(), l.num_kv_heads(), l.head_dim());
+    let mut out = vec![0.0; l.elements() as usize];
+    for (b, &len) in lens.iter().enumerate() {
+        for t in 0..len as usize {
+            for h in 0..hkv {
+                for e in 0..d {
+                    let i = (t * hkv + h) * d + e;
+                    let p = pages[b][t / ps] as usize;
+                    out[l.offset(Kv::K, p, h, t % ps, e) as usize] = k[b][i].to_f64();
+                    out[l.offset(Kv::V, p, h, t % ps, e) as usize] = v[b][i].to_f64();
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A batch that grows by appends: each sequence's K/V rows (`[tokens][num_kv_heads][head_dim]`) and the
 /// pages it will own when full.
 struct Growing<T> {
@@ -477,23 +528,8 @@ impl<T: KvElement> Growing<T> {
     ) -> Self {
         let need: usize = full.iter().map(|&l| l.div_ceil(ps)).sum();
         let layout = PagedKvLayout::new(need + 3, ps, hkv, d, format).unwrap();
-        let mut free: Vec<i32> = (0..layout.num_pages() as i32).collect();
-        for i in (1..free.len()).rev() {
-            free.swap(i, rng.below(i as u64 + 1) as usize);
-        }
-        let mut gen = |n: usize| -> Vec<T> {
-            rng.sample(
-                Dist::Normal {
-                    mean: 0.0,
-                    std: 1.0,
-                },
-                n,
-            )
-            .into_iter()
-            .enumerate()
-            .map(|(i, x)| T::from_f64(if i % d == 5 { x * 10.0 } else { x }))
-            .collect()
-        };
+        let mut free = scrambled(rng, layout.num_pages());
+        let mut gen = |n: usize| -> Vec<T> { kv_rows(rng, n, d) };
         let k = full.iter().map(|&l| gen(l * hkv * d)).collect();
         let v = full.iter().map(|&l| gen(l * hkv * d)).collect();
         let pages = full
@@ -527,22 +563,7 @@ impl<T: KvElement> Growing<T> {
 
     /// The logical cache holding the first `lens[b]` tokens of each sequence.
     fn values(&self, lens: &[u32]) -> Vec<f64> {
-        let l = &self.layout;
-        let (ps, hkv, d) = (l.page_size(), l.num_kv_heads(), l.head_dim());
-        let mut out = vec![0.0; l.elements() as usize];
-        for (b, &len) in lens.iter().enumerate() {
-            for t in 0..len as usize {
-                for h in 0..hkv {
-                    for e in 0..d {
-                        let i = (t * hkv + h) * d + e;
-                        let p = self.pages[b][t / ps] as usize;
-                        out[l.offset(Kv::K, p, h, t % ps, e) as usize] = self.k[b][i].to_f64();
-                        out[l.offset(Kv::V, p, h, t % ps, e) as usize] = self.v[b][i].to_f64();
-                    }
-                }
-            }
-        }
-        out
+        logical_cache(&self.layout, &self.k, &self.v, &self.pages, lens)
     }
 
     /// Rows `from[b] .. to[b]` of every sequence, concatenated, and their CSR offsets.
@@ -809,6 +830,174 @@ fn append_bad_input_on<B: Backend>(dev: &B) {
 /// RoPE in the kernels: keys cached before RoPE and rotated in the decode kernel (`InAttention`), or
 /// rotated by the append kernels (`AtAppend`); q rotated at the sequence's last position either way.
 /// Against the f64 reference (which rotates in f64) for both pairings, a bf16/f16 and a quantised cache.
+/// A plain (bf16/f16) or quantised device cache and what appends to and decodes over it need.
+struct DevCache<B: Backend, T: KvElement> {
+    layout: PagedKvLayout,
+    quant: bool,
+    bytes: B::Buffer<u8>,
+    elems: B::Buffer<T>,
+    res: B::Buffer<T>,
+    slots: Vec<i32>,
+    n_slots: usize,
+    slots_dev: B::Buffer<i32>,
+    ws: AppendWorkspace<B>,
+}
+
+impl<B: Backend, T: KvElement> DevCache<B, T> {
+    fn new(dev: &B, layout: PagedKvLayout, slots: &[i32], n_slots: usize) -> Result<Self, Error> {
+        let quant = layout.format().group().is_some();
+        Ok(DevCache {
+            layout,
+            quant,
+            bytes: dev.alloc_zeros::<u8>(if quant { layout.bytes() as usize } else { 1 })?,
+            elems: dev.alloc_zeros::<T>(if quant { 1 } else { layout.elements() as usize })?,
+            res: dev.alloc_zeros::<T>(layout.residual_elements(n_slots).max(1) as usize)?,
+            slots: slots.to_vec(),
+            n_slots,
+            slots_dev: dev.upload(slots)?,
+            ws: AppendWorkspace::new(dev)?,
+        })
+    }
+
+    /// Appends rows `k`, `v` (CSR offsets `ai`) to the sequences of `t`, which already counts them.
+    fn append(
+        &mut self,
+        dev: &B,
+        t: &PageTable<'_>,
+        k: &[T],
+        v: &[T],
+        ai: &[i32],
+    ) -> Result<(), Error> {
+        let l = self.layout;
+        let (kd, vd, ad) = (dev.upload(k)?, dev.upload(v)?, dev.upload(ai)?);
+        let (ip, xp, lp) = (
+            dev.upload(t.page_indptr)?,
+            dev.upload(t.page_indices)?,
+            dev.upload(t.seq_lens)?,
+        );
+        if self.quant {
+            let plan = AppendPlan::new_quantized::<T>(&l, t, ai, &self.slots, self.n_slots)?;
+            append_quantized(
+                dev,
+                &plan,
+                &kd,
+                &vd,
+                &ad,
+                &mut self.bytes,
+                &mut self.res,
+                &ip,
+                &xp,
+                &lp,
+                &self.slots_dev,
+                &mut self.ws,
+            )?;
+        } else {
+            let plan = AppendPlan::new::<T>(&l, t, ai)?;
+            append(
+                dev,
+                &plan,
+                &kd,
+                &vd,
+                &ad,
+                &mut self.elems,
+                &ip,
+                &xp,
+                &lp,
+                &mut self.ws,
+            )?;
+        }
+        self.ws.check_status_sync(dev)
+    }
+
+    /// Decodes random queries over `t` (split size 32) and checks o and lse against
+    /// `reference::decode` over `oracle` (the cache's values in f64): tolerances of the element type
+    /// on o (the kernels' f32 RoPE angles and MUFU sine/cosine add about 1e-6 relative), 1e-4 on lse.
+    fn decode_matches(
+        &self,
+        dev: &B,
+        rng: &mut Rng,
+        t: &PageTable<'_>,
+        cfg: &DecodeConfig,
+        oracle: &[f64],
+        what: &str,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let (l, d) = (self.layout, self.layout.head_dim());
+        let rows = t.seq_lens.len() * cfg.num_qo_heads;
+        let q = random_q::<T>(rng, rows * d);
+        let (qd, ip, xp, lp) = (
+            dev.upload(&q)?,
+            dev.upload(t.page_indptr)?,
+            dev.upload(t.page_indices)?,
+            dev.upload(t.seq_lens)?,
+        );
+        let plan = if self.quant {
+            DecodePlan::new_quantized::<T>(&l, t, &self.slots, self.n_slots, cfg, Some(32))?
+        } else {
+            DecodePlan::new::<T>(&l, t, cfg, Some(32))?
+        };
+        let mut dws = DecodeWorkspace::new(dev, &plan)?;
+        let mut o = poisoned::<B, T>(dev, rows * d)?;
+        let mut lse = poisoned::<B, f32>(dev, rows)?;
+        if self.quant {
+            decode_quantized(
+                dev,
+                &plan,
+                &qd,
+                &self.bytes,
+                &self.res,
+                &ip,
+                &xp,
+                &lp,
+                &self.slots_dev,
+                &mut dws,
+                &mut o,
+                &mut lse,
+            )?;
+        } else {
+            fusekit::attention::decode(
+                dev,
+                &plan,
+                &qd,
+                &self.elems,
+                &ip,
+                &xp,
+                &lp,
+                &mut dws,
+                &mut o,
+                &mut lse,
+            )?;
+        }
+        dws.check_status_sync(dev)?;
+        let q64: Vec<f64> = q.iter().map(|x| x.to_f64()).collect();
+        let want = reference::decode(&l, oracle, t, &q64, cfg)?;
+        let tol_o = if T::NAME == "bf16" {
+            Tolerance {
+                rel_l2: 1e-2,
+                atol: 2e-3,
+                rtol: 1e-2,
+            }
+        } else {
+            Tolerance {
+                rel_l2: 3e-3,
+                atol: 1e-3,
+                rtol: 3e-3,
+            }
+        };
+        compare(&format!("o {what}"), &dev.download(&o)?, &want.o, tol_o)?;
+        compare(
+            &format!("lse {what}"),
+            &dev.download(&lse)?,
+            &want.lse,
+            Tolerance {
+                rel_l2: 1e-4,
+                atol: 1e-3,
+                rtol: 1e-4,
+            },
+        )?;
+        Ok(())
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn rope_case<B: Backend, T: KvElement>(
     dev: &B,
@@ -825,13 +1014,7 @@ fn rope_case<B: Backend, T: KvElement>(
     g.layout = g.layout.with_rope(mode).unwrap();
     let l = g.layout;
     let quant = format.group().is_some();
-    let mut ws = AppendWorkspace::new(dev).unwrap();
-    let mut cache_q = dev.alloc_zeros::<u8>(l.bytes() as usize).unwrap();
-    let mut cache_p = dev.alloc_zeros::<T>(l.elements() as usize).unwrap();
-    let mut res = dev
-        .alloc_zeros::<T>(l.residual_elements(g.n_slots).max(1) as usize)
-        .unwrap();
-    let sd = dev.upload(&g.slots).unwrap();
+    let mut cache = DevCache::<B, T>::new(dev, l, &g.slots, g.n_slots)?;
     // A prefill of all but the last token, then a decode step's append.
     let mut prev = [0u32; 2];
     for lens in [[69u32, 32], full] {
@@ -842,40 +1025,7 @@ fn rope_case<B: Backend, T: KvElement>(
             seq_lens: &lens,
         };
         let (k, v, ai) = g.rows(&prev, &lens);
-        let (kd, vd, ad) = (dev.upload(&k)?, dev.upload(&v)?, dev.upload(&ai)?);
-        let (ip, xp, lp) = (dev.upload(&indptr)?, dev.upload(&idx)?, dev.upload(&lens)?);
-        if quant {
-            let plan = AppendPlan::new_quantized::<T>(&l, &t, &ai, &g.slots, g.n_slots)?;
-            append_quantized(
-                dev,
-                &plan,
-                &kd,
-                &vd,
-                &ad,
-                &mut cache_q,
-                &mut res,
-                &ip,
-                &xp,
-                &lp,
-                &sd,
-                &mut ws,
-            )?;
-        } else {
-            let plan = AppendPlan::new::<T>(&l, &t, &ai)?;
-            append(
-                dev,
-                &plan,
-                &kd,
-                &vd,
-                &ad,
-                &mut cache_p,
-                &ip,
-                &xp,
-                &lp,
-                &mut ws,
-            )?;
-        }
-        ws.check_status_sync(dev)?;
+        cache.append(dev, &t, &k, &v, &ai)?;
         prev = lens;
     }
     let (indptr, idx) = g.table(&full);
@@ -907,67 +1057,18 @@ fn rope_case<B: Backend, T: KvElement>(
     } else {
         values
     };
-    let cfg = DecodeConfig::new(hkv * group);
-    let rows = full.len() * cfg.num_qo_heads;
-    let q = random_q::<T>(rng, rows * d);
-    let (qd, ip, xp, lp) = (
-        dev.upload(&q)?,
-        dev.upload(&indptr)?,
-        dev.upload(&idx)?,
-        dev.upload(&full)?,
-    );
-    let plan = if quant {
-        DecodePlan::new_quantized::<T>(&l, &t, &g.slots, g.n_slots, &cfg, Some(32))?
-    } else {
-        DecodePlan::new::<T>(&l, &t, &cfg, Some(32))?
-    };
-    let mut dws = DecodeWorkspace::new(dev, &plan)?;
-    let mut o = poisoned::<B, T>(dev, rows * d)?;
-    let mut lse = poisoned::<B, f32>(dev, rows)?;
-    if quant {
-        decode_quantized(
-            dev, &plan, &qd, &cache_q, &res, &ip, &xp, &lp, &sd, &mut dws, &mut o, &mut lse,
-        )?;
-    } else {
-        fusekit::attention::decode(
-            dev, &plan, &qd, &cache_p, &ip, &xp, &lp, &mut dws, &mut o, &mut lse,
-        )?;
-    }
-    dws.check_status_sync(dev)?;
-    let q64: Vec<f64> = q.iter().map(|x| x.to_f64()).collect();
-    let want = reference::decode(&l, &oracle, &t, &q64, &cfg)?;
     let what = format!(
         "{} {format:?} {mode:?} ps={ps} hkv={hkv} group={group} d={d}",
         T::NAME
     );
-    // The kernels form angles in f32 and use the MUFU sine/cosine: about 1e-6 relative on a rotated
-    // element at these positions; with RoPE at append into a quantised cache a code may round the
-    // other way. Tolerances of the element type on o, 1e-4 on lse.
-    let tol_o = if T::NAME == "bf16" {
-        Tolerance {
-            rel_l2: 1e-2,
-            atol: 2e-3,
-            rtol: 1e-2,
-        }
-    } else {
-        Tolerance {
-            rel_l2: 3e-3,
-            atol: 1e-3,
-            rtol: 3e-3,
-        }
-    };
-    compare(&format!("o {what}"), &dev.download(&o)?, &want.o, tol_o)?;
-    compare(
-        &format!("lse {what}"),
-        &dev.download(&lse)?,
-        &want.lse,
-        Tolerance {
-            rel_l2: 1e-4,
-            atol: 1e-3,
-            rtol: 1e-4,
-        },
-    )?;
-    Ok(())
+    cache.decode_matches(
+        dev,
+        rng,
+        &t,
+        &DecodeConfig::new(hkv * group),
+        &oracle,
+        &what,
+    )
 }
 
 #[test]
@@ -1053,4 +1154,402 @@ fn rope_on<B: Backend>(dev: &B) {
         fusekit::attention::PrefillPlan::new::<bf16>(&l, &t, &[0, 5], &DecodeConfig::new(1)),
         Err(Error::Unsupported { .. })
     ));
+}
+
+/// A batch under a streaming loop: each sequence's K/V rows (`[tokens][num_kv_heads][head_dim]`, the
+/// tokens it holds now) and pages; pages come from, and go back to, a scrambled free list.
+struct Stream<T> {
+    layout: PagedKvLayout,
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
+    pages: Vec<Vec<i32>>,
+    free: Vec<i32>,
+    slots: Vec<i32>,
+    n_slots: usize,
+}
+
+impl<T: KvElement> Stream<T> {
+    fn new(rng: &mut Rng, layout: PagedKvLayout, batch: usize) -> Self {
+        let free = scrambled(rng, layout.num_pages());
+        let n_slots = batch + 1;
+        Stream {
+            layout,
+            k: vec![Vec::new(); batch],
+            v: vec![Vec::new(); batch],
+            pages: vec![Vec::new(); batch],
+            free,
+            slots: (0..batch as i32).map(|i| n_slots as i32 - 1 - i).collect(),
+            n_slots,
+        }
+    }
+
+    fn row(&self) -> usize {
+        self.layout.num_kv_heads() * self.layout.head_dim()
+    }
+
+    fn lens(&self) -> Vec<u32> {
+        self.k
+            .iter()
+            .map(|k| (k.len() / self.row()) as u32)
+            .collect()
+    }
+
+    /// `n[b]` new random tokens for each sequence (keys with an outlier channel), pages taken from the
+    /// free list as needed; returns the new rows and their CSR offsets, as append takes them.
+    fn grow(&mut self, rng: &mut Rng, n: &[u32]) -> (Vec<T>, Vec<T>, Vec<i32>) {
+        let (row, d, ps) = (self.row(), self.layout.head_dim(), self.layout.page_size());
+        let (mut k, mut v, mut ind) = (Vec::new(), Vec::new(), vec![0i32]);
+        for (b, &n) in n.iter().enumerate() {
+            let (nk, nv) = (
+                kv_rows::<T>(rng, n as usize * row, d),
+                kv_rows::<T>(rng, n as usize * row, d),
+            );
+            k.extend_from_slice(&nk);
+            v.extend_from_slice(&nv);
+            self.k[b].extend(nk);
+            self.v[b].extend(nv);
+            let need = (self.k[b].len() / row).div_ceil(ps);
+            while self.pages[b].len() < need {
+                self.pages[b].push(self.free.pop().expect("free page"));
+            }
+            ind.push(ind[b] + n as i32);
+        }
+        (k, v, ind)
+    }
+
+    fn table(&self) -> (Vec<i32>, Vec<i32>) {
+        let (mut indptr, mut idx) = (vec![0i32], Vec::new());
+        for p in &self.pages {
+            idx.extend_from_slice(p);
+            indptr.push(idx.len() as i32);
+        }
+        (indptr, idx)
+    }
+
+    /// The logical cache: every sequence's tokens at their index.
+    fn values(&self) -> Vec<f64> {
+        logical_cache(&self.layout, &self.k, &self.v, &self.pages, &self.lens())
+    }
+
+    /// What retention must do, worked out independently of `Retention::apply`: drop the evicted rows
+    /// and the pages that held them (returned), keep the rest in order.
+    fn evict(&mut self, b: usize, tokens: std::ops::Range<u32>) -> Vec<i32> {
+        let (row, ps) = (self.row(), self.layout.page_size());
+        let r = tokens.start as usize * row..tokens.end as usize * row;
+        self.k[b].drain(r.clone());
+        self.v[b].drain(r);
+        let freed: Vec<i32> = self.pages[b]
+            .drain(tokens.start as usize / ps..tokens.end as usize / ps)
+            .collect();
+        self.free.extend(freed.iter().rev());
+        freed
+    }
+}
+
+/// Sinks + window retention over one cache: a prefill, then rounds of (retention, decode, append), the
+/// decode each time against the f64 reference over the kept tokens at their new positions, the device
+/// cache each time equal (bytes or elements) to a cache packed from the kept tokens alone; pages freed
+/// by eviction come back through the free list and are written by later appends.
+/// One retention case: the cache, the policy and the first append's token counts.
+struct RetentionCase {
+    bf16: bool,
+    format: KvFormat,
+    rope: RopeMode,
+    ps: usize,
+    hkv: usize,
+    group: usize,
+    d: usize,
+    sinks: u32,
+    window: u32,
+    prefill: [u32; 3],
+}
+
+fn retention_case<B: Backend, T: KvElement>(
+    dev: &B,
+    rng: &mut Rng,
+    c: &RetentionCase,
+    rounds: &[&[u32]],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let RetentionCase {
+        format,
+        rope,
+        ps,
+        hkv,
+        group,
+        d,
+        ..
+    } = *c;
+    let prefill = &c.prefill;
+    let policy = fusekit::attention::Retention::new(c.sinks, c.window)?;
+    let quant = format.group().is_some();
+    let tokens: u32 = prefill
+        .iter()
+        .chain(rounds.iter().flat_map(|r| r.iter()))
+        .sum();
+    let pages = tokens as usize / ps + 2 * prefill.len() + 4;
+    let layout = PagedKvLayout::new(pages, ps, hkv, d, format)?.with_rope(rope)?;
+    let unit = policy.unit(&layout);
+    let mut s = Stream::<T>::new(rng, layout, prefill.len());
+    let l = s.layout;
+    let mut cache = DevCache::<B, T>::new(dev, l, &s.slots, s.n_slots)?;
+    let cfg = DecodeConfig::new(hkv * group);
+    let what = format!(
+        "{} {format:?} {rope:?} ps={ps} unit={unit} hkv={hkv} group={group} d={d} {policy:?}",
+        T::NAME
+    );
+    let mut append_rows = prefill.to_vec();
+    let mut evicted_any = false;
+    for (round, next) in rounds.iter().enumerate() {
+        // Append.
+        let (k, v, ai) = s.grow(rng, &append_rows);
+        let (indptr, idx) = s.table();
+        let lens = s.lens();
+        let t = PageTable {
+            page_indptr: &indptr,
+            page_indices: &idx,
+            seq_lens: &lens,
+        };
+        cache.append(dev, &t, &k, &v, &ai)?;
+        // Retention on the host table; the oracle drops the same rows by itself.
+        let kept = policy.apply(&l, &t)?;
+        let mut freed = Vec::new();
+        for (b, &len) in lens.iter().enumerate() {
+            let ev = kept.evicted[b].clone();
+            if ev.is_empty() {
+                assert!(
+                    len as usize
+                        <= (policy.sinks() as usize).div_ceil(unit) * unit
+                            + policy.window() as usize
+                            + unit,
+                    "{what}: sequence {b} of {len} tokens kept whole"
+                );
+                continue;
+            }
+            assert_eq!(ev.start as usize % unit, 0, "{what}: eviction start");
+            assert_eq!(ev.end as usize % unit, 0, "{what}: eviction end");
+            let sinks_kept = (policy.sinks() as usize).min(len as usize);
+            assert!(ev.start as usize >= sinks_kept, "{what}: a sink evicted");
+            assert!(
+                ev.end as usize <= (len as usize).saturating_sub(policy.window() as usize),
+                "{what}: a window token evicted"
+            );
+            assert!(
+                len as usize - ev.len()
+                    < sinks_kept.div_ceil(unit) * unit + policy.window() as usize + unit,
+                "{what}: kept more than a unit past sinks + window"
+            );
+            evicted_any = true;
+            freed.extend(s.evict(b, ev));
+        }
+        assert_eq!(kept.freed, freed, "{what}: round {round} freed pages");
+        let (indptr, idx) = s.table();
+        let lens = s.lens();
+        assert_eq!(
+            (&kept.page_indptr, &kept.page_indices, &kept.seq_lens),
+            (&indptr, &idx, &lens),
+            "{what}: round {round} kept table"
+        );
+        let t = kept.table();
+        // The device cache equals one built from the kept tokens alone: the same live bytes on every
+        // kept page (groups stay aligned). A reused page may keep stale bytes where nothing is read:
+        // slots of residual tokens, parameter slots of groups that start on another page.
+        let oracle = if quant {
+            let want = pack_quantized::<T>(&l, &s.values(), &t, &s.slots, s.n_slots)?;
+            let got = dev.download(&cache.bytes)?;
+            let g = format.group().unwrap();
+            let (crb, nvg) = (l.code_row_bytes(), d / l.v_group());
+            for (b, &len) in lens.iter().enumerate() {
+                let nq = len as usize / g * g;
+                for (j, &p) in s.pages[b].iter().enumerate() {
+                    let p = p as usize;
+                    for h in 0..hkv {
+                        let mut live: Vec<(String, u64, usize)> = Vec::new();
+                        for slot in 0..ps {
+                            let tok = j * ps + slot;
+                            if tok >= nq {
+                                break;
+                            }
+                            for kv in [Kv::K, Kv::V] {
+                                live.push((
+                                    format!("{kv:?} codes of token {tok}"),
+                                    l.code_offset(kv, p, h, slot),
+                                    crb,
+                                ));
+                            }
+                            for vg in 0..nvg {
+                                live.push((
+                                    format!("V params of token {tok}"),
+                                    l.v_param_offset(p, h, slot, vg),
+                                    4,
+                                ));
+                            }
+                            if tok % g == 0 {
+                                for e in 0..d {
+                                    live.push((
+                                        format!("K params of group at {tok}"),
+                                        l.k_param_offset(p, h, slot / g, e),
+                                        4,
+                                    ));
+                                }
+                            }
+                        }
+                        for (name, at, n) in live {
+                            let r = at as usize..at as usize + n;
+                            if got[r.clone()] != want.bytes[r.clone()] {
+                                return Err(format!(
+                                    "{what}: round {round}: sequence {b} page {p} head {h}: {name}: {:?} != {:?}",
+                                    &got[r.clone()],
+                                    &want.bytes[r]
+                                )
+                                .into());
+                            }
+                        }
+                    }
+                }
+            }
+            want.dequantized
+        } else {
+            s.values()
+        };
+        // Decode over the kept table.
+        let at = format!("{what} round {round} lens {lens:?}");
+        cache.decode_matches(dev, rng, &t, &cfg, &oracle, &at)?;
+        append_rows = next.to_vec();
+    }
+    assert!(evicted_any, "{what}: the case never evicted anything");
+    Ok(())
+}
+
+#[test]
+fn retention_streams_sinks_and_window() {
+    fusekit::on_every_backend!("retention_streams_sinks_and_window", |dev| {
+        retention_on(dev)
+    });
+}
+
+fn retention_on<B: Backend>(dev: &B) {
+    let mut rng = Rng::new(seed_for("retention_streams_sinks_and_window"));
+    let r = Rope {
+        theta: 1e4,
+        style: RopeStyle::Half,
+    };
+    let ri = Rope {
+        theta: 1e5,
+        style: RopeStyle::Interleaved,
+    };
+    // Rounds: a prefill, decode steps of one token, a chunk, a step; a short sequence never evicts.
+    let rounds: [&[u32]; 4] = [&[1, 1, 1], &[40, 0, 3], &[1, 1, 1], &[0, 0, 0]];
+    let cases = [
+        RetentionCase {
+            bf16: true,
+            format: KvFormat::Bf16,
+            rope: RopeMode::InAttention(r),
+            ps: 16,
+            hkv: 2,
+            group: 3,
+            d: 64,
+            sinks: 4,
+            window: 40,
+            prefill: [150, 33, 5],
+        },
+        RetentionCase {
+            bf16: false,
+            format: KvFormat::F16,
+            rope: RopeMode::None,
+            ps: 1,
+            hkv: 1,
+            group: 1,
+            d: 128,
+            sinks: 0,
+            window: 17,
+            prefill: [90, 18, 2],
+        },
+        RetentionCase {
+            bf16: true,
+            format: KvFormat::Int4 { group: 32 },
+            rope: RopeMode::InAttention(ri),
+            ps: 16,
+            hkv: 1,
+            group: 4,
+            d: 128,
+            sinks: 4,
+            window: 64,
+            prefill: [200, 70, 9],
+        },
+        // Page 5, group 64: a unit of 320 tokens.
+        RetentionCase {
+            bf16: false,
+            format: KvFormat::Int8 { group: 64 },
+            rope: RopeMode::InAttention(r),
+            ps: 5,
+            hkv: 1,
+            group: 2,
+            d: 64,
+            sinks: 1,
+            window: 100,
+            prefill: [780, 65, 1],
+        },
+    ];
+    for c in &cases {
+        if c.bf16 {
+            retention_case::<B, bf16>(dev, &mut rng, c, &rounds).unwrap();
+        } else {
+            retention_case::<B, f16>(dev, &mut rng, c, &rounds).unwrap();
+        }
+    }
+}
+
+#[test]
+fn retention_bad_input_is_a_typed_error() {
+    use fusekit::attention::Retention;
+    let r = Rope {
+        theta: 1e4,
+        style: RopeStyle::Half,
+    };
+    let l = PagedKvLayout::new(8, 4, 1, 64, KvFormat::Bf16).unwrap();
+    let t = PageTable {
+        page_indptr: &[0, 3],
+        page_indices: &[1, 2, 3],
+        seq_lens: &[12],
+    };
+    let p = Retention::new(4, 4).unwrap();
+    assert!(matches!(
+        Retention::new(4, 0),
+        Err(Error::InvalidArgument { arg: "window", .. })
+    ));
+    let at_append = l.with_rope(RopeMode::AtAppend(r)).unwrap();
+    assert!(matches!(
+        p.apply(&at_append, &t),
+        Err(Error::Unsupported { .. })
+    ));
+    let in_attn = l.with_rope(RopeMode::InAttention(r)).unwrap();
+    assert_eq!(p.apply(&in_attn, &t).unwrap().freed, [2]);
+    let bad_page = PageTable {
+        page_indices: &[1, 2, 8],
+        ..t
+    };
+    assert!(matches!(
+        p.apply(&l, &bad_page),
+        Err(Error::OutOfRange {
+            arg: "page_indices",
+            ..
+        })
+    ));
+    let bad_len = PageTable {
+        seq_lens: &[13],
+        ..t
+    };
+    assert!(matches!(
+        p.apply(&l, &bad_len),
+        Err(Error::InvalidArgument {
+            arg: "seq_lens",
+            ..
+        })
+    ));
+    let empty = PageTable {
+        page_indptr: &[0],
+        page_indices: &[],
+        seq_lens: &[],
+    };
+    assert!(p.apply(&l, &empty).is_err());
 }

@@ -23,8 +23,12 @@
 //!   kernels, or cached before RoPE and rotated in the decode kernel at their index in the cache (what
 //!   retention needs); q rotated by decode; both pairings ([`RopeStyle`]).
 //!
-//! Still to come (issue 14): RoPE and quantised caches in prefill, sinks + window retention and
-//! inter-layer sharing, following `src/attention/DESIGN.md`.
+//! * [`Retention`]: attention sinks + a recent window (StreamingLLM) applied to a batch's page table,
+//!   in units of whole pages and KIVI groups, returning the kept table and the freed pages; with keys
+//!   cached before RoPE the kept keys take their new positions.
+//!
+//! Still to come (issue 14): RoPE and quantised caches in prefill, and inter-layer sharing, following
+//! `src/attention/DESIGN.md`.
 
 mod append;
 mod cache;
@@ -33,6 +37,7 @@ mod decode;
 mod kivi;
 mod prefill;
 pub mod reference;
+mod retention;
 
 pub use append::{append, append_quantized, AppendPlan, AppendWorkspace};
 pub use cache::{
@@ -43,6 +48,7 @@ pub use decode::{
 };
 pub use kivi::{pack_quantized, PackedCache};
 pub use prefill::{prefill, PrefillPlan, PrefillWorkspace};
+pub use retention::{Retained, Retention};
 
 use crate::error::{Error, Result};
 
