@@ -506,6 +506,67 @@ fn logical_cache<T: KvElement>(
     out
 }
 
+/// The values a quantised cache's bytes and residual stand for, in f64 and [`PagedKvLayout::offset`]
+/// order (0 where no token is), read through the layout's byte offsets: what
+/// [`pack_quantized`]'s `dequantized` is for the packer's own bytes.
+fn dequantize_device<T: KvElement>(
+    l: &PagedKvLayout,
+    bytes: &[u8],
+    residual: &[T],
+    t: &PageTable<'_>,
+    slots: &[i32],
+) -> Vec<f64> {
+    let (ps, hkv, d) = (l.page_size(), l.num_kv_heads(), l.head_dim());
+    let g = l.format().group().unwrap();
+    let int4 = matches!(l.format(), KvFormat::Int4 { .. });
+    let f16_at = |at: u64| {
+        f16::from_bits(u16::from_le_bytes([
+            bytes[at as usize],
+            bytes[at as usize + 1],
+        ]))
+        .to_f64()
+    };
+    let code = |row: u64, e: usize| -> f64 {
+        if int4 {
+            let b = bytes[row as usize + e / 2];
+            (if e % 2 == 0 { b & 0xF } else { b >> 4 }) as f64
+        } else {
+            bytes[row as usize + e] as f64
+        }
+    };
+    let mut out = vec![0.0; l.elements() as usize];
+    for (b, &len) in t.seq_lens.iter().enumerate() {
+        let pages = &t.page_indices[t.page_indptr[b] as usize..];
+        let nq = len as usize / g * g;
+        for tok in 0..len as usize {
+            let (p, s) = (pages[tok / ps] as usize, tok % ps);
+            for h in 0..hkv {
+                for e in 0..d {
+                    for kv in [Kv::K, Kv::V] {
+                        let x = if tok >= nq {
+                            residual
+                                [l.residual_offset(kv, slots[b] as usize, h, tok % g, e) as usize]
+                                .to_f64()
+                        } else {
+                            let at = match kv {
+                                Kv::K => {
+                                    let first = tok / g * g;
+                                    let gp = pages[first / ps] as usize;
+                                    l.k_param_offset(gp, h, first % ps / g, e)
+                                }
+                                Kv::V => l.v_param_offset(p, h, s, e / l.v_group()),
+                            };
+                            code(l.code_offset(kv, p, h, s), e) * f16_at(at) + f16_at(at + 2)
+                        };
+                        out[l.offset(kv, p, h, s, e) as usize] = x;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A batch that grows by appends: each sequence's K/V rows (`[tokens][num_kv_heads][head_dim]`) and the
 /// pages it will own when full.
 struct Growing<T> {
@@ -1052,15 +1113,47 @@ fn rope_case<B: Backend, T: KvElement>(
             }
         }
     }
-    let oracle = if quant {
-        pack_quantized::<T>(&l, &values, &t, &g.slots, g.n_slots)?.dequantized
-    } else {
-        values
-    };
     let what = format!(
         "{} {format:?} {mode:?} ps={ps} hkv={hkv} group={group} d={d}",
         T::NAME
     );
+    let oracle = if quant {
+        let packed = pack_quantized::<T>(&l, &values, &t, &g.slots, g.n_slots)?.dequantized;
+        let device = dequantize_device(
+            &l,
+            &dev.download(&cache.bytes)?,
+            &dev.download(&cache.res)?,
+            &t,
+            &g.slots,
+        );
+        if let RopeMode::AtAppend(_) = mode {
+            // The kernel rotates in f32 with the MUFU sine/cosine, the oracle in f64: a rotated key
+            // may round to the neighbouring T value and a code to the neighbouring step. The device's
+            // cache is then within one quantisation step of the oracle's, and decode is checked over
+            // what the device holds.
+            let (lo, hi) = values
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+            let step = (hi - lo) / format.max_code().unwrap() as f64;
+            compare(
+                &format!("cache {what}"),
+                &device,
+                &packed,
+                Tolerance {
+                    rel_l2: 5e-3,
+                    atol: 1.01 * step,
+                    rtol: 0.0,
+                },
+            )?;
+        } else if let Some(i) = (0..device.len()).find(|&i| device[i] != packed[i]) {
+            return Err(
+                format!("{what}: cache element {i}: {} != {}", device[i], packed[i]).into(),
+            );
+        }
+        device
+    } else {
+        values
+    };
     cache.decode_matches(
         dev,
         rng,
