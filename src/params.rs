@@ -18,6 +18,7 @@ unsafe impl DeviceRepr for fk_attn_decode_params {}
 unsafe impl DeviceRepr for fk_attn_merge_params {}
 unsafe impl DeviceRepr for fk_attn_append_params {}
 unsafe impl DeviceRepr for fk_attn_prefill_params {}
+unsafe impl DeviceRepr for fk_attn_copy_values_params {}
 unsafe impl DeviceRepr for fk_ce_params {}
 unsafe impl DeviceRepr for fk_loss_denominator_params {}
 unsafe impl DeviceRepr for fk_loss_reduce_params {}

@@ -1,15 +1,21 @@
 //! The attention decode and merge kernels against the f64 reference, on the SIMT emulator always and on
 //! a GPU when one is present: every element type × head dim × heads-per-CTA instantiation, page sizes 1,
 //! 16 and odd, lengths 1, not a multiple of the page and across several splits, GQA 1/2/3/4/8/12,
-//! softcap and window; outputs poisoned first; a device page table that disagrees with the plan.
+//! softcap and window; outputs poisoned first; a device page table that disagrees with the plan. Also
+//! the shared decode of inter-layer sharing (PoD: proximal part + distant part on the leader's keys and
+//! the layer's V pool, merged) and the copy of values into a V pool.
 
 use fusekit::attention::{
-    decode, reference, DecodeConfig, DecodePlan, DecodeWorkspace, KvElement, PageTable,
-    PagedKvLayout,
+    copy_values, decode, decode_shared, reference, DecodeConfig, DecodePlan, DecodeWorkspace,
+    DeviceTable, Kv, KvElement, KvFormat, PageTable, PagedKvLayout, Rope, RopeMode, RopeStyle,
+    SharedDecodePlan,
 };
-use fusekit::testing::{compare, poisoned, seed_for, Dist, Rng, Tolerance};
+use fusekit::testing::{poisoned, seed_for, Dist, Rng};
 use fusekit::{Backend, Error};
 use half::{bf16, f16};
+
+mod common;
+use common::{check_o_lse, random_q};
 
 /// A random cache (keys with a few outlier channels, as real models have) and a batch on scrambled
 /// pages.
@@ -80,17 +86,7 @@ fn run_case<B: Backend, T: KvElement>(
     };
     let d = s.layout.head_dim();
     let rows = s.lens.len() * cfg.num_qo_heads;
-    let q: Vec<T> = rng
-        .sample(
-            Dist::Normal {
-                mean: 0.0,
-                std: 1.0,
-            },
-            rows * d,
-        )
-        .into_iter()
-        .map(T::from_f64)
-        .collect();
+    let q: Vec<T> = random_q(rng, rows * d);
     let plan = DecodePlan::new::<T>(&s.layout, &t, cfg, split).map_err(|e| e.to_string())?;
     let cache_d = dev.upload(&s.cache).unwrap();
     let q_d = dev.upload(&q).unwrap();
@@ -118,33 +114,8 @@ fn run_case<B: Backend, T: KvElement>(
         cfg.num_qo_heads,
         s.lens
     );
-    let got_o = dev.download(&o).unwrap();
-    // o: one rounding to T of an fp32 result (2^-9 relative for bf16, 2^-12 for f16).
-    let tol_o = if T::NAME == "bf16" {
-        Tolerance {
-            rel_l2: 1e-2,
-            atol: 1e-3,
-            rtol: 8e-3,
-        }
-    } else {
-        Tolerance {
-            rel_l2: 2e-3,
-            atol: 2e-4,
-            rtol: 2e-3,
-        }
-    };
-    compare(&format!("o {what}"), &got_o, &want.o, tol_o)?;
-    let got_lse = dev.download(&lse).unwrap();
-    compare(
-        &format!("lse {what}"),
-        &got_lse,
-        &want.lse,
-        Tolerance {
-            rel_l2: 1e-5,
-            atol: 1e-4,
-            rtol: 1e-5,
-        },
-    )?;
+    let (got_o, got_lse) = (dev.download(&o).unwrap(), dev.download(&lse).unwrap());
+    check_o_lse::<T>(&what, &got_o, &got_lse, &want.o, &want.lse)?;
     Ok(())
 }
 
@@ -334,5 +305,394 @@ fn bad_input_on<B: Backend>(dev: &B) {
     assert!(matches!(
         PagedKvLayout::new(4, 16, 1, 96, bf16::FORMAT),
         Err(Error::Unsupported { .. })
+    ));
+}
+
+/// A batch for a shared decode. Sequence `b` of the member layer holds `sinks` full pages, then
+/// `distant` full pages, then `window` tokens; its proximal table is the sinks' and the window's pages,
+/// its distant table names pages of the leader's cache (and of the V pool), where `copy_values` puts
+/// the member's distant values.
+struct SharedCase {
+    ps: usize,
+    hkv: usize,
+    group: usize,
+    d: usize,
+    seqs: Vec<(usize, usize, usize)>,
+    /// The leader is the member itself (its cache, its q, its own pages): the shared decode is then
+    /// exact attention over the whole sequence.
+    identity: bool,
+}
+
+/// `(o, lse)` of the f64 reference decode over a table in which a sequence may be empty (then `(0, −∞)`).
+fn reference_part(
+    l: &PagedKvLayout,
+    cache: &[f64],
+    t: &PageTable<'_>,
+    q: &[f64],
+    cfg: &DecodeConfig,
+) -> (Vec<f64>, Vec<f64>) {
+    let (hq, d) = (cfg.num_qo_heads, l.head_dim());
+    let batch = t.seq_lens.len();
+    let (mut o, mut lse) = (
+        vec![0.0; batch * hq * d],
+        vec![f64::NEG_INFINITY; batch * hq],
+    );
+    for b in 0..batch {
+        if t.seq_lens[b] == 0 {
+            continue;
+        }
+        let (p0, p1) = (t.page_indptr[b] as usize, t.page_indptr[b + 1] as usize);
+        let one = PageTable {
+            page_indptr: &[0, (p1 - p0) as i32],
+            page_indices: &t.page_indices[p0..p1],
+            seq_lens: &t.seq_lens[b..b + 1],
+        };
+        let r = reference::decode(l, cache, &one, &q[b * hq * d..(b + 1) * hq * d], cfg).unwrap();
+        o[b * hq * d..(b + 1) * hq * d].copy_from_slice(&r.o);
+        lse[b * hq..(b + 1) * hq].copy_from_slice(&r.lse);
+    }
+    (o, lse)
+}
+
+type HostTable = (Vec<i32>, Vec<i32>, Vec<u32>);
+
+fn pt(t: &HostTable) -> PageTable<'_> {
+    PageTable {
+        page_indptr: &t.0,
+        page_indices: &t.1,
+        seq_lens: &t.2,
+    }
+}
+
+fn shared_case<B: Backend, T: KvElement>(
+    dev: &B,
+    rng: &mut Rng,
+    c: &SharedCase,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let (ps, d) = (c.ps, c.d);
+    let pages_of = |&(s, m, w): &(usize, usize, usize)| s + m + w.div_ceil(ps);
+    let need: usize = c.seqs.iter().map(pages_of).sum();
+    let l = PagedKvLayout::new(need + 3, ps, c.hkv, d, T::FORMAT)?;
+    let normal = Dist::Normal {
+        mean: 0.0,
+        std: 1.0,
+    };
+    let mut random_t =
+        |n: usize| -> Vec<T> { rng.sample(normal, n).into_iter().map(T::from_f64).collect() };
+    let member = random_t(l.elements() as usize);
+    let leader = if c.identity {
+        member.clone()
+    } else {
+        random_t(l.elements() as usize)
+    };
+    let cfg = DecodeConfig::new(c.hkv * c.group);
+    let rows = c.seqs.len() * cfg.num_qo_heads;
+    let q = random_t(rows * d);
+    let q_leader = if c.identity {
+        q.clone()
+    } else {
+        random_t(rows * d)
+    };
+    let mut free: Vec<i32> = (0..l.num_pages() as i32).collect();
+    let mut lead_free = free.clone();
+    for list in [&mut free, &mut lead_free] {
+        for i in (1..list.len()).rev() {
+            list.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+    }
+    // Tables: full (the member's whole sequence), proximal, distant (leader pages), and the copy lists.
+    let (mut full, mut prox, mut dist) = (
+        (vec![0i32], Vec::new(), Vec::new()),
+        (vec![0i32], Vec::new(), Vec::new()),
+        (vec![0i32], Vec::new(), Vec::new()),
+    );
+    let (mut src, mut dst) = (Vec::new(), Vec::new());
+    for seq in &c.seqs {
+        let &(s, m, w) = seq;
+        let own: Vec<i32> = free.drain(..pages_of(seq)).collect();
+        let lead: Vec<i32> = if c.identity {
+            own[s..s + m].to_vec()
+        } else {
+            lead_free.drain(..m).collect()
+        };
+        full.1.extend_from_slice(&own);
+        full.2.push(((s + m) * ps + w) as u32);
+        prox.1.extend_from_slice(&own[..s]);
+        prox.1.extend_from_slice(&own[s + m..]);
+        prox.2.push((s * ps + w) as u32);
+        dist.1.extend_from_slice(&lead);
+        dist.2.push((m * ps) as u32);
+        src.extend_from_slice(&own[s..s + m]);
+        dst.extend_from_slice(&lead);
+        for t in [&mut full, &mut prox, &mut dist] {
+            t.0.push(t.1.len() as i32);
+        }
+    }
+    let (member_d, leader_d) = (dev.upload(&member)?, dev.upload(&leader)?);
+    let mut pool = poisoned::<B, T>(dev, l.v_pool_elements()? as usize)?;
+    copy_values(dev, &l, &member_d, &mut pool, &src, &dst)?;
+    let plan = SharedDecodePlan::new::<T>(&l, &pt(&prox), &pt(&dist), &cfg, Some(32))?;
+    let up = |t: &HostTable| -> Result<_, Error> {
+        Ok((dev.upload(&t.0)?, dev.upload(&t.1)?, dev.upload(&t.2)?))
+    };
+    let ((pi, px, pl), (di, dx, dl)) = (up(&prox)?, up(&dist)?);
+    let (qd, qld) = (dev.upload(&q)?, dev.upload(&q_leader)?);
+    let mut ws = DecodeWorkspace::for_shared(dev, &plan)?;
+    let mut o = poisoned::<B, T>(dev, rows * d)?;
+    let mut lse = poisoned::<B, f32>(dev, rows)?;
+    decode_shared(
+        dev,
+        &plan,
+        &qd,
+        &member_d,
+        DeviceTable {
+            page_indptr: &pi,
+            page_indices: &px,
+            seq_lens: &pl,
+        },
+        &qld,
+        &leader_d,
+        &pool,
+        DeviceTable {
+            page_indptr: &di,
+            page_indices: &dx,
+            seq_lens: &dl,
+        },
+        &mut ws,
+        &mut o,
+        &mut lse,
+    )?;
+    ws.check_status_sync(dev)?;
+    let f64s = |x: &[T]| -> Vec<f64> { x.iter().map(|v| v.to_f64()).collect() };
+    let (m64, q64, ql64) = (f64s(&member), f64s(&q), f64s(&q_leader));
+    let (want_o, want_lse) = if c.identity {
+        let r = reference::decode(&l, &m64, &pt(&full), &q64, &cfg)?;
+        (r.o, r.lse)
+    } else {
+        // The distant part's cache: the leader's keys, the member's values at the leader's pages.
+        let mut combined = f64s(&leader);
+        for (&sp, &dp) in src.iter().zip(&dst) {
+            for h in 0..c.hkv {
+                for slot in 0..ps {
+                    for e in 0..d {
+                        combined[l.offset(Kv::V, dp as usize, h, slot, e) as usize] =
+                            m64[l.offset(Kv::V, sp as usize, h, slot, e) as usize];
+                    }
+                }
+            }
+        }
+        let (po, pl) = reference_part(&l, &m64, &pt(&prox), &q64, &cfg);
+        let (dist_o, dlse) = reference_part(&l, &combined, &pt(&dist), &ql64, &cfg);
+        reference::merge(&po, &pl, &dist_o, &dlse, d)?
+    };
+    let what = format!(
+        "shared {} ps={ps} hkv={} group={} d={d} seqs={:?} identity={}",
+        T::NAME,
+        c.hkv,
+        c.group,
+        c.seqs,
+        c.identity
+    );
+    check_o_lse::<T>(
+        &what,
+        &dev.download(&o)?,
+        &dev.download(&lse)?,
+        &want_o,
+        &want_lse,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn shared_decode_matches_the_reference() {
+    fusekit::on_every_backend!("shared_decode_matches_the_reference", |dev| {
+        shared_on(dev)
+    });
+}
+
+fn shared_on<B: Backend>(dev: &B) {
+    let mut rng = Rng::new(seed_for("shared_decode_matches_the_reference"));
+    for identity in [true, false] {
+        // SmolLM2's shape (3 KV heads, 3 query heads each, head dim 64); a sequence without distant
+        // tokens; one without sinks.
+        let c = SharedCase {
+            ps: 16,
+            hkv: 3,
+            group: 3,
+            d: 64,
+            seqs: vec![(1, 6, 40), (1, 0, 9), (0, 2, 1)],
+            identity,
+        };
+        shared_case::<B, bf16>(dev, &mut rng, &c).unwrap();
+        let c = SharedCase {
+            ps: 1,
+            hkv: 1,
+            group: 8,
+            d: 128,
+            seqs: vec![(4, 50, 20), (1, 3, 1)],
+            identity,
+        };
+        shared_case::<B, f16>(dev, &mut rng, &c).unwrap();
+        let c = SharedCase {
+            ps: 7,
+            hkv: 2,
+            group: 1,
+            d: 256,
+            seqs: vec![(1, 5, 13)],
+            identity,
+        };
+        shared_case::<B, bf16>(dev, &mut rng, &c).unwrap();
+    }
+}
+
+#[test]
+fn shared_bad_input_is_a_typed_error() {
+    fusekit::on_every_backend!("shared_bad_input_is_a_typed_error", |dev| {
+        shared_bad_input_on(dev)
+    });
+}
+
+fn shared_bad_input_on<B: Backend>(dev: &B) {
+    let l = PagedKvLayout::new(8, 4, 1, 64, KvFormat::Bf16).unwrap();
+    let prox = PageTable {
+        page_indptr: &[0, 1],
+        page_indices: &[0],
+        seq_lens: &[3],
+    };
+    let dist = PageTable {
+        page_indptr: &[0, 2],
+        page_indices: &[5, 6],
+        seq_lens: &[8],
+    };
+    let cfg = DecodeConfig::new(2);
+    let plan = |l: &PagedKvLayout, p: &PageTable, d: &PageTable, c: &DecodeConfig| {
+        SharedDecodePlan::new::<bf16>(l, p, d, c, None)
+    };
+    assert!(plan(&l, &prox, &dist, &cfg).is_ok());
+    let rope = Rope {
+        theta: 1e4,
+        style: RopeStyle::Half,
+    };
+    let roped = l.with_rope(RopeMode::InAttention(rope)).unwrap();
+    assert!(matches!(
+        plan(&roped, &prox, &dist, &cfg),
+        Err(Error::Unsupported { .. })
+    ));
+    let windowed = DecodeConfig {
+        window: Some(4),
+        ..cfg
+    };
+    assert!(matches!(
+        plan(&l, &prox, &dist, &windowed),
+        Err(Error::InvalidArgument {
+            arg: "cfg.window",
+            ..
+        })
+    ));
+    let q8 = PagedKvLayout::new(8, 4, 1, 64, KvFormat::Int8 { group: 32 }).unwrap();
+    assert!(matches!(
+        plan(&q8, &prox, &dist, &cfg),
+        Err(Error::Unsupported { .. })
+    ));
+    let two = PageTable {
+        page_indptr: &[0, 1, 2],
+        page_indices: &[5, 6],
+        seq_lens: &[4, 4],
+    };
+    assert!(matches!(
+        plan(&l, &prox, &two, &cfg),
+        Err(Error::Shape { .. })
+    ));
+    // An empty proximal sequence is an error (the query's own token is proximal); an empty distant
+    // one is not; a distant page out of range is.
+    let empty = PageTable {
+        page_indptr: &[0, 0],
+        page_indices: &[],
+        seq_lens: &[0],
+    };
+    assert!(plan(&l, &empty, &dist, &cfg).is_err());
+    assert!(plan(&l, &prox, &empty, &cfg).is_ok());
+    let out = PageTable {
+        page_indices: &[5, 8],
+        ..dist
+    };
+    assert!(matches!(
+        plan(&l, &prox, &out, &cfg),
+        Err(Error::OutOfRange { .. })
+    ));
+    // copy_values: lists checked on the host.
+    let cache = dev.alloc_zeros::<bf16>(l.elements() as usize).unwrap();
+    let mut pool = dev
+        .alloc_zeros::<bf16>(l.v_pool_elements().unwrap() as usize)
+        .unwrap();
+    assert!(matches!(
+        copy_values(dev, &l, &cache, &mut pool, &[1, 2], &[3, 3]),
+        Err(Error::InvalidArgument {
+            arg: "dst_pages",
+            ..
+        })
+    ));
+    assert!(matches!(
+        copy_values(dev, &l, &cache, &mut pool, &[1, 8], &[3, 4]),
+        Err(Error::OutOfRange {
+            arg: "src_pages",
+            index: 1,
+            ..
+        })
+    ));
+    assert!(matches!(
+        copy_values(dev, &l, &cache, &mut pool, &[1], &[3, 4]),
+        Err(Error::Shape { .. })
+    ));
+    let mut small = dev.alloc_zeros::<bf16>(8).unwrap();
+    assert!(matches!(
+        copy_values(dev, &l, &cache, &mut small, &[1], &[3]),
+        Err(Error::Shape { arg: "v_pool", .. })
+    ));
+    // A device distant table that disagrees with the plan: never read out of bounds, the sequence is
+    // NaN and the status word names it.
+    let p = plan(&l, &prox, &dist, &cfg).unwrap();
+    let up = |t: &PageTable| {
+        (
+            dev.upload(t.page_indptr).unwrap(),
+            dev.upload(t.page_indices).unwrap(),
+            dev.upload(t.seq_lens).unwrap(),
+        )
+    };
+    let ((pi, px, pl), (di, _, dl)) = (up(&prox), up(&dist));
+    let bad_x = dev.upload(&[5i32, 1000]).unwrap();
+    let q = dev.upload(&vec![bf16::ONE; 2 * 64]).unwrap();
+    let mut ws = DecodeWorkspace::for_shared(dev, &p).unwrap();
+    let mut o = poisoned::<B, bf16>(dev, 2 * 64).unwrap();
+    let mut lse = poisoned::<B, f32>(dev, 2).unwrap();
+    let prox_t = DeviceTable {
+        page_indptr: &pi,
+        page_indices: &px,
+        seq_lens: &pl,
+    };
+    let bad_t = DeviceTable {
+        page_indptr: &di,
+        page_indices: &bad_x,
+        seq_lens: &dl,
+    };
+    decode_shared(
+        dev, &p, &q, &cache, prox_t, &q, &cache, &pool, bad_t, &mut ws, &mut o, &mut lse,
+    )
+    .unwrap();
+    assert!(matches!(
+        ws.check_status_sync(dev),
+        Err(Error::OutOfRange { index: 0, .. })
+    ));
+    assert!(dev
+        .download(&o)
+        .unwrap()
+        .iter()
+        .all(|x| x.to_f32().is_nan()));
+    // A V pool of the wrong size.
+    assert!(matches!(
+        decode_shared(
+            dev, &p, &q, &cache, prox_t, &q, &cache, &small, bad_t, &mut ws, &mut o, &mut lse
+        ),
+        Err(Error::Shape { arg: "v_pool", .. })
     ));
 }

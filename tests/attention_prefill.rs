@@ -14,6 +14,8 @@ use fusekit::testing::{
 use fusekit::{Backend, Error};
 use half::{bf16, f16};
 
+mod common;
+
 /// A random cache (keys and values with a few outlier channels, as real models have) holding a batch
 /// of sequences on scrambled pages; sequence b has `prefix` cached tokens followed by `new` new ones.
 struct Setup<T> {
@@ -182,16 +184,7 @@ fn check<T: KvElement>(
         )
     };
     compare_with_floor(&format!("o {what}"), got_o, &want.o, tol, |i| u * mag.o[i])?;
-    compare(
-        &format!("lse {what}"),
-        got_lse,
-        &want.lse,
-        Tolerance {
-            rel_l2: 1e-5,
-            atol: 1e-4,
-            rtol: 1e-5,
-        },
-    )?;
+    compare(&format!("lse {what}"), got_lse, &want.lse, common::LSE_TOL)?;
     Ok(())
 }
 

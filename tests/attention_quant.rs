@@ -16,6 +16,9 @@ use fusekit::testing::{compare, poisoned, seed_for, Dist, Rng, Tolerance};
 use fusekit::{Backend, Error};
 use half::{bf16, f16};
 
+mod common;
+use common::{check_o_lse, random_q};
+
 struct Setup<T> {
     layout: PagedKvLayout,
     values: Vec<f64>,
@@ -140,19 +143,6 @@ fn launch<B: Backend, T: KvElement>(
     })
 }
 
-fn random_q<T: KvElement>(rng: &mut Rng, n: usize) -> Vec<T> {
-    rng.sample(
-        Dist::Normal {
-            mean: 0.0,
-            std: 1.0,
-        },
-        n,
-    )
-    .into_iter()
-    .map(T::from_f64)
-    .collect()
-}
-
 /// One quantised decode against `reference::decode` over the packed cache's dequantised values.
 fn run_case<B: Backend, T: KvElement>(
     dev: &B,
@@ -179,30 +169,7 @@ fn run_case<B: Backend, T: KvElement>(
     );
     // The dequantised values are the reference's exactly (one fp32 FMA from the codes), so the
     // tolerances are those of the bf16/f16 decode: one rounding of an fp32 result to T.
-    let tol_o = if T::NAME == "bf16" {
-        Tolerance {
-            rel_l2: 1e-2,
-            atol: 1e-3,
-            rtol: 8e-3,
-        }
-    } else {
-        Tolerance {
-            rel_l2: 2e-3,
-            atol: 2e-4,
-            rtol: 2e-3,
-        }
-    };
-    compare(&format!("o {what}"), &out.o, &want.o, tol_o)?;
-    compare(
-        &format!("lse {what}"),
-        &out.lse,
-        &want.lse,
-        Tolerance {
-            rel_l2: 1e-5,
-            atol: 1e-4,
-            rtol: 1e-5,
-        },
-    )?;
+    check_o_lse::<T>(&what, &out.o, &out.lse, &want.o, &want.lse)?;
     Ok(())
 }
 

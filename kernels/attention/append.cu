@@ -16,6 +16,9 @@
 // f16, code = clamp(rint((x - zero) / scale)), a non-finite group or an f16 overflow stores NaN.
 // The copy kernel runs after this one (stream order): the residual it overwrites has been read.
 //
+// fk_attn_copy_values: whole pages' values copied into another buffer (a layer's V pool for inter-layer
+// sharing), 16 bytes per thread and step, one CTA per page.
+//
 // A device table that disagrees with the plan (append_indptr not monotone, more new tokens than the
 // sequence holds, pages that do not match the length, a page or slot out of range) is never written
 // out of bounds: the sequence's writes are skipped and the status word records it.
@@ -288,3 +291,18 @@ FK_ATTN_APPEND_ENTRIES(bf16, __nv_bfloat16, 256)
 FK_ATTN_APPEND_ENTRIES(f16, __half, 64)
 FK_ATTN_APPEND_ENTRIES(f16, __half, 128)
 FK_ATTN_APPEND_ENTRIES(f16, __half, 256)
+
+extern "C" __global__ void __launch_bounds__(FK_ATTN_COPY_THREADS) fk_attn_copy_values(const fk_attn_copy_values_params p) {
+    const int32_t chunks = (int32_t)(p.run_bytes >> 4);
+    for (int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
+        const int32_t sp = p.src_pages[i], dp = p.dst_pages[i];
+        if (sp < 0 || sp >= p.src_num_pages || dp < 0 || dp >= p.dst_num_pages) {
+            if (threadIdx.x == 0 && p.status) atomicMax(p.status, (unsigned long long)(p.n - i));
+            continue;
+        }
+        const uint4 *s = reinterpret_cast<const uint4 *>(reinterpret_cast<const uint8_t *>(p.src) +
+                                                         sp * p.src_page_stride + p.src_start);
+        uint4 *d = reinterpret_cast<uint4 *>(reinterpret_cast<uint8_t *>(p.dst) + dp * p.dst_page_stride + p.dst_start);
+        for (int32_t j = threadIdx.x; j < chunks; j += FK_ATTN_COPY_THREADS) d[j] = s[j];
+    }
+}

@@ -68,7 +68,7 @@ __device__ __forceinline__ attn_cta attn_begin(const fk_attn_decode_params &p, a
     __syncthreads();
     if (threadIdx.x == 0) {
         const int64_t pages = (int64_t)pg1 - c.pg0;
-        bool bad = c.pg0 < 0 || pages < 0 || pg1 > p.n_page_indices || c.len < 1 ||
+        bool bad = c.pg0 < 0 || pages < 0 || pg1 > p.n_page_indices || (c.len < 1 && !p.allow_empty) ||
                    !(c.len <= pages * ps && (pages - 1) * ps < c.len) || c.len > (int64_t)p.n_splits * p.split_size;
         if (p.residual_slots) {
             const int32_t slot = p.residual_slots[c.b];
@@ -247,7 +247,7 @@ __device__ __forceinline__ void attn_finish(const fk_attn_decode_params &p, cons
             acc = fmaf(sm.o[w][h][e], a, acc);
         }
         const int64_t row = (int64_t)c.b * p.num_qo_heads + c.h0 + h;
-        const int64_t at = row * p.n_splits + c.split;
+        const int64_t at = row * p.splits_per_row + p.split_base + c.split;
         float out, lse;
         if (flagged) {
             out = NAN;
@@ -295,6 +295,7 @@ __device__ __forceinline__ void attn_decode(const fk_attn_decode_params &p) {
     attn_init<HG, VEC>(st, o);
 
     const T *cache = reinterpret_cast<const T *>(p.cache);
+    const T *vcache = reinterpret_cast<const T *>(p.v_cache) + p.v_start;
     const int64_t page_elems = 2 * (int64_t)p.num_kv_heads * ps * D;
     const int64_t head_run = (int64_t)ps * D;
     bool bad_page = false;
@@ -307,9 +308,9 @@ __device__ __forceinline__ void attn_decode(const fk_attn_decode_params &p) {
         if (t < c.t1) {
             const int32_t page = p.page_indices[c.pg0 + (uint32_t)t / (uint32_t)ps];
             if (page >= 0 && page < p.num_pages) {
-                const T *kp = cache + page * page_elems + c.kvh * head_run + ((uint32_t)t % (uint32_t)ps) * D;
-                const V kv = reinterpret_cast<const V *>(kp)[part];
-                const V vv = reinterpret_cast<const V *>(kp + (int64_t)p.num_kv_heads * head_run)[part];
+                const int64_t in_page = c.kvh * head_run + ((uint32_t)t % (uint32_t)ps) * D;
+                const V kv = reinterpret_cast<const V *>(cache + page * page_elems + in_page)[part];
+                const V vv = reinterpret_cast<const V *>(vcache + page * p.v_page_stride + in_page)[part];
                 fk_vec_to_f32(kv, k);
                 fk_vec_to_f32(vv, v);
                 have = true;
@@ -385,6 +386,7 @@ __device__ __forceinline__ void attn_decode_quant(const fk_attn_decode_params &p
     attn_init<HG, VEC>(st, o);
 
     const uint8_t *cache = reinterpret_cast<const uint8_t *>(p.cache);
+    const uint8_t *vcache = reinterpret_cast<const uint8_t *>(p.v_cache);
     const int64_t nq = (int64_t)((uint32_t)c.len / (uint32_t)G) * G;  // tokens of complete groups: in the pages
     const int64_t head_codes = (int64_t)c.kvh * ps * CROW;
     const int vgroups = D / p.v_group;
@@ -443,12 +445,13 @@ __device__ __forceinline__ void attn_decode_quant(const fk_attn_decode_params &p
             const int32_t page = p.page_indices[c.pg0 + (uint32_t)t / (uint32_t)ps];
             if (cur_g == gi && page >= 0 && page < p.num_pages) {
                 const uint8_t *pg = cache + page * p.page_bytes;
+                const uint8_t *vpg = vcache + page * p.v_page_stride;
                 const int slot = (int)((uint32_t)t % (uint32_t)ps);
                 float kc[VEC], vc[VEC];
                 attn_codes<BITS>(pg + head_codes + (int64_t)slot * CROW, part, kc);
-                attn_codes<BITS>(pg + p.v_codes_start + head_codes + (int64_t)slot * CROW, part, vc);
+                attn_codes<BITS>(vpg + p.v_start + head_codes + (int64_t)slot * CROW, part, vc);
                 const float2 vsz = attn_param(*reinterpret_cast<const uint32_t *>(
-                    pg + p.v_params_start + (((int64_t)c.kvh * ps + slot) * vgroups + vg) * 4));
+                    vpg + p.v_params_start + (((int64_t)c.kvh * ps + slot) * vgroups + vg) * 4));
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) {
                     k[e] = fmaf(kc[e], ks[e], kz[e]);

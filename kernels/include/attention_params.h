@@ -19,8 +19,8 @@ typedef struct fk_attn_decode_params {
     const int32_t *page_indptr;   /* [batch + 1] */
     const int32_t *page_indices;  /* [page_indptr[batch]] */
     const uint32_t *seq_lens;     /* [batch] */
-    float *o_part;                /* [batch, num_qo_heads, n_splits, head_dim] */
-    float *lse_part;              /* [batch, num_qo_heads, n_splits] (natural log) */
+    float *o_part;                /* [batch, num_qo_heads, splits_per_row, head_dim] */
+    float *lse_part;              /* [batch, num_qo_heads, splits_per_row] (natural log) */
     unsigned long long *status;   /* [1], zeroed before launch: max over bad sequences of (batch - b) */
     int64_t num_pages;
     int64_t n_page_indices;       /* length of page_indices */
@@ -30,6 +30,17 @@ typedef struct fk_attn_decode_params {
     int32_t page_size;
     int32_t split_size;           /* tokens per split (fixed: results do not depend on the batch) */
     int32_t n_splits;             /* splits per sequence in the grid */
+    int32_t split_base;           /* this launch's splits are partials split_base .. + n_splits of a row */
+    int32_t splits_per_row;       /* partials per row in o_part / lse_part (>= split_base + n_splits) */
+    int32_t allow_empty;          /* 1: a sequence may hold 0 tokens (its partials are empty states) */
+    /* Values: page p's V of KV head h, slot s at v_cache + p * v_page_stride + v_start + (h * page_size +
+     * s) * row, row = head_dim elements (bf16/f16) or code bytes (quantised). The cache's own V half:
+     * v_cache = cache, v_page_stride = the page, v_start = the K half. A V pool (inter-layer sharing, the
+     * values of distant tokens whose keys another layer's cache holds): v_start = 0, v_page_stride =
+     * num_kv_heads * page_size * row (+ the V parameters, quantised). Pages index both alike. */
+    const void *v_cache;
+    int64_t v_page_stride;        /* elements (bf16/f16) or bytes (quantised) */
+    int64_t v_start;
     int32_t window;               /* attend to the last `window` tokens; 0: all */
     float scale;                  /* score scale */
     float softcap;                /* 0: none */
@@ -38,9 +49,8 @@ typedef struct fk_attn_decode_params {
     const void *residual;         /* [n_slots][2][num_kv_heads][group][head_dim] of T: newest tokens */
     const int32_t *residual_slots; /* [batch] */
     int64_t page_bytes;
-    int64_t v_codes_start;        /* byte offsets within a page */
-    int64_t k_params_start;
-    int64_t v_params_start;
+    int64_t k_params_start;       /* byte offset within a page */
+    int64_t v_params_start;       /* byte offset within a V page (v_cache + p * v_page_stride) */
     int32_t n_slots;              /* residual slots */
     int32_t group;                /* tokens per K group (per channel) */
     int32_t v_group;              /* channels per V group (per token) */
@@ -101,6 +111,27 @@ typedef struct fk_attn_append_params {
     int32_t rope_style;
     int32_t rope_k;
 } fk_attn_append_params;
+/* Copy of the values of pages into a V pool (inter-layer sharing): entry i copies the run_bytes at
+ * src + src_pages[i] * src_page_stride + src_start to dst + dst_pages[i] * dst_page_stride + dst_start.
+ * One CTA per entry (grid-stride), 16-byte copies. An entry whose page is out of range copies nothing
+ * and is recorded in the status word. */
+#define FK_ATTN_COPY_THREADS 128
+typedef struct fk_attn_copy_values_params {
+    const void *src;
+    void *dst;
+    const int32_t *src_pages;     /* [n] */
+    const int32_t *dst_pages;     /* [n] */
+    unsigned long long *status;   /* [1], zeroed before launch: max over bad entries of (n - i) */
+    int64_t n;
+    int64_t src_num_pages;
+    int64_t dst_num_pages;
+    int64_t src_page_stride;      /* bytes */
+    int64_t src_start;
+    int64_t dst_page_stride;
+    int64_t dst_start;
+    int64_t run_bytes;            /* a multiple of 16; src, dst, strides and starts 16-byte aligned */
+} fk_attn_copy_values_params;
+
 /* Causal prefill over a paged cache (kernels/attention/prefill.cu): one CTA of FK_ATTN_PREFILL_THREADS
  * threads per (tile of FK_ATTN_PREFILL_ROWS packed query rows, KV head, sequence). A packed row is
  * (new token, query head of the KV head's GQA group), so a K/V tile serves the whole group. K/V tiles

@@ -51,12 +51,12 @@ struct alignas(16) fk_vec16 {
 // A 16-byte vector widened to fp32. bf16 pairs are unpacked from their 32-bit word with one shift (low
 // half) and one mask (high half), not an extract and a shift each.
 template <typename T>
-__device__ __forceinline__ void fk_vec_to_f32(const fk_vec16<T> &v, float (&out)[fk_vec16<T>::N]) {
+__device__ __forceinline__ void fk_vec_to_f32(const fk_vec16<T> v, float (&out)[fk_vec16<T>::N]) {
 #pragma unroll
     for (int k = 0; k < fk_vec16<T>::N; ++k) out[k] = fk_to_f32(v.v[k]);
 }
 template <>
-__device__ __forceinline__ void fk_vec_to_f32<__nv_bfloat16>(const fk_vec16<__nv_bfloat16> &v, float (&out)[8]) {
+__device__ __forceinline__ void fk_vec_to_f32<__nv_bfloat16>(const fk_vec16<__nv_bfloat16> v, float (&out)[8]) {
     uint32_t w[4];
     memcpy(w, &v, 16);
 #pragma unroll

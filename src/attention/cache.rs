@@ -584,6 +584,12 @@ impl PagedKvLayout {
     /// # Ok::<(), fusekit::Error>(())
     /// ```
     pub fn check_page_table(&self, t: &PageTable<'_>) -> Result<()> {
+        self.check_table(t, false)
+    }
+
+    /// [`check_page_table`](Self::check_page_table); with `allow_empty`, a sequence may hold no token
+    /// (and then no page).
+    pub(crate) fn check_table(&self, t: &PageTable<'_>, allow_empty: bool) -> Result<()> {
         let batch = t.seq_lens.len();
         if batch == 0 {
             return Err(Error::shape(
@@ -621,7 +627,7 @@ impl PagedKvLayout {
             let pages = (hi - lo) as u64;
             let len = t.seq_lens[b] as u64;
             let cap = pages * self.page_size as u64;
-            if len == 0 || len > cap || len + (self.page_size as u64) <= cap {
+            if (len == 0 && !allow_empty) || len > cap || len + (self.page_size as u64) <= cap {
                 return Err(Error::invalid(
                     "seq_lens",
                     format!(

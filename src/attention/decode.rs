@@ -55,16 +55,18 @@ pub const DEFAULT_SPLIT_SIZE: usize = 512;
 /// ```
 #[derive(Clone, Debug)]
 pub struct DecodePlan {
-    layout: PagedKvLayout,
-    cfg: DecodeConfig,
-    batch: usize,
-    n_page_indices: usize,
+    pub(super) layout: PagedKvLayout,
+    pub(super) cfg: DecodeConfig,
+    pub(super) batch: usize,
+    pub(super) n_page_indices: usize,
     split_size: usize,
-    n_splits: usize,
+    pub(super) n_splits: usize,
     heads_per_cta: usize,
-    elem: &'static str,
+    pub(super) elem: &'static str,
     /// Residual slots of a quantised cache (`None`: a bf16/f16 cache).
     slots: Option<usize>,
+    /// Sequences may hold no token (the distant part of a shared decode).
+    allow_empty: bool,
 }
 
 impl DecodePlan {
@@ -87,7 +89,7 @@ impl DecodePlan {
                 got: T::SUFFIX.to_string(),
             });
         }
-        Self::build::<T>(layout, table, cfg, split_size, None)
+        Self::build::<T>(layout, table, cfg, split_size, None, false)
     }
 
     /// Validates a decode over a quantised (KIVI int8/int4) cache whose query, output and residual are
@@ -126,17 +128,18 @@ impl DecodePlan {
             ));
         }
         check_residual_slots(table.seq_lens.len(), residual_slots, slots)?;
-        Self::build::<T>(layout, table, cfg, split_size, Some(slots))
+        Self::build::<T>(layout, table, cfg, split_size, Some(slots), false)
     }
 
-    fn build<T: KvElement>(
+    pub(super) fn build<T: KvElement>(
         layout: &PagedKvLayout,
         table: &PageTable<'_>,
         cfg: &DecodeConfig,
         split_size: Option<usize>,
         slots: Option<usize>,
+        allow_empty: bool,
     ) -> Result<Self> {
-        layout.check_page_table(table)?;
+        layout.check_table(table, allow_empty)?;
         cfg.validate(layout)?;
         let batch = table.seq_lens.len();
         if batch > 65535 {
@@ -152,7 +155,7 @@ impl DecodePlan {
             ));
         }
         let max_len = *table.seq_lens.iter().max().unwrap_or(&1) as usize;
-        let n_splits = max_len.div_ceil(split_size);
+        let n_splits = max_len.div_ceil(split_size).max(1);
         if n_splits > 65535 || cfg.num_qo_heads > i32::MAX as usize {
             return Err(Error::Unsupported {
                 what: format!("{n_splits} splits of {split_size} tokens (at most 65535)"),
@@ -181,6 +184,7 @@ impl DecodePlan {
             heads_per_cta,
             elem: T::SUFFIX,
             slots,
+            allow_empty,
         })
     }
 
@@ -248,7 +252,74 @@ impl DecodePlan {
         ]
     }
 
-    fn decode_config(&self) -> LaunchConfig {
+    /// The decode kernel's parameters: device addresses of q, the cache (K, and V in its own half), the
+    /// quantised residual (address, slots address, slot count), the table (indptr, indices, lens) and
+    /// the workspace (partials, lse partials, status); this launch's splits are partials
+    /// `split_base .. split_base + n_splits` of `splits_per_row` per row.
+    pub(crate) fn params(
+        &self,
+        qp: u64,
+        cp: u64,
+        quant: Option<(u64, u64, usize)>,
+        (ip, xp, sp): (u64, u64, u64),
+        (opp, lpp, stp): (u64, u64, u64),
+        (split_base, splits_per_row): (usize, usize),
+    ) -> fk_attn_decode_params {
+        let l = &self.layout;
+        let d = l.head_dim();
+        let (rp, rsp, slots) = quant.unwrap_or((0, 0, 0));
+        let (page_bytes, v_codes_start, k_params_start, v_params_start) = l.quant_sections();
+        let (v_page_stride, v_start) = if l.format().group().is_some() {
+            (page_bytes, v_codes_start)
+        } else {
+            (
+                l.page_elements() as i64,
+                (l.num_kv_heads() * l.page_size() * d) as i64,
+            )
+        };
+        fk_attn_decode_params {
+            q: qp as *const c_void,
+            cache: cp as *const c_void,
+            page_indptr: ip as *const i32,
+            page_indices: xp as *const i32,
+            seq_lens: sp as *const u32,
+            o_part: opp as *mut f32,
+            lse_part: lpp as *mut f32,
+            status: stp as *mut u64,
+            num_pages: l.num_pages() as i64,
+            n_page_indices: self.n_page_indices as i64,
+            batch: self.batch as i32,
+            num_qo_heads: self.cfg.num_qo_heads as i32,
+            num_kv_heads: l.num_kv_heads() as i32,
+            page_size: l.page_size() as i32,
+            split_size: self.split_size as i32,
+            n_splits: self.n_splits as i32,
+            split_base: split_base as i32,
+            splits_per_row: splits_per_row as i32,
+            allow_empty: self.allow_empty as i32,
+            v_cache: cp as *const c_void,
+            v_page_stride,
+            v_start,
+            window: self.cfg.window.map_or(0, |w| w.min(i32::MAX as u32) as i32),
+            scale: self.cfg.scale(d) as f32,
+            softcap: self.cfg.softcap.unwrap_or(0.0),
+            residual: rp as *const c_void,
+            residual_slots: rsp as *const i32,
+            page_bytes,
+            k_params_start,
+            v_params_start,
+            n_slots: slots as i32,
+            group: l.format().group().unwrap_or(0) as i32,
+            v_group: l.v_group() as i32,
+            k_param_slots: l.k_param_slots() as i32,
+            rope_log2_theta: rope_log2_theta(l),
+            rope_style: rope_style(l),
+            rope_q: l.rope().rope().is_some() as i32,
+            rope_k: matches!(l.rope(), RopeMode::InAttention(_)) as i32,
+        }
+    }
+
+    pub(crate) fn decode_config(&self) -> LaunchConfig {
         let group = self.cfg.num_qo_heads / self.layout.num_kv_heads();
         let chunks = group.div_ceil(self.heads_per_cta);
         LaunchConfig {
@@ -267,12 +338,12 @@ impl DecodePlan {
 /// for any plan with at most as many rows × splits as the one it was made for.
 #[derive(Debug)]
 pub struct DecodeWorkspace<B: Backend> {
-    o_part: B::Buffer<f32>,
-    lse_part: B::Buffer<f32>,
-    status: B::Buffer<u64>,
-    head_dim: usize,
+    pub(super) o_part: B::Buffer<f32>,
+    pub(super) lse_part: B::Buffer<f32>,
+    pub(super) status: B::Buffer<u64>,
+    pub(super) head_dim: usize,
     /// Sequences of the last decode launched with this workspace: the status word counts from it.
-    batch: usize,
+    pub(super) batch: usize,
 }
 
 impl<B: Backend> DecodeWorkspace<B> {
@@ -554,6 +625,60 @@ where
     exactly("seq_lens", seq_lens.len(), batch, "batch")
 }
 
+/// A query buffer of a decode: of the plan's element type, on `dev`, `n` elements.
+pub(super) fn check_query<B, T, Q>(
+    dev: &B,
+    elem: &str,
+    arg: &'static str,
+    q: &Q,
+    n: usize,
+) -> Result<()>
+where
+    B: Backend,
+    T: KvElement,
+    Q: DeviceRead<T, B>,
+{
+    if elem != T::SUFFIX {
+        return Err(Error::DType {
+            arg,
+            expected: elem.to_string(),
+            got: T::SUFFIX.to_string(),
+        });
+    }
+    owned(dev, arg, q)?;
+    exactly(arg, q.len(), n, "batch * num_qo_heads * head_dim")
+}
+
+/// The outputs (`rows` of head dim `d`) and a workspace holding `splits` partials per row.
+pub(super) fn check_outputs<B, T, O, L>(
+    dev: &B,
+    o: &O,
+    lse: &L,
+    ws: &DecodeWorkspace<B>,
+    rows: usize,
+    d: usize,
+    splits: usize,
+) -> Result<()>
+where
+    B: Backend,
+    T: KvElement,
+    O: DeviceWrite<T, B>,
+    L: DeviceWrite<f32, B>,
+{
+    owned(dev, "o", o)?;
+    owned(dev, "lse", lse)?;
+    exactly("o", o.len(), rows * d, "batch * num_qo_heads * head_dim")?;
+    exactly("lse", lse.len(), rows, "batch * num_qo_heads")?;
+    if ws.head_dim != d || ws.lse_part.len() < rows * splits {
+        return Err(Error::shape(
+            "ws",
+            format!("a workspace for {} partials of head_dim {d}", rows * splits),
+            format!("{} partials of head_dim {}", ws.lse_part.len(), ws.head_dim),
+        ));
+    }
+    owned(dev, "ws", &ws.o_part)
+}
+
 /// The checks every decode shares and the two launches. `quant`: the residual's and the slots'
 /// addresses and the slot count of a quantised cache.
 #[allow(clippy::too_many_arguments)]
@@ -580,14 +705,8 @@ where
     O: DeviceWrite<T, B>,
     L: DeviceWrite<f32, B>,
 {
-    if plan.elem != T::SUFFIX {
-        return Err(Error::DType {
-            arg: "q",
-            expected: plan.elem.to_string(),
-            got: T::SUFFIX.to_string(),
-        });
-    }
-    owned(dev, "q", q)?;
+    let (d, rows) = (plan.layout.head_dim(), plan.rows());
+    check_query::<B, T, Q>(dev, plan.elem, "q", q, rows * d)?;
     check_table_buffers(
         dev,
         plan.batch,
@@ -596,23 +715,7 @@ where
         page_indices,
         seq_lens,
     )?;
-    owned(dev, "o", o)?;
-    owned(dev, "lse", lse)?;
-    let (d, rows) = (plan.layout.head_dim(), plan.rows());
-    exactly("q", q.len(), rows * d, "batch * num_qo_heads * head_dim")?;
-    exactly("o", o.len(), rows * d, "batch * num_qo_heads * head_dim")?;
-    exactly("lse", lse.len(), rows, "batch * num_qo_heads")?;
-    if ws.head_dim != d || ws.lse_part.len() < rows * plan.n_splits {
-        return Err(Error::shape(
-            "ws",
-            format!(
-                "a workspace for {} partials of head_dim {d}",
-                rows * plan.n_splits
-            ),
-            format!("{} partials of head_dim {}", ws.lse_part.len(), ws.head_dim),
-        ));
-    }
-    owned(dev, "ws", &ws.o_part)?;
+    check_outputs::<B, T, O, L>(dev, o, lse, ws, rows, d, plan.n_splits)?;
     let (qp, _a) = q.addr(dev);
     check_aligned("q", qp, 16)?;
     let (ip, _c) = page_indptr.addr(dev);
@@ -625,44 +728,14 @@ where
     let (opp, _h) = ws.o_part.addr_mut(dev);
     let (lpp, _i) = ws.lse_part.addr_mut(dev);
     let (stp, _j) = ws.status.addr_mut(dev);
-    let l = &plan.layout;
-    let (rp, rsp, slots) = quant.unwrap_or((0, 0, 0));
-    let (page_bytes, v_codes_start, k_params_start, v_params_start) = l.quant_sections();
-    let p = fk_attn_decode_params {
-        q: qp as *const c_void,
-        cache: cp as *const c_void,
-        page_indptr: ip as *const i32,
-        page_indices: xp as *const i32,
-        seq_lens: sp as *const u32,
-        o_part: opp as *mut f32,
-        lse_part: lpp as *mut f32,
-        status: stp as *mut u64,
-        num_pages: l.num_pages() as i64,
-        n_page_indices: plan.n_page_indices as i64,
-        batch: plan.batch as i32,
-        num_qo_heads: plan.cfg.num_qo_heads as i32,
-        num_kv_heads: l.num_kv_heads() as i32,
-        page_size: l.page_size() as i32,
-        split_size: plan.split_size as i32,
-        n_splits: plan.n_splits as i32,
-        window: plan.cfg.window.map_or(0, |w| w.min(i32::MAX as u32) as i32),
-        scale: plan.cfg.scale(d) as f32,
-        softcap: plan.cfg.softcap.unwrap_or(0.0),
-        residual: rp as *const c_void,
-        residual_slots: rsp as *const i32,
-        page_bytes,
-        v_codes_start,
-        k_params_start,
-        v_params_start,
-        n_slots: slots as i32,
-        group: l.format().group().unwrap_or(0) as i32,
-        v_group: l.v_group() as i32,
-        k_param_slots: l.k_param_slots() as i32,
-        rope_log2_theta: rope_log2_theta(l),
-        rope_style: rope_style(l),
-        rope_q: l.rope().rope().is_some() as i32,
-        rope_k: matches!(l.rope(), RopeMode::InAttention(_)) as i32,
-    };
+    let p = plan.params(
+        qp,
+        cp,
+        quant,
+        (ip, xp, sp),
+        (opp, lpp, stp),
+        (0, plan.n_splits),
+    );
     let launches = plan.launches();
     // The kernel reads q, the cache through the checked page table, and writes rows x splits partials.
     launch_kernel(
@@ -673,20 +746,38 @@ where
         &p,
         None,
     )?;
+    launch_merge(dev, plan.elem, (opp, lpp), (op, lp), rows, plan.n_splits, d)
+}
+
+/// The merge of `n_splits` partials per row (in split order) into `o` (`elem`) and `lse`.
+pub(crate) fn launch_merge<B: Backend>(
+    dev: &B,
+    elem: &str,
+    (opp, lpp): (u64, u64),
+    (op, lp): (u64, u64),
+    rows: usize,
+    n_splits: usize,
+    d: usize,
+) -> Result<()> {
     let m = fk_attn_merge_params {
         o_part: opp as *const f32,
         lse_part: lpp as *const f32,
         o: op as *mut c_void,
         lse: lp as *mut f32,
         rows: rows as i64,
-        n_splits: plan.n_splits as i32,
+        n_splits: n_splits as i32,
         head_dim: d as i32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (rows.clamp(1, 1 << 20) as u32, 1, 1),
+        block_dim: (FK_ATTN_MERGE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
     };
     launch_kernel(
         dev,
         Family::Attention,
-        &launches[1].kernel,
-        launches[1].config(),
+        &format!("fk_attn_merge_{elem}"),
+        cfg,
         &m,
         None,
     )

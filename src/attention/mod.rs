@@ -27,7 +27,11 @@
 //!   in units of whole pages and KIVI groups, returning the kept table and the freed pages; with keys
 //!   cached before RoPE the kept keys take their new positions.
 //!
-//! Still to come (issue 14): RoPE and quantised caches in prefill, and inter-layer sharing, following
+//! * [`decode_shared`] with its [`SharedDecodePlan`], and [`copy_values`]: inter-layer sharing of
+//!   distant tokens (PoD): a layer's proximal tokens on its own cache, its distant tokens scored by its
+//!   group leader's q and keys against its own values in a V pool, the two parts merged by the LSE gate.
+//!
+//! Still to come (issue 14): RoPE and quantised caches in prefill, sharing over KIVI caches, following
 //! `src/attention/DESIGN.md`.
 
 mod append;
@@ -38,6 +42,7 @@ mod kivi;
 mod prefill;
 pub mod reference;
 mod retention;
+mod shared;
 
 pub use append::{append, append_quantized, AppendPlan, AppendWorkspace};
 pub use cache::{
@@ -49,6 +54,7 @@ pub use decode::{
 pub use kivi::{pack_quantized, PackedCache};
 pub use prefill::{prefill, PrefillPlan, PrefillWorkspace};
 pub use retention::{Retained, Retention};
+pub use shared::{copy_values, decode_shared, DeviceTable, SharedDecodePlan};
 
 use crate::error::{Error, Result};
 
