@@ -5,12 +5,10 @@
 //! table or qo_indptr that disagrees with the plan.
 
 use fusekit::attention::{
-    prefill, reference, DecodeConfig, KvElement, PageTable, PagedKvLayout, PrefillPlan,
-    PrefillWorkspace,
+    prefill, reference, DecodeConfig, Kv, KvElement, PageTable, PagedKvLayout, PrefillPlan,
+    PrefillWorkspace, Rope, RopeMode, RopeStyle,
 };
-use fusekit::testing::{
-    compare, compare_with_floor, poisoned, seed_for, Dist, Element, Rng, Tolerance,
-};
+use fusekit::testing::{compare_with_floor, poisoned, seed_for, Dist, Element, Rng, Tolerance};
 use fusekit::{Backend, Error};
 use half::{bf16, f16};
 
@@ -159,11 +157,10 @@ fn check<T: KvElement>(
     got_lse: &[f32],
 ) -> Result<(), String> {
     let t = s.table();
-    let cache = s.cache64();
-    let q64: Vec<f64> = q.iter().map(|x| x.to_f64()).collect();
-    let want = reference::prefill(&s.layout, &cache, &t, &s.qo, &q64, cfg).unwrap();
-    let abs_v = abs_values(&s.layout, cache);
-    let mag = reference::prefill(&s.layout, &abs_v, &t, &s.qo, &q64, cfg).unwrap();
+    let (layout, cache, q64) = rounded_rope(s, q, cfg);
+    let want = reference::prefill(&layout, &cache, &t, &s.qo, &q64, cfg).unwrap();
+    let abs_v = abs_values(&layout, cache);
+    let mag = reference::prefill(&layout, &abs_v, &t, &s.qo, &q64, cfg).unwrap();
     let (tol, u) = if T::NAME == "bf16" {
         (
             Tolerance {
@@ -183,9 +180,112 @@ fn check<T: KvElement>(
             2f64.powi(-11),
         )
     };
-    compare_with_floor(&format!("o {what}"), got_o, &want.o, tol, |i| u * mag.o[i])?;
-    compare(&format!("lse {what}"), got_lse, &want.lse, common::LSE_TOL)?;
+    // With RoPE the kernel's rotated q and k (f32 angle, MUFU sine/cosine) may each round to the T
+    // value next to the oracle's (f64): a score moves by at most ds (per row, `rope_score_bound`), lse by
+    // at most ds and o_i by at most 2·ds·Σ p_j |v_j| (the `mag` reference), on top of the P rounding.
+    let ds = rope_score_bound(s, q, cfg);
+    let hd = s.layout.head_dim();
+    compare_with_floor(&format!("o {what}"), got_o, &want.o, tol, |i| {
+        (u + 2.0 * ds[i / hd]) * mag.o[i]
+    })?;
+    compare_with_floor(
+        &format!("lse {what}"),
+        got_lse,
+        &want.lse,
+        common::LSE_TOL,
+        |r| ds[r],
+    )?;
     Ok(())
+}
+
+/// The oracle's inputs. With a RoPE mode the kernel rotates q and (`InAttention`) the keys in shared
+/// memory and rounds them to T there, as an engine that applies RoPE in bf16 does: so the oracle
+/// rotates them in f64 at their positions, rounds them to T, and attends without RoPE. (An angle or a
+/// position off by one moves scores by far more than this rounding.)
+fn rounded_rope<T: KvElement>(
+    s: &Setup<T>,
+    q: &[T],
+    cfg: &DecodeConfig,
+) -> (PagedKvLayout, Vec<f64>, Vec<f64>) {
+    let mut cache = s.cache64();
+    let mut q64: Vec<f64> = q.iter().map(|x| x.to_f64()).collect();
+    let Some(r) = s.layout.rope().rope() else {
+        return (s.layout, cache, q64);
+    };
+    let l = s.layout;
+    let (d, hq, ps) = (l.head_dim(), cfg.num_qo_heads, l.page_size());
+    let round = |x: &mut [f64], pos: usize| {
+        reference::rope_rotate(x, pos as f64, &r).unwrap();
+        x.iter_mut().for_each(|v| *v = T::from_f64(*v).to_f64());
+    };
+    for (b, &len) in s.lens.iter().enumerate() {
+        let (q0, q1) = (s.qo[b] as usize, s.qo[b + 1] as usize);
+        let first = len as usize - (q1 - q0);
+        for (i, tok) in (q0..q1).enumerate() {
+            for row in q64[tok * hq * d..(tok + 1) * hq * d].chunks_mut(d) {
+                round(row, first + i);
+            }
+        }
+        if let RopeMode::InAttention(_) = l.rope() {
+            let pages = &s.indices[s.indptr[b] as usize..];
+            for j in 0..len as usize {
+                for h in 0..l.num_kv_heads() {
+                    let at = l.offset(Kv::K, pages[j / ps] as usize, h, j % ps, 0) as usize;
+                    round(&mut cache[at..at + d], j);
+                }
+            }
+        }
+    }
+    (l.with_rope(RopeMode::None).unwrap(), cache, q64)
+}
+
+/// Per output row, the most a score can move when each rotated q and k element is one ulp of T away from
+/// the oracle's: `scale · max_j Σ_e (ulp(q_e)·|k_je| + |q_e|·ulp(k_je) + ulp(q_e)·ulp(k_je))` over the
+/// keys the row attends to (0 without RoPE). Rotated values from `rounded_rope`; the window is not used
+/// by the RoPE cases (all keys up to the row's position).
+fn rope_score_bound<T: KvElement>(s: &Setup<T>, q: &[T], cfg: &DecodeConfig) -> Vec<f64> {
+    let rows = q.len() / s.layout.head_dim();
+    if s.layout.rope() == RopeMode::None {
+        return vec![0.0; rows];
+    }
+    let (l, cache, q64) = rounded_rope(s, q, cfg);
+    let (d, hq, ps) = (l.head_dim(), cfg.num_qo_heads, l.page_size());
+    let group = hq / l.num_kv_heads();
+    let mant = if T::NAME == "bf16" { 8 } else { 11 };
+    let ulp = |x: f64| {
+        if x == 0.0 {
+            0.0
+        } else {
+            2f64.powi(x.abs().log2().floor() as i32 + 1 - mant)
+        }
+    };
+    let scale = cfg.scale(d);
+    let mut out = vec![0.0; rows];
+    for (b, &len) in s.lens.iter().enumerate() {
+        let (q0, q1) = (s.qo[b] as usize, s.qo[b + 1] as usize);
+        let first = len as usize - (q1 - q0);
+        let pages = &s.indices[s.indptr[b] as usize..];
+        for (i, tok) in (q0..q1).enumerate() {
+            for h in 0..hq {
+                let r = tok * hq + h;
+                let qr = &q64[r * d..(r + 1) * d];
+                let mut worst = 0.0f64;
+                for j in 0..=first + i {
+                    let at = l.offset(Kv::K, pages[j / ps] as usize, h / group, j % ps, 0) as usize;
+                    let k = &cache[at..at + d];
+                    let sum: f64 = (0..d)
+                        .map(|e| {
+                            let (uq, uk) = (ulp(qr[e]), ulp(k[e]));
+                            uq * k[e].abs() + qr[e].abs() * uk + uq * uk
+                        })
+                        .sum();
+                    worst = worst.max(sum);
+                }
+                out[r] = scale * worst;
+            }
+        }
+    }
+    out
 }
 
 /// The cache with every value replaced by its magnitude (keys unchanged).
@@ -209,13 +309,14 @@ fn run_case<B: Backend, T: KvElement>(
     let q = random_q::<T>(rng, *s.qo.last().unwrap() as usize * cfg.num_qo_heads * d);
     let (o, lse) = run(dev, s, &q, cfg)?;
     let what = format!(
-        "{} d={d} ps={} hkv={} hq={} lens={:?} qo={:?} {cfg:?}",
+        "{} d={d} ps={} hkv={} hq={} lens={:?} qo={:?} {cfg:?} {:?}",
         T::NAME,
         s.layout.page_size(),
         s.layout.num_kv_heads(),
         cfg.num_qo_heads,
         s.lens,
-        s.qo
+        s.qo,
+        s.layout.rope()
     );
     check(&what, s, &q, cfg, &o, &lse)
 }
@@ -686,4 +787,44 @@ fn bad_device_table_on<B: Backend>(dev: &B) {
     let (o, lse, st) = launch(&s.indices, &s.lens, &[0, 50, 55]);
     is_seq(st, 0);
     assert!(o.iter().all(|x| x.is_poison()) && lse.iter().all(|x| x.is_poison()));
+}
+
+#[test]
+fn rope_in_prefill_matches_the_reference() {
+    fusekit::on_every_backend!("rope_in_prefill_matches_the_reference", |dev| {
+        rope_on(dev)
+    });
+}
+
+/// RoPE in the prefill kernel: q rotated at each new token's position (both modes), keys rotated at
+/// their index per K tile (`InAttention`; with `AtAppend` the cache's keys count as rotated already),
+/// both pairings, every head dim, a chunk over a cached prefix and a long fresh prefill (positions up
+/// to 300, several K tiles).
+fn rope_on<B: Backend>(dev: &B) {
+    let mut rng = Rng::new(seed_for("rope_in_prefill_matches_the_reference"));
+    let mut turn = 0;
+    for style in [RopeStyle::Half, RopeStyle::Interleaved] {
+        let r = Rope {
+            theta: if style == RopeStyle::Half { 1e4 } else { 1e5 },
+            style,
+        };
+        for mode in [RopeMode::InAttention(r), RopeMode::AtAppend(r)] {
+            for d in [64, 128, 256] {
+                let (hkv, group) = [(1, 3), (2, 1), (1, 8)][turn % 3];
+                let ps = [16, 5, 1][turn % 3];
+                turn += 1;
+                let seqs = [(0u32, 70u32), (230, 17), (300, 1)];
+                let cfg = DecodeConfig::new(hkv * group);
+                if turn % 2 == 0 {
+                    let mut s = setup::<bf16>(&mut rng, ps, hkv, d, &seqs);
+                    s.layout = s.layout.with_rope(mode).unwrap();
+                    run_case(dev, &mut rng, &s, &cfg).unwrap_or_else(|e| panic!("{e}"));
+                } else {
+                    let mut s = setup::<f16>(&mut rng, ps, hkv, d, &seqs);
+                    s.layout = s.layout.with_rope(mode).unwrap();
+                    run_case(dev, &mut rng, &s, &cfg).unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+        }
+    }
 }

@@ -18,6 +18,9 @@
 //   online softmax in base 2 per row (fk_ex2 of s·c − m·c, one FFMA + one MUFU per score), fp32 state;
 //   O += P V: P rounded to T in registers (the S accumulators are already the A fragment), B = V
 //   (ldmatrix.trans).
+// RoPE (fk_attn_prefill_rope_*, rope_q / rope_k): the Q tile is rotated in shared memory once, each K
+// tile after it lands (keys cached before RoPE), both rounded to T there; one more barrier per tile with
+// rope_k. A separate instantiation, so the kernel without RoPE keeps its hot loop as it was.
 // The causal/window mask is applied only to tiles that cross a row's range (a second copy of the
 // softmax); O is rescaled only when a row's max passes the running reference by more than 2^8. CTAs are
 // launched heaviest first (the last query tiles attend to the most tokens).
@@ -32,6 +35,7 @@
 #include "attention_params.h"
 #include "fk_common.cuh"
 #include "fk_mma.cuh"
+#include "fk_rope.cuh"
 
 #include <type_traits>
 
@@ -104,6 +108,28 @@ __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
     return u;
 }
 
+// RoPE of rows [0, ROWS) of a swizzled [ROWS][D] tile of T, in place: row r at position
+// min(first + (row0 + r) / div, last). Each thread turns pairs (c1, c2) of channels (half style: i and
+// i + D/2; interleaved: 2i and 2i + 1) with the f32 angle and the MUFU sine/cosine of fk_rope.cuh.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void rope_tile(T *tile, const fk_attn_prefill_params &p, int64_t first, int row0, int div,
+                                          int64_t last) {
+    constexpr int PAIRS = D / 2;
+    for (int idx = threadIdx.x; idx < ROWS * PAIRS; idx += THREADS) {
+        const int row = idx / PAIRS, i = idx % PAIRS;
+        const int c1 = p.rope_style == 0 ? i : 2 * i, c2 = p.rope_style == 0 ? i + PAIRS : 2 * i + 1;
+        T *const a = tile + swz<D>(row, c1 >> 3) + (c1 & 7);
+        T *const b = tile + swz<D>(row, c2 >> 3) + (c2 & 7);
+        const float pos = (float)min(first + (int64_t)((row0 + row) / div), last);
+        const float inv = exp2f(-2.0f * (float)i / (float)D * p.rope_log2_theta);
+        float sn, cs;
+        fk_rope_sincos(pos * inv, &sn, &cs);
+        const float x1 = fk_to_f32(*a), x2 = fk_to_f32(*b);
+        *a = fk_from_f32<T>(x1 * cs - x2 * sn);
+        *b = fk_from_f32<T>(fmaf(x2, cs, x1 * sn));
+    }
+}
+
 __device__ __forceinline__ void flag(const fk_attn_prefill_params &p, int b) {
     if (threadIdx.x == 0 && p.status) atomicMax(p.status, (unsigned long long)(p.batch - b));
 }
@@ -111,7 +137,7 @@ __device__ __forceinline__ void flag(const fk_attn_prefill_params &p, int b) {
 }  // namespace fk_prefill
 
 // (At global scope: the dynamic shared buffer fk_smem is the global one, on the device and the emulator.)
-template <typename T, int D>
+template <typename T, int D, bool ROPE>
 __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
     using namespace fk_prefill;
     using C = tiles<D>;
@@ -270,6 +296,15 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
         bad_page |= tile_offsets(j + 2, stage);  // s_off[stage] was last read before this barrier
         const T *const kt = sK + stage * BKV * D;
         const T *const vt = sV + stage * BKV * D;
+        const int64_t t0 = kv_lo + (int64_t)j * BKV;
+        // RoPE in shared memory: q once (at its token's position), keys cached before RoPE at their index
+        // (the tile's clamped extra rows at the last token's, as loaded); then a barrier before ldmatrix.
+        if constexpr (ROPE) {
+            const bool rq = p.rope_q && j == 0;
+            if (rq) rope_tile<T, D, BQ>(sQ, p, base, R0, group, (int64_t)0x7fffffffffffffffLL);
+            if (p.rope_k) rope_tile<T, D, BKV>(sK + stage * BKV * D, p, t0, 0, 1, kv_hi - 1);
+            if (rq || p.rope_k) __syncthreads();
+        }
         if (C::Q_IN_REGS && j == 0) {
 #pragma unroll
             for (int ks = 0; ks < KSTEPS; ++ks) fk_ldmatrix_x4(qf[ks], sQ + qa.at(0, ks));
@@ -305,7 +340,6 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
         // Online softmax, rows g (i = 0) and g + 8 (i = 1); the 4 lanes of a quad share a row. Two copies:
         // with the causal/window mask (tiles that cross a row's range) and without, so the common tile
         // runs no compare (one copy with selects would).
-        const int64_t t0 = kv_lo + (int64_t)j * BKV;
         auto softmax = [&](auto masked) {
             constexpr bool MASKED = decltype(masked)::value;
             float mx[2];
@@ -436,7 +470,11 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
 #define FK_ATTN_PREFILL_ENTRY(TN, T, D)                                                                \
     extern "C" __global__ void __launch_bounds__(FK_ATTN_PREFILL_THREADS)                              \
         fk_attn_prefill_##TN##_d##D(const fk_attn_prefill_params p) {                                  \
-        attn_prefill<T, D>(p);                                                                         \
+        attn_prefill<T, D, false>(p);                                                                  \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FK_ATTN_PREFILL_THREADS)                              \
+        fk_attn_prefill_rope_##TN##_d##D(const fk_attn_prefill_params p) {                             \
+        attn_prefill<T, D, true>(p);                                                                   \
     }
 FK_ATTN_PREFILL_ENTRY(bf16, __nv_bfloat16, 64)
 FK_ATTN_PREFILL_ENTRY(bf16, __nv_bfloat16, 128)

@@ -162,6 +162,12 @@ typedef struct fk_attn_prefill_params {
     int32_t window;               /* each query attends to the last `window` tokens up to itself; 0: all */
     float scale;                  /* score scale */
     float softcap;                /* 0: none */
+    /* RoPE (fk_rope.cuh): rope_q rotates each new token's query at its position, rope_k each key at its
+     * index in the cache (keys cached before RoPE); both in shared memory, rounded to T. */
+    float rope_log2_theta;
+    int32_t rope_style;           /* 0: half (rotate_half), 1: interleaved pairs */
+    int32_t rope_q;
+    int32_t rope_k;
 } fk_attn_prefill_params;
 
 #endif

@@ -15,7 +15,7 @@
 //! * [`prefill`] with its [`PrefillPlan`] and [`PrefillWorkspace`]: causal flash attention of ragged
 //!   batches of new tokens over the paged bf16/f16 cache that holds them (chunked prefill over a cached
 //!   prefix), on tensor cores (`mma.sync`, `ldmatrix`, a `cp.async` pipeline), GQA rows packed per KV
-//!   head;
+//!   head, RoPE of q and (keys cached before RoPE) of each K tile in the kernel;
 //! * [`reference`](mod@reference): exact decode and prefill attention in f64, the merge of partial
 //!   states, and the KIVI round trip.
 //!
@@ -31,7 +31,7 @@
 //!   distant tokens (PoD): a layer's proximal tokens on its own cache, its distant tokens scored by its
 //!   group leader's q and keys against its own values in a V pool, the two parts merged by the LSE gate.
 //!
-//! Still to come (issue 14): RoPE and quantised caches in prefill, sharing over KIVI caches, following
+//! Still to come (issue 14): quantised caches in prefill, sharing over KIVI caches, following
 //! `src/attention/DESIGN.md`.
 
 mod append;

@@ -89,7 +89,9 @@ impl PrefillPlan {
     /// Validates a prefill of `T` elements: the layout's format is `T`'s, the page table fits the
     /// layout, `qo_indptr` fits the page table ([`batch + 1`] entries from 0, non-decreasing, at most
     /// `seq_lens[b]` new tokens in sequence `b`), the configuration fits the cache, at most 65535
-    /// sequences and KV heads, and fewer than 2^31 packed rows (`q_len · group`) per sequence.
+    /// sequences and KV heads, and fewer than 2^31 packed rows (`q_len · group`) per sequence. The
+    /// layout's RoPE mode is honoured as in decode: q rotated at its token's position, and with
+    /// `InAttention` each key at its index in the cache (in shared memory, per K tile).
     pub fn new<T: KvElement>(
         layout: &PagedKvLayout,
         table: &PageTable<'_>,
@@ -101,15 +103,6 @@ impl PrefillPlan {
                 arg: "cache",
                 expected: format!("{:?} (the layout's format)", layout.format()),
                 got: T::SUFFIX.to_string(),
-            });
-        }
-        if layout.rope() != super::RopeMode::None {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "prefill over a cache with {:?}: the prefill kernel does not rotate q or keys yet \
-                     (rotate them before the append and use RopeMode::None)",
-                    layout.rope()
-                ),
             });
         }
         layout.check_page_table(table)?;
@@ -207,6 +200,11 @@ impl PrefillPlan {
     /// let plan = PrefillPlan::new::<half::f16>(&l, &t, &[0, 5], &DecodeConfig::new(2))?;
     /// assert_eq!(plan.launches()[0].kernel, "fk_attn_prefill_f16_d64");
     /// assert!(PrefillPlan::new::<half::f16>(&l, &t, &[0, 0], &DecodeConfig::new(2))?.launches().is_empty());
+    /// // With RoPE in the kernel: its own instantiation.
+    /// let r = fusekit::attention::Rope { theta: 1e4, style: fusekit::attention::RopeStyle::Half };
+    /// let lr = l.with_rope(fusekit::attention::RopeMode::InAttention(r))?;
+    /// let plan = PrefillPlan::new::<half::f16>(&lr, &t, &[0, 5], &DecodeConfig::new(2))?;
+    /// assert_eq!(plan.launches()[0].kernel, "fk_attn_prefill_rope_f16_d64");
     /// # Ok::<(), fusekit::Error>(())
     /// ```
     pub fn launches(&self) -> Vec<PlannedLaunch> {
@@ -214,7 +212,16 @@ impl PrefillPlan {
             return Vec::new();
         }
         vec![PlannedLaunch::new(
-            format!("fk_attn_prefill_{}_d{}", self.elem, self.layout.head_dim()),
+            format!(
+                "fk_attn_prefill_{}{}_d{}",
+                if self.layout.rope() == super::RopeMode::None {
+                    ""
+                } else {
+                    "rope_"
+                },
+                self.elem,
+                self.layout.head_dim()
+            ),
             self.config(),
         )]
     }
@@ -431,6 +438,10 @@ where
         window: plan.cfg.window.map_or(0, |w| w.min(i32::MAX as u32) as i32),
         scale: plan.cfg.scale(d) as f32,
         softcap: plan.cfg.softcap.unwrap_or(0.0),
+        rope_log2_theta: super::decode::rope_log2_theta(l),
+        rope_style: super::decode::rope_style(l),
+        rope_q: l.rope().rope().is_some() as i32,
+        rope_k: matches!(l.rope(), super::RopeMode::InAttention(_)) as i32,
     };
     // The kernel reads q and the cache through the checked page table and qo_indptr, and writes the
     // rows of o and lse that qo_indptr gives each sequence.

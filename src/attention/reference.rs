@@ -93,8 +93,10 @@ pub fn decode(
 /// Exact causal prefill attention: sequence `b` holds `seq_lens[b] = L` tokens, of which the last
 /// `Q = qo_indptr[b + 1] − qo_indptr[b]` are new; new token `i` (row `qo_indptr[b] + i` of `q`) sits at
 /// position `L − Q + i` and attends, per query head `h` (KV head `h / (Hq / Hkv)`), to the cache tokens
-/// `lo..=L − Q + i` with `lo = 0`, or the last `window` of them with a window. `q` is
-/// `[total_q, num_qo_heads, head_dim]`; the output's `o` and `lse` are `[total_q, num_qo_heads, ·]`.
+/// `lo..=L − Q + i` with `lo = 0`, or the last `window` of them with a window. With a RoPE mode on the
+/// layout, q is rotated at its position `L − Q + i` (and, for `InAttention`, each key at its index, as
+/// in [`decode`]). `q` is `[total_q, num_qo_heads, head_dim]`; the output's `o` and `lse` are
+/// `[total_q, num_qo_heads, ·]`.
 ///
 /// ```
 /// use fusekit::attention::{reference, DecodeConfig, Kv, KvFormat, PageTable, PagedKvLayout};
@@ -146,17 +148,12 @@ pub fn prefill(
             let lo = cfg.window.map_or(0, |w| hi.saturating_sub(w as usize));
             for h in 0..hq {
                 let r = tok * hq + h;
-                let (o, lse) = attend(
-                    layout,
-                    cache,
-                    table,
-                    b,
-                    h,
-                    &q[r * d..(r + 1) * d],
-                    cfg,
-                    lo,
-                    hi,
-                );
+                // With a RoPE mode the query is rotated at its token's position.
+                let mut qh = q[r * d..(r + 1) * d].to_vec();
+                if let Some(rope) = layout.rope().rope() {
+                    rope_rotate(&mut qh, (first + i) as f64, &rope)?;
+                }
+                let (o, lse) = attend(layout, cache, table, b, h, &qh, cfg, lo, hi);
                 out.o[r * d..(r + 1) * d].copy_from_slice(&o);
                 out.lse[r] = lse;
             }
