@@ -157,7 +157,14 @@ fn check<T: KvElement>(
     got_lse: &[f32],
 ) -> Result<(), String> {
     let t = s.table();
-    let (layout, cache, q64) = rounded_rope(s, q, cfg);
+    let oracle = rounded_rope(s, q, cfg);
+    let ds = rope_score_bound(s, &oracle, cfg);
+    let Oracle {
+        layout,
+        cache,
+        q: q64,
+        ..
+    } = oracle;
     let want = reference::prefill(&layout, &cache, &t, &s.qo, &q64, cfg).unwrap();
     let abs_v = abs_values(&layout, cache);
     let mag = reference::prefill(&layout, &abs_v, &t, &s.qo, &q64, cfg).unwrap();
@@ -180,10 +187,9 @@ fn check<T: KvElement>(
             2f64.powi(-11),
         )
     };
-    // With RoPE the kernel's rotated q and k (f32 angle, MUFU sine/cosine) may each round to the T
-    // value next to the oracle's (f64): a score moves by at most ds (per row, `rope_score_bound`), lse by
-    // at most ds and o_i by at most 2·ds·Σ p_j |v_j| (the `mag` reference), on top of the P rounding.
-    let ds = rope_score_bound(s, q, cfg);
+    // With RoPE a few rotated q and k elements may round to the T value next to the oracle's (see
+    // `rounded_rope`): a score moves by at most ds (per row, `rope_score_bound`), lse by at most ds and
+    // o_i by at most 2·ds·Σ p_j |v_j| (the `mag` reference), on top of the P rounding.
     let hd = s.layout.head_dim();
     compare_with_floor(&format!("o {what}"), got_o, &want.o, tol, |i| {
         (u + 2.0 * ds[i / hd]) * mag.o[i]
@@ -200,30 +206,64 @@ fn check<T: KvElement>(
 
 /// The oracle's inputs. With a RoPE mode the kernel rotates q and (`InAttention`) the keys in shared
 /// memory and rounds them to T there, as an engine that applies RoPE in bf16 does: so the oracle
-/// rotates them in f64 at their positions, rounds them to T, and attends without RoPE. (An angle or a
-/// position off by one moves scores by far more than this rounding.)
-fn rounded_rope<T: KvElement>(
-    s: &Setup<T>,
-    q: &[T],
-    cfg: &DecodeConfig,
-) -> (PagedKvLayout, Vec<f64>, Vec<f64>) {
-    let mut cache = s.cache64();
-    let mut q64: Vec<f64> = q.iter().map(|x| x.to_f64()).collect();
+/// rotates them in f64 at their positions, rounds them to T, and attends without RoPE. The kernel's
+/// rotation (f32 angle and inverse frequency, MUFU sine/cosine) is off the f64 one by at most
+/// `eps = |pair| · (|angle| · 2^-22 + 2^-19)`: an element whose rounding to T is not the same within ±eps
+/// may come out as the neighbouring T value; `flip` (q's, and the cache's for keys) holds that
+/// neighbour's distance for those elements, 0 for the rest.
+struct Oracle {
+    layout: PagedKvLayout,
+    cache: Vec<f64>,
+    q: Vec<f64>,
+    flip_q: Vec<f64>,
+    flip_k: Vec<f64>,
+}
+
+fn rounded_rope<T: KvElement>(s: &Setup<T>, q: &[T], cfg: &DecodeConfig) -> Oracle {
+    let mut o = Oracle {
+        layout: s.layout,
+        cache: s.cache64(),
+        q: q.iter().map(|x| x.to_f64()).collect(),
+        flip_q: vec![0.0; q.len()],
+        flip_k: Vec::new(),
+    };
+    o.flip_k = vec![0.0; o.cache.len()];
     let Some(r) = s.layout.rope().rope() else {
-        return (s.layout, cache, q64);
+        return o;
     };
     let l = s.layout;
     let (d, hq, ps) = (l.head_dim(), cfg.num_qo_heads, l.page_size());
-    let round = |x: &mut [f64], pos: usize| {
+    let half = r.style == RopeStyle::Half;
+    let round = |x: &mut [f64], flip: &mut [f64], pos: usize| {
         reference::rope_rotate(x, pos as f64, &r).unwrap();
-        x.iter_mut().for_each(|v| *v = T::from_f64(*v).to_f64());
+        let rotated = x.to_vec();
+        for e in 0..d {
+            let (i, partner) = if half {
+                (e % (d / 2), (e + d / 2) % d)
+            } else {
+                (e / 2, e ^ 1)
+            };
+            let angle = pos as f64 * (r.theta as f64).powf(-2.0 * i as f64 / d as f64);
+            let norm = rotated[e].hypot(rotated[partner]);
+            let eps = norm * (angle.abs() * 2f64.powi(-22) + 2f64.powi(-19));
+            let (lo, hi) = (
+                T::from_f64(rotated[e] - eps).to_f64(),
+                T::from_f64(rotated[e] + eps).to_f64(),
+            );
+            flip[e] = hi - lo;
+            x[e] = T::from_f64(rotated[e]).to_f64();
+        }
     };
     for (b, &len) in s.lens.iter().enumerate() {
         let (q0, q1) = (s.qo[b] as usize, s.qo[b + 1] as usize);
         let first = len as usize - (q1 - q0);
         for (i, tok) in (q0..q1).enumerate() {
-            for row in q64[tok * hq * d..(tok + 1) * hq * d].chunks_mut(d) {
-                round(row, first + i);
+            let rows = tok * hq * d..(tok + 1) * hq * d;
+            for (row, flip) in o.q[rows.clone()]
+                .chunks_mut(d)
+                .zip(o.flip_q[rows].chunks_mut(d))
+            {
+                round(row, flip, first + i);
             }
         }
         if let RopeMode::InAttention(_) = l.rope() {
@@ -231,34 +271,27 @@ fn rounded_rope<T: KvElement>(
             for j in 0..len as usize {
                 for h in 0..l.num_kv_heads() {
                     let at = l.offset(Kv::K, pages[j / ps] as usize, h, j % ps, 0) as usize;
-                    round(&mut cache[at..at + d], j);
+                    round(&mut o.cache[at..at + d], &mut o.flip_k[at..at + d], j);
                 }
             }
         }
     }
-    (l.with_rope(RopeMode::None).unwrap(), cache, q64)
+    o.layout = l.with_rope(RopeMode::None).unwrap();
+    o
 }
 
-/// Per output row, the most a score can move when each rotated q and k element is one ulp of T away from
-/// the oracle's: `scale · max_j Σ_e (ulp(q_e)·|k_je| + |q_e|·ulp(k_je) + ulp(q_e)·ulp(k_je))` over the
-/// keys the row attends to (0 without RoPE). Rotated values from `rounded_rope`; the window is not used
-/// by the RoPE cases (all keys up to the row's position).
-fn rope_score_bound<T: KvElement>(s: &Setup<T>, q: &[T], cfg: &DecodeConfig) -> Vec<f64> {
-    let rows = q.len() / s.layout.head_dim();
+/// Per output row, the most a score can move when the rotated q and k elements that may round the
+/// other way (`Oracle::flip`) all do: `scale · max_j Σ_e (fq_e·|k_je| + |q_e|·fk_je + fq_e·fk_je)` over
+/// the keys the row attends to (0 without RoPE). The RoPE cases use no window (all keys up to the row's
+/// position).
+fn rope_score_bound<T: KvElement>(s: &Setup<T>, o: &Oracle, cfg: &DecodeConfig) -> Vec<f64> {
+    let d = s.layout.head_dim();
+    let rows = o.q.len() / d;
     if s.layout.rope() == RopeMode::None {
         return vec![0.0; rows];
     }
-    let (l, cache, q64) = rounded_rope(s, q, cfg);
-    let (d, hq, ps) = (l.head_dim(), cfg.num_qo_heads, l.page_size());
-    let group = hq / l.num_kv_heads();
-    let mant = if T::NAME == "bf16" { 8 } else { 11 };
-    let ulp = |x: f64| {
-        if x == 0.0 {
-            0.0
-        } else {
-            2f64.powi(x.abs().log2().floor() as i32 + 1 - mant)
-        }
-    };
+    let (hq, ps) = (cfg.num_qo_heads, s.layout.page_size());
+    let group = hq / s.layout.num_kv_heads();
     let scale = cfg.scale(d);
     let mut out = vec![0.0; rows];
     for (b, &len) in s.lens.iter().enumerate() {
@@ -268,16 +301,16 @@ fn rope_score_bound<T: KvElement>(s: &Setup<T>, q: &[T], cfg: &DecodeConfig) -> 
         for (i, tok) in (q0..q1).enumerate() {
             for h in 0..hq {
                 let r = tok * hq + h;
-                let qr = &q64[r * d..(r + 1) * d];
+                let (qr, fq) = (&o.q[r * d..(r + 1) * d], &o.flip_q[r * d..(r + 1) * d]);
                 let mut worst = 0.0f64;
                 for j in 0..=first + i {
-                    let at = l.offset(Kv::K, pages[j / ps] as usize, h / group, j % ps, 0) as usize;
-                    let k = &cache[at..at + d];
+                    let at = o
+                        .layout
+                        .offset(Kv::K, pages[j / ps] as usize, h / group, j % ps, 0)
+                        as usize;
+                    let (k, fk) = (&o.cache[at..at + d], &o.flip_k[at..at + d]);
                     let sum: f64 = (0..d)
-                        .map(|e| {
-                            let (uq, uk) = (ulp(qr[e]), ulp(k[e]));
-                            uq * k[e].abs() + qr[e].abs() * uk + uq * uk
-                        })
+                        .map(|e| fq[e] * k[e].abs() + qr[e].abs() * fk[e] + fq[e] * fk[e])
                         .sum();
                     worst = worst.max(sum);
                 }

@@ -413,8 +413,8 @@ fn prefill_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
 
 // Retention and inter-layer sharing.
 
-/// Sinks + window retention on the cache of `case` (keys cached before RoPE, rotated by the decode
-/// kernel at their kept positions), then a shared decode whose leader is the layer itself: proximal =
+/// Sinks + window retention on the cache of `case` (no RoPE in the kernels, as the shared decode
+/// requires), then a shared decode whose leader is the layer itself: proximal =
 /// the kept table, distant = the evicted pages, values copied into a V pool; it must equal exact
 /// attention over the whole sequence.
 fn retention_shared_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
