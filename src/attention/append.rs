@@ -1,6 +1,7 @@
 //! Append: new tokens' K and V into their pages, quantised on the way for the KIVI formats. The plan is
 //! validated on the host from the page table (lengths after the append) and the new tokens per sequence.
 
+use super::status::StatusWord;
 use std::ffi::c_void;
 
 use cudarc::driver::LaunchConfig;
@@ -9,7 +10,6 @@ use super::cache::RopeMode;
 use super::cache::{PageTable, PagedKvLayout};
 use super::decode::{check_table_buffers, rope_log2_theta, rope_style, KvElement};
 use super::kivi::{check_quant_sizes, check_residual_slots};
-use crate::backend::private::AddrMut;
 use crate::device::{check_aligned, Family};
 use crate::error::{Error, Result};
 use crate::launch::launch_kernel;
@@ -210,8 +210,7 @@ impl AppendPlan {
 /// The status word of an append. Reusable across appends.
 #[derive(Debug)]
 pub struct AppendWorkspace<B: Backend> {
-    status: B::Buffer<u64>,
-    batch: usize,
+    status: StatusWord<B>,
 }
 
 impl<B: Backend> AppendWorkspace<B> {
@@ -226,8 +225,7 @@ impl<B: Backend> AppendWorkspace<B> {
     /// ```
     pub fn new(dev: &B) -> Result<Self> {
         Ok(AppendWorkspace {
-            status: dev.alloc_zeros(1)?,
-            batch: 0,
+            status: StatusWord::new(dev)?,
         })
     }
 
@@ -242,19 +240,11 @@ impl<B: Backend> AppendWorkspace<B> {
     /// # Ok(()) }
     /// ```
     pub fn check_status_sync(&self, dev: &B) -> Result<()> {
-        let s = dev.download(&self.status)?[0];
-        if s == 0 {
-            return Ok(());
-        }
-        let b = self.batch.saturating_sub(s as usize);
-        Err(Error::OutOfRange {
-            arg: "page_table",
-            index: b,
-            value: b as i64,
-            allowed: "device tables equal to the plan's (append_indptr, pages in range, \
-                      ceil(len / page_size) pages per sequence, residual slots in range)"
-                .into(),
-        })
+        self.status.check_sync(
+            dev,
+            "device tables equal to the plan's (append_indptr, pages in range, \
+             ceil(len / page_size) pages per sequence, residual slots in range)",
+        )
     }
 }
 
@@ -512,9 +502,7 @@ where
     let (ip, _i) = page_indptr.addr(dev);
     let (xp, _x) = page_indices.addr(dev);
     let (lp, _l) = seq_lens.addr(dev);
-    dev.zero(&mut ws.status)?;
-    ws.batch = plan.batch;
-    let (stp, _s) = ws.status.addr_mut(dev);
+    let (stp, _s) = ws.status.arm(dev, plan.batch)?;
     let (rp, rsp, slots) = quant.unwrap_or((0, 0, 0));
     let q = quant.is_some();
     let (page_bytes, v_codes_start, k_params_start, v_params_start) = l.quant_sections();

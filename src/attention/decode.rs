@@ -1,6 +1,7 @@
 //! Split-KV decode over a paged bf16/f16 cache: the plan (validated on the host, without a device),
 //! the workspace, and the launch of the decode and merge kernels.
 
+use super::status::StatusWord;
 use std::ffi::c_void;
 
 use cudarc::driver::LaunchConfig;
@@ -340,10 +341,8 @@ impl DecodePlan {
 pub struct DecodeWorkspace<B: Backend> {
     pub(super) o_part: B::Buffer<f32>,
     pub(super) lse_part: B::Buffer<f32>,
-    pub(super) status: B::Buffer<u64>,
+    pub(super) status: StatusWord<B>,
     pub(super) head_dim: usize,
-    /// Sequences of the last decode launched with this workspace: the status word counts from it.
-    pub(super) batch: usize,
 }
 
 impl<B: Backend> DecodeWorkspace<B> {
@@ -364,9 +363,8 @@ impl<B: Backend> DecodeWorkspace<B> {
         Ok(DecodeWorkspace {
             o_part: dev.alloc_zeros(parts * plan.layout.head_dim())?,
             lse_part: dev.alloc_zeros(parts)?,
-            status: dev.alloc_zeros(1)?,
+            status: StatusWord::new(dev)?,
             head_dim: plan.layout.head_dim(),
-            batch: plan.batch,
         })
     }
 
@@ -385,20 +383,11 @@ impl<B: Backend> DecodeWorkspace<B> {
     /// # Ok(()) }
     /// ```
     pub fn check_status_sync(&self, dev: &B) -> Result<()> {
-        let s = dev.download(&self.status)?[0];
-        if s == 0 {
-            return Ok(());
-        }
-        let b = self.batch.saturating_sub(s as usize);
-        Err(Error::OutOfRange {
-            arg: "page_table",
-            index: b,
-            value: b as i64,
-            allowed:
-                "a device page table equal to the plan's (pages in range, ceil(len / page_size) \
-                      pages per sequence)"
-                    .into(),
-        })
+        self.status.check_sync(
+            dev,
+            "a device page table equal to the plan's (pages in range, ceil(len / page_size) \
+             pages per sequence)",
+        )
     }
 }
 
@@ -723,11 +712,9 @@ where
     let (sp, _e) = seq_lens.addr(dev);
     let (op, _f) = o.addr_mut(dev);
     let (lp, _g) = lse.addr_mut(dev);
-    dev.zero(&mut ws.status)?;
-    ws.batch = plan.batch;
     let (opp, _h) = ws.o_part.addr_mut(dev);
     let (lpp, _i) = ws.lse_part.addr_mut(dev);
-    let (stp, _j) = ws.status.addr_mut(dev);
+    let (stp, _j) = ws.status.arm(dev, plan.batch)?;
     let p = plan.params(
         qp,
         cp,

@@ -43,6 +43,7 @@ mod prefill;
 pub mod reference;
 mod retention;
 mod shared;
+mod status;
 
 pub use append::{append, append_quantized, AppendPlan, AppendWorkspace};
 pub use cache::{

@@ -1,13 +1,14 @@
 //! Causal prefill over a paged bf16/f16 cache: the plan (validated on the host, without a device), the
 //! workspace (the page-table status word), and the launch of the tensor-core flash-attention kernel.
 
+use super::decode::check_table_buffers;
+use super::status::StatusWord;
 use std::ffi::c_void;
 
 use cudarc::driver::LaunchConfig;
 
 use super::cache::{PageTable, PagedKvLayout};
 use super::{DecodeConfig, KvElement};
-use crate::backend::private::AddrMut;
 use crate::device::{check_aligned, Family};
 use crate::error::{Error, Result};
 use crate::launch::launch_kernel;
@@ -242,9 +243,7 @@ impl PrefillPlan {
 /// Device scratch of a prefill: the page-table status word. Reusable for any plan.
 #[derive(Debug)]
 pub struct PrefillWorkspace<B: Backend> {
-    status: B::Buffer<u64>,
-    /// Sequences of the last prefill launched with this workspace: the status word counts from it.
-    batch: usize,
+    status: StatusWord<B>,
 }
 
 impl<B: Backend> PrefillWorkspace<B> {
@@ -258,8 +257,7 @@ impl<B: Backend> PrefillWorkspace<B> {
     /// ```
     pub fn new(dev: &B) -> Result<Self> {
         Ok(PrefillWorkspace {
-            status: dev.alloc_zeros(1)?,
-            batch: 0,
+            status: StatusWord::new(dev)?,
         })
     }
 
@@ -275,19 +273,11 @@ impl<B: Backend> PrefillWorkspace<B> {
     /// # Ok(()) }
     /// ```
     pub fn check_status_sync(&self, dev: &B) -> Result<()> {
-        let s = dev.download(&self.status)?[0];
-        if s == 0 {
-            return Ok(());
-        }
-        let b = self.batch.saturating_sub(s as usize);
-        Err(Error::OutOfRange {
-            arg: "page_table",
-            index: b,
-            value: b as i64,
-            allowed: "a device page table and qo_indptr equal to the plan's (pages in range, \
-                      ceil(len / page_size) pages and at most len new tokens per sequence)"
-                .into(),
-        })
+        self.status.check_sync(
+            dev,
+            "a device page table and qo_indptr equal to the plan's (pages in range, \
+             ceil(len / page_size) pages and at most len new tokens per sequence)",
+        )
     }
 }
 
@@ -368,13 +358,9 @@ where
     }
     owned(dev, "q", q)?;
     owned(dev, "cache", cache)?;
-    owned(dev, "page_indptr", page_indptr)?;
-    owned(dev, "page_indices", page_indices)?;
-    owned(dev, "seq_lens", seq_lens)?;
     owned(dev, "qo_indptr", qo_indptr)?;
     owned(dev, "o", o)?;
     owned(dev, "lse", lse)?;
-    owned(dev, "ws", &ws.status)?;
     let (d, rows) = (plan.layout.head_dim(), plan.rows());
     exactly("q", q.len(), rows * d, "total_q * num_qo_heads * head_dim")?;
     exactly(
@@ -383,19 +369,14 @@ where
         plan.layout.elements() as usize,
         "layout.elements()",
     )?;
-    exactly(
-        "page_indptr",
-        page_indptr.len(),
-        plan.batch + 1,
-        "batch + 1",
-    )?;
-    exactly(
-        "page_indices",
-        page_indices.len(),
+    check_table_buffers(
+        dev,
+        plan.batch,
         plan.n_page_indices,
-        "the plan's page table",
+        page_indptr,
+        page_indices,
+        seq_lens,
     )?;
-    exactly("seq_lens", seq_lens.len(), plan.batch, "batch")?;
     exactly("qo_indptr", qo_indptr.len(), plan.batch + 1, "batch + 1")?;
     exactly("o", o.len(), rows * d, "total_q * num_qo_heads * head_dim")?;
     exactly("lse", lse.len(), rows, "total_q * num_qo_heads")?;
@@ -410,13 +391,11 @@ where
     check_aligned("q", qp, 16)?;
     check_aligned("cache", cp, 16)?;
     check_aligned("o", op, 16)?;
-    dev.zero(&mut ws.status)?;
-    ws.batch = plan.batch;
+    let (stp, _i) = ws.status.arm(dev, plan.batch)?;
     let launches = plan.launches();
     let Some(launch) = launches.first() else {
         return Ok(()); // no new token
     };
-    let (stp, _i) = ws.status.addr_mut(dev);
     let l = &plan.layout;
     let p = fk_attn_prefill_params {
         q: qp as *const c_void,

@@ -1,6 +1,7 @@
 //! Inter-layer sharing of distant tokens (PoD): the shared decode, its plan, the V pool and the copy
 //! of values into it. The method is described on [`SharedDecodePlan`].
 
+use super::status::StatusWord;
 use std::ffi::c_void;
 
 use super::cache::{PageTable, PagedKvLayout, RopeMode};
@@ -182,9 +183,8 @@ impl<B: Backend> DecodeWorkspace<B> {
         Ok(DecodeWorkspace {
             o_part: dev.alloc_zeros(parts * d)?,
             lse_part: dev.alloc_zeros(parts)?,
-            status: dev.alloc_zeros(1)?,
+            status: StatusWord::new(dev)?,
             head_dim: d,
-            batch: plan.proximal.batch,
         })
     }
 }
@@ -318,11 +318,9 @@ where
     let (dsp, _h) = distant.seq_lens.addr(dev);
     let (op, _i) = o.addr_mut(dev);
     let (lp, _j) = lse.addr_mut(dev);
-    dev.zero(&mut ws.status)?;
-    ws.batch = pp.batch;
     let (opp, _k) = ws.o_part.addr_mut(dev);
     let (lpp, _l) = ws.lse_part.addr_mut(dev);
-    let (stp, _m) = ws.status.addr_mut(dev);
+    let (stp, _m) = ws.status.arm(dev, pp.batch)?;
     let prox = pp.params(qp, cp, None, (pip, pxp, psp), (opp, lpp, stp), (0, n));
     let mut dist = dp.params(
         qlp,
