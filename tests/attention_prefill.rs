@@ -2,11 +2,12 @@
 //! when one is present: every element type × head dim, page sizes 1, 16 and 5, new-token counts 1, 17,
 //! 64, 65 and 130 over cached prefixes of 0, 33 and 100 tokens (chunked prefill), GQA 1/3/4/8, softcap
 //! and window, a ragged batch, outputs poisoned first; NaN keys and values; bad input; a device page
-//! table or qo_indptr that disagrees with the plan.
+//! table or qo_indptr that disagrees with the plan; KIVI int8/int4 caches (every instantiation, groups
+//! 32/64/128, sequences wholly in the residual, RoPE), their bad input and a bad device residual slot.
 
 use fusekit::attention::{
-    prefill, reference, DecodeConfig, Kv, KvElement, PageTable, PagedKvLayout, PrefillPlan,
-    PrefillWorkspace, Rope, RopeMode, RopeStyle,
+    pack_quantized, prefill, prefill_quantized, reference, DecodeConfig, Kv, KvElement, KvFormat,
+    PageTable, PagedKvLayout, PrefillPlan, PrefillWorkspace, Rope, RopeMode, RopeStyle,
 };
 use fusekit::testing::{compare_with_floor, poisoned, seed_for, Dist, Element, Rng, Tolerance};
 use fusekit::{Backend, Error};
@@ -860,4 +861,286 @@ fn rope_on<B: Backend>(dev: &B) {
             }
         }
     }
+}
+
+/// A KIVI cache of `format` holding `s`'s tokens (the values of `s.cache`, rounded to T, quantised as
+/// the append kernels do), each sequence in a scrambled residual slot.
+struct QuantSetup<T: KvElement> {
+    layout: PagedKvLayout,
+    bytes: Vec<u8>,
+    residual: Vec<T>,
+    slots: Vec<i32>,
+    n_slots: usize,
+    /// `s` with its cache replaced by what the kernel attends over: the dequantised values
+    /// (`fmaf(code, scale, zero)` in f32) rounded to T, the residual's values as they are.
+    view: Setup<T>,
+}
+
+fn quantize<T: KvElement>(s: &Setup<T>, format: KvFormat) -> QuantSetup<T> {
+    let l = &s.layout;
+    let layout = PagedKvLayout::new(
+        l.num_pages(),
+        l.page_size(),
+        l.num_kv_heads(),
+        l.head_dim(),
+        format,
+    )
+    .unwrap()
+    .with_rope(l.rope())
+    .unwrap();
+    let batch = s.lens.len();
+    let n_slots = batch + 2;
+    let slots: Vec<i32> = (0..batch).map(|b| ((b + 2) % n_slots) as i32).collect();
+    let packed = pack_quantized::<T>(&layout, &s.cache64(), &s.table(), &slots, n_slots).unwrap();
+    let cache = packed
+        .dequantized
+        .iter()
+        .map(|&v| T::from_f64(v as f32 as f64))
+        .collect();
+    QuantSetup {
+        layout,
+        bytes: packed.bytes,
+        residual: packed.residual,
+        slots,
+        n_slots,
+        view: Setup {
+            layout: s.layout,
+            cache,
+            indptr: s.indptr.clone(),
+            indices: s.indices.clone(),
+            lens: s.lens.clone(),
+            qo: s.qo.clone(),
+        },
+    }
+}
+
+/// One quantised prefill on `dev` with device residual slots `dev_slots`: (o, lse, status).
+fn run_quant<B: Backend, T: KvElement>(
+    dev: &B,
+    qs: &QuantSetup<T>,
+    q: &[T],
+    cfg: &DecodeConfig,
+    dev_slots: &[i32],
+) -> (Vec<T>, Vec<f32>, Result<(), Error>) {
+    let s = &qs.view;
+    let plan =
+        PrefillPlan::new_quantized::<T>(&qs.layout, &s.table(), &s.qo, &qs.slots, qs.n_slots, cfg)
+            .unwrap();
+    let d = s.layout.head_dim();
+    let (c, r) = (
+        dev.upload(&qs.bytes).unwrap(),
+        dev.upload(&qs.residual).unwrap(),
+    );
+    let q_d = dev.upload(q).unwrap();
+    let (ip, xp, lp, qp, sp) = (
+        dev.upload(&s.indptr).unwrap(),
+        dev.upload(&s.indices).unwrap(),
+        dev.upload(&s.lens).unwrap(),
+        dev.upload(&s.qo).unwrap(),
+        dev.upload(dev_slots).unwrap(),
+    );
+    let mut ws = PrefillWorkspace::new(dev).unwrap();
+    let mut o = poisoned::<B, T>(dev, plan.rows() * d).unwrap();
+    let mut lse = poisoned::<B, f32>(dev, plan.rows()).unwrap();
+    prefill_quantized(
+        dev, &plan, &q_d, &c, &r, &ip, &xp, &lp, &qp, &sp, &mut ws, &mut o, &mut lse,
+    )
+    .unwrap();
+    let status = ws.check_status_sync(dev);
+    (
+        dev.download(&o).unwrap(),
+        dev.download(&lse).unwrap(),
+        status,
+    )
+}
+
+fn quant_case<B: Backend, T: KvElement>(
+    dev: &B,
+    rng: &mut Rng,
+    s: &Setup<T>,
+    format: KvFormat,
+    cfg: &DecodeConfig,
+) -> Result<(), String> {
+    let qs = quantize(s, format);
+    let d = s.layout.head_dim();
+    let q = random_q::<T>(rng, *s.qo.last().unwrap() as usize * cfg.num_qo_heads * d);
+    let (o, lse, status) = run_quant(dev, &qs, &q, cfg, &qs.slots);
+    status.map_err(|e| e.to_string())?;
+    let what = format!(
+        "{} {format:?} d={d} ps={} hkv={} hq={} lens={:?} qo={:?} {cfg:?} {:?}",
+        T::NAME,
+        s.layout.page_size(),
+        s.layout.num_kv_heads(),
+        cfg.num_qo_heads,
+        s.lens,
+        s.qo,
+        s.layout.rope()
+    );
+    check(&what, &qs.view, &q, cfg, &o, &lse)
+}
+
+#[test]
+fn quantized_prefill_matches_the_reference() {
+    fusekit::on_every_backend!("quantized_prefill_matches_the_reference", |dev| {
+        quantized_on(dev)
+    });
+}
+
+/// Every quantised instantiation (int8/int4 x bf16/f16 x head dim) over a batch holding: a fresh
+/// prefill of 65 tokens, 17 new over a prefix of 33, one new over 100, and 20 new over 5 (under any
+/// group: wholly in the residual); groups 32/64/128, page sizes 1/16/5, GQA 1/3/4/8 in turn; a window
+/// and softcap, and RoPE (in attention, at append) on some.
+fn quantized_on<B: Backend>(dev: &B) {
+    let mut rng = Rng::new(seed_for("quantized_prefill_matches_the_reference"));
+    fn one<B: Backend, T: KvElement>(dev: &B, rng: &mut Rng, bits: usize, turn: &mut usize) {
+        const GROUPS: [(usize, usize); 4] = [(2, 1), (1, 3), (2, 4), (1, 8)];
+        for d in [64, 128, 256] {
+            let (hkv, gqa) = GROUPS[*turn % GROUPS.len()];
+            let ps = [16, 5, 1][*turn % 3];
+            let group = [32, 64, 128][(*turn / 2) % 3];
+            *turn += 1;
+            let mut s = setup::<T>(rng, ps, hkv, d, &[(0, 65), (33, 17), (100, 1), (5, 20)]);
+            let mut cfg = DecodeConfig::new(hkv * gqa);
+            if *turn % 3 == 0 {
+                cfg.window = Some(40);
+                cfg.softcap = Some(20.0);
+            }
+            if *turn % 4 == 1 {
+                let r = Rope {
+                    theta: 1e4,
+                    style: RopeStyle::Half,
+                };
+                s.layout = s.layout.with_rope(RopeMode::InAttention(r)).unwrap();
+            } else if *turn % 4 == 3 {
+                let r = Rope {
+                    theta: 1e5,
+                    style: RopeStyle::Interleaved,
+                };
+                s.layout = s.layout.with_rope(RopeMode::AtAppend(r)).unwrap();
+            }
+            let format = if bits == 8 {
+                KvFormat::Int8 { group }
+            } else {
+                KvFormat::Int4 { group }
+            };
+            quant_case(dev, rng, &s, format, &cfg).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let mut turn = 0;
+    for bits in [8, 4] {
+        one::<B, bf16>(dev, &mut rng, bits, &mut turn);
+        one::<B, f16>(dev, &mut rng, bits, &mut turn);
+    }
+}
+
+#[test]
+fn quantized_prefill_bad_input_is_a_typed_error() {
+    fusekit::on_every_backend!("quantized_prefill_bad_input_is_a_typed_error", |dev| {
+        quantized_bad_input_on(dev)
+    });
+}
+
+fn quantized_bad_input_on<B: Backend>(dev: &B) {
+    let mut rng = Rng::new(seed_for("quantized_prefill_bad_input_is_a_typed_error"));
+    let s = setup::<bf16>(&mut rng, 16, 1, 64, &[(30, 20), (0, 40)]);
+    let qs = quantize(&s, KvFormat::Int8 { group: 32 });
+    let (t, cfg) = (s.table(), DecodeConfig::new(2));
+    let dtype = |r: Result<PrefillPlan, Error>| {
+        assert!(matches!(r, Err(Error::DType { .. })), "{r:?}");
+    };
+    // Plans: a quantised layout in new(), a bf16 layout in new_quantized(), shared and out-of-range
+    // slots.
+    dtype(PrefillPlan::new::<bf16>(&qs.layout, &t, &s.qo, &cfg));
+    dtype(PrefillPlan::new_quantized::<bf16>(
+        &s.layout,
+        &t,
+        &s.qo,
+        &[0, 1],
+        2,
+        &cfg,
+    ));
+    let r = PrefillPlan::new_quantized::<bf16>(&qs.layout, &t, &s.qo, &[1, 1], 2, &cfg);
+    assert!(matches!(r, Err(Error::InvalidArgument { .. })), "{r:?}");
+    let r = PrefillPlan::new_quantized::<bf16>(&qs.layout, &t, &s.qo, &[0, 2], 2, &cfg);
+    assert!(
+        matches!(
+            r,
+            Err(Error::OutOfRange {
+                arg: "residual_slots",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // Launches: each plan with the other entry point, a residual of the wrong size.
+    let plan =
+        PrefillPlan::new_quantized::<bf16>(&qs.layout, &t, &s.qo, &qs.slots, qs.n_slots, &cfg)
+            .unwrap();
+    let plain = PrefillPlan::new::<bf16>(&s.layout, &t, &s.qo, &cfg).unwrap();
+    let q = dev
+        .upload(&random_q::<bf16>(&mut rng, plan.rows() * 64))
+        .unwrap();
+    let (c, r) = (
+        dev.upload(&qs.bytes).unwrap(),
+        dev.upload(&qs.residual).unwrap(),
+    );
+    let short = dev.upload(&qs.residual[64..]).unwrap();
+    let c16 = dev.upload(&s.cache).unwrap();
+    let (ip, xp, lp, qp, sp) = (
+        dev.upload(&s.indptr).unwrap(),
+        dev.upload(&s.indices).unwrap(),
+        dev.upload(&s.lens).unwrap(),
+        dev.upload(&s.qo).unwrap(),
+        dev.upload(&qs.slots).unwrap(),
+    );
+    let mut ws = PrefillWorkspace::new(dev).unwrap();
+    let mut o = poisoned::<B, bf16>(dev, plan.rows() * 64).unwrap();
+    let mut lse = poisoned::<B, f32>(dev, plan.rows()).unwrap();
+    let e = prefill(
+        dev, &plan, &q, &c16, &ip, &xp, &lp, &qp, &mut ws, &mut o, &mut lse,
+    );
+    assert!(matches!(e, Err(Error::DType { .. })), "{e:?}");
+    let e = prefill_quantized(
+        dev, &plain, &q, &c, &r, &ip, &xp, &lp, &qp, &sp, &mut ws, &mut o, &mut lse,
+    );
+    assert!(matches!(e, Err(Error::DType { .. })), "{e:?}");
+    let e = prefill_quantized(
+        dev, &plan, &q, &c, &short, &ip, &xp, &lp, &qp, &sp, &mut ws, &mut o, &mut lse,
+    );
+    assert!(
+        matches!(
+            e,
+            Err(Error::Shape {
+                arg: "residual",
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    // Nothing was launched: the outputs are still poison.
+    assert!(dev.download(&o).unwrap().iter().all(|x| x.is_poison()));
+    // A device residual slot outside [0, slots) for sequence 1: its rows are NaN, the status names it,
+    // sequence 0 is exact.
+    let q_h = random_q::<bf16>(&mut rng, plan.rows() * 64);
+    let (o, lse, st) = run_quant(dev, &qs, &q_h, &cfg, &[qs.slots[0], qs.n_slots as i32]);
+    match st {
+        Err(Error::OutOfRange {
+            arg: "page_table",
+            index: 1,
+            ..
+        }) => {}
+        other => panic!("status: {other:?}"),
+    }
+    let seq1 = s.qo[1] as usize * 2;
+    assert!(o[seq1 * 64..].iter().all(|x| x.is_nan()) && lse[seq1..].iter().all(|x| x.is_nan()));
+    let one = qs.view.only(0);
+    check(
+        "sequence 0",
+        &one,
+        &q_h[s.rows_of(0, 2, 64)],
+        &cfg,
+        &o[s.rows_of(0, 2, 64)],
+        &lse[s.rows_of(0, 2, 1)],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 }

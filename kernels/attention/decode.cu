@@ -22,6 +22,7 @@
 // partials are NaN and the status word records it.
 #include "attention_params.h"
 #include "fk_common.cuh"
+#include "fk_kivi.cuh"
 #include "fk_rope.cuh"
 
 struct attn_state {
@@ -326,39 +327,6 @@ __device__ __forceinline__ void attn_decode(const fk_attn_decode_params &p) {
         attn_update<HG, VEC, L>(q, k, v, have, p.softcap, st, o);
     }
     attn_finish<D, HG, VEC, L>(p, c, sm, st, o, bad_page);
-}
-
-// A KIVI code (0..255) as a float, exactly: the code in the mantissa of 2^23, minus 2^23 (no I2F).
-__device__ __forceinline__ float attn_code(uint32_t c) { return __uint_as_float(0x4B000000u | c) - 8388608.0f; }
-
-// An f16 (scale, zero) pair from its 32-bit word.
-__device__ __forceinline__ float2 attn_param(uint32_t w) {
-    return make_float2(__half2float(__ushort_as_half((unsigned short)(w & 0xffffu))),
-                       __half2float(__ushort_as_half((unsigned short)(w >> 16))));
-}
-
-// Four (scale, zero) pairs into ks[at ..], kz[at ..].
-__device__ __forceinline__ void attn_params4(uint4 w, float (&ks)[8], float (&kz)[8], int at) {
-    const float2 a = attn_param(w.x), b = attn_param(w.y), c = attn_param(w.z), d = attn_param(w.w);
-    ks[at] = a.x, kz[at] = a.y, ks[at + 1] = b.x, kz[at + 1] = b.y;
-    ks[at + 2] = c.x, kz[at + 2] = c.y, ks[at + 3] = d.x, kz[at + 3] = d.y;
-}
-
-// This lane's VEC codes (BITS = 8: 8 bytes; 4: 4 bytes, channel 2i in the low nibble of byte i).
-template <int BITS>
-__device__ __forceinline__ void attn_codes(const uint8_t *row, int part, float (&f)[8]) {
-    if constexpr (BITS == 8) {
-        const uint2 w = reinterpret_cast<const uint2 *>(row)[part];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            f[j] = attn_code((w.x >> (8 * j)) & 0xffu);
-            f[4 + j] = attn_code((w.y >> (8 * j)) & 0xffu);
-        }
-    } else {
-        const uint32_t w = reinterpret_cast<const uint32_t *>(row)[part];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) f[j] = attn_code((w >> (4 * j)) & 0xfu);
-    }
 }
 
 // Decode over a KIVI cache: tokens of complete groups are dequantised in registers (K per channel with

@@ -21,6 +21,13 @@
 // RoPE (fk_attn_prefill_rope_*, rope_q / rope_k): the Q tile is rotated in shared memory once, each K
 // tile after it lands (keys cached before RoPE), both rounded to T there; one more barrier per tile with
 // rope_k. A separate instantiation, so the kernel without RoPE keeps its hot loop as it was.
+// KIVI int8/int4 caches (fk_attn_prefill_q{8,4}_*): the code rows of a tile's tokens, the K parameters of
+// the token groups it touches and the V parameters of its tokens are copied (cp.async) into two stages
+// of staging; after they land, the CTA dequantises the tile (fmaf(code, scale, zero) in f32, rounded to
+// T, the tokens past the last complete group copied from the sequence's residual slot) into one stage of
+// T tiles, and the mma loop runs on those unchanged. Per tile: 2 · BKV · D conversions over 128 threads
+// against 64 · BKV · D · 4 mma FLOPs, and the codes load while the previous tile computes. Head dim 256
+// takes tiles of 16 tokens (shared memory). RoPE is a runtime choice there.
 // The causal/window mask is applied only to tiles that cross a row's range (a second copy of the
 // softmax); O is rescaled only when a row's max passes the running reference by more than 2^8. CTAs are
 // launched heaviest first (the last query tiles attend to the most tokens).
@@ -34,6 +41,7 @@
 // the CTA that met it NaN, and is recorded too.
 #include "attention_params.h"
 #include "fk_common.cuh"
+#include "fk_kivi.cuh"
 #include "fk_mma.cuh"
 #include "fk_rope.cuh"
 
@@ -45,10 +53,11 @@ constexpr int THREADS = FK_ATTN_PREFILL_THREADS;
 constexpr int BQ = FK_ATTN_PREFILL_ROWS;
 static_assert(THREADS == 128 && BQ == 64, "4 warps of one m16 row tile each");
 
-template <int D>
+template <int D, bool QUANT = false>
 struct tiles {
-    static constexpr int BKV = D == 64 ? FK_ATTN_PREFILL_KV_TILE_D64
+    static constexpr int BKV = D == 64    ? FK_ATTN_PREFILL_KV_TILE_D64
                                : D == 128 ? FK_ATTN_PREFILL_KV_TILE_D128
+                               : QUANT    ? FK_ATTN_PREFILL_KV_TILE_Q_D256
                                           : FK_ATTN_PREFILL_KV_TILE_D256;
     // Head dim 256: 128 accumulator registers for O leave no room for Q's 64; it is re-read by ldmatrix.
     static constexpr bool Q_IN_REGS = D <= 128;
@@ -56,6 +65,21 @@ struct tiles {
     static constexpr int ROWS_PER_PASS = THREADS / CPR;
     static_assert(D == 64 || D == 128 || D == 256, "head dims 64, 128, 256");
     static_assert(BKV % 16 == 0 && BKV % ROWS_PER_PASS == 0 && BQ % ROWS_PER_PASS == 0, "tile shapes");
+};
+
+// The staging of a quantised cache's tiles (BITS = 8 or 4): per stage, the K and V code rows of BKV
+// tokens, the K parameters of the (at most NGK) token groups the tile touches, and the V parameters of
+// its tokens (VGM words per token at most). Dynamic shared memory after Q and one stage of K and V in T:
+// codes [2 stages][K, V][BKV][CROW] bytes, K params [2][NGK][D] words, V params [2][BKV][VGM] words
+// (PrefillPlan::shared_mem_bytes computes the same).
+template <int D, int BITS>
+struct qtiles {
+    static constexpr int BKV = tiles<D, true>::BKV;
+    static constexpr int CROW = D * BITS / 8;          // code bytes of one token and head
+    static constexpr int CCH = CROW / 16;              // its 16-byte chunks
+    static constexpr int NGK = (BKV - 1) / 32 + 2;     // K groups of >= 32 tokens that BKV tokens can touch
+    static constexpr int VGM = D / 32;                 // V groups (>= 32 channels) per token
+    static_assert(BKV * CCH % THREADS == 0 && BKV + NGK <= THREADS, "copies and lookups per thread");
 };
 
 // Element offset of 16-byte chunk `c` of row `row` in a swizzled [rows][D] tile.
@@ -108,6 +132,12 @@ __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
     return u;
 }
 
+// Eight floats rounded to T as one 16-byte chunk.
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+    return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+}
+
 // RoPE of rows [0, ROWS) of a swizzled [ROWS][D] tile of T, in place: row r at position
 // min(first + (row0 + r) / div, last). Each thread turns pairs (c1, c2) of channels (half style: i and
 // i + D/2; interleaved: 2i and 2i + 1) with the f32 angle and the MUFU sine/cosine of fk_rope.cuh.
@@ -137,10 +167,16 @@ __device__ __forceinline__ void flag(const fk_attn_prefill_params &p, int b) {
 }  // namespace fk_prefill
 
 // (At global scope: the dynamic shared buffer fk_smem is the global one, on the device and the emulator.)
-template <typename T, int D, bool ROPE>
+// BITS = 0: a bf16/f16 cache (K/V tiles of T in two stages). BITS = 8 or 4: a KIVI cache; its code tiles
+// and parameters are staged in two stages and dequantised into one stage of T tiles (see the top).
+template <typename T, int D, bool ROPE, int BITS = 0>
 __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
     using namespace fk_prefill;
-    using C = tiles<D>;
+    constexpr bool QUANT = BITS != 0;
+    using C = tiles<D, QUANT>;
+    using QT = qtiles<D, QUANT ? BITS : 8>;
+    constexpr int CROW = QT::CROW, CCH = QT::CCH, NGK = QT::NGK, VGM = QT::VGM;
+    constexpr int TSTAGES = QUANT ? 1 : 2;  // stages of T tiles
     constexpr int BKV = C::BKV, CPR = C::CPR, RPP = C::ROWS_PER_PASS;
     constexpr int KSTEPS = D / 16;     // k-steps of S = Q Kᵀ
     constexpr int NT_S = BKV / 8;      // n-tiles of S (tokens)
@@ -148,9 +184,18 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
     constexpr int KSTEPS_PV = BKV / 16;
     extern __shared__ __align__(16) unsigned char fk_smem[];
     T *const sQ = reinterpret_cast<T *>(fk_smem);  // [BQ][D], swizzled; O is staged here at the end
-    T *const sK = sQ + BQ * D;                      // [2][BKV][D]
-    T *const sV = sK + 2 * BKV * D;                 // [2][BKV][D]
-    __shared__ int64_t s_off[2][BKV];               // byte offset of each tile token's K row in the cache
+    T *const sK = sQ + BQ * D;                      // [TSTAGES][BKV][D]
+    T *const sV = sK + TSTAGES * BKV * D;           // [TSTAGES][BKV][D]
+    // Quantised: codes [2][2][BKV][CROW] bytes, K params [2][NGK][D] and V params [2][BKV][VGM] words.
+    uint8_t *const sC = reinterpret_cast<uint8_t *>(sV + TSTAGES * BKV * D);
+    uint32_t *const sKp = reinterpret_cast<uint32_t *>(sC + 4 * BKV * CROW);
+    uint32_t *const sVp = sKp + 2 * NGK * D;
+    // Byte offset of each tile token's K row (quantised: K code row; -1 for a residual token) in the
+    // cache; quantised: of its V parameters, and of the K parameters of the groups the tile touches
+    // (-1: a group the tile does not use).
+    __shared__ int64_t s_off[2][BKV];
+    __shared__ int64_t s_voff[QUANT ? 2 : 1][QUANT ? BKV : 1];
+    __shared__ int64_t s_koff[QUANT ? 2 : 1][QUANT ? NGK : 1];
 
     const int tile = gridDim.x - 1 - blockIdx.x;  // heaviest tiles first
     const int kvh = blockIdx.y, b = blockIdx.z;
@@ -169,8 +214,14 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
     const int64_t len = p.seq_lens[b];
     const int64_t qlen = qo1 - qo0, pages = (int64_t)pg1 - pg0;
     const bool rows_ok = qo0 >= 0 && qlen >= 0 && qo1 <= p.total_q;
+    int32_t rslot = 0;  // quantised: the sequence's residual slot
+    bool slot_ok = true;
+    if constexpr (QUANT) {
+        rslot = p.residual_slots[b];
+        slot_ok = rslot >= 0 && rslot < p.n_slots;
+    }
     if (!rows_ok || pg0 < 0 || pages < 0 || pg1 > p.n_page_indices || len < 1 || pages != (len + ps - 1) / ps ||
-        qlen > len || qlen * group > (int64_t)gridDim.x * BQ) {
+        qlen > len || qlen * group > (int64_t)gridDim.x * BQ || !slot_ok) {
         if (tile == 0) {
             flag(p, b);
             if (rows_ok) {  // NaN over the sequence's rows of this KV head's query heads
@@ -222,18 +273,56 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
     // reads real rows (the mask discards the extra ones), so the loop's copies need no zero fill and
     // no branch. A page outside the cache is never read (offset 0 instead); it returns true. Tokens are
     // below 2^32 (u32 lengths).
+    // Quantised: the sequence's tokens below nq (complete groups) are codes in the pages, the rest in
+    // its residual slot; groups are powers of two (32, 64, 128).
+    const int lg = QUANT ? __ffs(p.group) - 1 : 0;
+    const int64_t nq = QUANT ? (int64_t)(((uint32_t)len >> lg) << lg) : 0;
+    const int vgroups = QUANT ? D / p.v_group : 0;
+    const int64_t head_codes = (int64_t)kvh * ps * CROW;
+    // Threads < BKV look up one token each of tile j's page: the byte offset of its K row. Quantised:
+    // of its code row and V parameters (a residual token: -1), and threads BKV .. BKV + NGK the K
+    // parameters of the tile's groups (in the page of a group's first token).
     auto tile_offsets = [&](int j, int stage) -> bool {
         bool bad = false;
+        const int64_t tfirst = kv_lo + (int64_t)min(j, n_tiles - 1) * BKV;
         if (tid < BKV) {
-            const int64_t t = min(kv_lo + (int64_t)min(j, n_tiles - 1) * BKV + tid, kv_hi - 1);
+            const int64_t t = min(tfirst + tid, kv_hi - 1);
             const uint32_t pi = (uint32_t)t / (uint32_t)ps, slot = (uint32_t)t - pi * (uint32_t)ps;
-            const int32_t page = p.page_indices[pg0 + pi];
             int64_t off = 0;
-            if (page >= 0 && page < p.num_pages)
-                off = (page * page_elems + kvh * head_run + (int64_t)slot * D) * (int64_t)sizeof(T);
-            else
-                bad = true;
+            if (!QUANT || t < nq) {
+                const int32_t page = p.page_indices[pg0 + pi];
+                if (page >= 0 && page < p.num_pages) {
+                    if constexpr (QUANT) {
+                        off = page * p.page_bytes + head_codes + (int64_t)slot * CROW;
+                        s_voff[stage][tid] = page * p.page_bytes + p.v_params_start +
+                                             ((int64_t)kvh * ps + slot) * vgroups * 4;
+                    } else {
+                        off = (page * page_elems + kvh * head_run + (int64_t)slot * D) * (int64_t)sizeof(T);
+                    }
+                } else {
+                    bad = true;
+                    if constexpr (QUANT) s_voff[stage][tid] = 0;
+                }
+            } else {
+                off = -1;
+            }
             s_off[stage][tid] = off;
+        } else if (QUANT && tid < BKV + NGK) {
+            const int64_t tlast = min(tfirst + BKV - 1, kv_hi - 1);
+            const int64_t first = ((int64_t)((uint32_t)tfirst >> lg) + (tid - BKV)) << lg;
+            int64_t off = -1;
+            if (first <= tlast && first + p.group <= nq) {
+                const uint32_t fp = (uint32_t)first / (uint32_t)ps;
+                const int32_t gp = p.page_indices[pg0 + fp];
+                const int gslot = (int)(((uint32_t)first - fp * (uint32_t)ps) >> lg);
+                if (gp >= 0 && gp < p.num_pages) {
+                    off = gp * p.page_bytes + p.k_params_start + ((int64_t)kvh * p.k_param_slots + gslot) * D * 4;
+                } else {
+                    bad = true;
+                    off = 0;
+                }
+            }
+            s_koff[QUANT ? stage : 0][QUANT ? tid - BKV : 0] = off;
         }
         return bad;
     };
@@ -247,6 +336,82 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
             const char *src = kv_col + s_off[stage][row];
             fk_cp_async_16(sK + stage * BKV * D + swz<D>(row, c), src);
             fk_cp_async_16(sV + stage * BKV * D + swz<D>(row, c), src + v_delta);
+        }
+    };
+
+    // Quantised: the code rows of K and V (16-byte chunks; none for a residual token), the K parameters of
+    // the tile's groups, the V parameters of its tokens (4-byte words) into codes stage `stage`.
+    const uint8_t *const cbytes = reinterpret_cast<const uint8_t *>(p.cache);
+    auto issue_codes = [&](int stage) {
+        uint8_t *const codes = sC + stage * 2 * BKV * CROW;
+#pragma unroll
+        for (int u = 0; u < BKV * CCH / THREADS; ++u) {
+            const int idx = tid + u * THREADS, row = idx / CCH, c = idx % CCH;
+            const int64_t off = s_off[stage][row];
+            if (off >= 0) {
+                const uint8_t *src = cbytes + off + c * 16;
+                fk_cp_async_16(codes + row * CROW + c * 16, src);
+                fk_cp_async_16(codes + (BKV + row) * CROW + c * 16, src + p.v_codes_start);
+            }
+        }
+        for (int idx = tid; idx < NGK * (D / 4); idx += THREADS) {
+            const int gk = idx / (D / 4), c = idx % (D / 4);
+            const int64_t off = s_koff[QUANT ? stage : 0][QUANT ? gk : 0];
+            if (off >= 0) fk_cp_async_16(sKp + (stage * NGK + gk) * D + c * 4, cbytes + off + c * 16);
+        }
+        for (int idx = tid; idx < BKV * vgroups; idx += THREADS) {
+            const int row = idx / vgroups, i = idx - row * vgroups;
+            if (s_off[stage][row] >= 0)
+                fk_cp_async_4(sVp + (stage * BKV + row) * VGM + i, cbytes + s_voff[QUANT ? stage : 0][QUANT ? row : 0] + i * 4);
+        }
+    };
+    // Quantised: tile tokens t0 .. t0 + BKV (clamped to the last) into the T tiles sK, sV: codes as
+    // fmaf(code, scale, zero) in f32 rounded to T, residual tokens copied. Each thread converts chunk
+    // tid % CPR (8 channels) of every RPP-th row; a row's K group changes at most NGK - 1 times.
+    const T *const res = QUANT ? reinterpret_cast<const T *>(p.residual) +
+                                     ((int64_t)rslot * 2 * p.num_kv_heads + kvh) * ((int64_t)p.group * D)
+                               : nullptr;
+    const int64_t res_v = (int64_t)p.num_kv_heads * p.group * D;  // elements, K to V in a slot
+    auto dequant = [&](int stage, int64_t t0) {
+        const int c = tid % CPR;
+        const uint8_t *const codes = sC + stage * 2 * BKV * CROW;
+        const int g_first = (int)((uint32_t)t0 >> lg);
+        const int vgi = QUANT ? c * 8 / p.v_group : 0;
+        int cur = -1;
+        float ks[8], kz[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ks[e] = kz[e] = 0.0f;
+#pragma unroll
+        for (int u = 0; u < BKV / RPP; ++u) {
+            const int row = tid / CPR + u * RPP;
+            const int64_t t = min(t0 + row, kv_hi - 1);
+            uint4 kw, vw;
+            if (t >= nq) {
+                const T *r = res + ((uint32_t)t & (uint32_t)(p.group - 1)) * D + c * 8;
+                kw = *reinterpret_cast<const uint4 *>(r);
+                vw = *reinterpret_cast<const uint4 *>(r + res_v);
+            } else {
+                const int gk = (int)((uint32_t)t >> lg) - g_first;
+                if (gk != cur) {
+                    cur = gk;
+                    const uint4 *kp = reinterpret_cast<const uint4 *>(sKp + (stage * NGK + gk) * D + c * 8);
+                    attn_params4(kp[0], ks, kz, 0);
+                    attn_params4(kp[1], ks, kz, 4);
+                }
+                float kc[8], vc[8];
+                attn_unpack8<QUANT ? BITS : 8>(codes + row * CROW + c * (QUANT ? BITS : 8), kc);
+                attn_unpack8<QUANT ? BITS : 8>(codes + (BKV + row) * CROW + c * (QUANT ? BITS : 8), vc);
+                const float2 vsz = attn_param(sVp[(stage * BKV + row) * VGM + vgi]);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    kc[e] = fmaf(kc[e], ks[e], kz[e]);
+                    vc[e] = fmaf(vc[e], vsz.x, vsz.y);
+                }
+                kw = pack8<T>(kc);
+                vw = pack8<T>(vc);
+            }
+            *reinterpret_cast<uint4 *>(sK + swz<D>(row, c)) = kw;
+            *reinterpret_cast<uint4 *>(sV + swz<D>(row, c)) = vw;
         }
     };
 
@@ -265,7 +430,10 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
         }
     }
     __syncthreads();  // s_off of tiles 0 and 1
-    issue_kv(0);
+    if constexpr (QUANT)
+        issue_codes(0);
+    else
+        issue_kv(0);
     fk_cp_async_commit();
 
     const float LOG2E = FK_LOG2E_F;
@@ -289,20 +457,32 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
 
     for (int j = 0; j < n_tiles; ++j) {
         const int stage = j & 1;
-        issue_kv(stage ^ 1);  // tile j + 1 (the last trip: the last tile again, into the free stage)
+        // Tile j + 1 (the last trip: the last tile again, into the free stage). Quantised: its codes,
+        // into the codes stage that tile j - 1's dequantisation read (before the last barrier).
+        if constexpr (QUANT)
+            issue_codes(stage ^ 1);
+        else
+            issue_kv(stage ^ 1);
         fk_cp_async_commit();
         fk_cp_async_wait<1>();
-        __syncthreads();  // tile j (and Q) landed for every thread's copies
+        // Tile j (and Q) landed for every thread's copies; quantised: every warp is done with the T tiles
+        // of tile j - 1.
+        __syncthreads();
         bad_page |= tile_offsets(j + 2, stage);  // s_off[stage] was last read before this barrier
-        const T *const kt = sK + stage * BKV * D;
-        const T *const vt = sV + stage * BKV * D;
+        T *const kst = sK + (QUANT ? 0 : stage) * BKV * D;
+        const T *const kt = kst;
+        const T *const vt = sV + (QUANT ? 0 : stage) * BKV * D;
         const int64_t t0 = kv_lo + (int64_t)j * BKV;
+        if constexpr (QUANT) {
+            dequant(stage, t0);
+            __syncthreads();  // the T tiles, and s_off[stage] for the next trip's copies
+        }
         // RoPE in shared memory: q once (at its token's position), keys cached before RoPE at their index
         // (the tile's clamped extra rows at the last token's, as loaded); then a barrier before ldmatrix.
         if constexpr (ROPE) {
             const bool rq = p.rope_q && j == 0;
             if (rq) rope_tile<T, D, BQ>(sQ, p, base, R0, group, (int64_t)0x7fffffffffffffffLL);
-            if (p.rope_k) rope_tile<T, D, BKV>(sK + stage * BKV * D, p, t0, 0, 1, kv_hi - 1);
+            if (p.rope_k) rope_tile<T, D, BKV>(kst, p, t0, 0, 1, kv_hi - 1);
             if (rq || p.rope_k) __syncthreads();
         }
         if (C::Q_IN_REGS && j == 0) {
@@ -421,7 +601,9 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
                 mma<T>(o[2 * dn + 1], a, vb[2], vb[3]);
             }
         }
-        __syncthreads();  // stage j & 1 and s_off[j & 1] are rewritten by the next iteration
+        // Stage j & 1 and s_off[j & 1] are rewritten by the next iteration (quantised: the barrier after
+        // the dequantisation and the next trip's first one cover both).
+        if constexpr (!QUANT) __syncthreads();
     }
 
     fk_cp_async_wait<0>();  // the last trip's copy: nothing in flight at exit
@@ -482,3 +664,19 @@ FK_ATTN_PREFILL_ENTRY(bf16, __nv_bfloat16, 256)
 FK_ATTN_PREFILL_ENTRY(f16, __half, 64)
 FK_ATTN_PREFILL_ENTRY(f16, __half, 128)
 FK_ATTN_PREFILL_ENTRY(f16, __half, 256)
+
+// Over a KIVI cache: RoPE (either mode) is a runtime choice here; the rotation runs once per tile,
+// outside the mma loop.
+#define FK_ATTN_PREFILL_Q_ENTRY(TN, T, D, BITS)                                                        \
+    extern "C" __global__ void __launch_bounds__(FK_ATTN_PREFILL_THREADS)                              \
+        fk_attn_prefill_q##BITS##_##TN##_d##D(const fk_attn_prefill_params p) {                        \
+        attn_prefill<T, D, true, BITS>(p);                                                             \
+    }
+#define FK_ATTN_PREFILL_Q_DIMS(TN, T, BITS)  \
+    FK_ATTN_PREFILL_Q_ENTRY(TN, T, 64, BITS)  \
+    FK_ATTN_PREFILL_Q_ENTRY(TN, T, 128, BITS) \
+    FK_ATTN_PREFILL_Q_ENTRY(TN, T, 256, BITS)
+FK_ATTN_PREFILL_Q_DIMS(bf16, __nv_bfloat16, 8)
+FK_ATTN_PREFILL_Q_DIMS(f16, __half, 8)
+FK_ATTN_PREFILL_Q_DIMS(bf16, __nv_bfloat16, 4)
+FK_ATTN_PREFILL_Q_DIMS(f16, __half, 4)

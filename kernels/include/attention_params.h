@@ -141,6 +141,9 @@ typedef struct fk_attn_copy_values_params {
 #define FK_ATTN_PREFILL_KV_TILE_D64 64
 #define FK_ATTN_PREFILL_KV_TILE_D128 64
 #define FK_ATTN_PREFILL_KV_TILE_D256 32
+/* Over a quantised cache the K/V tiles are one stage of T (dequantised from two stages of codes): head
+ * dim 256 takes tiles of 16 tokens to stay within 99 KiB of shared memory. */
+#define FK_ATTN_PREFILL_KV_TILE_Q_D256 16
 
 typedef struct fk_attn_prefill_params {
     const void *q;                /* [total_q, num_qo_heads, head_dim] of T */
@@ -168,6 +171,19 @@ typedef struct fk_attn_prefill_params {
     int32_t rope_style;           /* 0: half (rotate_half), 1: interleaved pairs */
     int32_t rope_q;
     int32_t rope_k;
+    /* Quantised (KIVI int8/int4) caches only (fk_attn_prefill_q*); zero otherwise. `cache` is then bytes,
+     * as for decode: a page is [K codes][V codes][K params][V params], and each sequence's newest
+     * len % group tokens are in its residual slot. */
+    const void *residual;         /* [n_slots][2][num_kv_heads][group][head_dim] of T */
+    const int32_t *residual_slots; /* [batch] */
+    int64_t page_bytes;
+    int64_t v_codes_start;        /* byte offsets within a page */
+    int64_t k_params_start;
+    int64_t v_params_start;
+    int32_t n_slots;
+    int32_t group;                /* tokens per K group (per channel) */
+    int32_t v_group;              /* channels per V group (per token) */
+    int32_t k_param_slots;        /* ceil(page_size / group) */
 } fk_attn_prefill_params;
 
 #endif

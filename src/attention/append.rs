@@ -9,7 +9,7 @@ use cudarc::driver::LaunchConfig;
 use super::cache::RopeMode;
 use super::cache::{PageTable, PagedKvLayout};
 use super::decode::{check_table_buffers, rope_log2_theta, rope_style, KvElement};
-use super::kivi::{check_quant_sizes, check_residual_slots};
+use super::kivi::{check_quant_buffers, check_quant_plan};
 use crate::device::{check_aligned, Family};
 use crate::error::{Error, Result};
 use crate::launch::launch_kernel;
@@ -84,21 +84,13 @@ impl AppendPlan {
         residual_slots: &[i32],
         slots: usize,
     ) -> Result<Self> {
-        if layout.format().group().is_none() {
-            return Err(Error::DType {
-                arg: "layout",
-                expected: "a quantised format (Int8 or Int4); bf16/f16 caches take AppendPlan::new"
-                    .into(),
-                got: format!("{:?}", layout.format()),
-            });
-        }
-        if slots > i32::MAX as usize {
-            return Err(Error::invalid(
-                "slots",
-                format!("at most 2^31-1 residual slots, got {slots}"),
-            ));
-        }
-        check_residual_slots(table.seq_lens.len(), residual_slots, slots)?;
+        check_quant_plan(
+            layout,
+            table.seq_lens.len(),
+            residual_slots,
+            slots,
+            "AppendPlan::new",
+        )?;
         Self::build::<T>(layout, table, append_indptr, Some(slots))
     }
 
@@ -391,26 +383,15 @@ where
     S: DeviceRead<u32, B>,
     RS: DeviceRead<i32, B>,
 {
-    let Some(slots) = plan.slots else {
-        return Err(Error::DType {
-            arg: "cache",
-            expected: format!(
-                "{:?} elements: this plan is for append (a bf16/f16 cache)",
-                plan.layout.format()
-            ),
-            got: "the bytes of a quantised cache".into(),
-        });
-    };
-    owned(dev, "cache", cache)?;
-    owned(dev, "residual", residual)?;
-    owned(dev, "residual_slots", residual_slots)?;
-    check_quant_sizes(
+    let slots = check_quant_buffers::<B, T, C, R, RS>(
+        dev,
+        "append",
         &plan.layout,
-        slots,
+        plan.slots,
         plan.batch,
-        cache.len(),
-        residual.len(),
-        residual_slots.len(),
+        cache,
+        residual,
+        residual_slots,
     )?;
     let (cp, _c) = cache.addr_mut(dev);
     let (rp, _r) = residual.addr_mut(dev);

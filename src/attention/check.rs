@@ -2,9 +2,9 @@
 //! and one paged GQA decode against the reference on the GPU or the emulator.
 
 use super::{
-    append_quantized, decode, decode_quantized, pack_quantized, prefill, reference, AppendPlan,
-    AppendWorkspace, DecodeConfig, DecodePlan, DecodeWorkspace, Kv, KvElement, KvFormat, PageTable,
-    PagedKvLayout, PrefillPlan, PrefillWorkspace,
+    append_quantized, decode, decode_quantized, pack_quantized, prefill, prefill_quantized,
+    reference, AppendPlan, AppendWorkspace, DecodeConfig, DecodePlan, DecodeWorkspace, Kv,
+    KvElement, KvFormat, PageTable, PagedKvLayout, PrefillPlan, PrefillWorkspace,
 };
 use crate::check::row::{CheckRow, SelfCheck};
 use crate::error::Result;
@@ -161,6 +161,7 @@ fn cpu_check(rng: &mut Rng) -> Vec<CheckRow> {
 fn kernel_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
     let mut rows = decode_check(dev, rng)?;
     rows.extend(prefill_check(dev, rng)?);
+    rows.extend(prefill_quant_check(dev, rng)?);
     Ok(rows)
 }
 
@@ -407,6 +408,58 @@ fn prefill_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
         (&want.o, &want.lse),
         2e-2,
         "GQA 4, pages of 16, 100/33/1 new tokens over 0/60/200 cached",
+    )
+    .to_vec())
+}
+
+/// The same chunked, ragged GQA prefill over a KIVI int4 (g64) cache, against the reference over what
+/// the kernel attends to: the dequantised values rounded to bf16.
+fn prefill_quant_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
+    let lens = [100u32, 93, 201];
+    let qo = [0, 100, 133, 134];
+    let (l16, cache, indptr, idx) = case(rng, &lens);
+    let l = PagedKvLayout::new(l16.num_pages(), 16, 2, 128, KvFormat::Int4 { group: 64 })?;
+    let t = PageTable {
+        page_indptr: &indptr,
+        page_indices: &idx,
+        seq_lens: &lens,
+    };
+    let slots = [2, 0, 1];
+    let packed = pack_quantized::<bf16>(&l, &cache, &t, &slots, 3)?;
+    let view: Vec<f64> = packed
+        .dequantized
+        .iter()
+        .map(|&v| bf16::from_f32(v as f32).to_f64())
+        .collect();
+    let cfg = DecodeConfig::new(8);
+    let d = 128;
+    let rows = 134 * 8;
+    let q = bf16_normal(rng, rows * d);
+    let plan = PrefillPlan::new_quantized::<bf16>(&l, &t, &qo, &slots, 3, &cfg)?;
+    let (c, r) = (dev.upload(&packed.bytes)?, dev.upload(&packed.residual)?);
+    let q_d = dev.upload(&q.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>())?;
+    let (ip, xp, lp, qp, sp) = (
+        dev.upload(&indptr)?,
+        dev.upload(&idx)?,
+        dev.upload(&lens)?,
+        dev.upload(&qo)?,
+        dev.upload(&slots)?,
+    );
+    let mut ws = PrefillWorkspace::new(dev)?;
+    let mut o = dev.upload(&vec![bf16::poison(); rows * d])?;
+    let mut lse = dev.upload(&vec![f32::poison(); rows])?;
+    prefill_quantized(
+        dev, &plan, &q_d, &c, &r, &ip, &xp, &lp, &qp, &sp, &mut ws, &mut o, &mut lse,
+    )?;
+    ws.check_status_sync(dev)?;
+    let want = reference::prefill(&l16, &view, &t, &qo, &q, &cfg)?;
+    Ok(o_lse_rows(
+        "fk_attn_prefill_q4_bf16_d128",
+        mode_of(dev),
+        (&dev.download(&o)?, &dev.download(&lse)?),
+        (&want.o, &want.lse),
+        2e-2,
+        "KIVI int4 g64, GQA 4, 100/33/1 new tokens over 0/60/200 cached",
     )
     .to_vec())
 }

@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use cudarc::driver::LaunchConfig;
 
 use super::cache::{KvFormat, PageTable, PagedKvLayout, RopeMode, RopeStyle};
-use super::kivi::{check_quant_sizes, check_residual_slots};
+use super::kivi::{check_quant_buffers, check_quant_plan};
 use super::DecodeConfig;
 use crate::backend::private::AddrMut;
 use crate::device::{check_aligned, Family};
@@ -114,21 +114,13 @@ impl DecodePlan {
         cfg: &DecodeConfig,
         split_size: Option<usize>,
     ) -> Result<Self> {
-        if layout.format().group().is_none() {
-            return Err(Error::DType {
-                arg: "layout",
-                expected: "a quantised format (Int8 or Int4); bf16/f16 caches take DecodePlan::new"
-                    .into(),
-                got: format!("{:?}", layout.format()),
-            });
-        }
-        if slots > i32::MAX as usize {
-            return Err(Error::invalid(
-                "slots",
-                format!("at most 2^31-1 residual slots, got {slots}"),
-            ));
-        }
-        check_residual_slots(table.seq_lens.len(), residual_slots, slots)?;
+        check_quant_plan(
+            layout,
+            table.seq_lens.len(),
+            residual_slots,
+            slots,
+            "DecodePlan::new",
+        )?;
         Self::build::<T>(layout, table, cfg, split_size, Some(slots), false)
     }
 
@@ -530,26 +522,15 @@ where
     O: DeviceWrite<T, B>,
     L: DeviceWrite<f32, B>,
 {
-    let Some(slots) = plan.slots else {
-        return Err(Error::DType {
-            arg: "cache",
-            expected: format!(
-                "{:?} elements: this plan is for decode (a bf16/f16 cache)",
-                plan.layout.format()
-            ),
-            got: "the bytes of a quantised cache".into(),
-        });
-    };
-    owned(dev, "cache", cache)?;
-    owned(dev, "residual", residual)?;
-    owned(dev, "residual_slots", residual_slots)?;
-    check_quant_sizes(
+    let slots = check_quant_buffers::<B, T, C, R, RS>(
+        dev,
+        "decode",
         &plan.layout,
-        slots,
+        plan.slots,
         plan.batch,
-        cache.len(),
-        residual.len(),
-        residual_slots.len(),
+        cache,
+        residual,
+        residual_slots,
     )?;
     let (cp, _b) = cache.addr(dev);
     let (rp, _r) = residual.addr(dev);

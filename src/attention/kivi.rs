@@ -13,7 +13,8 @@ use half::f16;
 use super::cache::{Kv, KvFormat, PageTable, PagedKvLayout};
 use super::decode::KvElement;
 use crate::error::{Error, Result};
-use crate::validate::exactly;
+use crate::validate::{exactly, owned};
+use crate::{Backend, DeviceRead};
 
 /// The quantised group: f16 scale and zero, and one code per value.
 pub(crate) struct Group {
@@ -83,6 +84,77 @@ pub(crate) fn check_residual_slots(
         }
     }
     Ok(())
+}
+
+/// What every quantised plan checks first: the layout is quantised (else `Err(DType)` naming
+/// `plain`, the constructor a bf16/f16 cache takes), at most 2^31 − 1 slots, and the residual slots
+/// fit ([`check_residual_slots`]).
+pub(crate) fn check_quant_plan(
+    layout: &PagedKvLayout,
+    batch: usize,
+    residual_slots: &[i32],
+    slots: usize,
+    plain: &str,
+) -> Result<()> {
+    if layout.format().group().is_none() {
+        return Err(Error::DType {
+            arg: "layout",
+            expected: format!("a quantised format (Int8 or Int4); bf16/f16 caches take {plain}"),
+            got: format!("{:?}", layout.format()),
+        });
+    }
+    if slots > i32::MAX as usize {
+        return Err(Error::invalid(
+            "slots",
+            format!("at most 2^31-1 residual slots, got {slots}"),
+        ));
+    }
+    check_residual_slots(batch, residual_slots, slots)
+}
+
+/// What every quantised entry point checks of its plan and buffers before a launch: the plan is for a
+/// quantised cache (`slots`; else `Err(DType)` naming `plain`, the entry point of a bf16/f16 plan),
+/// and the cache, residual and residual slots are on `dev` with the layout's sizes. Returns the slots.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_quant_buffers<B, T, C, R, RS>(
+    dev: &B,
+    plain: &str,
+    layout: &PagedKvLayout,
+    slots: Option<usize>,
+    batch: usize,
+    cache: &C,
+    residual: &R,
+    residual_slots: &RS,
+) -> Result<usize>
+where
+    B: Backend,
+    T: KvElement,
+    C: DeviceRead<u8, B> + ?Sized,
+    R: DeviceRead<T, B> + ?Sized,
+    RS: DeviceRead<i32, B> + ?Sized,
+{
+    let Some(slots) = slots else {
+        return Err(Error::DType {
+            arg: "cache",
+            expected: format!(
+                "{:?} elements: this plan is for {plain} (a bf16/f16 cache)",
+                layout.format()
+            ),
+            got: "the bytes of a quantised cache".into(),
+        });
+    };
+    owned(dev, "cache", cache)?;
+    owned(dev, "residual", residual)?;
+    owned(dev, "residual_slots", residual_slots)?;
+    check_quant_sizes(
+        layout,
+        slots,
+        batch,
+        cache.len(),
+        residual.len(),
+        residual_slots.len(),
+    )?;
+    Ok(slots)
 }
 
 /// The sizes of a quantised cache's device buffers: the pages' bytes, the residual of `slots` slots,

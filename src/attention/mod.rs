@@ -15,7 +15,8 @@
 //! * [`prefill`] with its [`PrefillPlan`] and [`PrefillWorkspace`]: causal flash attention of ragged
 //!   batches of new tokens over the paged bf16/f16 cache that holds them (chunked prefill over a cached
 //!   prefix), on tensor cores (`mma.sync`, `ldmatrix`, a `cp.async` pipeline), GQA rows packed per KV
-//!   head, RoPE of q and (keys cached before RoPE) of each K tile in the kernel;
+//!   head, RoPE of q and (keys cached before RoPE) of each K tile in the kernel; [`prefill_quantized`]
+//!   over a KIVI int8/int4 cache, each K/V tile dequantised in shared memory;
 //! * [`reference`](mod@reference): exact decode and prefill attention in f64, the merge of partial
 //!   states, and the KIVI round trip.
 //!
@@ -31,7 +32,7 @@
 //!   distant tokens (PoD): a layer's proximal tokens on its own cache, its distant tokens scored by its
 //!   group leader's q and keys against its own values in a V pool, the two parts merged by the LSE gate.
 //!
-//! Still to come (issue 14): quantised caches in prefill, sharing over KIVI caches, following
+//! Still to come (issue 14): sharing over KIVI caches, following
 //! `src/attention/DESIGN.md`.
 
 mod append;
@@ -53,7 +54,7 @@ pub use decode::{
     decode, decode_quantized, DecodePlan, DecodeWorkspace, KvElement, DEFAULT_SPLIT_SIZE,
 };
 pub use kivi::{pack_quantized, PackedCache};
-pub use prefill::{prefill, PrefillPlan, PrefillWorkspace};
+pub use prefill::{prefill, prefill_quantized, PrefillPlan, PrefillWorkspace};
 pub use retention::{Retained, Retention};
 pub use shared::{copy_values, decode_shared, DeviceTable, SharedDecodePlan};
 

@@ -2,6 +2,7 @@
 //! workspace (the page-table status word), and the launch of the tensor-core flash-attention kernel.
 
 use super::decode::check_table_buffers;
+use super::kivi::{check_quant_buffers, check_quant_plan};
 use super::status::StatusWord;
 use std::ffi::c_void;
 
@@ -84,6 +85,8 @@ pub struct PrefillPlan {
     total_q: usize,
     q_tiles: usize,
     elem: &'static str,
+    /// Residual slots of a quantised cache (`None`: a bf16/f16 cache).
+    slots: Option<usize>,
 }
 
 impl PrefillPlan {
@@ -102,10 +105,56 @@ impl PrefillPlan {
         if layout.format() != T::FORMAT {
             return Err(Error::DType {
                 arg: "cache",
-                expected: format!("{:?} (the layout's format)", layout.format()),
+                expected: format!(
+                    "{:?} (the layout's format; a quantised cache takes PrefillPlan::new_quantized)",
+                    layout.format()
+                ),
                 got: T::SUFFIX.to_string(),
             });
         }
+        Self::build::<T>(layout, table, qo_indptr, cfg, None)
+    }
+
+    /// Validates a prefill over a quantised (KIVI int8/int4) cache whose query, output and residual are
+    /// `T`: as [`new`](Self::new), plus the residual slots (`residual_slots[b]` is sequence `b`'s slot
+    /// in a residual of `slots` slots; each in range, none shared), as
+    /// [`DecodePlan::new_quantized`](super::DecodePlan::new_quantized). The kernel dequantises each
+    /// K/V tile in shared memory (to `T`, see [`prefill_quantized`]).
+    ///
+    /// ```
+    /// use fusekit::attention::{DecodeConfig, KvFormat, PageTable, PagedKvLayout, PrefillPlan};
+    /// let l = PagedKvLayout::new(8, 16, 2, 128, KvFormat::Int4 { group: 32 })?;
+    /// let t = PageTable { page_indptr: &[0, 3, 4], page_indices: &[0, 1, 2, 3], seq_lens: &[40, 9] };
+    /// let plan = PrefillPlan::new_quantized::<half::bf16>(&l, &t, &[0, 8, 17], &[1, 0], 2, &DecodeConfig::new(4))?;
+    /// assert_eq!(plan.launches()[0].kernel, "fk_attn_prefill_q4_bf16_d128");
+    /// assert!(PrefillPlan::new_quantized::<half::bf16>(&l, &t, &[0, 8, 17], &[1, 2], 2, &DecodeConfig::new(4)).is_err());
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn new_quantized<T: KvElement>(
+        layout: &PagedKvLayout,
+        table: &PageTable<'_>,
+        qo_indptr: &[i32],
+        residual_slots: &[i32],
+        slots: usize,
+        cfg: &DecodeConfig,
+    ) -> Result<Self> {
+        check_quant_plan(
+            layout,
+            table.seq_lens.len(),
+            residual_slots,
+            slots,
+            "PrefillPlan::new",
+        )?;
+        Self::build::<T>(layout, table, qo_indptr, cfg, Some(slots))
+    }
+
+    fn build<T: KvElement>(
+        layout: &PagedKvLayout,
+        table: &PageTable<'_>,
+        qo_indptr: &[i32],
+        cfg: &DecodeConfig,
+        slots: Option<usize>,
+    ) -> Result<Self> {
         layout.check_page_table(table)?;
         cfg.validate(layout)?;
         let total_q = check_qo_indptr(table, qo_indptr)?;
@@ -142,6 +191,7 @@ impl PrefillPlan {
             total_q,
             q_tiles: q_tiles as usize,
             elem: T::SUFFIX,
+            slots,
         })
     }
 
@@ -173,6 +223,8 @@ impl PrefillPlan {
 
     /// Dynamic shared memory of the kernel: the Q tile and two stages of K and V tiles (40, 80 and
     /// 96 KiB at head dims 64, 128 and 256; within the 99 KiB a block may opt into on sm_86/sm_89).
+    /// Over a quantised cache: the Q tile, one stage of K and V tiles, and two stages of their codes and
+    /// parameters (at most 43, 85 and 69 KiB; head dim 256 takes tiles of 16 tokens).
     ///
     /// ```
     /// # use fusekit::attention::{DecodeConfig, KvFormat, PageTable, PagedKvLayout, PrefillPlan};
@@ -183,12 +235,24 @@ impl PrefillPlan {
     /// ```
     pub fn shared_mem_bytes(&self) -> u32 {
         let d = self.layout.head_dim() as u32;
+        let quant = self.slots.is_some();
         let kv_tile = match d {
             64 => FK_ATTN_PREFILL_KV_TILE_D64,
             128 => FK_ATTN_PREFILL_KV_TILE_D128,
+            _ if quant => FK_ATTN_PREFILL_KV_TILE_Q_D256,
             _ => FK_ATTN_PREFILL_KV_TILE_D256,
         };
-        (FK_ATTN_PREFILL_ROWS + 4 * kv_tile) * d * 2
+        if !quant {
+            return (FK_ATTN_PREFILL_ROWS + 4 * kv_tile) * d * 2;
+        }
+        // kernels/attention/prefill.cu, qtiles: codes [2][2][tile][code row], K params
+        // [2][groups a tile touches][d] and V params [2][tile][d / 32] words.
+        let code_row = self.layout.code_row_bytes() as u32;
+        let k_groups = (kv_tile - 1) / 32 + 2;
+        (FK_ATTN_PREFILL_ROWS + 2 * kv_tile) * d * 2
+            + 4 * kv_tile * code_row
+            + 2 * k_groups * d * 4
+            + 2 * kv_tile * (d / 32) * 4
     }
 
     /// The launch: one CTA per (query tile of 64 packed rows, KV head, sequence); none when the batch
@@ -212,14 +276,15 @@ impl PrefillPlan {
         if self.q_tiles == 0 {
             return Vec::new();
         }
+        let variant = match self.layout.format().group() {
+            // Quantised: RoPE is a runtime choice in the one instantiation.
+            Some(_) => format!("q{}_", self.layout.format().bits_per_code()),
+            None if self.layout.rope() == super::RopeMode::None => String::new(),
+            None => "rope_".into(),
+        };
         vec![PlannedLaunch::new(
             format!(
-                "fk_attn_prefill_{}{}_d{}",
-                if self.layout.rope() == super::RopeMode::None {
-                    ""
-                } else {
-                    "rope_"
-                },
+                "fk_attn_prefill_{variant}{}_d{}",
                 self.elem,
                 self.layout.head_dim()
             ),
@@ -349,6 +414,155 @@ where
     O: DeviceWrite<T, B>,
     L: DeviceWrite<f32, B>,
 {
+    if plan.slots.is_some() {
+        return Err(Error::DType {
+            arg: "cache",
+            expected: "the codes of a quantised cache: this plan is for prefill_quantized".into(),
+            got: T::SUFFIX.to_string(),
+        });
+    }
+    owned(dev, "cache", cache)?;
+    exactly(
+        "cache",
+        cache.len(),
+        plan.layout.elements() as usize,
+        "layout.elements()",
+    )?;
+    let (cp, _b) = cache.addr(dev);
+    check_aligned("cache", cp, 16)?;
+    run::<B, T, Q, P, I, S, QI, O, L>(
+        dev,
+        plan,
+        q,
+        cp,
+        None,
+        (page_indptr, page_indices, seq_lens, qo_indptr),
+        ws,
+        o,
+        lse,
+    )
+}
+
+/// [`prefill`] over a quantised (KIVI int8/int4) cache: `cache` is the layout's
+/// [`bytes`](PagedKvLayout::bytes), `residual` the full-precision newest tokens
+/// (`layout.residual_elements(slots)` elements of `T`) and `residual_slots[b]` sequence `b`'s residual
+/// slot, as for [`decode_quantized`](super::decode_quantized) (the new tokens are appended first, so
+/// the cache holds them: complete groups as codes, the rest in the residual). Each K/V tile is
+/// dequantised in shared memory, `fmaf(code, scale, zero)` in f32 rounded to `T`, and the tensor-core
+/// loop runs on it; no full-precision copy of the cache is made in device memory. The attention is
+/// then exact over those rounded values (the reference's view: [`PackedCache::dequantized`] rounded to
+/// `T`), with the precision of [`prefill`]. A residual slot on the device outside `[0, slots)` makes
+/// its sequence NaN and is reported by [`PrefillWorkspace::check_status_sync`].
+///
+/// [`PackedCache::dequantized`]: super::PackedCache::dequantized
+///
+/// ```
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
+/// use fusekit::attention::{pack_quantized, prefill_quantized, DecodeConfig, KvFormat, PageTable, PagedKvLayout, PrefillPlan, PrefillWorkspace};
+/// use half::bf16;
+/// let dev = fusekit::emu::Emulator::new()?;
+/// let l = PagedKvLayout::new(3, 16, 1, 64, KvFormat::Int8 { group: 32 })?;
+/// // 40 tokens, the last 10 of them new: 32 as codes, 8 in the residual.
+/// let t = PageTable { page_indptr: &[0, 3], page_indices: &[2, 0, 1], seq_lens: &[40] };
+/// let packed = pack_quantized::<bf16>(&l, &vec![1.0; l.elements() as usize], &t, &[0], 1)?; // every K and V element 1
+/// let qo = [0, 10];
+/// let plan = PrefillPlan::new_quantized::<bf16>(&l, &t, &qo, &[0], 1, &DecodeConfig::new(1))?;
+/// let (cache, res) = (dev.upload(&packed.bytes)?, dev.upload(&packed.residual)?);
+/// let (indptr, idx, lens) = (dev.upload(t.page_indptr)?, dev.upload(t.page_indices)?, dev.upload(t.seq_lens)?);
+/// let (qo_d, slots) = (dev.upload(&qo)?, dev.upload(&[0i32])?);
+/// let q = dev.upload(&vec![bf16::ZERO; 10 * 64])?;
+/// let mut ws = PrefillWorkspace::new(&dev)?;
+/// let (mut o, mut lse) = (dev.alloc_zeros::<bf16>(10 * 64)?, dev.alloc_zeros::<f32>(10)?);
+/// prefill_quantized(&dev, &plan, &q, &cache, &res, &indptr, &idx, &lens, &qo_d, &slots, &mut ws, &mut o, &mut lse)?;
+/// ws.check_status_sync(&dev)?;
+/// assert!(dev.download(&o)?.iter().all(|&x| x == bf16::ONE));
+/// assert!((dev.download(&lse)?[0] - 31f32.ln()).abs() < 1e-5); // the first new token sees 31 tokens
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_quantized<B, T, Q, C, R, P, I, S, QI, RS, O, L>(
+    dev: &B,
+    plan: &PrefillPlan,
+    q: &Q,
+    cache: &C,
+    residual: &R,
+    page_indptr: &P,
+    page_indices: &I,
+    seq_lens: &S,
+    qo_indptr: &QI,
+    residual_slots: &RS,
+    ws: &mut PrefillWorkspace<B>,
+    o: &mut O,
+    lse: &mut L,
+) -> Result<()>
+where
+    B: Backend,
+    T: KvElement,
+    Q: DeviceRead<T, B>,
+    C: DeviceRead<u8, B>,
+    R: DeviceRead<T, B>,
+    P: DeviceRead<i32, B>,
+    I: DeviceRead<i32, B>,
+    S: DeviceRead<u32, B>,
+    QI: DeviceRead<i32, B>,
+    RS: DeviceRead<i32, B>,
+    O: DeviceWrite<T, B>,
+    L: DeviceWrite<f32, B>,
+{
+    let slots = check_quant_buffers::<B, T, C, R, RS>(
+        dev,
+        "prefill",
+        &plan.layout,
+        plan.slots,
+        plan.batch,
+        cache,
+        residual,
+        residual_slots,
+    )?;
+    let (cp, _b) = cache.addr(dev);
+    let (rp, _r) = residual.addr(dev);
+    let (sp, _s) = residual_slots.addr(dev);
+    check_aligned("cache", cp, 16)?;
+    check_aligned("residual", rp, 16)?;
+    run::<B, T, Q, P, I, S, QI, O, L>(
+        dev,
+        plan,
+        q,
+        cp,
+        Some((rp, sp, slots)),
+        (page_indptr, page_indices, seq_lens, qo_indptr),
+        ws,
+        o,
+        lse,
+    )
+}
+
+/// The checks both prefills share and the launch. `quant`: the residual's and the slots' addresses and
+/// the slot count of a quantised cache.
+#[allow(clippy::too_many_arguments)]
+fn run<B, T, Q, P, I, S, QI, O, L>(
+    dev: &B,
+    plan: &PrefillPlan,
+    q: &Q,
+    cp: u64,
+    quant: Option<(u64, u64, usize)>,
+    (page_indptr, page_indices, seq_lens, qo_indptr): (&P, &I, &S, &QI),
+    ws: &mut PrefillWorkspace<B>,
+    o: &mut O,
+    lse: &mut L,
+) -> Result<()>
+where
+    B: Backend,
+    T: KvElement,
+    Q: DeviceRead<T, B>,
+    P: DeviceRead<i32, B>,
+    I: DeviceRead<i32, B>,
+    S: DeviceRead<u32, B>,
+    QI: DeviceRead<i32, B>,
+    O: DeviceWrite<T, B>,
+    L: DeviceWrite<f32, B>,
+{
     if plan.elem != T::SUFFIX {
         return Err(Error::DType {
             arg: "q",
@@ -357,18 +571,11 @@ where
         });
     }
     owned(dev, "q", q)?;
-    owned(dev, "cache", cache)?;
     owned(dev, "qo_indptr", qo_indptr)?;
     owned(dev, "o", o)?;
     owned(dev, "lse", lse)?;
     let (d, rows) = (plan.layout.head_dim(), plan.rows());
     exactly("q", q.len(), rows * d, "total_q * num_qo_heads * head_dim")?;
-    exactly(
-        "cache",
-        cache.len(),
-        plan.layout.elements() as usize,
-        "layout.elements()",
-    )?;
     check_table_buffers(
         dev,
         plan.batch,
@@ -381,7 +588,6 @@ where
     exactly("o", o.len(), rows * d, "total_q * num_qo_heads * head_dim")?;
     exactly("lse", lse.len(), rows, "total_q * num_qo_heads")?;
     let (qp, _a) = q.addr(dev);
-    let (cp, _b) = cache.addr(dev);
     let (ip, _c) = page_indptr.addr(dev);
     let (xp, _d) = page_indices.addr(dev);
     let (sp, _e) = seq_lens.addr(dev);
@@ -389,7 +595,6 @@ where
     let (op, _g) = o.addr_mut(dev);
     let (lp, _h) = lse.addr_mut(dev);
     check_aligned("q", qp, 16)?;
-    check_aligned("cache", cp, 16)?;
     check_aligned("o", op, 16)?;
     let (stp, _i) = ws.status.arm(dev, plan.batch)?;
     let launches = plan.launches();
@@ -397,6 +602,8 @@ where
         return Ok(()); // no new token
     };
     let l = &plan.layout;
+    let (page_bytes, v_codes_start, k_params_start, v_params_start) = l.quant_sections();
+    let (rp, rsp, n_slots) = quant.unwrap_or((0, 0, 0));
     let p = fk_attn_prefill_params {
         q: qp as *const c_void,
         cache: cp as *const c_void,
@@ -421,9 +628,20 @@ where
         rope_style: super::decode::rope_style(l),
         rope_q: l.rope().rope().is_some() as i32,
         rope_k: matches!(l.rope(), super::RopeMode::InAttention(_)) as i32,
+        residual: rp as *const c_void,
+        residual_slots: rsp as *const i32,
+        page_bytes,
+        v_codes_start,
+        k_params_start,
+        v_params_start,
+        n_slots: n_slots as i32,
+        group: l.format().group().unwrap_or(0) as i32,
+        v_group: l.v_group() as i32,
+        k_param_slots: l.k_param_slots() as i32,
     };
-    // The kernel reads q and the cache through the checked page table and qo_indptr, and writes the
-    // rows of o and lse that qo_indptr gives each sequence.
+    // The kernel reads q and the cache (quantised: and the residual slots the plan checked) through the
+    // checked page table and qo_indptr, and writes the rows of o and lse that qo_indptr gives each
+    // sequence.
     launch_kernel(
         dev,
         Family::Attention,
