@@ -832,8 +832,8 @@ fn rope_in_prefill_matches_the_reference() {
 
 /// RoPE in the prefill kernel: q rotated at each new token's position (both modes), keys rotated at
 /// their index per K tile (`InAttention`; with `AtAppend` the cache's keys count as rotated already),
-/// both pairings, every head dim, a chunk over a cached prefix and a long fresh prefill (positions up
-/// to 300, several K tiles).
+/// both pairings, every head dim, each with GQA 1/3/8 and page sizes 1/5/16, a window or a softcap on
+/// some, a chunk over a cached prefix and a long fresh prefill (positions up to 300, several K tiles).
 fn rope_on<B: Backend>(dev: &B) {
     let mut rng = Rng::new(seed_for("rope_in_prefill_matches_the_reference"));
     let mut turn = 0;
@@ -844,11 +844,19 @@ fn rope_on<B: Backend>(dev: &B) {
         };
         for mode in [RopeMode::InAttention(r), RopeMode::AtAppend(r)] {
             for d in [64, 128, 256] {
-                let (hkv, group) = [(1, 3), (2, 1), (1, 8)][turn % 3];
-                let ps = [16, 5, 1][turn % 3];
+                // GQA and page size move against the head dim from one (style, mode) to the next, so
+                // each head dim meets each of them; a window and a softcap on some.
+                let (hkv, group) = [(1, 3), (2, 1), (1, 8)][(turn + turn / 3) % 3];
+                let ps = [16, 5, 1][(turn + 2 * (turn / 3)) % 3];
                 turn += 1;
                 let seqs = [(0u32, 70u32), (230, 17), (300, 1)];
-                let cfg = DecodeConfig::new(hkv * group);
+                let mut cfg = DecodeConfig::new(hkv * group);
+                if turn % 4 == 2 {
+                    cfg.window = Some(90);
+                }
+                if turn % 5 == 3 {
+                    cfg.softcap = Some(30.0);
+                }
                 if turn % 2 == 0 {
                     let mut s = setup::<bf16>(&mut rng, ps, hkv, d, &seqs);
                     s.layout = s.layout.with_rope(mode).unwrap();
@@ -914,13 +922,15 @@ fn quantize<T: KvElement>(s: &Setup<T>, format: KvFormat) -> QuantSetup<T> {
     }
 }
 
-/// One quantised prefill on `dev` with device residual slots `dev_slots`: (o, lse, status).
+/// One quantised prefill on `dev` with device residual slots `dev_slots` and page indices
+/// `dev_indices`: (o, lse, status).
 fn run_quant<B: Backend, T: KvElement>(
     dev: &B,
     qs: &QuantSetup<T>,
     q: &[T],
     cfg: &DecodeConfig,
     dev_slots: &[i32],
+    dev_indices: &[i32],
 ) -> (Vec<T>, Vec<f32>, Result<(), Error>) {
     let s = &qs.view;
     let plan =
@@ -934,7 +944,7 @@ fn run_quant<B: Backend, T: KvElement>(
     let q_d = dev.upload(q).unwrap();
     let (ip, xp, lp, qp, sp) = (
         dev.upload(&s.indptr).unwrap(),
-        dev.upload(&s.indices).unwrap(),
+        dev.upload(dev_indices).unwrap(),
         dev.upload(&s.lens).unwrap(),
         dev.upload(&s.qo).unwrap(),
         dev.upload(dev_slots).unwrap(),
@@ -964,7 +974,7 @@ fn quant_case<B: Backend, T: KvElement>(
     let qs = quantize(s, format);
     let d = s.layout.head_dim();
     let q = random_q::<T>(rng, *s.qo.last().unwrap() as usize * cfg.num_qo_heads * d);
-    let (o, lse, status) = run_quant(dev, &qs, &q, cfg, &qs.slots);
+    let (o, lse, status) = run_quant(dev, &qs, &q, cfg, &qs.slots, &s.indices);
     status.map_err(|e| e.to_string())?;
     let what = format!(
         "{} {format:?} d={d} ps={} hkv={} hq={} lens={:?} qo={:?} {cfg:?} {:?}",
@@ -987,22 +997,28 @@ fn quantized_prefill_matches_the_reference() {
 }
 
 /// Every quantised instantiation (int8/int4 x bf16/f16 x head dim) over a batch holding: a fresh
-/// prefill of 65 tokens, 17 new over a prefix of 33, one new over 100, and 20 new over 5 (under any
-/// group: wholly in the residual); groups 32/64/128, page sizes 1/16/5, GQA 1/3/4/8 in turn; a window
-/// and softcap, and RoPE (in attention, at append) on some.
+/// prefill of 65 tokens, 17 new over a prefix of 33, one new over 300, 20 new over 5 (under any group:
+/// wholly in the residual) and 66 new over 190 (256 tokens: complete groups only, an empty residual);
+/// so every group size has several coded groups. Groups 32/64/128, page sizes 16, 5, 1, 80 and 64 (pages
+/// of several K parameter slots, groups that cross pages), GQA 1/3/4/8 in turn; a window of 100 (tiles
+/// that start mid-group and touch three groups) on half the cases, a softcap and RoPE (in attention, at
+/// append) on some.
 fn quantized_on<B: Backend>(dev: &B) {
     let mut rng = Rng::new(seed_for("quantized_prefill_matches_the_reference"));
     fn one<B: Backend, T: KvElement>(dev: &B, rng: &mut Rng, bits: usize, turn: &mut usize) {
         const GROUPS: [(usize, usize); 4] = [(2, 1), (1, 3), (2, 4), (1, 8)];
+        const SEQS: [(u32, u32); 5] = [(0, 65), (33, 17), (300, 1), (5, 20), (190, 66)];
         for d in [64, 128, 256] {
             let (hkv, gqa) = GROUPS[*turn % GROUPS.len()];
-            let ps = [16, 5, 1][*turn % 3];
-            let group = [32, 64, 128][(*turn / 2) % 3];
+            let ps = [16, 5, 1, 80, 64][*turn % 5];
+            let group = [32, 64, 128][*turn % 3];
             *turn += 1;
-            let mut s = setup::<T>(rng, ps, hkv, d, &[(0, 65), (33, 17), (100, 1), (5, 20)]);
+            let mut s = setup::<T>(rng, ps, hkv, d, &SEQS);
             let mut cfg = DecodeConfig::new(hkv * gqa);
+            if *turn % 2 == 0 {
+                cfg.window = Some(100);
+            }
             if *turn % 3 == 0 {
-                cfg.window = Some(40);
                 cfg.softcap = Some(20.0);
             }
             if *turn % 4 == 1 {
@@ -1122,25 +1138,48 @@ fn quantized_bad_input_on<B: Backend>(dev: &B) {
     // A device residual slot outside [0, slots) for sequence 1: its rows are NaN, the status names it,
     // sequence 0 is exact.
     let q_h = random_q::<bf16>(&mut rng, plan.rows() * 64);
-    let (o, lse, st) = run_quant(dev, &qs, &q_h, &cfg, &[qs.slots[0], qs.n_slots as i32]);
-    match st {
+    let (o, lse, st) = run_quant(
+        dev,
+        &qs,
+        &q_h,
+        &cfg,
+        &[qs.slots[0], qs.n_slots as i32],
+        &s.indices,
+    );
+    let is_seq = |r: Result<(), Error>, b: usize| match r {
         Err(Error::OutOfRange {
             arg: "page_table",
-            index: 1,
+            index,
             ..
-        }) => {}
+        }) => assert_eq!(index, b),
         other => panic!("status: {other:?}"),
-    }
+    };
+    is_seq(st, 1);
     let seq1 = s.qo[1] as usize * 2;
     assert!(o[seq1 * 64..].iter().all(|x| x.is_nan()) && lse[seq1..].iter().all(|x| x.is_nan()));
-    let one = qs.view.only(0);
-    check(
-        "sequence 0",
-        &one,
-        &q_h[s.rows_of(0, 2, 64)],
-        &cfg,
-        &o[s.rows_of(0, 2, 64)],
-        &lse[s.rows_of(0, 2, 1)],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let exact = |b: usize, o: &[bf16], lse: &[f32]| {
+        check(
+            &format!("sequence {b}"),
+            &qs.view.only(b),
+            &q_h[s.rows_of(b, 2, 64)],
+            &cfg,
+            &o[s.rows_of(b, 2, 64)],
+            &lse[s.rows_of(b, 2, 1)],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    };
+    exact(0, &o, &lse);
+    // A page outside the cache: sequence 1's first page (its codes and its first group's K
+    // parameters), then sequence 0's second (codes of tokens 16..31, in its complete first group).
+    // That sequence's rows are NaN, the status names it, the other is exact.
+    for (b, at) in [(1usize, s.indptr[1] as usize), (0, 1)] {
+        let mut bad = s.indices.clone();
+        bad[at] = qs.layout.num_pages() as i32 + 3;
+        let (o, lse, st) = run_quant(dev, &qs, &q_h, &cfg, &qs.slots, &bad);
+        is_seq(st, b);
+        let rows = s.rows_of(b, 2, 1);
+        assert!(lse[rows.clone()].iter().all(|x| x.is_nan()));
+        assert!(o[s.rows_of(b, 2, 64)].iter().all(|x| x.is_nan()));
+        exact(1 - b, &o, &lse);
+    }
 }

@@ -37,8 +37,9 @@
 //
 // A page table or qo_indptr on the device that disagrees with the plan is never read or written out of
 // bounds: a sequence whose lengths, pages or query rows do not fit is written NaN (where its rows are
-// inside the output) and recorded in the status word; a page index outside the cache makes the rows of
-// the CTA that met it NaN, and is recorded too.
+// inside the output) and recorded in the status word (so is a residual slot outside [0, n_slots) over
+// a quantised cache); a page index outside the cache makes the rows of the CTA that met it NaN, and is
+// recorded too.
 #include "attention_params.h"
 #include "fk_common.cuh"
 #include "fk_kivi.cuh"
@@ -268,20 +269,20 @@ __device__ __forceinline__ void attn_prefill(const fk_attn_prefill_params &p) {
     const int64_t page_elems = 2 * (int64_t)p.num_kv_heads * ps * D;
     const int64_t head_run = (int64_t)ps * D;
     const int64_t v_delta = (int64_t)p.num_kv_heads * head_run * (int64_t)sizeof(T);  // bytes, K to V
-    // Threads < BKV look up one token each of tile j's page: the byte offset of its K row. Tiles past
-    // the last are the last one again, tokens past the range the range's last token: every tile copy
-    // reads real rows (the mask discards the extra ones), so the loop's copies need no zero fill and
-    // no branch. A page outside the cache is never read (offset 0 instead); it returns true. Tokens are
-    // below 2^32 (u32 lengths).
     // Quantised: the sequence's tokens below nq (complete groups) are codes in the pages, the rest in
     // its residual slot; groups are powers of two (32, 64, 128).
     const int lg = QUANT ? __ffs(p.group) - 1 : 0;
     const int64_t nq = QUANT ? (int64_t)(((uint32_t)len >> lg) << lg) : 0;
     const int vgroups = QUANT ? D / p.v_group : 0;
     const int64_t head_codes = (int64_t)kvh * ps * CROW;
-    // Threads < BKV look up one token each of tile j's page: the byte offset of its K row. Quantised:
-    // of its code row and V parameters (a residual token: -1), and threads BKV .. BKV + NGK the K
-    // parameters of the tile's groups (in the page of a group's first token).
+    // Threads < BKV look up one token each of tile j's page: the byte offset of its K row (quantised:
+    // of its code row and V parameters; a residual token: -1), and, quantised, threads BKV .. BKV + NGK
+    // the K parameters of the tile's groups (in the page of a group's first token). Tiles past the
+    // last are the last one again, tokens past the range the range's last token: every tile copy reads
+    // real rows (the mask discards the extra ones), so the loop's copies need no zero fill and no
+    // branch. A page outside the cache is never read (offset 0 instead); it returns true. Tokens are
+    // below 2^32 (u32 lengths). K groups are at least 32 tokens and V groups 32 channels (NGK, VGM;
+    // src/attention/cache.rs asserts it of KIVI_GROUPS).
     auto tile_offsets = [&](int j, int stage) -> bool {
         bool bad = false;
         const int64_t tfirst = kv_lo + (int64_t)min(j, n_tiles - 1) * BKV;

@@ -10,6 +10,17 @@ pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 /// Group sizes of the quantised formats: tokens per K group (per channel), channels per V group.
 pub const KIVI_GROUPS: [usize; 3] = [32, 64, 128];
 
+// The prefill kernel stages the K parameters of the groups a tile touches and the V parameters of a
+// token for groups of at least 32 (kernels/attention/prefill.cu, qtiles: NGK, VGM; and
+// PrefillPlan::shared_mem_bytes); a smaller group would overflow that staging.
+const _: () = {
+    let mut i = 0;
+    while i < KIVI_GROUPS.len() {
+        assert!(KIVI_GROUPS[i] >= 32 && KIVI_GROUPS[i].is_power_of_two());
+        i += 1;
+    }
+};
+
 /// Storage format of the cache's elements.
 ///
 /// The quantised formats are KIVI's: keys are quantised **per channel** over groups of `group`

@@ -326,8 +326,9 @@ impl<B: Backend> PrefillWorkspace<B> {
         })
     }
 
-    /// After a [`prefill`]: `Err(OutOfRange)` naming the first sequence whose device page table or
-    /// `qo_indptr` disagreed with the plan's (see [`prefill`] for which rows are then NaN), else `Ok`.
+    /// After a [`prefill`]: `Err(OutOfRange)` naming the first sequence whose device page table,
+    /// `qo_indptr` or (quantised cache, [`prefill_quantized`]) residual slot disagreed with the plan's
+    /// (see [`prefill`] for which rows are then NaN), else `Ok`.
     /// Synchronises the stream.
     ///
     /// ```
@@ -341,7 +342,8 @@ impl<B: Backend> PrefillWorkspace<B> {
         self.status.check_sync(
             dev,
             "a device page table and qo_indptr equal to the plan's (pages in range, \
-             ceil(len / page_size) pages and at most len new tokens per sequence)",
+             ceil(len / page_size) pages and at most len new tokens per sequence; quantised: \
+             residual slots in range)",
         )
     }
 }
@@ -451,7 +453,7 @@ where
 /// dequantised in shared memory, `fmaf(code, scale, zero)` in f32 rounded to `T`, and the tensor-core
 /// loop runs on it; no full-precision copy of the cache is made in device memory. The attention is
 /// then exact over those rounded values (the reference's view: [`PackedCache::dequantized`] rounded to
-/// `T`), with the precision of [`prefill`]. A residual slot on the device outside `[0, slots)` makes
+/// f32, then to `T`), with the precision of [`prefill`]. A residual slot on the device outside `[0, slots)` makes
 /// its sequence NaN and is reported by [`PrefillWorkspace::check_status_sync`].
 ///
 /// [`PackedCache::dequantized`]: super::PackedCache::dequantized
