@@ -3,12 +3,13 @@
 //! 16 and odd, lengths 1, not a multiple of the page and across several splits, GQA 1/2/3/4/8/12,
 //! softcap and window; outputs poisoned first; a device page table that disagrees with the plan. Also
 //! the shared decode of inter-layer sharing (PoD: proximal part + distant part on the leader's keys and
-//! the layer's V pool, merged) and the copy of values into a V pool.
+//! the layer's V pool, merged) and the copy of values into a V pool, over bf16/f16 and KIVI int8/int4
+//! caches.
 
 use fusekit::attention::{
-    copy_values, decode, decode_shared, reference, DecodeConfig, DecodePlan, DecodeWorkspace,
-    DeviceTable, Kv, KvElement, KvFormat, PageTable, PagedKvLayout, Rope, RopeMode, RopeStyle,
-    SharedDecodePlan,
+    copy_values, copy_values_quantized, decode, decode_shared, decode_shared_quantized,
+    pack_quantized, reference, DecodeConfig, DecodePlan, DecodeWorkspace, DeviceTable, Kv,
+    KvElement, KvFormat, PageTable, PagedKvLayout, Rope, RopeMode, RopeStyle, SharedDecodePlan,
 };
 use fusekit::testing::{poisoned, seed_for, Dist, Rng};
 use fusekit::{Backend, Error};
@@ -364,6 +365,123 @@ fn pt(t: &HostTable) -> PageTable<'_> {
     }
 }
 
+/// The host tables of a shared case, on pages scrambled by `rng` (the member's and, unless
+/// `identity`, the leader's): `full` (the member's whole sequence), `prox`, `dist` (the leader's
+/// pages), `lead` (the leader's own table over its sequences with distant tokens), and the copy lists
+/// (`src[i]` of the member's cache to page `dst[i]` of the pool).
+struct SharedTables {
+    full: HostTable,
+    prox: HostTable,
+    dist: HostTable,
+    lead: HostTable,
+    src: Vec<i32>,
+    dst: Vec<i32>,
+}
+
+fn shared_tables(rng: &mut Rng, c: &SharedCase, num_pages: usize) -> SharedTables {
+    let ps = c.ps;
+    let pages_of = |&(s, m, w): &(usize, usize, usize)| s + m + w.div_ceil(ps);
+    let mut free: Vec<i32> = (0..num_pages as i32).collect();
+    let mut lead_free = free.clone();
+    for list in [&mut free, &mut lead_free] {
+        for i in (1..list.len()).rev() {
+            list.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+    }
+    let empty = || (vec![0i32], Vec::new(), Vec::new());
+    let mut t = SharedTables {
+        full: empty(),
+        prox: empty(),
+        dist: empty(),
+        lead: empty(),
+        src: Vec::new(),
+        dst: Vec::new(),
+    };
+    for seq in &c.seqs {
+        let &(s, m, w) = seq;
+        let own: Vec<i32> = free.drain(..pages_of(seq)).collect();
+        let lead: Vec<i32> = if c.identity {
+            own[s..s + m].to_vec()
+        } else {
+            lead_free.drain(..m).collect()
+        };
+        t.full.1.extend_from_slice(&own);
+        t.full.2.push(((s + m) * ps + w) as u32);
+        t.prox.1.extend_from_slice(&own[..s]);
+        t.prox.1.extend_from_slice(&own[s + m..]);
+        t.prox.2.push((s * ps + w) as u32);
+        t.dist.1.extend_from_slice(&lead);
+        t.dist.2.push((m * ps) as u32);
+        if m > 0 {
+            t.lead.1.extend_from_slice(&lead);
+            t.lead.2.push((m * ps) as u32);
+            t.lead.0.push(t.lead.1.len() as i32);
+        }
+        t.src.extend_from_slice(&own[s..s + m]);
+        t.dst.extend_from_slice(&lead);
+        for h in [&mut t.full, &mut t.prox, &mut t.dist] {
+            h.0.push(h.1.len() as i32);
+        }
+    }
+    t
+}
+
+/// The oracle of a shared decode over the f64 values the kernels read (`member`, `leader`, in
+/// [`PagedKvLayout::offset`] order): exact attention over the member's whole sequence when the leader is
+/// the member itself, else the proximal part and the distant part (the leader's keys, the member's
+/// values at the leader's pages) merged.
+#[allow(clippy::too_many_arguments)]
+fn shared_oracle(
+    l: &PagedKvLayout,
+    c: &SharedCase,
+    t: &SharedTables,
+    member: &[f64],
+    leader: &[f64],
+    q: &[f64],
+    q_leader: &[f64],
+    cfg: &DecodeConfig,
+) -> Result<(Vec<f64>, Vec<f64>), Error> {
+    if c.identity {
+        let r = reference::decode(l, member, &pt(&t.full), q, cfg)?;
+        return Ok((r.o, r.lse));
+    }
+    let mut combined = leader.to_vec();
+    for (&sp, &dp) in t.src.iter().zip(&t.dst) {
+        for h in 0..c.hkv {
+            for slot in 0..c.ps {
+                for e in 0..c.d {
+                    combined[l.offset(Kv::V, dp as usize, h, slot, e) as usize] =
+                        member[l.offset(Kv::V, sp as usize, h, slot, e) as usize];
+                }
+            }
+        }
+    }
+    let (po, pl) = reference_part(l, member, &pt(&t.prox), q, cfg);
+    let (dist_o, dlse) = reference_part(l, &combined, &pt(&t.dist), q_leader, cfg);
+    reference::merge(&po, &pl, &dist_o, &dlse, c.d)
+}
+
+/// The device copies of two host tables, and their [`DeviceTable`]s.
+type DevTable<B> = (
+    <B as Backend>::Buffer<i32>,
+    <B as Backend>::Buffer<i32>,
+    <B as Backend>::Buffer<u32>,
+);
+
+fn upload_table<B: Backend>(dev: &B, t: &HostTable) -> Result<DevTable<B>, Error> {
+    Ok((dev.upload(&t.0)?, dev.upload(&t.1)?, dev.upload(&t.2)?))
+}
+
+fn device_table<B: Backend>(
+    t: &DevTable<B>,
+) -> DeviceTable<'_, B::Buffer<i32>, B::Buffer<i32>, B::Buffer<u32>> {
+    DeviceTable {
+        page_indptr: &t.0,
+        page_indices: &t.1,
+        seq_lens: &t.2,
+    }
+}
+
 fn shared_case<B: Backend, T: KvElement>(
     dev: &B,
     rng: &mut Rng,
@@ -393,49 +511,12 @@ fn shared_case<B: Backend, T: KvElement>(
     } else {
         random_t(rows * d)
     };
-    let mut free: Vec<i32> = (0..l.num_pages() as i32).collect();
-    let mut lead_free = free.clone();
-    for list in [&mut free, &mut lead_free] {
-        for i in (1..list.len()).rev() {
-            list.swap(i, rng.below(i as u64 + 1) as usize);
-        }
-    }
-    // Tables: full (the member's whole sequence), proximal, distant (leader pages), and the copy lists.
-    let (mut full, mut prox, mut dist) = (
-        (vec![0i32], Vec::new(), Vec::new()),
-        (vec![0i32], Vec::new(), Vec::new()),
-        (vec![0i32], Vec::new(), Vec::new()),
-    );
-    let (mut src, mut dst) = (Vec::new(), Vec::new());
-    for seq in &c.seqs {
-        let &(s, m, w) = seq;
-        let own: Vec<i32> = free.drain(..pages_of(seq)).collect();
-        let lead: Vec<i32> = if c.identity {
-            own[s..s + m].to_vec()
-        } else {
-            lead_free.drain(..m).collect()
-        };
-        full.1.extend_from_slice(&own);
-        full.2.push(((s + m) * ps + w) as u32);
-        prox.1.extend_from_slice(&own[..s]);
-        prox.1.extend_from_slice(&own[s + m..]);
-        prox.2.push((s * ps + w) as u32);
-        dist.1.extend_from_slice(&lead);
-        dist.2.push((m * ps) as u32);
-        src.extend_from_slice(&own[s..s + m]);
-        dst.extend_from_slice(&lead);
-        for t in [&mut full, &mut prox, &mut dist] {
-            t.0.push(t.1.len() as i32);
-        }
-    }
+    let t = shared_tables(rng, c, l.num_pages());
     let (member_d, leader_d) = (dev.upload(&member)?, dev.upload(&leader)?);
     let mut pool = poisoned::<B, T>(dev, l.v_pool_elements()? as usize)?;
-    copy_values(dev, &l, &member_d, &mut pool, &src, &dst)?;
-    let plan = SharedDecodePlan::new::<T>(&l, &pt(&prox), &pt(&dist), &cfg, Some(32))?;
-    let up = |t: &HostTable| -> Result<_, Error> {
-        Ok((dev.upload(&t.0)?, dev.upload(&t.1)?, dev.upload(&t.2)?))
-    };
-    let ((pi, px, pl), (di, dx, dl)) = (up(&prox)?, up(&dist)?);
+    copy_values(dev, &l, &member_d, &mut pool, &t.src, &t.dst)?;
+    let plan = SharedDecodePlan::new::<T>(&l, &pt(&t.prox), &pt(&t.dist), &cfg, Some(32))?;
+    let (pd, dd) = (upload_table(dev, &t.prox)?, upload_table(dev, &t.dist)?);
     let (qd, qld) = (dev.upload(&q)?, dev.upload(&q_leader)?);
     let mut ws = DecodeWorkspace::for_shared(dev, &plan)?;
     let mut o = poisoned::<B, T>(dev, rows * d)?;
@@ -445,46 +526,27 @@ fn shared_case<B: Backend, T: KvElement>(
         &plan,
         &qd,
         &member_d,
-        DeviceTable {
-            page_indptr: &pi,
-            page_indices: &px,
-            seq_lens: &pl,
-        },
+        device_table::<B>(&pd),
         &qld,
         &leader_d,
         &pool,
-        DeviceTable {
-            page_indptr: &di,
-            page_indices: &dx,
-            seq_lens: &dl,
-        },
+        device_table::<B>(&dd),
         &mut ws,
         &mut o,
         &mut lse,
     )?;
     ws.check_status_sync(dev)?;
     let f64s = |x: &[T]| -> Vec<f64> { x.iter().map(|v| v.to_f64()).collect() };
-    let (m64, q64, ql64) = (f64s(&member), f64s(&q), f64s(&q_leader));
-    let (want_o, want_lse) = if c.identity {
-        let r = reference::decode(&l, &m64, &pt(&full), &q64, &cfg)?;
-        (r.o, r.lse)
-    } else {
-        // The distant part's cache: the leader's keys, the member's values at the leader's pages.
-        let mut combined = f64s(&leader);
-        for (&sp, &dp) in src.iter().zip(&dst) {
-            for h in 0..c.hkv {
-                for slot in 0..ps {
-                    for e in 0..d {
-                        combined[l.offset(Kv::V, dp as usize, h, slot, e) as usize] =
-                            m64[l.offset(Kv::V, sp as usize, h, slot, e) as usize];
-                    }
-                }
-            }
-        }
-        let (po, pl) = reference_part(&l, &m64, &pt(&prox), &q64, &cfg);
-        let (dist_o, dlse) = reference_part(&l, &combined, &pt(&dist), &ql64, &cfg);
-        reference::merge(&po, &pl, &dist_o, &dlse, d)?
-    };
+    let (want_o, want_lse) = shared_oracle(
+        &l,
+        c,
+        &t,
+        &f64s(&member),
+        &f64s(&leader),
+        &f64s(&q),
+        &f64s(&q_leader),
+        &cfg,
+    )?;
     let what = format!(
         "shared {} ps={ps} hkv={} group={} d={d} seqs={:?} identity={}",
         T::NAME,
@@ -545,6 +607,185 @@ fn shared_on<B: Backend>(dev: &B) {
     }
 }
 
+/// A shared decode over KIVI caches: as [`shared_case`], with the member's and the leader's caches
+/// packed by [`pack_quantized`] (keys with an outlier channel), the member's residual slots scrambled,
+/// and the V pool of bytes filled by [`copy_values_quantized`] (poisoned first). `s · ps` and `m · ps`
+/// must be whole groups (the alignment retention gives). The oracle is the f64 reference over exactly
+/// what the kernels read: the dequantised caches.
+fn shared_quant_case<B: Backend, T: KvElement>(
+    dev: &B,
+    rng: &mut Rng,
+    c: &SharedCase,
+    format: KvFormat,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let (ps, d) = (c.ps, c.d);
+    let g = format.group().unwrap();
+    let pages_of = |&(s, m, w): &(usize, usize, usize)| s + m + w.div_ceil(ps);
+    let need: usize = c.seqs.iter().map(pages_of).sum();
+    let l = PagedKvLayout::new(need + 3, ps, c.hkv, d, format)?;
+    let normal = Dist::Normal {
+        mean: 0.0,
+        std: 1.0,
+    };
+    let values = |rng: &mut Rng| -> Vec<f64> {
+        rng.sample(normal, l.elements() as usize)
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| if i % d == 5 { 8.0 * x } else { x })
+            .collect()
+    };
+    let member = values(rng);
+    let leader = if c.identity {
+        member.clone()
+    } else {
+        values(rng)
+    };
+    let cfg = DecodeConfig::new(c.hkv * c.group);
+    let batch = c.seqs.len();
+    let rows = batch * cfg.num_qo_heads;
+    let q: Vec<T> = random_q(rng, rows * d);
+    let q_leader: Vec<T> = if c.identity {
+        q.clone()
+    } else {
+        random_q(rng, rows * d)
+    };
+    for &(sinks, m, _) in &c.seqs {
+        assert!(
+            (sinks * ps) % g == 0 && (m * ps) % g == 0,
+            "a misaligned case"
+        );
+    }
+    let t = shared_tables(rng, c, l.num_pages());
+    // One spare residual slot, the slots scrambled.
+    let mut slots: Vec<i32> = (0..batch as i32 + 1).collect();
+    for i in (1..slots.len()).rev() {
+        slots.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    slots.truncate(batch);
+    let n_slots = batch + 1;
+    let packed_m = pack_quantized::<T>(&l, &member, &pt(&t.full), &slots, n_slots)?;
+    let (lead_bytes, lead_deq) = if c.identity {
+        (packed_m.bytes.clone(), packed_m.dequantized.clone())
+    } else if t.lead.2.is_empty() {
+        (
+            vec![0u8; l.bytes() as usize],
+            vec![0.0; l.elements() as usize],
+        )
+    } else {
+        let k = t.lead.2.len();
+        let p = pack_quantized::<T>(
+            &l,
+            &leader,
+            &pt(&t.lead),
+            &(0..k as i32).collect::<Vec<_>>(),
+            k,
+        )?;
+        // Whole groups: nothing in the leader's residual.
+        assert!(p.residual.iter().all(|x| x.to_f64() == 0.0));
+        (p.bytes, p.dequantized)
+    };
+    let (member_d, leader_d) = (dev.upload(&packed_m.bytes)?, dev.upload(&lead_bytes)?);
+    let (res_d, slots_d) = (dev.upload(&packed_m.residual)?, dev.upload(&slots)?);
+    let mut pool = poisoned::<B, u8>(dev, l.v_pool_bytes() as usize)?;
+    copy_values_quantized(dev, &l, &member_d, &mut pool, &t.src, &t.dst)?;
+    let plan = SharedDecodePlan::new_quantized::<T>(
+        &l,
+        &pt(&t.prox),
+        &pt(&t.dist),
+        &slots,
+        n_slots,
+        &cfg,
+        Some(32),
+    )?;
+    let (pd, dd) = (upload_table(dev, &t.prox)?, upload_table(dev, &t.dist)?);
+    let (qd, qld) = (dev.upload(&q)?, dev.upload(&q_leader)?);
+    let mut ws = DecodeWorkspace::for_shared(dev, &plan)?;
+    let mut o = poisoned::<B, T>(dev, rows * d)?;
+    let mut lse = poisoned::<B, f32>(dev, rows)?;
+    decode_shared_quantized(
+        dev,
+        &plan,
+        &qd,
+        &member_d,
+        &res_d,
+        &slots_d,
+        device_table::<B>(&pd),
+        &qld,
+        &leader_d,
+        &pool,
+        device_table::<B>(&dd),
+        &mut ws,
+        &mut o,
+        &mut lse,
+    )?;
+    ws.check_status_sync(dev)?;
+    let f64s = |x: &[T]| -> Vec<f64> { x.iter().map(|v| v.to_f64()).collect() };
+    // The oracle over exactly what the kernels read: the dequantised caches.
+    let (want_o, want_lse) = shared_oracle(
+        &l,
+        c,
+        &t,
+        &packed_m.dequantized,
+        &lead_deq,
+        &f64s(&q),
+        &f64s(&q_leader),
+        &cfg,
+    )?;
+    let what = format!(
+        "shared {format:?} {} ps={ps} hkv={} group={} d={d} seqs={:?} identity={}",
+        T::NAME,
+        c.hkv,
+        c.group,
+        c.seqs,
+        c.identity
+    );
+    check_o_lse::<T>(
+        &what,
+        &dev.download(&o)?,
+        &dev.download(&lse)?,
+        &want_o,
+        &want_lse,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn shared_quantized_decode_matches_the_reference() {
+    fusekit::on_every_backend!("shared_quantized_decode_matches_the_reference", |dev| {
+        shared_quant_on(dev)
+    });
+}
+
+fn shared_quant_on<B: Backend>(dev: &B) {
+    let mut rng = Rng::new(seed_for("shared_quantized_decode_matches_the_reference"));
+    let case = |ps, hkv, group, d, seqs: &[(usize, usize, usize)], identity| SharedCase {
+        ps,
+        hkv,
+        group,
+        d,
+        seqs: seqs.to_vec(),
+        identity,
+    };
+    for identity in [true, false] {
+        // SmolLM2's shape at int4 G32: a sequence without distant tokens, one without sinks; residuals
+        // of 8, 9 and 1 tokens.
+        let c = case(16, 3, 3, 64, &[(2, 4, 40), (2, 0, 9), (0, 2, 1)], identity);
+        shared_quant_case::<B, bf16>(dev, &mut rng, &c, KvFormat::Int4 { group: 32 }).unwrap();
+        // Pages of a whole group, GQA 8; the second sequence's residual is empty.
+        let c = case(64, 1, 8, 128, &[(1, 2, 70), (1, 1, 64)], identity);
+        shared_quant_case::<B, f16>(dev, &mut rng, &c, KvFormat::Int8 { group: 64 }).unwrap();
+        // Groups of 16 pages, head dim 256.
+        let c = case(8, 2, 1, 256, &[(16, 32, 20)], identity);
+        shared_quant_case::<B, bf16>(dev, &mut rng, &c, KvFormat::Int4 { group: 128 }).unwrap();
+        // Page size 1.
+        let c = case(1, 1, 4, 64, &[(32, 64, 5)], identity);
+        shared_quant_case::<B, f16>(dev, &mut rng, &c, KvFormat::Int8 { group: 32 }).unwrap();
+        // Pages of 5 tokens: groups cross pages, units of lcm(5, 64) = 320 tokens.
+        let c = case(5, 1, 2, 64, &[(64, 128, 7), (0, 64, 3)], identity);
+        shared_quant_case::<B, f16>(dev, &mut rng, &c, KvFormat::Int4 { group: 64 }).unwrap();
+    }
+}
+
 #[test]
 fn shared_bad_input_is_a_typed_error() {
     fusekit::on_every_backend!("shared_bad_input_is_a_typed_error", |dev| {
@@ -589,10 +830,11 @@ fn shared_bad_input_on<B: Backend>(dev: &B) {
             ..
         })
     ));
+    // A quantised layout takes new_quantized.
     let q8 = PagedKvLayout::new(8, 4, 1, 64, KvFormat::Int8 { group: 32 }).unwrap();
     assert!(matches!(
         plan(&q8, &prox, &dist, &cfg),
-        Err(Error::Unsupported { .. })
+        Err(Error::DType { arg: "cache", .. })
     ));
     let two = PageTable {
         page_indptr: &[0, 1, 2],
@@ -694,5 +936,192 @@ fn shared_bad_input_on<B: Backend>(dev: &B) {
             dev, &p, &q, &cache, prox_t, &q, &cache, &small, bad_t, &mut ws, &mut o, &mut lse
         ),
         Err(Error::Shape { arg: "v_pool", .. })
+    ));
+}
+
+#[test]
+fn shared_quantized_bad_input_is_a_typed_error() {
+    fusekit::on_every_backend!("shared_quantized_bad_input_is_a_typed_error", |dev| {
+        shared_quant_bad_input_on(dev)
+    });
+}
+
+fn shared_quant_bad_input_on<B: Backend>(dev: &B) {
+    let l = PagedKvLayout::new(8, 16, 1, 64, KvFormat::Int8 { group: 32 }).unwrap();
+    // 40 proximal tokens (8 in residual slot 0), 32 distant ones (one group) on the leader's pages 4, 5.
+    let prox = PageTable {
+        page_indptr: &[0, 3],
+        page_indices: &[0, 1, 2],
+        seq_lens: &[40],
+    };
+    let dist = PageTable {
+        page_indptr: &[0, 2],
+        page_indices: &[4, 5],
+        seq_lens: &[32],
+    };
+    let cfg = DecodeConfig::new(2);
+    let plan = |l: &PagedKvLayout, d: &PageTable| {
+        SharedDecodePlan::new_quantized::<bf16>(l, &prox, d, &[0], 1, &cfg, None)
+    };
+    let p = plan(&l, &dist).unwrap();
+    // Distant tokens that are not whole groups; a bf16 layout; a bad residual slot.
+    let half_group = PageTable {
+        page_indptr: &[0, 1],
+        page_indices: &[4],
+        seq_lens: &[16],
+    };
+    assert!(matches!(
+        plan(&l, &half_group),
+        Err(Error::InvalidArgument {
+            arg: "distant.seq_lens",
+            ..
+        })
+    ));
+    let plain = PagedKvLayout::new(8, 16, 1, 64, KvFormat::Bf16).unwrap();
+    assert!(matches!(
+        plan(&plain, &dist),
+        Err(Error::DType { arg: "layout", .. })
+    ));
+    assert!(matches!(
+        SharedDecodePlan::new_quantized::<bf16>(&l, &prox, &dist, &[1], 1, &cfg, None),
+        Err(Error::OutOfRange {
+            arg: "residual_slots",
+            ..
+        })
+    ));
+    let cache = dev.alloc_zeros::<u8>(l.bytes() as usize).unwrap();
+    let residual = dev
+        .alloc_zeros::<bf16>(l.residual_elements(1) as usize)
+        .unwrap();
+    let slots = dev.upload(&[0i32]).unwrap();
+    let mut pool = dev.alloc_zeros::<u8>(l.v_pool_bytes() as usize).unwrap();
+    let small = dev
+        .alloc_zeros::<u8>(l.v_pool_bytes() as usize - 16)
+        .unwrap();
+    let up = |t: &PageTable| {
+        (
+            dev.upload(t.page_indptr).unwrap(),
+            dev.upload(t.page_indices).unwrap(),
+            dev.upload(t.seq_lens).unwrap(),
+        )
+    };
+    let ((pi, px, pl), (di, dx, dl)) = (up(&prox), up(&dist));
+    let prox_t = DeviceTable {
+        page_indptr: &pi,
+        page_indices: &px,
+        seq_lens: &pl,
+    };
+    let dist_t = DeviceTable {
+        page_indptr: &di,
+        page_indices: &dx,
+        seq_lens: &dl,
+    };
+    let q = dev.upload(&vec![bf16::ONE; 2 * 64]).unwrap();
+    let mut ws = DecodeWorkspace::for_shared(dev, &p).unwrap();
+    let mut o = poisoned::<B, bf16>(dev, 2 * 64).unwrap();
+    let mut lse = poisoned::<B, f32>(dev, 2).unwrap();
+    // The good call, then buffers of the wrong size.
+    decode_shared_quantized(
+        dev, &p, &q, &cache, &residual, &slots, prox_t, &q, &cache, &pool, dist_t, &mut ws, &mut o,
+        &mut lse,
+    )
+    .unwrap();
+    ws.check_status_sync(dev).unwrap();
+    assert!(matches!(
+        decode_shared_quantized(
+            dev, &p, &q, &cache, &residual, &slots, prox_t, &q, &cache, &small, dist_t, &mut ws,
+            &mut o, &mut lse,
+        ),
+        Err(Error::Shape { arg: "v_pool", .. })
+    ));
+    assert!(matches!(
+        decode_shared_quantized(
+            dev, &p, &q, &cache, &residual, &slots, prox_t, &q, &small, &pool, dist_t, &mut ws,
+            &mut o, &mut lse,
+        ),
+        Err(Error::Shape {
+            arg: "leader_cache",
+            ..
+        })
+    ));
+    // A bf16 plan through the quantised entry point, a quantised plan through the bf16 one.
+    let bf_prox = PageTable {
+        page_indptr: &[0, 3],
+        page_indices: &[0, 1, 2],
+        seq_lens: &[40],
+    };
+    let bf_plan = SharedDecodePlan::new::<bf16>(&plain, &bf_prox, &dist, &cfg, None).unwrap();
+    assert!(matches!(
+        decode_shared_quantized(
+            dev, &bf_plan, &q, &cache, &residual, &slots, prox_t, &q, &cache, &pool, dist_t,
+            &mut ws, &mut o, &mut lse,
+        ),
+        Err(Error::DType { arg: "cache", .. })
+    ));
+    let bf_cache = dev.alloc_zeros::<bf16>(plain.elements() as usize).unwrap();
+    let bf_pool = dev
+        .alloc_zeros::<bf16>(plain.v_pool_elements().unwrap() as usize)
+        .unwrap();
+    assert!(matches!(
+        decode_shared(
+            dev, &p, &q, &bf_cache, prox_t, &q, &bf_cache, &bf_pool, dist_t, &mut ws, &mut o,
+            &mut lse,
+        ),
+        Err(Error::DType { arg: "cache", .. })
+    ));
+    // A device distant length that is not whole groups (31 of the plan's 32): the distant part has no
+    // residual to read the last tokens from, so the kernel refuses the sequence: NaN, named by the
+    // status word.
+    let bad_len = dev.upload(&[31u32]).unwrap();
+    let bad_t = DeviceTable {
+        seq_lens: &bad_len,
+        ..dist_t
+    };
+    decode_shared_quantized(
+        dev, &p, &q, &cache, &residual, &slots, prox_t, &q, &cache, &pool, bad_t, &mut ws, &mut o,
+        &mut lse,
+    )
+    .unwrap();
+    assert!(matches!(
+        ws.check_status_sync(dev),
+        Err(Error::OutOfRange { index: 0, .. })
+    ));
+    assert!(dev
+        .download(&o)
+        .unwrap()
+        .iter()
+        .all(|x| x.to_f32().is_nan()));
+    // copy_values_quantized: the same host checks as copy_values, and the format.
+    assert!(matches!(
+        copy_values_quantized(dev, &l, &cache, &mut pool, &[1, 2], &[3, 3]),
+        Err(Error::InvalidArgument {
+            arg: "dst_pages",
+            ..
+        })
+    ));
+    assert!(matches!(
+        copy_values_quantized(dev, &l, &cache, &mut pool, &[1], &[8]),
+        Err(Error::OutOfRange {
+            arg: "dst_pages",
+            ..
+        })
+    ));
+    let mut small = small;
+    assert!(matches!(
+        copy_values_quantized(dev, &l, &cache, &mut small, &[1], &[3]),
+        Err(Error::Shape { arg: "v_pool", .. })
+    ));
+    let bf_bytes = dev.alloc_zeros::<u8>(plain.bytes() as usize).unwrap();
+    let mut bf_pool_bytes = dev
+        .alloc_zeros::<u8>(plain.v_pool_bytes() as usize)
+        .unwrap();
+    assert!(matches!(
+        copy_values_quantized(dev, &plain, &bf_bytes, &mut bf_pool_bytes, &[1], &[3]),
+        Err(Error::DType { arg: "layout", .. })
+    ));
+    let mut bf_pool = bf_pool;
+    assert!(matches!(
+        copy_values(dev, &l, &bf_cache, &mut bf_pool, &[1], &[3]),
+        Err(Error::DType { arg: "cache", .. })
     ));
 }

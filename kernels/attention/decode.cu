@@ -74,6 +74,9 @@ __device__ __forceinline__ attn_cta attn_begin(const fk_attn_decode_params &p, a
         if (p.residual_slots) {
             const int32_t slot = p.residual_slots[c.b];
             bad = bad || slot < 0 || slot >= p.n_slots;
+        } else if (p.group > 0) {
+            // A quantised cache without a residual (the distant part of a shared decode): whole groups only.
+            bad = bad || (uint64_t)c.len % (uint32_t)p.group != 0;
         }
         if (bad) sm.bad_seq = 1;
     }

@@ -47,7 +47,7 @@ typedef struct fk_attn_decode_params {
     /* Quantised (KIVI int8/int4) caches only; zero otherwise. `cache` is then bytes: a page is
      * [K codes][V codes][K params][V params] (PagedKvLayout::code_offset and friends). */
     const void *residual;         /* [n_slots][2][num_kv_heads][group][head_dim] of T: newest tokens */
-    const int32_t *residual_slots; /* [batch] */
+    const int32_t *residual_slots; /* [batch]; null: no residual (every sequence whole groups, else bad) */
     int64_t page_bytes;
     int64_t k_params_start;       /* byte offset within a page */
     int64_t v_params_start;       /* byte offset within a V page (v_cache + p * v_page_stride) */

@@ -201,6 +201,7 @@ fn decode_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
     .to_vec();
     rows_out.extend(quant_check(dev, rng, mode)?);
     rows_out.extend(retention_shared_check(dev, rng)?);
+    rows_out.extend(retention_shared_quant_check(dev, rng)?);
     Ok(rows_out)
 }
 
@@ -466,6 +467,22 @@ fn prefill_quant_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRo
 
 // Retention and inter-layer sharing.
 
+/// The distant table of a retention on pages of 16: each sequence's evicted pages and token count.
+fn evicted_table(
+    kept: &super::Retained,
+    indptr: &[i32],
+    idx: &[i32],
+) -> (Vec<i32>, Vec<i32>, Vec<u32>) {
+    let (mut dptr, mut didx, mut dlen) = (vec![0i32], Vec::new(), Vec::new());
+    for (b, ev) in kept.evicted.iter().enumerate() {
+        let pages = &idx[indptr[b] as usize..indptr[b + 1] as usize];
+        didx.extend_from_slice(&pages[ev.start as usize / 16..ev.end as usize / 16]);
+        dptr.push(didx.len() as i32);
+        dlen.push(ev.end - ev.start);
+    }
+    (dptr, didx, dlen)
+}
+
 /// Sinks + window retention on the cache of `case` (no RoPE in the kernels, as the shared decode
 /// requires), then a shared decode whose leader is the layer itself: proximal =
 /// the kept table, distant = the evicted pages, values copied into a V pool; it must equal exact
@@ -481,13 +498,7 @@ fn retention_shared_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<Chec
     };
     let kept = Retention::new(4, 100)?.apply(&l, &t)?;
     // The evicted pages of each sequence, as the distant table.
-    let (mut dptr, mut didx, mut dlen) = (vec![0i32], Vec::new(), Vec::new());
-    for (b, ev) in kept.evicted.iter().enumerate() {
-        let pages = &idx[indptr[b] as usize..indptr[b + 1] as usize];
-        didx.extend_from_slice(&pages[ev.start as usize / 16..ev.end as usize / 16]);
-        dptr.push(didx.len() as i32);
-        dlen.push(ev.end - ev.start);
-    }
+    let (dptr, didx, dlen) = evicted_table(&kept, &indptr, &idx);
     let dist = PageTable {
         page_indptr: &dptr,
         page_indices: &didx,
@@ -545,6 +556,96 @@ fn retention_shared_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<Chec
         (&want.o, &want.lse),
         1e-2,
         "retention (sinks 4, window 100) splits 700 tokens into kept + evicted; merged = exact",
+    )
+    .to_vec())
+}
+
+/// [`retention_shared_check`] over a KIVI int8 cache (groups of 32, so eviction in units of 32
+/// tokens): the member's cache packed on the host, the evicted pages' V codes and parameters copied
+/// into a V pool of bytes, the shared decode's distant part over them; it must equal exact attention
+/// over the whole dequantised sequence.
+fn retention_shared_quant_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
+    use super::SharedDecodePlan;
+    use super::{copy_values_quantized, decode_shared_quantized, DeviceTable, Retention};
+    let lens = [700u32, 50];
+    let (plain, cache, indptr, idx) = case(rng, &lens);
+    let l = PagedKvLayout::new(plain.num_pages(), 16, 2, 128, KvFormat::Int8 { group: 32 })?;
+    let t = PageTable {
+        page_indptr: &indptr,
+        page_indices: &idx,
+        seq_lens: &lens,
+    };
+    let slots = [1i32, 0];
+    let packed = pack_quantized::<bf16>(&l, &cache, &t, &slots, 2)?;
+    let kept = Retention::new(4, 100)?.apply(&l, &t)?;
+    let (dptr, didx, dlen) = evicted_table(&kept, &indptr, &idx);
+    let dist = PageTable {
+        page_indptr: &dptr,
+        page_indices: &didx,
+        seq_lens: &dlen,
+    };
+    let cfg = DecodeConfig::new(8);
+    let d = 128;
+    let rows = lens.len() * 8;
+    let q = bf16_normal(rng, rows * d);
+    let plan = SharedDecodePlan::new_quantized::<bf16>(
+        &l,
+        &kept.table(),
+        &dist,
+        &slots,
+        2,
+        &cfg,
+        Some(128),
+    )?;
+    let cache_d = dev.upload(&packed.bytes)?;
+    let (res_d, slots_d) = (dev.upload(&packed.residual)?, dev.upload(&slots)?);
+    let q_d = dev.upload(&q.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>())?;
+    let mut pool = dev.upload(&vec![u8::poison(); l.v_pool_bytes() as usize])?;
+    copy_values_quantized(dev, &l, &cache_d, &mut pool, &didx, &didx)?;
+    let up = |t: &PageTable| -> Result<_> {
+        Ok((
+            dev.upload(t.page_indptr)?,
+            dev.upload(t.page_indices)?,
+            dev.upload(t.seq_lens)?,
+        ))
+    };
+    let ((pi, px, pl), (di, dx, dl)) = (up(&kept.table())?, up(&dist)?);
+    let mut ws = DecodeWorkspace::for_shared(dev, &plan)?;
+    let mut o = dev.upload(&vec![bf16::poison(); rows * d])?;
+    let mut lse = dev.upload(&vec![f32::poison(); rows])?;
+    decode_shared_quantized(
+        dev,
+        &plan,
+        &q_d,
+        &cache_d,
+        &res_d,
+        &slots_d,
+        DeviceTable {
+            page_indptr: &pi,
+            page_indices: &px,
+            seq_lens: &pl,
+        },
+        &q_d,
+        &cache_d,
+        &pool,
+        DeviceTable {
+            page_indptr: &di,
+            page_indices: &dx,
+            seq_lens: &dl,
+        },
+        &mut ws,
+        &mut o,
+        &mut lse,
+    )?;
+    ws.check_status_sync(dev)?;
+    let want = reference::decode(&l, &packed.dequantized, &t, &q, &cfg)?;
+    Ok(o_lse_rows(
+        "fk_attn_decode_q8_bf16_d128_h4 shared + fk_attn_copy_values",
+        mode_of(dev),
+        (&dev.download(&o)?, &dev.download(&lse)?),
+        (&want.o, &want.lse),
+        1e-2,
+        "KIVI int8 g32: retention (sinks 4, window 100) splits 700 tokens; merged = exact over the dequantised cache",
     )
     .to_vec())
 }

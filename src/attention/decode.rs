@@ -64,8 +64,9 @@ pub struct DecodePlan {
     pub(super) n_splits: usize,
     heads_per_cta: usize,
     pub(super) elem: &'static str,
-    /// Residual slots of a quantised cache (`None`: a bf16/f16 cache).
-    slots: Option<usize>,
+    /// Residual slots of a quantised cache (`None`: a bf16/f16 cache, or the distant part of a
+    /// quantised shared decode, which has no residual).
+    pub(super) slots: Option<usize>,
     /// Sequences may hold no token (the distant part of a shared decode).
     allow_empty: bool,
 }

@@ -31,9 +31,8 @@
 //! * [`decode_shared`] with its [`SharedDecodePlan`], and [`copy_values`]: inter-layer sharing of
 //!   distant tokens (PoD): a layer's proximal tokens on its own cache, its distant tokens scored by its
 //!   group leader's q and keys against its own values in a V pool, the two parts merged by the LSE gate.
-//!
-//! Still to come (issue 14): sharing over KIVI caches, following
-//! `src/attention/DESIGN.md`.
+//!   Over KIVI int8/int4 caches: [`SharedDecodePlan::new_quantized`], [`decode_shared_quantized`] and
+//!   [`copy_values_quantized`] (a V pool of V codes and parameters).
 
 mod append;
 mod cache;
@@ -56,7 +55,10 @@ pub use decode::{
 pub use kivi::{pack_quantized, PackedCache};
 pub use prefill::{prefill, prefill_quantized, PrefillPlan, PrefillWorkspace};
 pub use retention::{Retained, Retention};
-pub use shared::{copy_values, decode_shared, DeviceTable, SharedDecodePlan};
+pub use shared::{
+    copy_values, copy_values_quantized, decode_shared, decode_shared_quantized, DeviceTable,
+    SharedDecodePlan,
+};
 
 use crate::error::{Error, Result};
 
