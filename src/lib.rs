@@ -41,6 +41,7 @@ pub mod moe;
 mod params;
 pub mod plan;
 pub mod probe;
+pub mod quant;
 pub mod selftest;
 #[doc(hidden)] // the test harness: see the crate docs
 pub mod testing;

@@ -1,0 +1,71 @@
+//! Quantised matmul (issue 15, 4-bit as in OSTQuant / QuaRot; issue 16, 1-bit as in BiLLM): the CPU
+//! half that comes first, the quantisers that produce the weight formats and the transforms that make
+//! them accurate. Everything here is host code in f64 where it matters; the kernels that consume these
+//! formats (W4A16, W4A4, the packed 1-bit GEMV) are not built yet (`kernels/quant/`, issue 15).
+//!
+//! * [`WeightQuant`] and [`QuantizedWeight`]: a k-bit (2..=8) integer weight format, per output channel
+//!   or in groups of 32/64/128 input channels, symmetric or with zero points, its scales rounded to the
+//!   bf16/f16 a kernel will read, and its exact dequantisation.
+//! * [`quantize_rtn`]: round-to-nearest, with an optional MSE clipping search per group.
+//! * [`quantize_tokens`]: per-token dynamic activation quantisation (the A of W4A4).
+//! * [`Hessian`] and [`quantize_gptq`]: GPTQ (Frantar et al. 2023) from calibration activations: 1 %
+//!   dampening, the upper Cholesky factor of the inverse Hessian, blocks of 128 columns with lazy
+//!   updates, act-order with static groups (so the group structure stays contiguous and kernels need no
+//!   permutation index).
+//! * [`hadamard`]: the normalised Hadamard transform of sizes `m · 2^k` (m ∈ {1, 12, 20, 28, 36, 44,
+//!   60}), the rotation QuaRot and OSTQuant fuse into weights (`W·H`) and apply online to activations
+//!   (`x·H`), exact in f64.
+//!
+//! Weights are `[n][k]` row-major (`n` output channels, `k` input channels, PyTorch's `nn.Linear`
+//! layout): `y = x · Wᵀ`, and groups run along `k`.
+
+mod act;
+mod gptq;
+pub mod hadamard;
+mod linalg;
+mod rtn;
+
+pub use act::{quantize_tokens, QuantizedTokens};
+pub use gptq::{quantize_gptq, GptqConfig, Hessian};
+pub use rtn::{quantize_rtn, QuantizedWeight, ScaleFormat, WeightQuant};
+
+/// `‖X·Wᵀ − X·Ŵᵀ‖ / ‖X·Wᵀ‖` in f64 for activations `x` (`[rows][k]`) and two `[n][k]` weights: the
+/// output error the quantisers are judged by.
+///
+/// ```
+/// use fusekit::quant::relative_output_error;
+/// let x = [1.0f32, 2.0];       // one row, k = 2
+/// let w = [1.0f32, 1.0];       // n = 1
+/// let w_hat = [1.0f32, 1.5];
+/// // y = 3, ŷ = 4
+/// assert!((relative_output_error(&x, &w, &w_hat, 2).unwrap() - 1.0 / 3.0).abs() < 1e-12);
+/// ```
+pub fn relative_output_error(x: &[f32], w: &[f32], w_hat: &[f32], k: usize) -> crate::Result<f64> {
+    use crate::Error;
+    if k == 0 || x.len() % k != 0 || w.len() % k != 0 || w.len() != w_hat.len() {
+        return Err(Error::shape(
+            "w_hat",
+            format!("x [rows][{k}], w and w_hat [n][{k}] of equal size"),
+            format!("x {}, w {}, w_hat {}", x.len(), w.len(), w_hat.len()),
+        ));
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for xr in x.chunks_exact(k) {
+        for (wr, hr) in w.chunks_exact(k).zip(w_hat.chunks_exact(k)) {
+            let (mut y, mut yh) = (0.0f64, 0.0f64);
+            for ((&a, &b), &c) in xr.iter().zip(wr).zip(hr) {
+                y += a as f64 * b as f64;
+                yh += a as f64 * c as f64;
+            }
+            num += (y - yh) * (y - yh);
+            den += y * y;
+        }
+    }
+    Ok(if den > 0.0 {
+        (num / den).sqrt()
+    } else if num > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    })
+}
