@@ -608,7 +608,7 @@ fn shared_on<B: Backend>(dev: &B) {
 }
 
 /// A shared decode over KIVI caches: as [`shared_case`], with the member's and the leader's caches
-/// packed by [`pack_quantized`] (keys with an outlier channel), the member's residual slots scrambled,
+/// packed by [`pack_quantized`] (K and V with an outlier channel), the member's residual slots scrambled,
 /// and the V pool of bytes filled by [`copy_values_quantized`] (poisoned first). `s · ps` and `m · ps`
 /// must be whole groups (the alignment retention gives). The oracle is the f64 reference over exactly
 /// what the kernels read: the dequantised caches.
@@ -780,6 +780,10 @@ fn shared_quant_on<B: Backend>(dev: &B) {
         // Page size 1.
         let c = case(1, 1, 4, 64, &[(32, 64, 5)], identity);
         shared_quant_case::<B, f16>(dev, &mut rng, &c, KvFormat::Int8 { group: 32 }).unwrap();
+        // Pages of two K groups (K parameter slot 1 read) and 4 V groups per token; a sequence with
+        // no distant token.
+        let c = case(64, 2, 2, 128, &[(1, 2, 45), (2, 0, 33)], identity);
+        shared_quant_case::<B, bf16>(dev, &mut rng, &c, KvFormat::Int4 { group: 32 }).unwrap();
         // Pages of 5 tokens: groups cross pages, units of lcm(5, 64) = 320 tokens.
         let c = case(5, 1, 2, 64, &[(64, 128, 7), (0, 64, 3)], identity);
         shared_quant_case::<B, f16>(dev, &mut rng, &c, KvFormat::Int4 { group: 64 }).unwrap();
@@ -1041,6 +1045,19 @@ fn shared_quant_bad_input_on<B: Backend>(dev: &B) {
         ),
         Err(Error::Shape {
             arg: "leader_cache",
+            ..
+        })
+    ));
+    let short = dev
+        .alloc_zeros::<bf16>(l.residual_elements(1) as usize - 8)
+        .unwrap();
+    assert!(matches!(
+        decode_shared_quantized(
+            dev, &p, &q, &cache, &short, &slots, prox_t, &q, &cache, &pool, dist_t, &mut ws,
+            &mut o, &mut lse,
+        ),
+        Err(Error::Shape {
+            arg: "residual",
             ..
         })
     ));

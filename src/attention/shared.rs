@@ -9,7 +9,7 @@ use super::decode::{
     check_outputs, check_query, check_table_buffers, launch_merge, DecodePlan, DecodeWorkspace,
     KvElement,
 };
-use super::kivi::check_quant_buffers;
+use super::kivi::{check_quant_buffers, check_quant_plan};
 use super::DecodeConfig;
 use crate::backend::private::{Addr, AddrMut};
 use crate::device::{check_aligned, Family};
@@ -35,7 +35,7 @@ impl PagedKvLayout {
     pub fn v_pool_elements(&self) -> Result<u64> {
         if self.format().group().is_some() {
             return Err(Error::DType {
-                arg: "v_pool",
+                arg: "layout",
                 expected: "bf16/f16 elements (a quantised cache's V pool is bytes: v_pool_bytes)"
                     .into(),
                 got: format!("{:?}", self.format()),
@@ -44,7 +44,7 @@ impl PagedKvLayout {
         Ok(self.elements() / 2)
     }
 
-    /// Bytes of one page of a V pool. bf16/f16: `num_kv_heads · page_size · head_dim` elements. KIVI
+    /// Bytes of one page of a V pool. bf16/f16: `2 · num_kv_heads · page_size · head_dim`. KIVI
     /// int8/int4: the page's V codes (`[num_kv_heads][page_size][code_row_bytes]`), then its V
     /// parameters (a (scale, zero) f16 pair per token, head and V group), rounded up to 16 bytes. The K
     /// codes and K parameters of the cache's page are not in the pool: they are what a member layer
@@ -204,6 +204,13 @@ impl SharedDecodePlan {
         split_size: Option<usize>,
     ) -> Result<Self> {
         check_shared(layout, cfg)?;
+        check_quant_plan(
+            layout,
+            proximal.seq_lens.len(),
+            residual_slots,
+            slots,
+            "SharedDecodePlan::new",
+        )?;
         let proximal_plan = DecodePlan::new_quantized::<T>(
             layout,
             proximal,

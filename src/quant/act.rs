@@ -43,7 +43,8 @@ impl QuantizedTokens {
 /// [`WeightQuant`](super::WeightQuant) without clipping: symmetric `scale = 2·max|x| / (2^bits − 1)`,
 /// zero `2^(bits−1)`; asymmetric `scale = (max − min) / (2^bits − 1)` over `[min(x, 0), max(x, 0)]`,
 /// `zero = round(−min / scale)`. Scales in f32 (computed per token at run time, never stored). A token
-/// of zeros takes scale 1. Non-finite activations are an `Err`.
+/// of zeros takes scale 1, a tiny one at least the smallest normal f32. Non-finite activations, and a
+/// token whose range overflows f32, are an `Err`.
 ///
 /// ```
 /// let q = fusekit::quant::quantize_tokens(&[-1.0, 0.5, 4.0, 2.0], 2, 4, true)?;
@@ -83,14 +84,28 @@ pub fn quantize_tokens(x: &[f32], k: usize, bits: u32, symmetric: bool) -> Resul
     for (r, row) in x.chunks_exact(k).enumerate() {
         let (scale, zero) = if symmetric {
             let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let s = if amax > 0.0 { 2.0 * amax / maxq } else { 1.0 };
+            let s = if amax > 0.0 {
+                (2.0 * amax / maxq).max(f32::MIN_POSITIVE)
+            } else {
+                1.0
+            };
             (s, (1u32 << (bits - 1)) as f32)
         } else {
             let lo = row.iter().fold(0.0f32, |m, &v| m.min(v));
             let hi = row.iter().fold(0.0f32, |m, &v| m.max(v));
-            let s = if hi > lo { (hi - lo) / maxq } else { 1.0 };
+            let s = if hi > lo {
+                ((hi - lo) / maxq).max(f32::MIN_POSITIVE)
+            } else {
+                1.0
+            };
             (s, (-lo / s).round().clamp(0.0, maxq))
         };
+        if !scale.is_finite() {
+            return Err(Error::invalid(
+                "x",
+                format!("token {r} spans more than f32 scales can: its range overflows"),
+            ));
+        }
         q.scales[r] = scale;
         q.zeros[r] = zero as u8;
         for (c, &v) in row.iter().enumerate() {

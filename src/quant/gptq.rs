@@ -38,11 +38,13 @@ impl Hessian {
                 format!("a Hessian of 1..=65536 input channels, got {k}"),
             ));
         }
-        Ok(Hessian {
-            k,
-            sum: vec![0.0; k * k],
-            rows: 0,
-        })
+        let mut sum = Vec::new();
+        sum.try_reserve_exact(k * k)
+            .map_err(|_| Error::Unsupported {
+                what: format!("a Hessian of {k} x {k} f64: the allocation failed"),
+            })?;
+        sum.resize(k * k, 0.0);
+        Ok(Hessian { k, sum, rows: 0 })
     }
 
     /// Adds calibration rows `x` (`[rows][k]`, finite).
@@ -144,7 +146,8 @@ impl Hessian {
 pub struct GptqConfig {
     /// Dampening added to the Hessian's diagonal, as a fraction of its mean (0.01: GPTQ's 1 %).
     pub damp: f64,
-    /// Columns per block of lazy updates (128); a multiple of the scheme's group.
+    /// Columns per block of lazy updates (128; at least 1, longer than the weight means one block).
+    /// With groups and without act-order, a multiple of the group.
     pub block: usize,
     /// Quantise columns in order of decreasing Hessian diagonal (act-order). Groups stay static: each
     /// group's (scale, zero) is fixed from the weights before quantisation, so the stored groups are
@@ -166,9 +169,14 @@ impl Default for GptqConfig {
 /// channels, at least one calibration row). In f64: channels that never activate (`H_jj = 0`) are
 /// zeroed, the diagonal is dampened by `damp · mean(diag H)`, `U` is the upper Cholesky factor of
 /// `H⁻¹`, and column `j` (in act-order if asked) is quantised, its error `(w − q) / U_jj` propagated to
-/// the later columns of its block at once and to the following blocks lazily. Group parameters come
-/// from the current (already compensated) weights when a group starts, or, with act-order, from the
-/// original weights (static groups); per-channel parameters from the original rows (as GPTQ does).
+/// the later columns of its block at once and to the following blocks lazily. Per-channel parameters
+/// come from the original rows (as GPTQ's code); with act-order, group parameters from the weights
+/// before quantisation (GPTQ's static groups). Without act-order a group's parameters come from its
+/// current weights when it starts, every compensation so far included: GPTQ's code instead reads the
+/// weights without the updates from earlier columns of the same block, so for groups smaller than the
+/// block (32 or 64 in blocks of 128) fusekit's groups differ from the reference's, and do not depend
+/// on the block size (lazy updates are then an exact reordering). A scale that the compensation pushes
+/// past the scale format's range is an `Err`.
 ///
 /// ```
 /// use fusekit::quant::{quantize_gptq, quantize_rtn, relative_output_error, GptqConfig, Hessian, WeightQuant};
@@ -216,17 +224,50 @@ pub fn quantize_gptq(
         ));
     }
     let g = scheme.group_len(k);
-    if cfg.block == 0 || (scheme.group.is_some() && !cfg.act_order && cfg.block % g != 0) {
+    // A block longer than the weight is the whole weight.
+    let block = cfg.block.min(k);
+    let dynamic = scheme.group.is_some() && !cfg.act_order;
+    if block == 0 || (dynamic && block < k && block % g != 0) {
         return Err(Error::invalid(
             "cfg.block",
             format!(
-                "{} columns per block: at least 1 and a multiple of the group ({g})",
+                "{} columns per block: at least 1 and, with groups and no act-order, a multiple of \
+                 the group ({g}) so no group straddles two blocks",
                 cfg.block
             ),
         ));
     }
     let ng = k.div_ceil(g);
     let mut wm: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+    let mut q = QuantizedWeight {
+        n,
+        k,
+        scheme: *scheme,
+        codes: vec![0; n * k],
+        scales: vec![0.0; n * ng],
+        zeros: vec![0; n * ng],
+    };
+    // Parameters fixed up front: per channel always (from the original rows, dead channels included,
+    // as GPTQ's code does), every group with act-order (static groups, after the dead channels are
+    // zeroed, as GPTQ's `static_groups`).
+    let static_params = !dynamic;
+    let mut fix_params = |wm: &[f64]| -> Result<()> {
+        let mut buf = Vec::with_capacity(g);
+        for r in 0..n {
+            for gi in 0..ng {
+                let (c0, c1) = (gi * g, ((gi + 1) * g).min(k));
+                buf.clear();
+                buf.extend_from_slice(&wm[r * k + c0..r * k + c1]);
+                let (s, z) = scheme.params(&buf)?;
+                q.scales[r * ng + gi] = s as f32;
+                q.zeros[r * ng + gi] = z as u8;
+            }
+        }
+        Ok(())
+    };
+    if scheme.group.is_none() {
+        fix_params(&wm)?;
+    }
     let mut hm = h.matrix();
     for j in 0..k {
         if hm[j * k + j] == 0.0 {
@@ -236,28 +277,8 @@ pub fn quantize_gptq(
             }
         }
     }
-    let mut q = QuantizedWeight {
-        n,
-        k,
-        scheme: *scheme,
-        codes: vec![0; n * k],
-        scales: vec![0.0; n * ng],
-        zeros: vec![0; n * ng],
-    };
-    // Parameters fixed up front: per channel always, every group with act-order (static groups).
-    let static_params = scheme.group.is_none() || cfg.act_order;
-    if static_params {
-        let mut buf = Vec::with_capacity(g);
-        for r in 0..n {
-            for gi in 0..ng {
-                let (c0, c1) = (gi * g, ((gi + 1) * g).min(k));
-                buf.clear();
-                buf.extend_from_slice(&wm[r * k + c0..r * k + c1]);
-                let (s, z) = scheme.params(&buf);
-                q.scales[r * ng + gi] = s as f32;
-                q.zeros[r * ng + gi] = z as u8;
-            }
-        }
+    if scheme.group.is_some() && cfg.act_order {
+        fix_params(&wm)?;
     }
     // Column order: act-order sorts by decreasing diagonal (stable, so ties keep their order).
     let mut perm: Vec<usize> = (0..k).collect();
@@ -287,10 +308,10 @@ pub fn quantize_gptq(
             "the dampened Hessian is not positive definite (calibration activations out of range?)",
         )
     })?;
-    let mut err = vec![0.0; n * cfg.block];
+    let mut err = vec![0.0; n * block];
     let mut buf = Vec::with_capacity(g);
-    for i1 in (0..k).step_by(cfg.block) {
-        let i2 = (i1 + cfg.block).min(k);
+    for i1 in (0..k).step_by(block) {
+        let i2 = (i1 + block).min(k);
         let cnt = i2 - i1;
         for i in 0..cnt {
             let col = i1 + i;
@@ -302,7 +323,7 @@ pub fn quantize_gptq(
                 for r in 0..n {
                     buf.clear();
                     buf.extend_from_slice(&wp[r * k + orig..r * k + c1]);
-                    let (s, z) = scheme.params(&buf);
+                    let (s, z) = scheme.params(&buf)?;
                     q.scales[r * ng + gi] = s as f32;
                     q.zeros[r * ng + gi] = z as u8;
                 }
@@ -315,7 +336,7 @@ pub fn quantize_gptq(
                 let c = scheme.code(x, s, z);
                 q.codes[r * k + orig] = c;
                 let e = (x - scheme.dequant(c, s, z)) / d;
-                err[r * cfg.block + i] = e;
+                err[r * block + i] = e;
                 let row = &mut wp[r * k..(r + 1) * k];
                 for j in col + 1..i2 {
                     row[j] -= e * urow[j];
@@ -325,7 +346,7 @@ pub fn quantize_gptq(
         // The block's errors reach the later blocks: W[:, i2..] −= Err · U[i1..i2, i2..].
         if i2 < k {
             for r in 0..n {
-                let e = &err[r * cfg.block..r * cfg.block + cnt];
+                let e = &err[r * block..r * block + cnt];
                 let row = &mut wp[r * k..(r + 1) * k];
                 for (i, &ei) in e.iter().enumerate() {
                     if ei == 0.0 {

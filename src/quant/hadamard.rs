@@ -137,6 +137,12 @@ fn paley(m: usize) -> Vec<i8> {
 /// # Ok::<(), fusekit::Error>(())
 /// ```
 pub fn matrix(n: usize) -> Result<Vec<f64>> {
+    factor(n)?;
+    if n > 1 << 14 {
+        return Err(Error::Unsupported {
+            what: format!("an explicit Hadamard matrix of order {n} (at most 16384; rotate_rows has no limit)"),
+        });
+    }
     let mut h = vec![0.0; n * n];
     for i in 0..n {
         h[i * n + i] = 1.0;
@@ -240,6 +246,33 @@ mod tests {
                 }
             }
             assert!(h.iter().all(|&v| v == 1 || v == -1));
+        }
+    }
+
+    /// `matrix(n)` is `(H_m ⊗ H_{2^k}) / √n` entry by entry, so `rotate_rows` computes `x·H`, not
+    /// `x·Hᵀ` (the Paley factors are not symmetric).
+    #[test]
+    fn the_transform_is_x_times_h() {
+        for n in [12, 24, 28, 56, 36, 120] {
+            let (m, p) = factor(n).unwrap();
+            let hm = paley(m);
+            let h = matrix(n).unwrap();
+            let asym = (0..m).any(|a| (0..m).any(|c| hm[a * m + c] != hm[c * m + a]));
+            for i in 0..n {
+                for j in 0..n {
+                    let (a, b, c, d) = (i / p, i % p, j / p, j % p);
+                    let sylvester = if (b & d).count_ones() % 2 == 0 {
+                        1.0
+                    } else {
+                        -1.0
+                    };
+                    let want = hm[a * m + c] as f64 * sylvester / (n as f64).sqrt();
+                    assert!((h[i * n + j] - want).abs() < 1e-12, "n {n} ({i}, {j})");
+                }
+            }
+            if n == 12 {
+                assert!(asym, "the test needs a non-symmetric factor");
+            }
         }
     }
 }

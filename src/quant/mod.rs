@@ -5,7 +5,7 @@
 //!
 //! * [`WeightQuant`] and [`QuantizedWeight`]: a k-bit (2..=8) integer weight format, per output channel
 //!   or in groups of 32/64/128 input channels, symmetric or with zero points, its scales rounded to the
-//!   bf16/f16 a kernel will read, and its exact dequantisation.
+//!   bf16/f16 a kernel will read (or f32, a reference), and its exact dequantisation.
 //! * [`quantize_rtn`]: round-to-nearest, with an optional MSE clipping search per group.
 //! * [`quantize_tokens`]: per-token dynamic activation quantisation (the A of W4A4).
 //! * [`Hessian`] and [`quantize_gptq`]: GPTQ (Frantar et al. 2023) from calibration activations: 1 %

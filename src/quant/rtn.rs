@@ -136,10 +136,11 @@ impl WeightQuant {
 
     fn round_scale(&self, s: f64) -> f64 {
         let r = self.scale_format.round(s);
-        if r > 0.0 && r.is_finite() {
+        if r > 0.0 || r.is_infinite() {
             r
         } else {
-            // Underflow: the smallest positive normal of the format (overflow is refused earlier).
+            // Underflow: the smallest positive normal of the format (overflow stays infinite and is
+            // refused by `params`).
             match self.scale_format {
                 ScaleFormat::F32 => f32::MIN_POSITIVE as f64,
                 ScaleFormat::Bf16 => half::bf16::MIN_POSITIVE.to_f64(),
@@ -149,10 +150,23 @@ impl WeightQuant {
     }
 
     /// The (scale, zero) of the group `x`: with the MSE search, the clipping factor whose grid gives the
-    /// least squared error (ties keep the larger factor).
-    pub(crate) fn params(&self, x: &[f64]) -> (f64, u32) {
+    /// least squared error (ties keep the larger factor). A scale beyond the scale format's range is
+    /// an `Err` (GPTQ's compensation can grow a group past the range its original weights were checked
+    /// against).
+    pub(crate) fn params(&self, x: &[f64]) -> Result<(f64, u32)> {
+        let full = self.params_at(x, 1.0);
+        if !full.0.is_finite() {
+            return Err(Error::invalid(
+                "w",
+                format!(
+                    "a group reaching {:e} needs a scale beyond {:?}'s range",
+                    x.iter().fold(0.0f64, |m, v| m.max(v.abs())),
+                    self.scale_format
+                ),
+            ));
+        }
         if !self.mse_clip {
-            return self.params_at(x, 1.0);
+            return Ok(full);
         }
         let mut best = (f64::INFINITY, self.params_at(x, 1.0));
         for i in 0..=80 {
@@ -169,7 +183,7 @@ impl WeightQuant {
                 best = (err, (s, z));
             }
         }
-        best.1
+        Ok(best.1)
     }
 
     /// The code of `x` on the grid (scale, zero).
@@ -247,7 +261,7 @@ impl QuantizedWeight {
 /// Checks a weight and a scheme: `w` is `n · k` finite values, `n, k ≥ 1`.
 pub(crate) fn check_weight(w: &[f32], n: usize, k: usize, scheme: &WeightQuant) -> Result<()> {
     scheme.validate()?;
-    if n == 0 || k == 0 || w.len() != n * k {
+    if n == 0 || k == 0 || n.checked_mul(k) != Some(w.len()) {
         return Err(Error::shape(
             "w",
             format!("[n][k] with n, k >= 1 ({n} x {k})"),
@@ -313,7 +327,7 @@ pub fn quantize_rtn(
             let (c0, c1) = (gi * g, ((gi + 1) * g).min(k));
             buf.clear();
             buf.extend(w[r * k + c0..r * k + c1].iter().map(|&v| v as f64));
-            let (s, z) = scheme.params(&buf);
+            let (s, z) = scheme.params(&buf)?;
             q.scales[r * ng + gi] = s as f32;
             q.zeros[r * ng + gi] = z as u8;
             for c in c0..c1 {
