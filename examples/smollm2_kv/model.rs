@@ -43,6 +43,44 @@ pub struct Model {
     pub threads: usize,
 }
 
+/// The linear layers of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(dead_code)]
+pub enum Linear {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+#[allow(dead_code)]
+impl Linear {
+    pub const ALL: [Linear; 7] = [
+        Linear::Q,
+        Linear::K,
+        Linear::V,
+        Linear::O,
+        Linear::Gate,
+        Linear::Up,
+        Linear::Down,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Linear::Q => "q_proj",
+            Linear::K => "k_proj",
+            Linear::V => "v_proj",
+            Linear::O => "o_proj",
+            Linear::Gate => "gate_proj",
+            Linear::Up => "up_proj",
+            Linear::Down => "down_proj",
+        }
+    }
+}
+
 /// One layer's attention inputs for the whole sequence: `q` `[T][heads·head_dim]`, `k`, `v`
 /// `[T][kv_heads·head_dim]`; `q`, `k` after RoPE at the true positions, `q_pre`, `k_pre` before.
 #[derive(Clone)]
@@ -180,6 +218,33 @@ impl Model {
         tokens: &[u32],
         attend: &mut dyn FnMut(usize, &Qkv) -> Vec<f32>,
     ) -> Vec<f32> {
+        self.forward_observed(tokens, attend, &mut |_, _, _| {})
+    }
+
+    /// Layer `l`'s weight of `which`: `([out][in], out, in)`.
+    #[allow(dead_code)]
+    pub fn linear(&self, l: usize, which: Linear) -> (&[f32], usize, usize) {
+        let (b, c) = (&self.blocks[l], &self.cfg);
+        let (d, f, kvd) = (c.dim, c.ffn, c.kv_heads * c.head_dim);
+        match which {
+            Linear::Q => (&b.wq, d, d),
+            Linear::K => (&b.wk, kvd, d),
+            Linear::V => (&b.wv, kvd, d),
+            Linear::O => (&b.wo, d, d),
+            Linear::Gate => (&b.w_gate, f, d),
+            Linear::Up => (&b.w_up, f, d),
+            Linear::Down => (&b.w_down, d, f),
+        }
+    }
+
+    /// [`forward`](Self::forward), also calling `observe(layer, which, x)` with the input `x`
+    /// (`[T][in]`) of every linear layer (Q, K, V see the same input, as do Gate and Up).
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        attend: &mut dyn FnMut(usize, &Qkv) -> Vec<f32>,
+        observe: &mut dyn FnMut(usize, Linear, &[f32]),
+    ) -> Vec<f32> {
         let c = &self.cfg;
         let (t, d, hd) = (tokens.len(), c.dim, c.head_dim);
         let kvd = c.kv_heads * hd;
@@ -189,6 +254,9 @@ impl Model {
         }
         for (l, b) in self.blocks.iter().enumerate() {
             let h = self.rmsnorm(&x, &b.attn_norm);
+            for which in [Linear::Q, Linear::K, Linear::V] {
+                observe(l, which, &h);
+            }
             let q_pre = gemm(&h, t, &b.wq, d, d, self.threads);
             let k_pre = gemm(&h, t, &b.wk, kvd, d, self.threads);
             let v = gemm(&h, t, &b.wv, kvd, d, self.threads);
@@ -211,14 +279,18 @@ impl Model {
             };
             let a = attend(l, &qkv);
             assert_eq!(a.len(), t * d, "attention output shape");
+            observe(l, Linear::O, &a);
             let o = gemm(&a, t, &b.wo, d, d, self.threads);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = self.rmsnorm(&x, &b.ffn_norm);
+            observe(l, Linear::Gate, &h);
+            observe(l, Linear::Up, &h);
             let gate = gemm(&h, t, &b.w_gate, c.ffn, d, self.threads);
             let mut up = gemm(&h, t, &b.w_up, c.ffn, d, self.threads);
             for (u, &g) in up.iter_mut().zip(&gate) {
                 *u *= g / (1.0 + (-g).exp());
             }
+            observe(l, Linear::Down, &up);
             let o = gemm(&up, t, &b.w_down, d, c.ffn, self.threads);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         }
