@@ -461,15 +461,19 @@ fn shared_oracle(
     reference::merge(&po, &pl, &dist_o, &dlse, c.d)
 }
 
-/// The device copies of two host tables, and their [`DeviceTable`]s.
+/// A page table's three buffers on the device, and their [`DeviceTable`].
 type DevTable<B> = (
     <B as Backend>::Buffer<i32>,
     <B as Backend>::Buffer<i32>,
     <B as Backend>::Buffer<u32>,
 );
 
-fn upload_table<B: Backend>(dev: &B, t: &HostTable) -> Result<DevTable<B>, Error> {
-    Ok((dev.upload(&t.0)?, dev.upload(&t.1)?, dev.upload(&t.2)?))
+fn upload_table<B: Backend>(dev: &B, t: &PageTable) -> Result<DevTable<B>, Error> {
+    Ok((
+        dev.upload(t.page_indptr)?,
+        dev.upload(t.page_indices)?,
+        dev.upload(t.seq_lens)?,
+    ))
 }
 
 fn device_table<B: Backend>(
@@ -516,7 +520,10 @@ fn shared_case<B: Backend, T: KvElement>(
     let mut pool = poisoned::<B, T>(dev, l.v_pool_elements()? as usize)?;
     copy_values(dev, &l, &member_d, &mut pool, &t.src, &t.dst)?;
     let plan = SharedDecodePlan::new::<T>(&l, &pt(&t.prox), &pt(&t.dist), &cfg, Some(32))?;
-    let (pd, dd) = (upload_table(dev, &t.prox)?, upload_table(dev, &t.dist)?);
+    let (pd, dd) = (
+        upload_table(dev, &pt(&t.prox))?,
+        upload_table(dev, &pt(&t.dist))?,
+    );
     let (qd, qld) = (dev.upload(&q)?, dev.upload(&q_leader)?);
     let mut ws = DecodeWorkspace::for_shared(dev, &plan)?;
     let mut o = poisoned::<B, T>(dev, rows * d)?;
@@ -697,7 +704,10 @@ fn shared_quant_case<B: Backend, T: KvElement>(
         &cfg,
         Some(32),
     )?;
-    let (pd, dd) = (upload_table(dev, &t.prox)?, upload_table(dev, &t.dist)?);
+    let (pd, dd) = (
+        upload_table(dev, &pt(&t.prox))?,
+        upload_table(dev, &pt(&t.dist))?,
+    );
     let (qd, qld) = (dev.upload(&q)?, dev.upload(&q_leader)?);
     let mut ws = DecodeWorkspace::for_shared(dev, &plan)?;
     let mut o = poisoned::<B, T>(dev, rows * d)?;
@@ -1002,24 +1012,11 @@ fn shared_quant_bad_input_on<B: Backend>(dev: &B) {
     let small = dev
         .alloc_zeros::<u8>(l.v_pool_bytes() as usize - 16)
         .unwrap();
-    let up = |t: &PageTable| {
-        (
-            dev.upload(t.page_indptr).unwrap(),
-            dev.upload(t.page_indices).unwrap(),
-            dev.upload(t.seq_lens).unwrap(),
-        )
-    };
-    let ((pi, px, pl), (di, dx, dl)) = (up(&prox), up(&dist));
-    let prox_t = DeviceTable {
-        page_indptr: &pi,
-        page_indices: &px,
-        seq_lens: &pl,
-    };
-    let dist_t = DeviceTable {
-        page_indptr: &di,
-        page_indices: &dx,
-        seq_lens: &dl,
-    };
+    let (pd, dd) = (
+        upload_table(dev, &prox).unwrap(),
+        upload_table(dev, &dist).unwrap(),
+    );
+    let (prox_t, dist_t) = (device_table::<B>(&pd), device_table::<B>(&dd));
     let q = dev.upload(&vec![bf16::ONE; 2 * 64]).unwrap();
     let mut ws = DecodeWorkspace::for_shared(dev, &p).unwrap();
     let mut o = poisoned::<B, bf16>(dev, 2 * 64).unwrap();

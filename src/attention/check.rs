@@ -467,6 +467,19 @@ fn prefill_quant_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRo
 
 // Retention and inter-layer sharing.
 
+/// The three buffers of a page table on `dev`.
+#[allow(clippy::type_complexity)]
+fn upload_table<B: Backend>(
+    dev: &B,
+    t: &PageTable,
+) -> Result<(B::Buffer<i32>, B::Buffer<i32>, B::Buffer<u32>)> {
+    Ok((
+        dev.upload(t.page_indptr)?,
+        dev.upload(t.page_indices)?,
+        dev.upload(t.seq_lens)?,
+    ))
+}
+
 /// The distant table of a retention on pages of 16: each sequence's evicted pages and token count.
 fn evicted_table(
     kept: &super::Retained,
@@ -514,14 +527,8 @@ fn retention_shared_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<Chec
     let q_d = dev.upload(&to_bf16(&q))?;
     let mut pool = dev.upload(&vec![bf16::poison(); l.v_pool_elements()? as usize])?;
     copy_values(dev, &l, &cache_d, &mut pool, &didx, &didx)?;
-    let up = |t: &PageTable| -> Result<_> {
-        Ok((
-            dev.upload(t.page_indptr)?,
-            dev.upload(t.page_indices)?,
-            dev.upload(t.seq_lens)?,
-        ))
-    };
-    let ((pi, px, pl), (di, dx, dl)) = (up(&kept.table())?, up(&dist)?);
+    let ((pi, px, pl), (di, dx, dl)) =
+        (upload_table(dev, &kept.table())?, upload_table(dev, &dist)?);
     let mut ws = DecodeWorkspace::for_shared(dev, &plan)?;
     let mut o = dev.upload(&vec![bf16::poison(); rows * d])?;
     let mut lse = dev.upload(&vec![f32::poison(); rows])?;
@@ -602,14 +609,8 @@ fn retention_shared_quant_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Ve
     let q_d = dev.upload(&q.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>())?;
     let mut pool = dev.upload(&vec![u8::poison(); l.v_pool_bytes() as usize])?;
     copy_values_quantized(dev, &l, &cache_d, &mut pool, &didx, &didx)?;
-    let up = |t: &PageTable| -> Result<_> {
-        Ok((
-            dev.upload(t.page_indptr)?,
-            dev.upload(t.page_indices)?,
-            dev.upload(t.seq_lens)?,
-        ))
-    };
-    let ((pi, px, pl), (di, dx, dl)) = (up(&kept.table())?, up(&dist)?);
+    let ((pi, px, pl), (di, dx, dl)) =
+        (upload_table(dev, &kept.table())?, upload_table(dev, &dist)?);
     let mut ws = DecodeWorkspace::for_shared(dev, &plan)?;
     let mut o = dev.upload(&vec![bf16::poison(); rows * d])?;
     let mut lse = dev.upload(&vec![f32::poison(); rows])?;

@@ -115,13 +115,27 @@ impl DecodePlan {
         cfg: &DecodeConfig,
         split_size: Option<usize>,
     ) -> Result<Self> {
-        check_quant_plan(
+        Self::build_quantized::<T>(
             layout,
-            table.seq_lens.len(),
-            residual_slots,
-            slots,
+            table,
+            (residual_slots, slots),
+            cfg,
+            split_size,
             "DecodePlan::new",
-        )?;
+        )
+    }
+
+    /// [`new_quantized`](Self::new_quantized) for a caller whose bf16/f16 counterpart is `plain` (named by
+    /// the error a bf16/f16 layout gets).
+    pub(super) fn build_quantized<T: KvElement>(
+        layout: &PagedKvLayout,
+        table: &PageTable<'_>,
+        (residual_slots, slots): (&[i32], usize),
+        cfg: &DecodeConfig,
+        split_size: Option<usize>,
+        plain: &str,
+    ) -> Result<Self> {
+        check_quant_plan(layout, table.seq_lens.len(), residual_slots, slots, plain)?;
         Self::build::<T>(layout, table, cfg, split_size, Some(slots), false)
     }
 

@@ -9,7 +9,7 @@ use super::decode::{
     check_outputs, check_query, check_table_buffers, launch_merge, DecodePlan, DecodeWorkspace,
     KvElement,
 };
-use super::kivi::{check_quant_buffers, check_quant_plan};
+use super::kivi::check_quant_buffers;
 use super::DecodeConfig;
 use crate::backend::private::{Addr, AddrMut};
 use crate::device::{check_aligned, Family};
@@ -204,20 +204,13 @@ impl SharedDecodePlan {
         split_size: Option<usize>,
     ) -> Result<Self> {
         check_shared(layout, cfg)?;
-        check_quant_plan(
-            layout,
-            proximal.seq_lens.len(),
-            residual_slots,
-            slots,
-            "SharedDecodePlan::new",
-        )?;
-        let proximal_plan = DecodePlan::new_quantized::<T>(
+        let proximal_plan = DecodePlan::build_quantized::<T>(
             layout,
             proximal,
-            residual_slots,
-            slots,
+            (residual_slots, slots),
             cfg,
             split_size,
+            "SharedDecodePlan::new",
         )?;
         if let Some(g) = layout.format().group() {
             if let Some((b, &n)) = distant
