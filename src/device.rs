@@ -27,6 +27,8 @@ pub enum Family {
     Moe,
     /// Device probes: the bandwidth probe every memory-bound floor is measured with.
     Probe,
+    /// Quantised matmul: W4A16 (packed int4 weights, bf16/f16 activations) with split-K.
+    Quant,
     /// Conformance kernels of the constructs the SIMT emulator models (mma.sync, ldmatrix, cp.async,
     /// warp collectives), run on the emulator and on a GPU against the same expectations
     /// ([`crate::selftest`]).
@@ -40,6 +42,7 @@ impl Family {
         Family::Loss,
         Family::Moe,
         Family::Probe,
+        Family::Quant,
         Family::Selftest,
     ];
 
@@ -54,6 +57,7 @@ impl Family {
             Family::Loss => "loss",
             Family::Moe => "moe",
             Family::Probe => "probe",
+            Family::Quant => "quant",
             Family::Selftest => "selftest",
         }
     }

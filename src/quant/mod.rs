@@ -1,7 +1,8 @@
-//! Quantised matmul (issue 15, 4-bit as in OSTQuant / QuaRot; issue 16, 1-bit as in BiLLM): the CPU
-//! half that comes first, the quantisers that produce the weight formats and the transforms that make
-//! them accurate. Everything here is host code in f64 where it matters; the kernels that consume these
-//! formats (W4A16, W4A4, the packed 1-bit GEMV) are not built yet (`kernels/quant/`, issue 15).
+//! Quantised matmul (issue 15, 4-bit as in OSTQuant / QuaRot; issue 16, 1-bit as in BiLLM): the
+//! quantisers that produce the weight formats and the transforms that make them accurate (host code, f64
+//! where it matters), the packed int4 format and the W4A16 kernel that reads it (`kernels/quant/`).
+//! W4A4, the fused online Hadamard + activation quantisation kernel and the 1-bit format are not built
+//! yet.
 //!
 //! * [`WeightQuant`] and [`QuantizedWeight`]: a k-bit (2..=8) integer weight format, per output channel
 //!   or in groups of 32/64/128 input channels, symmetric or with zero points, its scales rounded to the
@@ -12,6 +13,11 @@
 //!   dampening, the upper Cholesky factor of the inverse Hessian, blocks of 128 columns with lazy
 //!   updates, act-order with static groups (so the group structure stays contiguous and kernels need no
 //!   permutation index).
+//! * [`PackedW4`]: an int4 weight packed in `mma.sync` fragment order (format version 1, K and N padded
+//!   internally), lossless to unpack, with the exact dense matrix the kernel multiplies by.
+//! * [`w4a16`] with [`W4A16Plan`], [`W4A16Weight`], [`W4A16Workspace`]: `y = x · Ŵᵀ` for bf16/f16
+//!   activations on tensor cores, any M (16/32/64-row tiles, split-K for small M), checked against
+//!   [`reference_w4a16`].
 //! * [`hadamard`]: the normalised Hadamard transform of sizes `m · 2^k` (m ∈ {1, 12, 20, 28, 36, 44,
 //!   60}), the rotation QuaRot and OSTQuant fuse into weights (`W·H`) and apply online to activations
 //!   (`x·H`), exact in f64.
@@ -23,11 +29,17 @@ mod act;
 mod gptq;
 pub mod hadamard;
 mod linalg;
+mod packed;
 mod rtn;
+mod w4a16;
 
 pub use act::{quantize_tokens, QuantizedTokens};
 pub use gptq::{quantize_gptq, GptqConfig, Hessian};
+pub use packed::{PackedW4, W4_FORMAT_VERSION, W4_K_PAD, W4_N_PAD};
 pub use rtn::{quantize_rtn, QuantizedWeight, ScaleFormat, WeightQuant};
+pub use w4a16::{
+    reference_w4a16, w4a16, W4A16Plan, W4A16Weight, W4A16Workspace, W4Element, W4A16_MAX_SPLITS,
+};
 
 /// `‖X·Wᵀ − X·Ŵᵀ‖ / ‖X·Wᵀ‖` in f64 for activations `x` (`[rows][k]`) and two `[n][k]` weights: the
 /// output error the quantisers are judged by.

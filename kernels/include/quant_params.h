@@ -1,0 +1,50 @@
+/* quant_params.h: launch parameters of the quantised-matmul family (kernels/quant). Read by nvcc and by
+ * bindgen. The packed W4 format these kernels read is described in src/quant/packed.rs (format version
+ * FK_W4_FORMAT_VERSION); the constants below are part of it. */
+#ifndef FK_QUANT_PARAMS_H
+#define FK_QUANT_PARAMS_H
+
+#include <stdint.h>
+
+/* Packed W4 format, version 1: K is padded to a multiple of FK_W4_KSLAB, N to a multiple of
+ * FK_W4_NBLOCK; one 512-byte tile holds 16 (k) x 64 (n) codes in mma.sync m16n8k16 B-fragment order. */
+#define FK_W4_FORMAT_VERSION 1
+#define FK_W4_KSLAB 128
+#define FK_W4_NBLOCK 64
+#define FK_W4_TILE_BYTES 512
+
+/* The W4A16 GEMM: 4 warps per block, each on its own 16-deep k tiles of every 128-deep slab. */
+#define FK_W4A16_THREADS 128
+#define FK_W4A16_WARPS 4
+#define FK_W4A16_STAGES 4
+
+/* y[M][N] = x[M][K] . W^T with W the packed int4 weight, fp32 accumulation. Grid: (n_pad / 64,
+ * ceil(M / (16 MT)), splits). With one split the block writes y; else it writes its fp32 partial sums
+ * to ws[split][M][N] and fk_w4a16_reduce adds the splits in order. */
+typedef struct fk_w4a16_params {
+    const void *x;            /* [M][K] bf16/f16, row stride lda elements */
+    const uint32_t *codes;    /* [n_pad/64][k_pad/16][32 lanes][4 words] */
+    const void *scales;       /* [n_pad/64][n_groups][8][8] bf16/f16 (same type as x) */
+    const uint8_t *zeros;     /* [n_pad/64][n_groups][8][8] bytes, or NULL: symmetric (zero point 8) */
+    void *y;                  /* [M][N] bf16/f16 (one split) */
+    float *ws;                /* [splits][M][N] fp32 partial sums (several splits), else NULL */
+    int64_t m;
+    int64_t lda;
+    int32_t n;
+    int32_t k;
+    int32_t k_pad;
+    int32_t n_groups;         /* k_pad / group_len */
+    int32_t group_len;        /* 32, 64, 128 or k_pad (one group per output channel) */
+    int32_t slabs_per_split;  /* 128-deep k slabs per block along z */
+    int32_t a_vec;            /* 1: rows of x are 16-byte aligned and K % 8 == 0 (cp.async path) */
+} fk_w4a16_params;
+
+/* y[m][n] = sum over splits s (in order) of ws[s][m][n], rounded to bf16/f16. */
+typedef struct fk_w4a16_reduce_params {
+    const float *ws;
+    void *y;
+    int64_t mn;               /* M * N */
+    int32_t splits;
+} fk_w4a16_reduce_params;
+
+#endif
