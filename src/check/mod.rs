@@ -27,6 +27,7 @@ pub fn registry() -> Vec<SelfCheck> {
         crate::attention::check::self_check(),
         crate::loss::check::self_check(),
         crate::moe::check::self_check(),
+        crate::quant::check::self_check(),
         crate::selftest::self_check(),
     ]
 }

@@ -26,6 +26,7 @@
 //! layout): `y = x · Wᵀ`, and groups run along `k`.
 
 mod act;
+pub(crate) mod check;
 mod gptq;
 pub mod hadamard;
 mod linalg;

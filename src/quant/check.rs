@@ -1,0 +1,123 @@
+//! The quantised-matmul family's rows of `fusekit check`: the packed format's round trip and the
+//! rotation's orthogonality on the CPU, and one W4A16 product per activation type against the f64
+//! reference on the GPU or the emulator.
+
+use super::{
+    hadamard, quantize_rtn, reference_w4a16, w4a16, PackedW4, ScaleFormat, W4A16Plan, W4A16Weight,
+    W4A16Workspace, W4Element, WeightQuant,
+};
+use crate::check::row::{CheckRow, SelfCheck};
+use crate::error::Result;
+use crate::testing::{Dist, Rng};
+use crate::{Backend, Gpu};
+
+pub(crate) fn self_check() -> SelfCheck {
+    SelfCheck {
+        family: "quant",
+        cpu: cpu_check,
+        gpu: kernel_check::<Gpu>,
+        emu: kernel_check::<crate::emu::Emulator>,
+        gpu_extra: None,
+    }
+}
+
+fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
+    rng.sample(Dist::Normal { mean: 0.0, std }, n)
+        .into_iter()
+        .map(|x| x as f32)
+        .collect()
+}
+
+fn cpu_check(rng: &mut Rng) -> Vec<CheckRow> {
+    let (n, k) = (72, 200);
+    let w = normal(rng, n * k, 0.05);
+    let round_trip = quantize_rtn(&w, n, k, &WeightQuant::int4(Some(64), false))
+        .and_then(|q| Ok(PackedW4::pack(&q)?.unpack() == q));
+    let ok = matches!(round_trip, Ok(true));
+    // H·Hᵀ = I at SmolLM2's 576 = 36·16, in f64.
+    let orth = hadamard::matrix(576).map(|h| {
+        let mut e = 0.0f64;
+        for i in 0..576 {
+            for j in 0..576 {
+                let d: f64 = (0..576).map(|t| h[i * 576 + t] * h[j * 576 + t]).sum();
+                e = e.max((d - (i == j) as u8 as f64).abs());
+            }
+        }
+        e
+    });
+    let e = orth.unwrap_or(f64::NAN);
+    vec![
+        CheckRow {
+            kernel: "PackedW4 pack/unpack (host)".into(),
+            mode: "cpu-ref",
+            max_err: if ok { 0.0 } else { f64::NAN },
+            pass: ok,
+            gbps: None,
+            note: "72 x 200 int4 g64 asymmetric: unpack(pack(q)) == q".into(),
+        },
+        CheckRow {
+            kernel: "hadamard::matrix(576) (host)".into(),
+            mode: "cpu-ref",
+            max_err: e,
+            pass: e < 1e-12,
+            gbps: None,
+            note: "max |H·Hᵀ − I| in f64 (36 · 16)".into(),
+        },
+    ]
+}
+
+fn kernel_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
+    Ok(vec![
+        product::<B, half::bf16>(dev, rng)?,
+        product::<B, half::f16>(dev, rng)?,
+    ])
+}
+
+/// 17 rows x a 130 x 300 weight (g128, asymmetric; k and n tails) on two k-splits, against
+/// [`reference_w4a16`]: largest error relative to max(1, |y|).
+fn product<B: Backend, T: W4Element>(dev: &B, rng: &mut Rng) -> Result<CheckRow> {
+    let (m, n, k) = (17, 130, 300);
+    let w = normal(rng, n * k, 0.05);
+    let s = WeightQuant {
+        scale_format: T::SCALES,
+        ..WeightQuant::int4(Some(128), false)
+    };
+    let p = PackedW4::pack(&quantize_rtn(&w, n, k, &s)?)?;
+    let x: Vec<T> = normal(rng, m * k, 1.0)
+        .into_iter()
+        .map(|v| T::from_f64(v as f64))
+        .collect();
+    let plan = W4A16Plan::new::<T>(dev.props(), &p, m, Some(2))?;
+    let wd = W4A16Weight::upload(dev, &p)?;
+    let mut ws = W4A16Workspace::new(dev, &plan)?;
+    let xd = dev.upload(&x)?;
+    let mut y = dev.upload(&vec![T::poison(); m * n])?;
+    w4a16(dev, &plan, &xd, &wd, &mut ws, &mut y)?;
+    let got = dev.download(&y)?;
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f64() as f32).collect();
+    let want = reference_w4a16(&xf, m, &p)?;
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g.to_f64() - w).abs() / w.abs().max(1.0))
+        .fold(0.0f64, |a, e| {
+            if e.is_nan() || a.is_nan() {
+                f64::NAN
+            } else {
+                a.max(e)
+            }
+        });
+    let tol = if T::SCALES == ScaleFormat::Bf16 {
+        8e-3
+    } else {
+        1e-3
+    };
+    Ok(CheckRow {
+        kernel: format!("fk_w4a16_{}_m32 + fk_w4a16_reduce_{}", T::SUFFIX, T::SUFFIX),
+        mode: if dev.kind() == "gpu" { "gpu" } else { "emu" },
+        max_err: err,
+        pass: err < tol,
+        gbps: None,
+        note: format!("17 x 130 x 300, int4 g128 asymmetric, 2 k-splits; tolerance {tol:e} (one rounding to {})", T::SUFFIX),
+    })
+}
