@@ -509,3 +509,147 @@ fn gptq_zeroes_dead_channels_and_tokens_quantise() {
     };
     assert!(quantize_gptq(&w, n, k, &h, &WeightQuant::int4(None, false), &zero).is_err());
 }
+
+/// The on-disk form of packed layers: a multi-layer round trip (every scheme the kernels read), and every
+/// mismatch a typed error.
+#[test]
+fn packed_weights_round_trip_through_safetensors() {
+    use fusekit::quant::safetensors::{write, SafeTensors};
+    use fusekit::quant::PackedW4;
+    let mut rng = Rng::new(seed_for("packed_weights_round_trip_through_safetensors"));
+    let mut layers = Vec::new();
+    for (i, (n, k, group, symmetric, sf)) in [
+        (70, 150, Some(32), false, ScaleFormat::Bf16),
+        (64, 128, None, true, ScaleFormat::F16),
+        (3, 300, Some(128), false, ScaleFormat::F16),
+        (130, 64, Some(64), true, ScaleFormat::Bf16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let w = normal(&mut rng, n * k);
+        let s = WeightQuant {
+            scale_format: sf,
+            ..WeightQuant::int4(group, symmetric)
+        };
+        let p = PackedW4::pack(&quantize_rtn(&w, n, k, &s).unwrap()).unwrap();
+        layers.push((format!("layers.{i}.proj"), p));
+    }
+    let named: Vec<(&str, &PackedW4)> = layers.iter().map(|(n, p)| (n.as_str(), p)).collect();
+    let bytes = PackedW4::to_safetensors(&named).unwrap();
+    assert!(
+        PackedW4::from_safetensors(&bytes).unwrap() == layers,
+        "round trip differs"
+    );
+    // Readable as a plain safetensors file.
+    let st = SafeTensors::parse(&bytes).unwrap();
+    assert_eq!(
+        st.tensor("layers.0.proj.codes").unwrap().shape,
+        vec![2, 16, 32, 4]
+    );
+    assert_eq!(st.tensor("layers.0.proj.zeros").unwrap().dtype, "U8");
+    assert!(st.tensor("layers.1.proj.zeros").is_err()); // symmetric: none stored
+
+    // Rewrites of the file with one thing changed.
+    type Meta = Vec<(String, String)>;
+    type Tensors = Vec<(String, String, Vec<usize>, Vec<u8>)>;
+    let rewrite = |meta_edit: &dyn Fn(&mut Meta), tensor_edit: &dyn Fn(&mut Tensors)| {
+        let mut meta: Meta = st
+            .metadata()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut tensors: Tensors = st
+            .names()
+            .map(|n| {
+                let t = st.tensor(n).unwrap();
+                (
+                    n.to_string(),
+                    t.dtype.clone(),
+                    t.shape.clone(),
+                    t.data.to_vec(),
+                )
+            })
+            .collect();
+        meta_edit(&mut meta);
+        tensor_edit(&mut tensors);
+        let m: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let t: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.as_str(), d.as_str(), s.clone(), b.clone()))
+            .collect();
+        PackedW4::from_safetensors(&write(&t, &m).unwrap())
+    };
+    assert!(
+        rewrite(&|_| {}, &|_| {}).unwrap() == layers,
+        "rewrite differs"
+    ); // the rewrite is faithful
+    let set = |key: &'static str, v: &'static str| {
+        move |m: &mut Meta| {
+            m.iter_mut().find(|(k, _)| k == key).unwrap().1 = v.to_string();
+        }
+    };
+    assert!(matches!(
+        rewrite(&set("version", "2"), &|_| {}),
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(rewrite(&set("format", "other"), &|_| {}).is_err());
+    assert!(rewrite(
+        &set(
+            "layers.0.proj",
+            "n=70;k=150;group=48;symmetric=0;scales=bf16"
+        ),
+        &|_| {}
+    )
+    .is_err());
+    assert!(rewrite(
+        &set(
+            "layers.0.proj",
+            "n=70;k=300;group=32;symmetric=0;scales=bf16"
+        ),
+        &|_| {}
+    )
+    .is_err());
+    assert!(rewrite(
+        &set(
+            "layers.0.proj",
+            "n=70;k=150;group=32;symmetric=1;scales=bf16"
+        ),
+        &|_| {}
+    )
+    .is_err());
+    assert!(rewrite(
+        &set(
+            "layers.0.proj",
+            "n=70;k=150;group=32;symmetric=0;scales=f16"
+        ),
+        &|_| {}
+    )
+    .is_err());
+    assert!(rewrite(&set("layers.0.proj", "n=70;k=150"), &|_| {}).is_err());
+    // A tensor missing, an extra one, a wrong dtype.
+    assert!(rewrite(&|_| {}, &|t| t.retain(|x| x.0 != "layers.2.proj.zeros")).is_err());
+    assert!(rewrite(&|_| {}, &|t| t.push((
+        "stray".into(),
+        "U8".into(),
+        vec![1],
+        vec![0]
+    )))
+    .is_err());
+    assert!(rewrite(&|_| {}, &|t| t
+        .iter_mut()
+        .find(|x| x.0 == "layers.3.proj.scales")
+        .unwrap()
+        .1 = "F16".into())
+    .is_err());
+    // A zero point byte above 15.
+    assert!(rewrite(&|_| {}, &|t| t
+        .iter_mut()
+        .find(|x| x.0 == "layers.0.proj.zeros")
+        .unwrap()
+        .3[5] = 16)
+    .is_err());
+    // Bad layer names are refused on writing.
+    assert!(PackedW4::to_safetensors(&[("a=b", &layers[0].1)]).is_err());
+    assert!(PackedW4::to_safetensors(&[("x", &layers[0].1), ("x", &layers[1].1)]).is_err());
+}

@@ -15,6 +15,8 @@
 //!   permutation index).
 //! * [`PackedW4`]: an int4 weight packed in `mma.sync` fragment order (format version 1, K and N padded
 //!   internally), lossless to unpack, with the exact dense matrix the kernel multiplies by.
+//! * [`safetensors`]: the safetensors container, read and written without dependencies: the on-disk
+//!   form of packed layers ([`PackedW4::to_safetensors`], versioned) and checkpoints to quantise.
 //! * [`w4a16`] with [`W4A16Plan`], [`W4A16Weight`], [`W4A16Workspace`]: `y = x · Ŵᵀ` for bf16/f16
 //!   activations on tensor cores, any M (16/32/64-row tiles, split-K for small M), checked against
 //!   [`reference_w4a16`].
@@ -32,6 +34,7 @@ pub mod hadamard;
 mod linalg;
 mod packed;
 mod rtn;
+pub mod safetensors;
 mod w4a16;
 
 pub use act::{quantize_tokens, QuantizedTokens};

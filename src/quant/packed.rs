@@ -1,6 +1,8 @@
 //! The packed int4 weight the W4A16 kernel reads (format version 1): codes in tensor-core fragment
 //! order, scales and zero points in the order each lane loads them, K and N padded internally.
 
+use std::collections::BTreeMap;
+
 use crate::error::{Error, Result};
 
 use super::rtn::{QuantizedWeight, ScaleFormat, WeightQuant};
@@ -367,6 +369,219 @@ impl PackedW4 {
             }
         }
         out
+    }
+}
+
+/// The `format` metadata of a packed-W4 safetensors file.
+const FILE_FORMAT: &str = "fusekit.packed_w4";
+
+impl PackedW4 {
+    /// The on-disk form of named packed layers: a safetensors file (readable by any safetensors
+    /// library) with metadata `format = "fusekit.packed_w4"`, `version = "1"` and, per layer `name`,
+    /// `name = "n=…;k=…;group=32|64|128|channel;symmetric=0|1;scales=bf16|f16;mse_clip=0|1"` (the last
+    /// records how the codes were chosen), and the tensors
+    /// `name.codes` (U32 `[n_pad/64, k_pad/16, 32, 4]`), `name.scales` (BF16/F16
+    /// `[n_pad/64, n_groups, 8, 8]`) and, asymmetric only, `name.zeros` (U8, the scales' shape): the
+    /// in-memory buffers byte for byte. Layer names must be non-empty, without `;`, `=` and not
+    /// `format`/`version`.
+    ///
+    /// ```
+    /// use fusekit::quant::{quantize_rtn, PackedW4, WeightQuant};
+    /// let w: Vec<f32> = (0..70 * 150).map(|i| (i % 13) as f32 - 6.0).collect();
+    /// let p = PackedW4::pack(&quantize_rtn(&w, 70, 150, &WeightQuant::int4(Some(32), false))?)?;
+    /// let bytes = PackedW4::to_safetensors(&[("mlp.down_proj", &p)])?;
+    /// let back = PackedW4::from_safetensors(&bytes)?;
+    /// assert_eq!(back, vec![("mlp.down_proj".to_string(), p)]);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn to_safetensors(layers: &[(&str, &PackedW4)]) -> Result<Vec<u8>> {
+        let mut meta = vec![
+            ("format".to_string(), FILE_FORMAT.to_string()),
+            ("version".to_string(), W4_FORMAT_VERSION.to_string()),
+        ];
+        let mut tensors = Vec::new();
+        for (name, p) in layers {
+            if name.is_empty() || name.contains([';', '=']) || ["format", "version"].contains(name)
+            {
+                return Err(Error::invalid("layers", format!("layer name {name:?}")));
+            }
+            if meta.iter().any(|(k, _)| k == name) {
+                return Err(Error::invalid("layers", format!("layer {name:?} twice")));
+            }
+            p.validate()?;
+            meta.push((name.to_string(), p.header_string()));
+            let (nb, ng) = (p.n_pad() / W4_N_PAD, p.n_groups());
+            let scales_dtype = if p.scheme.scale_format == ScaleFormat::Bf16 {
+                "BF16"
+            } else {
+                "F16"
+            };
+            tensors.push((
+                format!("{name}.codes"),
+                "U32",
+                vec![nb, p.k_pad() / 16, 32, 4],
+                p.codes
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ));
+            tensors.push((
+                format!("{name}.scales"),
+                scales_dtype,
+                vec![nb, ng, 8, 8],
+                p.scales.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            ));
+            if let Some(z) = &p.zeros {
+                tensors.push((format!("{name}.zeros"), "U8", vec![nb, ng, 8, 8], z.clone()));
+            }
+        }
+        let m: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        super::safetensors::write(&tensors, &m)
+    }
+
+    fn header_string(&self) -> String {
+        format!(
+            "n={};k={};group={};symmetric={};scales={};mse_clip={}",
+            self.n,
+            self.k,
+            self.scheme
+                .group
+                .map_or("channel".to_string(), |g| g.to_string()),
+            self.scheme.symmetric as u8,
+            if self.scheme.scale_format == ScaleFormat::Bf16 {
+                "bf16"
+            } else {
+                "f16"
+            },
+            self.scheme.mse_clip as u8
+        )
+    }
+
+    /// Reads the layers [`to_safetensors`](Self::to_safetensors) wrote, in name order. Another format,
+    /// another version (`Err(Unsupported)` naming both), a layer header that does not parse, a tensor of
+    /// the wrong dtype or shape, a missing or unexpected tensor: a typed `Err`, before anything is used.
+    ///
+    /// ```
+    /// use fusekit::quant::PackedW4;
+    /// assert!(PackedW4::from_safetensors(b"\x02\0\0\0\0\0\0\0{}").is_err()); // no format metadata
+    /// ```
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Vec<(String, PackedW4)>> {
+        let st = super::safetensors::SafeTensors::parse(bytes)?;
+        let meta = st.metadata();
+        match meta.get("format").map(String::as_str) {
+            Some(FILE_FORMAT) => {}
+            other => {
+                return Err(Error::invalid(
+                    "safetensors",
+                    format!("format {other:?}, not {FILE_FORMAT:?}"),
+                ))
+            }
+        }
+        let v = meta.get("version").cloned().unwrap_or_default();
+        if v != W4_FORMAT_VERSION.to_string() {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "packed W4 format version {v:?} (this build reads version {W4_FORMAT_VERSION})"
+                ),
+            });
+        }
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        for (name, h) in meta
+            .iter()
+            .filter(|(k, _)| *k != "format" && *k != "version")
+        {
+            let bad =
+                |what: String| Error::invalid("safetensors", format!("layer {name:?}: {what}"));
+            let mut fields = BTreeMap::new();
+            for kv in h.split(';') {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| bad(format!("header {h:?}")))?;
+                fields.insert(k, v);
+            }
+            let get = |k: &str| {
+                fields
+                    .get(k)
+                    .copied()
+                    .ok_or_else(|| bad(format!("no {k} in {h:?}")))
+            };
+            let num = |k: &str| -> Result<usize> {
+                get(k)?.parse().map_err(|_| bad(format!("{k} in {h:?}")))
+            };
+            let (n, k) = (num("n")?, num("k")?);
+            let group = match get("group")? {
+                "channel" => None,
+                g => Some(g.parse().map_err(|_| bad(format!("group in {h:?}")))?),
+            };
+            let symmetric = match get("symmetric")? {
+                "0" => false,
+                "1" => true,
+                _ => return Err(bad(format!("symmetric in {h:?}"))),
+            };
+            let (scale_format, sdt) = match get("scales")? {
+                "bf16" => (ScaleFormat::Bf16, "BF16"),
+                "f16" => (ScaleFormat::F16, "F16"),
+                _ => return Err(bad(format!("scales in {h:?}"))),
+            };
+            if n == 0 || k == 0 || n >= 1 << 31 || k >= 1 << 31 {
+                return Err(bad(format!("a {n} x {k} weight")));
+            }
+            // How the codes were chosen (recorded, not needed to read them); absent: no search.
+            let mse_clip = fields.get("mse_clip") == Some(&"1");
+            let scheme = WeightQuant {
+                bits: 4,
+                group,
+                symmetric,
+                scale_format,
+                mse_clip,
+            };
+            scheme.validate()?;
+            let mut p = PackedW4 {
+                n,
+                k,
+                scheme,
+                codes: Vec::new(),
+                scales: Vec::new(),
+                zeros: None,
+            };
+            let (nb, ng) = (p.n_pad() / W4_N_PAD, p.n_groups());
+            let take = |suffix: &str, dtype: &str, shape: Vec<usize>| -> Result<&[u8]> {
+                let t = st.tensor(&format!("{name}.{suffix}"))?;
+                if t.dtype != dtype || t.shape != shape {
+                    return Err(bad(format!(
+                        "{suffix} is {} {:?}, the header implies {dtype} {shape:?}",
+                        t.dtype, t.shape
+                    )));
+                }
+                Ok(t.data)
+            };
+            p.codes = take("codes", "U32", vec![nb, p.k_pad() / 16, 32, 4])?
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            p.scales = take("scales", sdt, vec![nb, ng, 8, 8])?
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            used += 2;
+            if !symmetric {
+                p.zeros = Some(take("zeros", "U8", vec![nb, ng, 8, 8])?.to_vec());
+                used += 1;
+            }
+            p.validate()?;
+            out.push((name.clone(), p));
+        }
+        if used != st.names().count() {
+            return Err(Error::invalid(
+                "safetensors",
+                format!(
+                    "{} tensors, of which the layer headers name {used}",
+                    st.names().count()
+                ),
+            ));
+        }
+        Ok(out)
     }
 }
 
