@@ -1,0 +1,142 @@
+//! Quantised-matmul benchmarks (issue 15, item 9): W4A16 (int4 g128 asymmetric, bf16 activations) at
+//! M ∈ {1, 8, 16, 64, 256, 4096} × (N × K) ∈ {4096², 8192², 8192 × 28672}, beside cuBLAS bf16 at the same
+//! shape in the same run, with the floor: max(packed weight bytes ÷ the copy bandwidth measured in this
+//! run, 2·M·N·K ÷ the bf16 tensor peak measured through cuBLAS at 8192³ in this run). `FUSEKIT_QUICK=1`:
+//! 4096² only. Weights are random codes and scales (the time does not depend on the values).
+
+mod common;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use fusekit::quant::{
+    w4a16, PackedW4, QuantizedWeight, W4A16Plan, W4A16Weight, W4A16Workspace, WeightQuant,
+};
+use fusekit::timing::time_launches_sync;
+use fusekit::Gpu;
+use half::bf16;
+
+fn quick() -> bool {
+    std::env::var("FUSEKIT_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// A random int4 g128 asymmetric weight, packed.
+fn random_weight(n: usize, k: usize, seed: u64) -> PackedW4 {
+    let mut rng = fusekit::testing::Rng::new(seed);
+    let groups = k.div_ceil(128);
+    let q = QuantizedWeight {
+        n,
+        k,
+        scheme: WeightQuant::int4(Some(128), false),
+        codes: (0..n * k).map(|_| rng.below(16) as u8).collect(),
+        scales: (0..n * groups)
+            .map(|_| bf16::from_f64(0.001 + 0.01 * rng.uniform(0.0, 1.0)).to_f32())
+            .collect(),
+        zeros: (0..n * groups).map(|_| rng.below(16) as u8).collect(),
+    };
+    PackedW4::pack(&q).expect("valid weight")
+}
+
+/// cuBLAS bf16 `y[M][N] = x[M][K] · W[N][K]ᵀ` (column-major: `yᵀ = W · xᵀ`), median µs.
+fn cublas_us(gpu: &Gpu, blas: &CudaBlas, m: usize, n: usize, k: usize) -> f64 {
+    let s = gpu.stream();
+    let w = s.alloc_zeros::<bf16>(n * k).unwrap();
+    let x = s.alloc_zeros::<bf16>(m * k).unwrap();
+    let mut y = s.alloc_zeros::<bf16>(m * n).unwrap();
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: bf16::ONE,
+        lda: k as i32,
+        ldb: k as i32,
+        beta: bf16::ZERO,
+        ldc: n as i32,
+    };
+    let t = time_launches_sync(gpu, 3, 20, || {
+        // SAFETY: w is n×k, x is m×k, y is m×n with the leading dimensions above: every access in bounds.
+        unsafe { blas.gemm(cfg, &w, &x, &mut y) }.unwrap();
+        Ok(())
+    })
+    .unwrap();
+    t.median_ms * 1e3
+}
+
+fn w4a16_bench(c: &mut Criterion) {
+    let Some(gpu) = common::gpu_or_skip("bench quant/w4a16") else {
+        return;
+    };
+    let copy = fusekit::probe::measure_copy_bandwidth_sync(&gpu, 1 << 30, 20)
+        .unwrap()
+        .gbps();
+    let blas = CudaBlas::new(gpu.stream().clone()).unwrap();
+    let peak_tflops = {
+        let n = 8192usize;
+        2.0 * (n as f64).powi(3) / (cublas_us(&gpu, &blas, n, n, n) * 1e-6) / 1e12
+    };
+    println!("copy bandwidth {copy:.0} GB/s, cuBLAS bf16 peak {peak_tflops:.0} TFLOP/s (8192³)");
+    let shapes: &[(usize, usize)] = if quick() {
+        &[(4096, 4096)]
+    } else {
+        &[(4096, 4096), (8192, 8192), (8192, 28672)]
+    };
+    let mut g = c.benchmark_group("quant");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(1));
+    for &(n, k) in shapes {
+        let p = random_weight(n, k, (n * 31 + k) as u64);
+        let w = W4A16Weight::upload(&gpu, &p).unwrap();
+        for m in [1usize, 8, 16, 64, 256, 4096] {
+            let plan = W4A16Plan::new::<bf16>(gpu.props(), &p, m, None).unwrap();
+            let mut ws = W4A16Workspace::new(&gpu, &plan).unwrap();
+            let x = gpu.stream().alloc_zeros::<bf16>(m * k).unwrap();
+            let mut y = gpu.stream().alloc_zeros::<bf16>(m * n).unwrap();
+            let name = format!("quant/w4a16_g128/{n}x{k}/m{m}");
+            let mut run = || w4a16(&gpu, &plan, &x, &w, &mut ws, &mut y).unwrap();
+            let t = time_launches_sync(&gpu, 3, 20, || {
+                run();
+                Ok(())
+            })
+            .unwrap();
+            if m == 1 && n == 4096 {
+                g.bench_function(&name, |b| {
+                    b.iter_custom(|iters| common::event_time(&gpu, iters, &mut run))
+                });
+            }
+            let us = t.median_ms * 1e3;
+            let bytes = p.bytes() as f64 + 2.0 * (m * k + m * n) as f64;
+            let flops = 2.0 * (m * n * k) as f64;
+            let floor_us = (bytes / (copy * 1e9)).max(flops / (peak_tflops * 1e12)) * 1e6;
+            let cublas = cublas_us(&gpu, &blas, m, n, k);
+            println!(
+                "{name}: {us:.1} us ({:.0} GB/s, {:.1} TFLOP/s), {:.0}% of the floor ({floor_us:.1} us), \
+                 cuBLAS bf16 {cublas:.1} us ({:.2}x)",
+                bytes / (us * 1e-6) / 1e9,
+                flops / (us * 1e-6) / 1e12,
+                100.0 * floor_us / us,
+                cublas / us
+            );
+            common::emit(
+                &name,
+                &[
+                    ("m", m as f64),
+                    ("n", n as f64),
+                    ("k", k as f64),
+                    ("splits", plan.splits() as f64),
+                    ("median_us", us),
+                    ("min_us", t.min_ms * 1e3),
+                    ("floor_us", floor_us),
+                    ("pct_of_floor", 100.0 * floor_us / us),
+                    ("cublas_bf16_us", cublas),
+                    ("speedup_vs_cublas", cublas / us),
+                ],
+                &[("device", &gpu.props().name)],
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, w4a16_bench);
+criterion_main!(benches);
