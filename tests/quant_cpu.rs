@@ -653,3 +653,171 @@ fn packed_weights_round_trip_through_safetensors() {
     assert!(PackedW4::to_safetensors(&[("a=b", &layers[0].1)]).is_err());
     assert!(PackedW4::to_safetensors(&[("x", &layers[0].1), ("x", &layers[1].1)]).is_err());
 }
+
+/// An equivalent transform fused into the producer and the consumer of an activation leaves the float
+/// chain's output unchanged, with any positive scales and an orthogonal rotation (Hadamard 48 = 12·4).
+#[test]
+fn equivalent_transforms_leave_float_outputs_unchanged() {
+    use fusekit::quant::EquivalentTransform;
+    let mut rng = Rng::new(seed_for(
+        "equivalent_transforms_leave_float_outputs_unchanged",
+    ));
+    let (rows, k_in, k, n) = (9, 20, 48, 7);
+    let x = normal(&mut rng, rows * k_in);
+    let w1 = normal(&mut rng, k * k_in);
+    let b1 = normal(&mut rng, k);
+    let w2 = normal(&mut rng, n * k);
+    // Scales spread over four orders of magnitude.
+    let scales: Vec<f64> = (0..k).map(|_| 10f64.powf(rng.uniform(-2.0, 2.0))).collect();
+    let chain = |w1: &[f32], b1: &[f32], w2: &[f32]| -> Vec<f64> {
+        let mut y = vec![0.0f64; rows * n];
+        for r in 0..rows {
+            let h: Vec<f64> = (0..k)
+                .map(|o| {
+                    b1[o] as f64
+                        + (0..k_in)
+                            .map(|i| x[r * k_in + i] as f64 * w1[o * k_in + i] as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            for c in 0..n {
+                y[r * n + c] = (0..k).map(|o| h[o] * w2[c * k + o] as f64).sum();
+            }
+        }
+        y
+    };
+    let want = chain(&w1, &b1, &w2);
+    let norm = want.iter().map(|v| v * v).sum::<f64>().sqrt();
+    for t in [
+        EquivalentTransform::new(scales.clone(), None).unwrap(),
+        EquivalentTransform::hadamard(k, None).unwrap(),
+        EquivalentTransform::hadamard(k, Some(scales.clone())).unwrap(),
+    ] {
+        let (w1t, b1t) = t.producer(&w1, &b1, k_in).unwrap();
+        let w2t = t.consumer_weight(&w2).unwrap();
+        let got = chain(&w1t, &b1t, &w2t);
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
+            .sqrt()
+            / norm;
+        // f32 storage of weights scaled over four orders of magnitude: a few 1e-5 at most; a wrong
+        // transform is off by O(1).
+        assert!(err < 1e-4, "chain changed by {err:e}");
+        // And the activation view: (x W1ᵀ + b1)·T equals the transformed producer's output.
+        let h: Vec<f32> = (0..rows * k)
+            .map(|i| {
+                let (r, o) = (i / k, i % k);
+                b1[o]
+                    + (0..k_in)
+                        .map(|j| x[r * k_in + j] * w1[o * k_in + j])
+                        .sum::<f32>()
+            })
+            .collect();
+        let ht = t.activations(&h).unwrap();
+        let h2: Vec<f32> = (0..rows * k)
+            .map(|i| {
+                let (r, o) = (i / k, i % k);
+                b1t[o]
+                    + (0..k_in)
+                        .map(|j| x[r * k_in + j] * w1t[o * k_in + j])
+                        .sum::<f32>()
+            })
+            .collect();
+        let d = ht
+            .iter()
+            .zip(&h2)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let hn = ht.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(
+            d / hn < 1e-5,
+            "producer output differs from x·T by {:e}",
+            d / hn
+        );
+    }
+    // Bad transforms.
+    assert!(EquivalentTransform::new(vec![1.0, 0.0], None).is_err());
+    assert!(EquivalentTransform::new(vec![1.0, f64::NAN], None).is_err());
+    assert!(EquivalentTransform::new(vec![1.0; 2], Some(vec![1.0; 3])).is_err());
+    assert!(EquivalentTransform::hadamard(50, None).is_err());
+    let t = EquivalentTransform::hadamard(4, None).unwrap();
+    assert!(t.producer(&[0.0; 7], &[], 2).is_err());
+    assert!(t.activations(&[0.0; 6]).is_err());
+}
+
+/// QSUR: near 1 for isotropic data whatever the rotation, low with an outlier channel, and raised by a
+/// Hadamard rotation that spreads the outlier.
+#[test]
+fn qsur_tracks_how_data_fill_the_grid() {
+    use fusekit::quant::{qsur, EquivalentTransform};
+    let mut rng = Rng::new(seed_for("qsur_tracks_how_data_fill_the_grid"));
+    let (rows, k) = (4000, 32);
+    let x = normal(&mut rng, rows * k);
+    let h = EquivalentTransform::hadamard(k, None).unwrap();
+    let (q, qr) = (
+        qsur(&x, k).unwrap(),
+        qsur(&h.activations(&x).unwrap(), k).unwrap(),
+    );
+    assert!(q > 0.85 && qr > 0.85, "isotropic data: {q}, rotated {qr}");
+    assert!(
+        (q - qr).abs() < 0.05,
+        "a rotation of isotropic data changed QSUR: {q} -> {qr}"
+    );
+    let mut y = x.clone();
+    for r in 0..rows {
+        y[r * k + 5] *= 30.0;
+        y[r * k + 17] += 10.0; // a shifted channel
+    }
+    let (qo, qor) = (
+        qsur(&y, k).unwrap(),
+        qsur(&h.activations(&y).unwrap(), k).unwrap(),
+    );
+    assert!(qo < 0.2, "outlier channel: {qo}");
+    assert!(
+        qor > 2.0 * qo,
+        "the rotation should spread the outlier: {qo} -> {qor}"
+    );
+    // Scaling the outlier channel back down restores it.
+    let mut s = vec![1.0f64; k];
+    s[5] = 30.0;
+    let qs = qsur(
+        &EquivalentTransform::new(s, None)
+            .unwrap()
+            .activations(&y)
+            .unwrap(),
+        k,
+    )
+    .unwrap();
+    assert!(qs > qo * 3.0, "scaling the outlier channel: {qo} -> {qs}");
+    assert!(qsur(&x[..k], k).is_err()); // one row
+    let mut bad = x.clone();
+    bad[3] = f32::NAN;
+    assert!(qsur(&bad, k).is_err());
+    assert_eq!(qsur(&vec![1.0f32; 4 * k], k).unwrap(), 0.0); // no spread
+}
+
+/// The scale search never loses to unit scales (they are a candidate), and with an outlier channel under
+/// per-token int4 activations it finds a scaling that helps.
+#[test]
+fn scale_search_helps_w4a4_with_outlier_channels() {
+    use fusekit::quant::search_scales;
+    let mut rng = Rng::new(seed_for("scale_search_helps_w4a4_with_outlier_channels"));
+    let (rows, k, n) = (256, 64, 48);
+    let x = correlated(&mut rng, rows, k, 9, 40.0);
+    let w = normal(&mut rng, n * k);
+    let s = WeightQuant::int4(Some(32), false);
+    let r = search_scales(&x, &w, n, k, &s, Some(4), None).unwrap();
+    assert!(r.error <= r.error_unscaled);
+    assert!(
+        r.alpha.is_some() && r.error < 0.8 * r.error_unscaled,
+        "{r:?}"
+    );
+    let h = fusekit::quant::hadamard::matrix(k).unwrap();
+    let rh = search_scales(&x, &w, n, k, &s, Some(4), Some(&h)).unwrap();
+    assert!(rh.error <= rh.error_unscaled);
+    assert!(search_scales(&x, &w[1..], n, k, &s, None, None).is_err());
+}

@@ -17,6 +17,10 @@
 //!   internally), lossless to unpack, with the exact dense matrix the kernel multiplies by.
 //! * [`safetensors`]: the safetensors container, read and written without dependencies: the on-disk
 //!   form of packed layers ([`PackedW4::to_safetensors`], versioned) and checkpoints to quantise.
+//! * [`EquivalentTransform`], [`search_scales`] and [`qsur`]: OSTQuant-style equivalent transforms (a
+//!   given orthogonal matrix and diagonal scaling fused into the layers on both sides of an activation,
+//!   float outputs unchanged), a SmoothQuant-form search of the scaling, and the quantisation space
+//!   utilisation rate that says how well data fill their grid.
 //! * [`w4a16`] with [`W4A16Plan`], [`W4A16Weight`], [`W4A16Workspace`]: `y = x · Ŵᵀ` for bf16/f16
 //!   activations on tensor cores, any M (16/32/64-row tiles, split-K for small M), checked against
 //!   [`reference_w4a16`].
@@ -35,12 +39,14 @@ mod linalg;
 mod packed;
 mod rtn;
 pub mod safetensors;
+mod transform;
 mod w4a16;
 
 pub use act::{quantize_tokens, QuantizedTokens};
 pub use gptq::{quantize_gptq, GptqConfig, Hessian};
 pub use packed::{PackedW4, W4_FORMAT_VERSION, W4_K_PAD, W4_N_PAD};
 pub use rtn::{quantize_rtn, QuantizedWeight, ScaleFormat, WeightQuant};
+pub use transform::{qsur, search_scales, EquivalentTransform, ScaleSearch, QSUR_SHRINKAGE};
 pub use w4a16::{
     reference_w4a16, w4a16, W4A16Plan, W4A16Weight, W4A16Workspace, W4Element, W4A16_MAX_SPLITS,
 };
