@@ -20,6 +20,7 @@ pub struct Config {
 }
 
 /// One transformer block, every matrix `[out][in]` in f32.
+#[derive(Clone)]
 struct Block {
     attn_norm: Vec<f32>,
     wq: Vec<f32>,
@@ -33,6 +34,7 @@ struct Block {
 }
 
 /// The model with its weights dequantised to f32.
+#[derive(Clone)]
 pub struct Model {
     pub cfg: Config,
     /// `[vocab][dim]`; also the output projection (tied embeddings).
@@ -42,6 +44,9 @@ pub struct Model {
     pub rope: Rope,
     pub threads: usize,
 }
+
+/// Maps a linear layer's input (`layer, which, x`) to what it multiplies by (`None`: `x` itself).
+pub type InputMap<'a> = dyn FnMut(usize, Linear, &[f32]) -> Option<Vec<f32>> + 'a;
 
 /// The linear layers of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -95,6 +100,7 @@ pub struct Qkv {
 
 /// RoPE tables in GGUF's interleaved-pair order: pair `i` is elements `(2i, 2i+1)`, rotated by
 /// `pos · base^(−2i/head_dim)` (computed in f64).
+#[derive(Clone)]
 pub struct Rope {
     half: usize,
     cos: Vec<f32>,
@@ -245,6 +251,37 @@ impl Model {
         attend: &mut dyn FnMut(usize, &Qkv) -> Vec<f32>,
         observe: &mut dyn FnMut(usize, Linear, &[f32]),
     ) -> Vec<f32> {
+        self.forward_mapped(tokens, attend, &mut |l, which, x| {
+            observe(l, which, x);
+            None
+        })
+    }
+
+    /// Replaces layer `l`'s weight of `which` (`[out][in]`, the same shape).
+    #[allow(dead_code)]
+    pub fn set_linear(&mut self, l: usize, which: Linear, w: Vec<f32>) {
+        let b = &mut self.blocks[l];
+        let slot = match which {
+            Linear::Q => &mut b.wq,
+            Linear::K => &mut b.wk,
+            Linear::V => &mut b.wv,
+            Linear::O => &mut b.wo,
+            Linear::Gate => &mut b.w_gate,
+            Linear::Up => &mut b.w_up,
+            Linear::Down => &mut b.w_down,
+        };
+        assert_eq!(slot.len(), w.len(), "set_linear: shape");
+        *slot = w;
+    }
+
+    /// [`forward`](Self::forward) with every linear layer's input `x` (`[T][in]`) replaced by
+    /// `map(layer, which, x)` where that returns `Some` (what a quantised layer multiplies by).
+    pub fn forward_mapped(
+        &self,
+        tokens: &[u32],
+        attend: &mut dyn FnMut(usize, &Qkv) -> Vec<f32>,
+        map: &mut InputMap<'_>,
+    ) -> Vec<f32> {
         let c = &self.cfg;
         let (t, d, hd) = (tokens.len(), c.dim, c.head_dim);
         let kvd = c.kv_heads * hd;
@@ -254,12 +291,10 @@ impl Model {
         }
         for (l, b) in self.blocks.iter().enumerate() {
             let h = self.rmsnorm(&x, &b.attn_norm);
-            for which in [Linear::Q, Linear::K, Linear::V] {
-                observe(l, which, &h);
-            }
-            let q_pre = gemm(&h, t, &b.wq, d, d, self.threads);
-            let k_pre = gemm(&h, t, &b.wk, kvd, d, self.threads);
-            let v = gemm(&h, t, &b.wv, kvd, d, self.threads);
+            let [hq, hk, hv] = [Linear::Q, Linear::K, Linear::V].map(|w| map(l, w, &h));
+            let q_pre = gemm(hq.as_deref().unwrap_or(&h), t, &b.wq, d, d, self.threads);
+            let k_pre = gemm(hk.as_deref().unwrap_or(&h), t, &b.wk, kvd, d, self.threads);
+            let v = gemm(hv.as_deref().unwrap_or(&h), t, &b.wv, kvd, d, self.threads);
             let (mut q, mut k) = (q_pre.clone(), k_pre.clone());
             for p in 0..t {
                 for head in q[p * d..(p + 1) * d].chunks_exact_mut(hd) {
@@ -279,19 +314,39 @@ impl Model {
             };
             let a = attend(l, &qkv);
             assert_eq!(a.len(), t * d, "attention output shape");
-            observe(l, Linear::O, &a);
-            let o = gemm(&a, t, &b.wo, d, d, self.threads);
+            let ao = map(l, Linear::O, &a);
+            let o = gemm(ao.as_deref().unwrap_or(&a), t, &b.wo, d, d, self.threads);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = self.rmsnorm(&x, &b.ffn_norm);
-            observe(l, Linear::Gate, &h);
-            observe(l, Linear::Up, &h);
-            let gate = gemm(&h, t, &b.w_gate, c.ffn, d, self.threads);
-            let mut up = gemm(&h, t, &b.w_up, c.ffn, d, self.threads);
+            let [hg, hu] = [Linear::Gate, Linear::Up].map(|w| map(l, w, &h));
+            let gate = gemm(
+                hg.as_deref().unwrap_or(&h),
+                t,
+                &b.w_gate,
+                c.ffn,
+                d,
+                self.threads,
+            );
+            let mut up = gemm(
+                hu.as_deref().unwrap_or(&h),
+                t,
+                &b.w_up,
+                c.ffn,
+                d,
+                self.threads,
+            );
             for (u, &g) in up.iter_mut().zip(&gate) {
                 *u *= g / (1.0 + (-g).exp());
             }
-            observe(l, Linear::Down, &up);
-            let o = gemm(&up, t, &b.w_down, d, c.ffn, self.threads);
+            let ud = map(l, Linear::Down, &up);
+            let o = gemm(
+                ud.as_deref().unwrap_or(&up),
+                t,
+                &b.w_down,
+                d,
+                c.ffn,
+                self.threads,
+            );
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         }
         self.rmsnorm(&x, &self.out_norm)

@@ -13,7 +13,10 @@
 //! ```
 //!
 //! Options: `--threads N` (the model's forward; default 2), `--all-layers`, `--write` (the table
-//! into README.md between the `smollm2-quant` markers). The re-quantisation of these weights with
+//! into README.md between the `smollm2-quant` markers), `--w4a4`: instead, the perplexity of the whole
+//! model over the GPL-3 text with every linear layer quantised, W4A16 and W4A4 (per-token int4
+//! activations) without and with the Hadamard rotation (`--write`: between the `smollm2-w4a4`
+//! markers). The re-quantisation of these weights with
 //! asymmetric groups of 32 would be exact (they are Q4_1 g32), so that setting is not reported.
 
 #[path = "../smollm2_kv/fixture.rs"]
@@ -29,7 +32,8 @@ mod model;
 use fixture::{find_gguf, fixture, GGUF_NAME};
 use fusekit::quant::hadamard::rotate_rows_f32;
 use fusekit::quant::{
-    quantize_gptq, quantize_rtn, relative_output_error, GptqConfig, Hessian, WeightQuant,
+    quantize_gptq, quantize_rtn, quantize_tokens, relative_output_error, GptqConfig, Hessian,
+    WeightQuant,
 };
 use model::{Linear, Model, Qkv};
 use std::collections::HashMap;
@@ -131,7 +135,12 @@ fn main() {
         );
         std::process::exit(2);
     };
-    if let Err(e) = run(&path, threads, all, write) {
+    let result = if args.iter().any(|a| a == "--w4a4") {
+        w4a4(&path, threads, write)
+    } else {
+        run(&path, threads, all, write)
+    };
+    if let Err(e) = result {
         eprintln!("smollm2_quant: {e}");
         std::process::exit(1);
     }
@@ -246,6 +255,169 @@ fn run(path: &std::path::Path, threads: usize, all: bool, write: bool) -> Result
         let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
         let text = std::fs::read_to_string(&readme).map_err(|e| e.to_string())?;
         let (open, close) = ("<!-- smollm2-quant -->", "<!-- /smollm2-quant -->");
+        let (Some(a), Some(b)) = (text.find(open), text.find(close)) else {
+            return Err(format!("README.md has no {open} … {close} markers"));
+        };
+        let new = format!("{}{open}\n{table}{}", &text[..a], &text[b..]);
+        std::fs::write(&readme, new).map_err(|e| e.to_string())?;
+        eprintln!("README.md updated");
+    }
+    Ok(())
+}
+
+/// Perplexity of the model over `tokens` with each linear layer's input passed through `act`.
+fn perplexity(m: &Model, tokens: &[u32], act: &dyn Fn(&[f32], usize) -> Vec<f32>) -> f64 {
+    let c = &m.cfg;
+    let h = m.forward_mapped(
+        tokens,
+        &mut |_, x| exact_attention(x, c.heads, c.kv_heads, c.head_dim),
+        &mut |_, which, x| {
+            let k = if which == Linear::Down { c.ffn } else { c.dim };
+            Some(act(x, k))
+        },
+    );
+    let nll = m.next_token_nll(&h, tokens);
+    (nll.iter().sum::<f64>() / nll.len() as f64).exp()
+}
+
+/// W4A4 on the whole model (issue 15, item 6): perplexity over the GPL-3 text with every linear layer's
+/// weights quantised (and, for A4, every linear layer's input quantised per token to int4), without and
+/// with the Hadamard rotation (W·H offline, x·H online; equal to the float model before quantisation).
+fn w4a4(path: &std::path::Path, threads: usize, write: bool) -> Result<(), String> {
+    let t0 = Instant::now();
+    let g = gguf::Gguf::open(path)?;
+    let m = Model::load(&g, threads)?;
+    let eval = fixture("gpl3_512");
+    let layers: Vec<usize> = (0..m.cfg.layers).collect();
+    let none = |x: &[f32], _k: usize| x.to_vec();
+    let float = perplexity(&m, &eval, &none);
+    eprintln!("float: {float:.3} ({:.0} s)", t0.elapsed().as_secs_f64());
+    // Rotated float model: the same function (checks the rotation is exact end to end).
+    let rotated = |mm: &Model| -> Result<Model, String> {
+        let mut r = mm.clone();
+        for &l in &layers {
+            for which in Linear::ALL {
+                let (w, _, k) = mm.linear(l, which);
+                r.set_linear(l, which, e(rotate_rows_f32(w, k))?);
+            }
+        }
+        Ok(r)
+    };
+    let m_rot = rotated(&m)?;
+    let rot = |x: &[f32], k: usize| rotate_rows_f32(x, k).expect("rotation");
+    let float_rot = perplexity(&m_rot, &eval, &rot);
+    eprintln!(
+        "float, rotated: {float_rot:.3} ({:.0} s)",
+        t0.elapsed().as_secs_f64()
+    );
+    let a4 = |x: &[f32], k: usize| {
+        quantize_tokens(x, k, 4, false)
+            .expect("finite activations")
+            .dequantize()
+    };
+    let a4_rot = |x: &[f32], k: usize| {
+        quantize_tokens(&rotate_rows_f32(x, k).expect("rotation"), k, 4, false)
+            .expect("finite activations")
+            .dequantize()
+    };
+    // Weights: RTN, or GPTQ with Hessians from the float model's inputs on the Apache-2.0 text.
+    let calib = capture(&m, &fixture("apache_512"), &layers);
+    let quantised =
+        |base: &Model, s: &WeightQuant, gptq: bool, rotate: bool| -> Result<Model, String> {
+            let mut q = base.clone();
+            for &l in &layers {
+                for which in Linear::ALL {
+                    let (w, n, k) = base.linear(l, which);
+                    let wq = if gptq {
+                        let x = &calib[&(l, which)];
+                        let x = if rotate {
+                            e(rotate_rows_f32(x, k))?
+                        } else {
+                            x.clone()
+                        };
+                        let mut h = e(Hessian::new(k))?;
+                        e(h.add(&x))?;
+                        e(quantize_gptq(w, n, k, &h, s, &GptqConfig::default()))?.dequantize()
+                    } else {
+                        e(quantize_rtn(w, n, k, s))?.dequantize()
+                    };
+                    q.set_linear(l, which, wq);
+                }
+            }
+            Ok(q)
+        };
+    let g128 = WeightQuant::int4(Some(128), false);
+    let pc = WeightQuant::int4(None, true);
+    let mut rows: Vec<(String, f64)> = vec![
+        ("float (f32 weights and activations)".into(), float),
+        (
+            "float, rotated (W·H, x·H: the same function)".into(),
+            float_rot,
+        ),
+    ];
+    let runs: [(&str, &WeightQuant, bool, bool, bool); 6] = [
+        ("W4A16: RTN g128 asymmetric", &g128, false, false, false),
+        (
+            "W4A4: RTN per-channel symmetric, per-token int4 activations",
+            &pc,
+            false,
+            false,
+            true,
+        ),
+        (
+            "W4A4: RTN per-channel + Hadamard rotation",
+            &pc,
+            false,
+            true,
+            true,
+        ),
+        ("W4A4: GPTQ per-channel", &pc, true, false, true),
+        (
+            "W4A4: GPTQ per-channel + Hadamard rotation",
+            &pc,
+            true,
+            true,
+            true,
+        ),
+        (
+            "W4A16: GPTQ g128 asymmetric + Hadamard rotation",
+            &g128,
+            true,
+            true,
+            false,
+        ),
+    ];
+    for (name, s, gptq, rotate, act4) in runs {
+        let base = if rotate { &m_rot } else { &m };
+        let q = quantised(base, s, gptq, rotate)?;
+        let ppl = match (rotate, act4) {
+            (false, false) => perplexity(&q, &eval, &none),
+            (true, false) => perplexity(&q, &eval, &rot),
+            (false, true) => perplexity(&q, &eval, &a4),
+            (true, true) => perplexity(&q, &eval, &a4_rot),
+        };
+        eprintln!("{name}: {ppl:.3} ({:.0} s)", t0.elapsed().as_secs_f64());
+        rows.push((name.to_string(), ppl));
+    }
+    let mut table = String::from(
+        "Perplexity of SmolLM2-135M over the first 512 tokens of the GPL-3 text with every linear layer of \
+         all 30 blocks quantised (`cargo run --release --example smollm2_quant -- --w4a4`, CPU; attention, \
+         norms, embeddings and the KV cache in full precision; GPTQ Hessians from the float model's inputs \
+         on the Apache-2.0 text, 512 tokens, 1 % dampening, blocks of 128; activations quantised per token, \
+         asymmetric int4, after the rotation when there is one):\n\n| model | perplexity |\n| --- | --- |\n"
+    );
+    for (name, p) in &rows {
+        table += &format!("| {name} | {p:.2} |\n");
+    }
+    table += &format!(
+        "\n({:.0} s on {threads} threads.)\n",
+        t0.elapsed().as_secs_f64()
+    );
+    println!("{table}");
+    if write {
+        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        let text = std::fs::read_to_string(&readme).map_err(|e| e.to_string())?;
+        let (open, close) = ("<!-- smollm2-w4a4 -->", "<!-- /smollm2-w4a4 -->");
         let (Some(a), Some(b)) = (text.find(open), text.find(close)) else {
             return Err(format!("README.md has no {open} … {close} markers"));
         };
