@@ -219,19 +219,26 @@ fn non_finite_inputs_give_non_finite_outputs() {
         let mut x = activations::<bf16>(&mut rng, m, k);
         x[2 * k + 37] = bf16::NAN; // row 2
         x[3 * k + 5] = bf16::INFINITY; // row 3
-        let mut p =
-            PackedW4::pack(&quantize_rtn(&w, n, k, &scheme::<bf16>(Some(32), false)).unwrap())
-                .unwrap();
-        // A NaN scale for output channel 70, group 1 (n-block 1, lane row 70 % 8 = 6, subtile 0).
+        let p = PackedW4::pack(&quantize_rtn(&w, n, k, &scheme::<bf16>(Some(32), false)).unwrap())
+            .unwrap();
+        // A NaN or infinite scale (output channel 70, group 1: n-block 1, lane row 70 % 8 = 6,
+        // subtile 0) never reaches the kernel: the upload refuses it.
         let ng = p.n_groups();
-        p.scales[(ng + 1) * 64 + 6 * 8] = bf16::NAN.to_bits();
+        for bad in [bf16::NAN, bf16::INFINITY] {
+            let mut q = p.clone();
+            q.scales[(ng + 1) * 64 + 6 * 8] = bad.to_bits();
+            assert!(matches!(
+                W4A16Weight::upload(dev, &q),
+                Err(Error::InvalidArgument { .. })
+            ));
+        }
         for split in [Some(1), Some(3)] {
             let (y, _) = run(dev, &p, &x, m, split).unwrap();
             for r in 0..m {
                 for c in 0..n {
                     let v = y[r * n + c].to_f64();
                     assert!(!y[r * n + c].is_poison(), "y[{r}][{c}] not written");
-                    if r == 2 || c == 70 {
+                    if r == 2 {
                         assert!(v.is_nan(), "y[{r}][{c}] = {v}, NaN expected");
                     } else if r == 3 {
                         // inf · w: ±inf, or NaN where the weight is 0 (a zero-point code).
@@ -341,6 +348,24 @@ fn bad_input_is_a_typed_error() {
         assert!(matches!(
             W4A16Weight::upload(dev, &bad),
             Err(Error::Shape { .. })
+        ));
+        // A padded weight that is not zero (k = 100: k tile 7, k = 112..127, is padding; lane 0's first
+        // nibble is row 0, k = 112): refused, the kernel would multiply by it.
+        let p100 = PackedW4::pack(
+            &quantize_rtn(
+                &weights(&mut rng, n, 100),
+                n,
+                100,
+                &scheme::<bf16>(Some(32), false),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut bad = p100.clone();
+        bad.codes[7 * 32 * 4] ^= 1;
+        assert!(matches!(
+            W4A16Weight::upload(dev, &bad),
+            Err(Error::InvalidArgument { .. })
         ));
         // Plans: f16 activations for bf16 scales, a pre-Ampere GPU, 0 splits.
         assert!(matches!(

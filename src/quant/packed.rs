@@ -255,6 +255,48 @@ impl PackedW4 {
                 format!("zero point byte {i} is above 15"),
             ));
         }
+        // Scales: finite (the exponent field of a bf16/f16 not all ones).
+        let exp_mask: u16 = if self.scheme.scale_format == ScaleFormat::Bf16 {
+            0x7f80
+        } else {
+            0x7c00
+        };
+        if let Some(i) = self.scales.iter().position(|&b| b & exp_mask == exp_mask) {
+            return Err(Error::invalid(
+                "w",
+                format!("scale {i} is not finite (bits {:#06x})", self.scales[i]),
+            ));
+        }
+        // Padding: every padded weight is exactly zero (its code is its group's zero point), and a group
+        // wholly in the padding has scale 0 and zero point 8; the kernel relies on it, the reference
+        // never reads it.
+        let (n, k, gl) = (self.n, self.k, self.group_len());
+        for r in 0..self.n_pad() {
+            let cols = if r < n {
+                k..self.k_pad()
+            } else {
+                0..self.k_pad()
+            };
+            for c in cols {
+                let gi = c / gl;
+                if self.code_at(r, c) != self.zero_at(r, gi) {
+                    return Err(Error::invalid(
+                        "w",
+                        format!("padded weight ({r}, {c}) is not zero (its code is not the group's zero point)"),
+                    ));
+                }
+            }
+            for gi in 0..self.n_groups() {
+                if (r >= n || gi * gl >= k)
+                    && (self.scale_at(r, gi) != 0.0 || self.zero_at(r, gi) != 8)
+                {
+                    return Err(Error::invalid(
+                        "w",
+                        format!("padding group ({r}, {gi}) must have scale 0 and zero point 8"),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -528,7 +570,20 @@ impl PackedW4 {
                 return Err(bad(format!("a {n} x {k} weight")));
             }
             // How the codes were chosen (recorded, not needed to read them); absent: no search.
-            let mse_clip = fields.get("mse_clip") == Some(&"1");
+            let mse_clip = match fields.get("mse_clip") {
+                None | Some(&"0") => false,
+                Some(&"1") => true,
+                Some(v) => return Err(bad(format!("mse_clip {v:?} in {h:?}"))),
+            };
+            if let Some(f) = fields
+                .keys()
+                .find(|f| !["n", "k", "group", "symmetric", "scales", "mse_clip"].contains(f))
+            {
+                return Err(bad(format!("unknown field {f:?} in {h:?}")));
+            }
+            if name.is_empty() || name.contains([';', '=']) {
+                return Err(bad("a layer name to_safetensors would refuse".into()));
+            }
             let scheme = WeightQuant {
                 bits: 4,
                 group,

@@ -168,6 +168,9 @@ impl<'a> SafeTensors<'a> {
                 )));
             }
             ranges.push((off[0], off[1], name.clone()));
+            if tensors.contains_key(&name) {
+                return Err(bad(format!("tensor {name:?} twice")));
+            }
             tensors.insert(
                 name,
                 TensorView {
@@ -228,7 +231,11 @@ pub fn write<S: AsRef<str>>(
     for (i, (name, dtype, shape, bytes)) in tensors.iter().enumerate() {
         let name = name.as_ref();
         let size = dtype_size(dtype).ok_or_else(|| bad(format!("unknown dtype {dtype}")))?;
-        if shape.iter().product::<usize>() * size != bytes.len() {
+        let want = shape
+            .iter()
+            .try_fold(size, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad(format!("tensor {name:?}: shape {shape:?} overflows")))?;
+        if want != bytes.len() {
             return Err(bad(format!(
                 "tensor {name:?}: {} bytes for shape {shape:?} of {dtype}",
                 bytes.len()
@@ -558,5 +565,20 @@ mod tests {
         ))
         .is_err());
         assert!(SafeTensors::parse(&mk(&"[".repeat(1000))).is_err());
+        // Shapes whose product overflows, each dimension fitting; a name twice.
+        assert!(SafeTensors::parse(&mk(
+            r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#
+        ))
+        .is_err());
+        assert!(SafeTensors::parse(&mk(r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#)).is_err());
+        assert!(write(&[("a", "U8", vec![usize::MAX, 2], vec![])], &[]).is_err());
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let nest = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+        assert!(Json::parse(&nest(60)).is_ok());
+        let deep = Json::parse(&nest(65)).unwrap_err().to_string();
+        assert!(deep.contains("deeper"), "{deep}");
     }
 }
