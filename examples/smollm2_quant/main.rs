@@ -168,6 +168,7 @@ fn run(path: &std::path::Path, threads: usize, all: bool, write: bool) -> Result
     // errors[(kind, scheme, method)] over layers.
     let mut errors: HashMap<(Linear, usize, usize), Vec<f64>> = HashMap::new();
     let mut peaks: HashMap<Linear, Vec<(f64, f64)>> = HashMap::new();
+    let mut act_order: HashMap<(Linear, usize), Vec<f64>> = HashMap::new();
     for &l in &layers {
         let lt = Instant::now();
         for which in Linear::ALL {
@@ -191,6 +192,16 @@ fn run(path: &std::path::Path, threads: usize, all: bool, write: bool) -> Result
                 let rtn_r = e(quantize_rtn(&wr, n, k, s))?.dequantize();
                 let gptq = e(quantize_gptq(w, n, k, &h, s, &cfg))?.dequantize();
                 let gptq_r = e(quantize_gptq(&wr, n, k, &hr, s, &cfg))?.dequantize();
+                // Act-order (columns by decreasing Hessian diagonal, static groups), after the rotation.
+                let ao = GptqConfig {
+                    act_order: true,
+                    ..cfg
+                };
+                let gptq_ao = e(quantize_gptq(&wr, n, k, &hr, s, &ao))?.dequantize();
+                act_order
+                    .entry((which, si))
+                    .or_default()
+                    .push(e(relative_output_error(&xer, &wr, &gptq_ao, k))?);
                 let errs = [
                     e(relative_output_error(xe, w, &rtn, k))?,
                     e(relative_output_error(&xer, &wr, &rtn_r, k))?,
@@ -234,6 +245,23 @@ fn run(path: &std::path::Path, threads: usize, all: bool, write: bool) -> Result
         table += &row;
         table.push('\n');
     }
+    table += "\nGPTQ + Hadamard with act-order (columns in decreasing order of the Hessian's diagonal, groups \
+              kept static), against the same without it (the columns above), g128 / per channel: ";
+    table += &Linear::ALL
+        .iter()
+        .map(|w| {
+            format!(
+                "{} {:.2e} / {:.2e} (vs {:.2e} / {:.2e})",
+                w.name(),
+                mean(&act_order[&(*w, 0)]),
+                mean(&act_order[&(*w, 1)]),
+                mean(&errors[&(*w, 0, 3)]),
+                mean(&errors[&(*w, 1, 3)])
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    table += ".\n";
     table += "\nActivations entering each layer type, max |x| / RMS per token (mean over tokens and the \
               layers above), before → after the rotation: ";
     table += &Linear::ALL
