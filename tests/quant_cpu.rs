@@ -649,6 +649,22 @@ fn packed_weights_round_trip_through_safetensors() {
         .unwrap()
         .3[5] = 16)
     .is_err());
+    // Every truncation of a small file, and every single-byte corruption of its header, is an Err or a
+    // valid set of layers: never a panic, never a layer that fails validation.
+    let small = PackedW4::to_safetensors(&[("l", &layers[2].1)]).unwrap();
+    for cut in 0..small.len() {
+        assert!(PackedW4::from_safetensors(&small[..cut]).is_err());
+    }
+    let hlen = u64::from_le_bytes(small[..8].try_into().unwrap()) as usize;
+    for i in 0..8 + hlen {
+        for v in [0u8, b'0', b'9', b'"', b';', b'=', 0xff] {
+            let mut f = small.clone();
+            f[i] = v;
+            if let Ok(ls) = PackedW4::from_safetensors(&f) {
+                assert!(ls.iter().all(|(_, p)| p.validate().is_ok()));
+            }
+        }
+    }
     // Bad layer names are refused on writing.
     assert!(PackedW4::to_safetensors(&[("a=b", &layers[0].1)]).is_err());
     assert!(PackedW4::to_safetensors(&[("x", &layers[0].1), ("x", &layers[1].1)]).is_err());
