@@ -12,6 +12,10 @@
 //!     python3 scripts/fixtures/minilm.py     # once (or scripts/setup --models)
 //!     cargo run --release --example minilm_quant [-- --write]   # --write: refresh the README table
 
+#[path = "../smollm2_quant/compare.rs"]
+mod compare;
+
+use compare::{compare, e, write_readme_section, METHODS};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,8 +23,7 @@ use std::time::Instant;
 use fusekit::quant::hadamard::rotate_rows_f32;
 use fusekit::quant::safetensors::SafeTensors;
 use fusekit::quant::{
-    qsur, quantize_gptq, quantize_rtn, quantize_tokens, relative_output_error, search_scales,
-    EquivalentTransform, GptqConfig, Hessian, WeightQuant,
+    qsur, quantize_rtn, quantize_tokens, search_scales, EquivalentTransform, WeightQuant,
 };
 
 const FIXTURE: &str = include_str!("../../tests/fixtures/minilm_tokens.txt");
@@ -214,19 +217,6 @@ fn erf(x: f32) -> f32 {
     (if x < 0.0 { -y } else { y }) as f32
 }
 
-/// Mean over tokens of max|x| / RMS (how peaked each token's features are).
-fn peakiness(x: &[f32], k: usize) -> f64 {
-    let rows = x.len() / k;
-    (0..rows)
-        .map(|r| {
-            let row = &x[r * k..(r + 1) * k];
-            let rms = (row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / k as f64).sqrt();
-            row.iter().fold(0.0f64, |m, v| m.max((*v as f64).abs())) / rms.max(1e-30)
-        })
-        .sum::<f64>()
-        / rows as f64
-}
-
 fn mean_pool(h: &[f32]) -> Vec<f64> {
     let t = h.len() / HIDDEN;
     let mut v = vec![0.0f64; HIDDEN];
@@ -243,10 +233,6 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
     let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
     dot / (na * nb)
-}
-
-fn e<T>(r: fusekit::Result<T>) -> Result<T, String> {
-    r.map_err(|e| e.to_string())
 }
 
 /// The block-diagonal rotation of one Hadamard per attention head (32 = 2^5): it commutes with the
@@ -293,8 +279,6 @@ fn w4a4_error(
     }
     Ok((num / den).sqrt())
 }
-
-const METHODS: [&str; 4] = ["RTN", "RTN + Hadamard", "GPTQ", "GPTQ + Hadamard"];
 
 fn main() {
     let write = std::env::args().any(|a| a == "--write");
@@ -352,35 +336,11 @@ fn run(dir: &std::path::Path, write: bool) -> Result<(), String> {
         for (kind, &(_, _, n, k)) in KINDS.iter().enumerate() {
             let w = m.weight(l, kind);
             let (xc, xe) = (&calib[&(l, kind)], &eval[&(l, kind)]);
-            let (xcr, xer) = (e(rotate_rows_f32(xc, k))?, e(rotate_rows_f32(xe, k))?);
-            let wr = e(rotate_rows_f32(w, k))?;
-            peaks
-                .entry(kind)
-                .or_default()
-                .push((peakiness(xe, k), peakiness(&xer, k)));
-            let hessian = |x: &[f32]| -> Result<Hessian, String> {
-                let mut h = e(Hessian::new(k))?;
-                e(h.add(x))?;
-                Ok(h)
-            };
-            let (h, hr) = (hessian(xc)?, hessian(&xcr)?);
-            for (si, (_, s)) in schemes.iter().enumerate() {
-                let cfg = GptqConfig::default();
-                let outs = [
-                    (xe, w, e(quantize_rtn(w, n, k, s))?.dequantize()),
-                    (&xer, &wr[..], e(quantize_rtn(&wr, n, k, s))?.dequantize()),
-                    (xe, w, e(quantize_gptq(w, n, k, &h, s, &cfg))?.dequantize()),
-                    (
-                        &xer,
-                        &wr[..],
-                        e(quantize_gptq(&wr, n, k, &hr, s, &cfg))?.dequantize(),
-                    ),
-                ];
-                for (mi, (x, w, wq)) in outs.iter().enumerate() {
-                    errors
-                        .entry((kind, si, mi))
-                        .or_default()
-                        .push(e(relative_output_error(x, w, wq, k))?);
+            let c = compare(w, n, k, xc, xe, &schemes.map(|(_, s)| s), false)?;
+            peaks.entry(kind).or_default().push(c.peaks);
+            for (si, errs) in c.errors.iter().enumerate() {
+                for (mi, &v) in errs.iter().enumerate() {
+                    errors.entry((kind, si, mi)).or_default().push(v);
                 }
             }
         }
@@ -545,15 +505,7 @@ fn run(dir: &std::path::Path, write: bool) -> Result<(), String> {
     table += &format!(" ({:.0} s on one thread).\n", t0.elapsed().as_secs_f64());
     println!("{table}");
     if write {
-        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-        let text = std::fs::read_to_string(&readme).map_err(|e| e.to_string())?;
-        let (open, close) = ("<!-- minilm-quant -->", "<!-- /minilm-quant -->");
-        let (Some(a), Some(b)) = (text.find(open), text.find(close)) else {
-            return Err(format!("README.md has no {open} … {close} markers"));
-        };
-        let new = format!("{}{open}\n{table}{}", &text[..a], &text[b..]);
-        std::fs::write(&readme, new).map_err(|e| e.to_string())?;
-        eprintln!("README.md updated");
+        write_readme_section("minilm-quant", &table)?;
     }
     Ok(())
 }

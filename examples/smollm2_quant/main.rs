@@ -19,6 +19,7 @@
 //! markers). The re-quantisation of these weights with
 //! asymmetric groups of 32 would be exact (they are Q4_1 g32), so that setting is not reported.
 
+mod compare;
 #[path = "../smollm2_kv/fixture.rs"]
 #[allow(dead_code)]
 mod fixture;
@@ -29,11 +30,11 @@ mod gguf;
 #[allow(dead_code)]
 mod model;
 
+use compare::{compare, e, write_readme_section, METHODS};
 use fixture::{find_gguf, fixture, GGUF_NAME};
 use fusekit::quant::hadamard::rotate_rows_f32;
 use fusekit::quant::{
-    quantize_gptq, quantize_rtn, quantize_tokens, relative_output_error, GptqConfig, Hessian,
-    WeightQuant,
+    quantize_gptq, quantize_rtn, quantize_tokens, GptqConfig, Hessian, WeightQuant,
 };
 use model::{Linear, Model, Qkv};
 use std::collections::HashMap;
@@ -94,30 +95,6 @@ fn capture(m: &Model, tokens: &[u32], layers: &[usize]) -> HashMap<(usize, Linea
     inputs
 }
 
-/// Max |x| over RMS, averaged over tokens (rows of `k`).
-fn peakiness(x: &[f32], k: usize) -> f64 {
-    let rows = x.len() / k;
-    x.chunks_exact(k)
-        .map(|r| {
-            let rms = (r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / k as f64).sqrt();
-            let max = r.iter().fold(0f64, |a, &v| a.max((v as f64).abs()));
-            if rms > 0.0 {
-                max / rms
-            } else {
-                0.0
-            }
-        })
-        .sum::<f64>()
-        / rows as f64
-}
-
-/// A library error as this example's error.
-fn e<T>(r: fusekit::Result<T>) -> Result<T, String> {
-    r.map_err(|e| e.to_string())
-}
-
-const METHODS: [&str; 4] = ["RTN", "RTN + Hadamard", "GPTQ", "GPTQ + Hadamard"];
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let threads = args
@@ -174,41 +151,14 @@ fn run(path: &std::path::Path, threads: usize, all: bool, write: bool) -> Result
         for which in Linear::ALL {
             let (w, n, k) = m.linear(l, which);
             let (xc, xe) = (&calib[&(l, which)], &eval[&(l, which)]);
-            let (xcr, xer) = (e(rotate_rows_f32(xc, k))?, e(rotate_rows_f32(xe, k))?);
-            let wr = e(rotate_rows_f32(w, k))?;
-            peaks
-                .entry(which)
-                .or_default()
-                .push((peakiness(xe, k), peakiness(&xer, k)));
-            let hessian = |x: &[f32]| -> Result<Hessian, String> {
-                let mut h = e(Hessian::new(k))?;
-                e(h.add(x))?;
-                Ok(h)
-            };
-            let (h, hr) = (hessian(xc)?, hessian(&xcr)?);
-            for (si, (_, s)) in schemes.iter().enumerate() {
-                let cfg = GptqConfig::default();
-                let rtn = e(quantize_rtn(w, n, k, s))?.dequantize();
-                let rtn_r = e(quantize_rtn(&wr, n, k, s))?.dequantize();
-                let gptq = e(quantize_gptq(w, n, k, &h, s, &cfg))?.dequantize();
-                let gptq_r = e(quantize_gptq(&wr, n, k, &hr, s, &cfg))?.dequantize();
-                // Act-order (columns by decreasing Hessian diagonal, static groups), after the rotation.
-                let ao = GptqConfig {
-                    act_order: true,
-                    ..cfg
-                };
-                let gptq_ao = e(quantize_gptq(&wr, n, k, &hr, s, &ao))?.dequantize();
+            let c = compare(w, n, k, xc, xe, &schemes.map(|(_, s)| s), true)?;
+            peaks.entry(which).or_default().push(c.peaks);
+            for (si, errs) in c.errors.iter().enumerate() {
                 act_order
                     .entry((which, si))
                     .or_default()
-                    .push(e(relative_output_error(&xer, &wr, &gptq_ao, k))?);
-                let errs = [
-                    e(relative_output_error(xe, w, &rtn, k))?,
-                    e(relative_output_error(&xer, &wr, &rtn_r, k))?,
-                    e(relative_output_error(xe, w, &gptq, k))?,
-                    e(relative_output_error(&xer, &wr, &gptq_r, k))?,
-                ];
-                for (mi, v) in errs.into_iter().enumerate() {
+                    .push(c.act_order[si]);
+                for (mi, &v) in errs.iter().enumerate() {
                     errors.entry((which, si, mi)).or_default().push(v);
                 }
             }
@@ -280,15 +230,7 @@ fn run(path: &std::path::Path, threads: usize, all: bool, write: bool) -> Result
     );
     println!("{table}");
     if write {
-        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-        let text = std::fs::read_to_string(&readme).map_err(|e| e.to_string())?;
-        let (open, close) = ("<!-- smollm2-quant -->", "<!-- /smollm2-quant -->");
-        let (Some(a), Some(b)) = (text.find(open), text.find(close)) else {
-            return Err(format!("README.md has no {open} … {close} markers"));
-        };
-        let new = format!("{}{open}\n{table}{}", &text[..a], &text[b..]);
-        std::fs::write(&readme, new).map_err(|e| e.to_string())?;
-        eprintln!("README.md updated");
+        write_readme_section("smollm2-quant", &table)?;
     }
     Ok(())
 }
@@ -443,15 +385,7 @@ fn w4a4(path: &std::path::Path, threads: usize, write: bool) -> Result<(), Strin
     );
     println!("{table}");
     if write {
-        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-        let text = std::fs::read_to_string(&readme).map_err(|e| e.to_string())?;
-        let (open, close) = ("<!-- smollm2-w4a4 -->", "<!-- /smollm2-w4a4 -->");
-        let (Some(a), Some(b)) = (text.find(open), text.find(close)) else {
-            return Err(format!("README.md has no {open} … {close} markers"));
-        };
-        let new = format!("{}{open}\n{table}{}", &text[..a], &text[b..]);
-        std::fs::write(&readme, new).map_err(|e| e.to_string())?;
-        eprintln!("README.md updated");
+        write_readme_section("smollm2-w4a4", &table)?;
     }
     Ok(())
 }
