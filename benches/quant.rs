@@ -3,13 +3,20 @@
 //! shape in the same run, with the floor: max(packed weight bytes ÷ the copy bandwidth measured in this
 //! run, 2·M·N·K ÷ the bf16 tensor peak measured through cuBLAS at 8192³ in this run). `FUSEKIT_QUICK=1`:
 //! 4096² only. Weights are random codes and scales (the time does not depend on the values).
+//!
+//! The online Hadamard transform fused with asymmetric int4 per-token quantisation
+//! (`hadamard_quantize`) at tokens ∈ {1, 16, 256, 4096} × n ∈ {576, 1536, 4096, 14336} (SmolLM2's widths,
+//! a 4096 model and Llama-3-8B's MLP width 28·512), against bytes moved (2 in + ½ out per element) ÷
+//! the measured copy bandwidth; its peer (`benches/peers/quant.py`) is the same in PyTorch (a bf16
+//! matmul with the explicit matrix, then the quantisation in tensor ops).
 
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use fusekit::quant::{
-    w4a16, PackedW4, QuantizedWeight, W4A16Plan, W4A16Weight, W4A16Workspace, WeightQuant,
+    hadamard_quantize, w4a16, HadamardOutput, HadamardPlan, PackedW4, QuantizedActivations,
+    QuantizedWeight, W4A16Plan, W4A16Weight, W4A16Workspace, WeightQuant,
 };
 use fusekit::timing::time_launches_sync;
 use fusekit::Gpu;
@@ -138,5 +145,63 @@ fn w4a16_bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, w4a16_bench);
+fn hadamard_bench(c: &mut Criterion) {
+    let Some(gpu) = common::gpu_or_skip("bench quant/hadq") else {
+        return;
+    };
+    let copy = fusekit::probe::measure_copy_bandwidth_sync(&gpu, 1 << 30, 20)
+        .unwrap()
+        .gbps();
+    let widths: &[usize] = if quick() {
+        &[4096]
+    } else {
+        &[576, 1536, 4096, 14336]
+    };
+    let mut g = c.benchmark_group("quant");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(1));
+    let out = HadamardOutput::Int4 { symmetric: false };
+    for &n in widths {
+        for t in [1usize, 16, 256, 4096] {
+            let plan = HadamardPlan::new::<bf16>(gpu.props(), t, n, out).unwrap();
+            let x = gpu.stream().alloc_zeros::<bf16>(t * n).unwrap();
+            let mut q = QuantizedActivations::new(&gpu, &plan).unwrap();
+            let name = format!("quant/hadq_int4/{t}x{n}");
+            let mut run = || hadamard_quantize(&gpu, &plan, &x, &mut q).unwrap();
+            let tm = time_launches_sync(&gpu, 3, 20, || {
+                run();
+                Ok(())
+            })
+            .unwrap();
+            if t == 4096 && n == 4096 {
+                g.bench_function(&name, |b| {
+                    b.iter_custom(|iters| common::event_time(&gpu, iters, &mut run))
+                });
+            }
+            let us = tm.median_ms * 1e3;
+            let bytes = (t * (2 * n + plan.code_bytes_per_row() + 5)) as f64;
+            let floor_us = bytes / (copy * 1e9) * 1e6;
+            println!(
+                "{name}: {us:.2} us ({:.0} GB/s), {:.0}% of the floor ({floor_us:.2} us)",
+                bytes / (us * 1e-6) / 1e9,
+                100.0 * floor_us / us
+            );
+            common::emit(
+                &name,
+                &[
+                    ("t", t as f64),
+                    ("n", n as f64),
+                    ("median_us", us),
+                    ("min_us", tm.min_ms * 1e3),
+                    ("floor_us", floor_us),
+                    ("pct_of_floor", 100.0 * floor_us / us),
+                ],
+                &[("device", &gpu.props().name)],
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, w4a16_bench, hadamard_bench);
 criterion_main!(benches);

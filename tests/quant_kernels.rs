@@ -1,13 +1,19 @@
 //! The W4A16 kernel (issue 15) against its f64 reference, on the SIMT emulator always and on a GPU when
 //! one is present: every group size, symmetric and asymmetric, bf16 and f16, edge shapes (M = 1, 3, 17,
 //! 33, 70; K not a multiple of the group, of 16 or of 8; N tails), forced and automatic split-K, the
-//! packed format's round trip, determinism, non-finite inputs and bad input. Seeded, seeds printed.
+//! packed format's round trip, determinism, non-finite inputs and bad input. Then the online Hadamard
+//! kernel fused with per-token quantisation against the f64 rotation and `quantize_tokens`: every
+//! Paley factor, both load paths, int4/int8, symmetric and asymmetric, outlier, zero and non-finite
+//! tokens, bad input. Seeded, seeds printed.
 
 use fusekit::quant::{
-    quantize_rtn, reference_w4a16, w4a16, PackedW4, ScaleFormat, W4A16Plan, W4A16Weight,
-    W4A16Workspace, W4Element, WeightQuant,
+    hadamard_quantize, hadamard_rotate, quantize_rtn, quantize_tokens, reference_w4a16, w4a16,
+    HadamardOutput, HadamardPlan, PackedW4, QuantizedActivations, QuantizedTokens, ScaleFormat,
+    W4A16Plan, W4A16Weight, W4A16Workspace, W4Element, WeightQuant,
 };
-use fusekit::testing::{compare, emu_large, poisoned, seed_for, Dist, Element, Rng, Tolerance};
+use fusekit::testing::{
+    compare, compare_with_floor, emu_large, poisoned, seed_for, Dist, Element, Rng, Tolerance,
+};
 use fusekit::{Backend, DeviceProps, Error};
 use half::{bf16, f16};
 
@@ -429,5 +435,368 @@ fn bad_input_is_a_typed_error() {
         let empty = dev.alloc_zeros::<bf16>(0).unwrap();
         let mut y0 = dev.alloc_zeros::<bf16>(0).unwrap();
         w4a16(dev, &plan0, &empty, &wd, &mut ws, &mut y0).unwrap();
+    });
+}
+
+// ---- The online Hadamard transform fused with per-token quantisation (kernels/quant/hadamard.cu) ----
+
+/// Every Paley factor, vector and element paths: n = m·2^k with k = 0 (element path only), 1 and 2
+/// (the vector path with one or two register levels: 24…120, 48, 240), 3 and more (three register
+/// levels, then radix-8 passes of every remainder 1, 2, 3), more lanes than threads in the mix (3072 =
+/// 12·256), and the real models' widths.
+const HAD_SIZES: [usize; 27] = [
+    1, 2, 4, 8, 16, 32, 12, 20, 28, 36, 44, 60, 24, 40, 56, 72, 88, 120, 48, 240, 96, 384, 576,
+    1536, 2048, 3072, 4096,
+];
+
+/// Heavy-tailed tokens; in the second token (when there is one) a massive channel as in SmolLM2's
+/// residual stream (2.6e4 against a median near 1); a token of zeros when there are four or more.
+fn tokens<T: W4Element>(rng: &mut Rng, rows: usize, n: usize) -> Vec<T> {
+    let mut x = activations::<T>(rng, rows, n);
+    if rows > 1 {
+        x[n + n / 3] = T::from_f64(2.6e4);
+    }
+    if rows > 3 {
+        x[3 * n..4 * n]
+            .iter_mut()
+            .for_each(|v| *v = T::from_f64(0.0));
+    }
+    x
+}
+
+fn to_f32<T: W4Element>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f64() as f32).collect()
+}
+
+/// The f64 rotation of `x` (`[rows][n]`).
+fn rotated(x: &[f32], n: usize) -> Vec<f64> {
+    let mut r: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    fusekit::quant::hadamard::rotate_rows(&mut r, n).unwrap();
+    r
+}
+
+/// The kernel's codes against quantize_tokens of the f64 rotation rounded to f32: scales to fp32
+/// accumulation error; zero points equal, or one apart where −min/scale lies within fp32 error of a
+/// half-integer (then that token's codes are one step shifted and only the value bound applies);
+/// every value within half a step of the exact rotation (a full step where clamped) plus the fp32
+/// error of the rotation (relative to the token's norm); codes at most one apart, rarely.
+fn check_codes(
+    what: &str,
+    got: &QuantizedTokens,
+    x: &[f32],
+    n: usize,
+    symmetric: bool,
+) -> Result<(), String> {
+    let r64 = rotated(x, n);
+    let r32: Vec<f32> = r64.iter().map(|&v| v as f32).collect();
+    let want = quantize_tokens(&r32, n, got.bits, symmetric).map_err(|e| e.to_string())?;
+    let maxq = (1u32 << got.bits) - 1;
+    let rows = x.len() / n;
+    let mut flips = 0usize;
+    for r in 0..rows {
+        let row = &r64[r * n..(r + 1) * n];
+        let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let (s, sw) = (got.scales[r] as f64, want.scales[r] as f64);
+        if (s - sw).abs() > 2e-5 * sw || s.is_nan() {
+            return Err(format!("{what}: token {r}: scale {s} against {sw}"));
+        }
+        let (z, zw) = (got.zeros[r] as f64, want.zeros[r] as f64);
+        let same_zero = z == zw;
+        if !same_zero {
+            let lo = row.iter().fold(0.0f64, |m, &v| m.min(v));
+            let t = -lo / sw;
+            if (z - zw).abs() > 1.0 || (t - t.floor() - 0.5).abs() > 1e-3 * t.max(1.0) {
+                return Err(format!("{what}: token {r}: zero point {z} against {zw}"));
+            }
+        }
+        for c in 0..n {
+            let i = r * n + c;
+            let code = got.codes[i] as u32;
+            if code > maxq {
+                return Err(format!("{what}: [{r}][{c}]: code {code} > {maxq}"));
+            }
+            let v = r64[i];
+            let deq = (code as f64 - z) * s;
+            let clamped = code == 0 || code == maxq;
+            let bound = s * if clamped { 1.0 + 1e-4 } else { 0.5 + 1e-4 } + 4e-7 * norm;
+            if (deq - v).abs() > bound || deq.is_nan() {
+                return Err(format!(
+                    "{what}: [{r}][{c}]: code {code} (zero {z}, scale {s}) = {deq}, exact {v}"
+                ));
+            }
+            let cw = want.codes[i] as i64;
+            if same_zero {
+                if (code as i64 - cw).abs() > 1 {
+                    return Err(format!("{what}: [{r}][{c}]: code {code} against {cw}"));
+                }
+                flips += (code as i64 != cw) as usize;
+            }
+        }
+    }
+    // Symmetric grids put the token's largest magnitude exactly on a half step (max|r| / scale = 7.5
+    // or 127.5), so its code flips with the last bit of the fp32 rotation: one per token, plus 1 %.
+    if flips > rows + rows * n / 100 {
+        return Err(format!(
+            "{what}: {flips} codes one step off the reference's"
+        ));
+    }
+    Ok(())
+}
+
+fn symmetric(out: HadamardOutput) -> bool {
+    matches!(
+        out,
+        HadamardOutput::Int4 { symmetric: true } | HadamardOutput::Int8 { symmetric: true }
+    )
+}
+
+fn had_modes() -> [HadamardOutput; 4] {
+    [
+        HadamardOutput::Int4 { symmetric: false },
+        HadamardOutput::Int4 { symmetric: true },
+        HadamardOutput::Int8 { symmetric: false },
+        HadamardOutput::Int8 { symmetric: true },
+    ]
+}
+
+/// Runs the quantising kernel into poisoned buffers and returns the host copy.
+fn run_hadq<B: Backend, T: W4Element, X: fusekit::DeviceRead<T, B>>(
+    dev: &B,
+    plan: &HadamardPlan,
+    x: &X,
+) -> Result<QuantizedTokens, Error> {
+    let rows = plan.rows();
+    let codes = dev.upload(&vec![0xA5u8; rows * plan.code_bytes_per_row()])?;
+    let scales = poisoned::<B, f32>(dev, rows)?;
+    let zeros = dev.upload(&vec![0xA5u8; rows])?;
+    let mut q = QuantizedActivations::from_buffers(plan, codes, scales, zeros)?;
+    hadamard_quantize(dev, plan, x, &mut q)?;
+    q.download(dev)
+}
+
+#[test]
+fn hadamard_rotation_matches_the_reference() {
+    fusekit::on_every_backend!("hadamard_rotation_matches_the_reference", |dev| {
+        hadamard_rotation_on::<_, bf16>(dev, Tolerance::BF16);
+        hadamard_rotation_on::<_, f16>(dev, Tolerance::F16);
+    });
+}
+
+fn hadamard_rotation_on<B: Backend, T: W4Element>(dev: &B, tol: Tolerance) {
+    let mut rng = Rng::new(seed_for("hadamard_rotation_matches_the_reference"));
+    let mut sizes = HAD_SIZES.to_vec();
+    if dev.kind() == "gpu" || emu_large() {
+        sizes.extend([16384, 36 * 512, 60 * 256]);
+    }
+    for (i, &n) in sizes.iter().enumerate() {
+        let rows = [1, 2, 3, 5][i % 4];
+        let x = tokens::<T>(&mut rng, rows, n);
+        let plan = HadamardPlan::new::<T>(dev.props(), rows, n, HadamardOutput::Rotated).unwrap();
+        let xd = dev.upload(&x).unwrap();
+        let mut y = poisoned::<B, T>(dev, rows * n).unwrap();
+        hadamard_rotate(dev, &plan, &xd, &mut y).unwrap();
+        let y = dev.download(&y).unwrap();
+        let xf = to_f32(&x);
+        let want = rotated(&xf, n);
+        // fp32 sums of up to log2(n) + m terms of the token's size.
+        let norms: Vec<f64> = xf
+            .chunks_exact(n)
+            .map(|r| r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt())
+            .collect();
+        let what = format!("{} rotate n={n} rows={rows}", T::NAME);
+        compare_with_floor(&what, &y, &want, tol, |j| 4e-7 * norms[j / n])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn hadamard_quantization_matches_quantize_tokens() {
+    fusekit::on_every_backend!("hadamard_quantization_matches_quantize_tokens", |dev| {
+        hadamard_quantization_on::<_, bf16>(dev);
+        hadamard_quantization_on::<_, f16>(dev);
+    });
+}
+
+fn hadamard_quantization_on<B: Backend, T: W4Element>(dev: &B) {
+    let mut rng = Rng::new(seed_for("hadamard_quantization_matches_quantize_tokens"));
+    let mut sizes = HAD_SIZES.to_vec();
+    if dev.kind() == "gpu" || emu_large() {
+        sizes.extend([16384, 36 * 512, 60 * 256]);
+    }
+    for (i, &n) in sizes.iter().enumerate() {
+        for (j, out) in had_modes().into_iter().enumerate() {
+            let rows = [1, 4, 3, 6, 2][(i + j) % 5];
+            let x = tokens::<T>(&mut rng, rows, n);
+            let plan = HadamardPlan::new::<T>(dev.props(), rows, n, out).unwrap();
+            let xd = dev.upload(&x).unwrap();
+            let got = run_hadq(dev, &plan, &xd).unwrap();
+            let what = format!("{} n={n} rows={rows} {out:?}", T::NAME);
+            check_codes(&what, &got, &to_f32(&x), n, symmetric(out))
+                .unwrap_or_else(|e| panic!("{e}"));
+            if rows > 3 {
+                // The token of zeros: scale 1, every code its zero point.
+                assert_eq!(got.scales[3], 1.0, "{what}");
+                assert!(
+                    got.codes[3 * n..4 * n].iter().all(|&c| c == got.zeros[3]),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hadamard_element_path_gives_the_same_bits() {
+    fusekit::on_every_backend!("hadamard_element_path_gives_the_same_bits", |dev| {
+        let mut rng = Rng::new(seed_for("hadamard_element_path_gives_the_same_bits"));
+        for n in [24, 576, 1536, 4096] {
+            let rows = 3;
+            let x = tokens::<bf16>(&mut rng, rows, n);
+            // x one element into its buffer: 2-byte aligned rows, so the element path.
+            let mut host = vec![bf16::ZERO; rows * n + 1];
+            host[1..].copy_from_slice(&x);
+            let buf = dev.upload(&host).unwrap();
+            let view = dev.view(&buf, 1..rows * n + 1).unwrap();
+            let xd = dev.upload(&x).unwrap();
+            let rot =
+                HadamardPlan::new::<bf16>(dev.props(), rows, n, HadamardOutput::Rotated).unwrap();
+            let mut a = poisoned::<_, bf16>(dev, rows * n).unwrap();
+            let mut b = poisoned::<_, bf16>(dev, rows * n).unwrap();
+            hadamard_rotate(dev, &rot, &xd, &mut a).unwrap();
+            hadamard_rotate(dev, &rot, &view, &mut b).unwrap();
+            let (a, b) = (dev.download(&a).unwrap(), dev.download(&b).unwrap());
+            // Same butterfly levels in the same order: the same bits.
+            assert!(
+                a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()),
+                "n={n}"
+            );
+            for out in had_modes() {
+                let plan = HadamardPlan::new::<bf16>(dev.props(), rows, n, out).unwrap();
+                let u = run_hadq(dev, &plan, &xd).unwrap();
+                let v = run_hadq(dev, &plan, &view).unwrap();
+                assert_eq!(u, v, "n={n} {out:?}");
+            }
+        }
+    });
+}
+
+#[test]
+fn hadamard_non_finite_tokens_get_a_nan_scale() {
+    fusekit::on_every_backend!("hadamard_non_finite_tokens_get_a_nan_scale", |dev| {
+        let mut rng = Rng::new(seed_for("hadamard_non_finite_tokens_get_a_nan_scale"));
+        for n in [12, 576] {
+            let rows = 4;
+            let mut x = activations::<f16>(&mut rng, rows, n);
+            x[n + 5] = f16::NAN;
+            x[2 * n + n - 1] = f16::INFINITY;
+            x[3 * n] = f16::NEG_INFINITY;
+            let xd = dev.upload(&x).unwrap();
+            for out in had_modes() {
+                let plan = HadamardPlan::new::<f16>(dev.props(), rows, n, out).unwrap();
+                let got = run_hadq(dev, &plan, &xd).unwrap();
+                assert!(got.scales[0].is_finite(), "n={n} {out:?}");
+                check_codes(
+                    "finite token",
+                    &QuantizedTokens {
+                        codes: got.codes[..n].to_vec(),
+                        scales: got.scales[..1].to_vec(),
+                        zeros: got.zeros[..1].to_vec(),
+                        ..got.clone()
+                    },
+                    &to_f32(&x[..n]),
+                    n,
+                    symmetric(out),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+                for r in 1..rows {
+                    assert!(
+                        got.scales[r].is_nan(),
+                        "n={n} {out:?} token {r}: scale {}",
+                        got.scales[r]
+                    );
+                    assert!(got.codes[r * n..(r + 1) * n].iter().all(|&c| c == 0));
+                }
+            }
+            let plan =
+                HadamardPlan::new::<f16>(dev.props(), rows, n, HadamardOutput::Rotated).unwrap();
+            let mut y = poisoned::<_, f16>(dev, rows * n).unwrap();
+            hadamard_rotate(dev, &plan, &xd, &mut y).unwrap();
+            let y = dev.download(&y).unwrap();
+            assert!(y[..n].iter().all(|v| v.is_finite()));
+            // Every output of a token with NaN or infinity is non-finite (inf − inf is NaN).
+            assert!(y[n..].iter().all(|v| !v.is_finite()), "n={n}");
+        }
+    });
+}
+
+#[test]
+fn hadamard_bad_input_is_a_typed_error() {
+    fusekit::on_every_backend!("hadamard_bad_input_is_a_typed_error", |dev| {
+        let int4 = HadamardOutput::Int4 { symmetric: false };
+        let props = dev.props();
+        // Sizes without a Hadamard matrix here, and size 0.
+        for n in [0, 10, 14, 11008] {
+            assert!(
+                HadamardPlan::new::<bf16>(props, 1, n, int4).is_err(),
+                "n={n}"
+            );
+        }
+        // A token larger than shared memory.
+        assert!(matches!(
+            HadamardPlan::new::<bf16>(props, 1, 1 << 20, int4),
+            Err(Error::Unsupported { .. })
+        ));
+        let plan = HadamardPlan::new::<bf16>(props, 2, 64, int4).unwrap();
+        let rot = HadamardPlan::new::<bf16>(props, 2, 64, HadamardOutput::Rotated).unwrap();
+        let x = dev.upload(&vec![bf16::ONE; 128]).unwrap();
+        let xh = dev.upload(&vec![f16::ONE; 128]).unwrap();
+        let short = dev.upload(&vec![bf16::ONE; 127]).unwrap();
+        let mut q = QuantizedActivations::new(dev, &plan).unwrap();
+        // Wrong type, wrong length, a rotation plan for codes, codes for another shape.
+        assert!(matches!(
+            hadamard_quantize(dev, &plan, &xh, &mut q),
+            Err(Error::DType { .. })
+        ));
+        assert!(matches!(
+            hadamard_quantize(dev, &plan, &short, &mut q),
+            Err(Error::Shape { .. })
+        ));
+        assert!(QuantizedActivations::new(dev, &rot).is_err());
+        assert!(hadamard_quantize(dev, &rot, &x, &mut q).is_err());
+        let other = HadamardPlan::new::<bf16>(props, 3, 64, int4).unwrap();
+        let mut q3 = QuantizedActivations::new(dev, &other).unwrap();
+        assert!(matches!(
+            hadamard_quantize(dev, &plan, &x, &mut q3),
+            Err(Error::Shape { .. })
+        ));
+        let mut y = dev.alloc_zeros::<bf16>(128).unwrap();
+        assert!(hadamard_rotate(dev, &plan, &x, &mut y).is_err());
+        let mut y_short = dev.alloc_zeros::<bf16>(100).unwrap();
+        assert!(matches!(
+            hadamard_rotate(dev, &rot, &x, &mut y_short),
+            Err(Error::Shape { .. })
+        ));
+        // No tokens: nothing launched, nothing written.
+        let empty = HadamardPlan::new::<bf16>(props, 0, 64, int4).unwrap();
+        let mut qe = QuantizedActivations::from_buffers(
+            &empty,
+            dev.upload(&[0xA5u8; 4]).unwrap(),
+            dev.upload(&[f32::NAN; 1]).unwrap(),
+            dev.upload(&[0xA5u8; 1]).unwrap(),
+        )
+        .unwrap();
+        let none = dev.alloc_zeros::<bf16>(0).unwrap();
+        hadamard_quantize(dev, &empty, &none, &mut qe).unwrap();
+        assert!(empty.launches().is_empty());
+        assert_eq!(dev.download(qe.codes()).unwrap(), vec![0xA5u8; 4]);
+        assert!(dev.download(qe.scales()).unwrap()[0].is_nan());
+        assert_eq!(dev.download(qe.zeros()).unwrap(), vec![0xA5u8]);
+        // Sizes whose shared-memory arithmetic would overflow: an Err, not a panic.
+        for n in [1usize << 40, 12 << 50] {
+            assert!(
+                HadamardPlan::new::<bf16>(props, 1, n, int4).is_err(),
+                "n={n}"
+            );
+        }
     });
 }

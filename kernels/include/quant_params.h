@@ -47,4 +47,32 @@ typedef struct fk_w4a16_reduce_params {
     int32_t splits;
 } fk_w4a16_reduce_params;
 
+/* The online Hadamard transform of activations, fused with per-token quantisation: one block of
+ * FK_HADQ_THREADS per token (row) of n = m * 2^log2p channels, the row held in shared memory as fp32
+ * (4 roundup(n, 32) + 128 bytes). Each row becomes r = x . H_n (src/quant/hadamard.rs: a butterfly over the low
+ * log2p index bits, then the m x m Paley mix of the blocks, then 1/sqrt(n)), and then either
+ *   bits = 0: y = r rounded to T, or
+ *   bits = 4 / 8: codes q = clamp(round(r / s) + z, 0, 2^bits - 1) with one fp32 scale s and zero point z
+ *   per row (src/quant/act.rs, quantize_tokens: symmetric z = 2^(bits-1), s = 2 max|r| / (2^bits - 1);
+ *   asymmetric over [min(r, 0), max(r, 0)]). A row with a non-finite value gets s = NaN and codes 0.
+ * int4 codes are packed two per byte, element 2j in the low nibble of byte j (the order of mma.sync's
+ * s4 operands); a row takes ceil(n / 2) bytes. */
+#define FK_HADQ_THREADS 128
+
+typedef struct fk_hadq_params {
+    const void *x;            /* [rows][n] bf16/f16 */
+    void *y;                  /* bits = 0: [rows][n] T; else NULL */
+    uint8_t *codes;           /* bits = 4: [rows][ceil(n/2)]; bits = 8: [rows][n]; else NULL */
+    float *scales;            /* [rows], or NULL (bits = 0) */
+    uint8_t *zeros;           /* [rows], or NULL (bits = 0) */
+    int64_t rows;
+    float norm;               /* 1 / sqrt(n), rounded once from f64 */
+    int32_t n;
+    int32_t m;                /* the Paley factor: 1, 12, 20, 28, 36, 44 or 60 */
+    int32_t log2p;            /* n = m << log2p */
+    int32_t bits;             /* 0, 4 or 8 */
+    int32_t symmetric;
+    int32_t vec;              /* 1: n % 8 == 0, x and y 16-byte aligned, codes 4-byte aligned (vector paths) */
+} fk_hadq_params;
+
 #endif

@@ -1,10 +1,12 @@
 //! The quantised-matmul family's rows of `fusekit check`: the packed format's round trip and the
 //! rotation's orthogonality on the CPU, and one W4A16 product per activation type against the f64
-//! reference on the GPU or the emulator.
+//! reference on the GPU or the emulator, and the online Hadamard kernel (rotation, and rotation fused
+//! with int4 quantisation) against the f64 rotation.
 
 use super::{
-    hadamard, quantize_rtn, reference_w4a16, w4a16, PackedW4, ScaleFormat, W4A16Plan, W4A16Weight,
-    W4A16Workspace, W4Element, WeightQuant,
+    hadamard, hadamard_quantize, hadamard_rotate, quantize_rtn, reference_w4a16, w4a16,
+    HadamardOutput, HadamardPlan, PackedW4, QuantizedActivations, ScaleFormat, W4A16Plan,
+    W4A16Weight, W4A16Workspace, W4Element, WeightQuant,
 };
 use crate::check::row::{CheckRow, SelfCheck};
 use crate::error::Result;
@@ -70,7 +72,89 @@ fn kernel_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
     Ok(vec![
         product::<B, half::bf16>(dev, rng)?,
         product::<B, half::f16>(dev, rng)?,
+        rotate(dev, rng)?,
+        rotate_quantize(dev, rng)?,
     ])
+}
+
+fn max_or_nan(a: f64, e: f64) -> f64 {
+    if e.is_nan() || a.is_nan() {
+        f64::NAN
+    } else {
+        a.max(e)
+    }
+}
+
+/// 5 tokens of 1536 = 12 · 128 (f16) rotated, against the f64 rotation: largest error relative to the
+/// token's RMS.
+fn rotate<B: Backend>(dev: &B, rng: &mut Rng) -> Result<CheckRow> {
+    let (rows, n) = (5, 1536);
+    let x: Vec<half::f16> = normal(rng, rows * n, 1.0)
+        .into_iter()
+        .map(half::f16::from_f32)
+        .collect();
+    let plan = HadamardPlan::new::<half::f16>(dev.props(), rows, n, HadamardOutput::Rotated)?;
+    let xd = dev.upload(&x)?;
+    let mut y = dev.upload(&vec![half::f16::NAN; rows * n])?;
+    hadamard_rotate(dev, &plan, &xd, &mut y)?;
+    let got = dev.download(&y)?;
+    let mut want: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+    hadamard::rotate_rows(&mut want, n)?;
+    let mut err = 0.0f64;
+    for (g, w) in got.chunks_exact(n).zip(want.chunks_exact(n)) {
+        let rms = (w.iter().map(|v| v * v).sum::<f64>() / n as f64).sqrt();
+        for (a, b) in g.iter().zip(w) {
+            err = max_or_nan(err, (a.to_f64() - b).abs() / rms);
+        }
+    }
+    Ok(CheckRow {
+        kernel: "fk_hadq_f16_m12 (rotate)".into(),
+        mode: if dev.kind() == "gpu" { "gpu" } else { "emu" },
+        max_err: err,
+        pass: err < 4e-3,
+        gbps: None,
+        note: "5 tokens x 1536 = 12 · 128: x·H against f64, error / token RMS; tolerance 4e-3 (f16 rounding)".into(),
+    })
+}
+
+/// 6 tokens of 576 = 36 · 16 (bf16, one with a 2.6e4 channel) rotated and quantised to asymmetric
+/// int4: the largest distance of a dequantised value from the exact rotation, in quantisation steps
+/// (at most 1/2, or 1 where a code is clamped at the grid's end).
+fn rotate_quantize<B: Backend>(dev: &B, rng: &mut Rng) -> Result<CheckRow> {
+    let (rows, n) = (6, 576);
+    let mut xf = normal(rng, rows * n, 1.0);
+    xf[n + 100] = 2.6e4;
+    let x: Vec<half::bf16> = xf.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let out = HadamardOutput::Int4 { symmetric: false };
+    let plan = HadamardPlan::new::<half::bf16>(dev.props(), rows, n, out)?;
+    let xd = dev.upload(&x)?;
+    let mut q = QuantizedActivations::from_buffers(
+        &plan,
+        dev.upload(&vec![0xA5u8; rows * plan.code_bytes_per_row()])?,
+        dev.upload(&vec![f32::NAN; rows])?,
+        dev.upload(&vec![0xA5u8; rows])?,
+    )?;
+    hadamard_quantize(dev, &plan, &xd, &mut q)?;
+    let t = q.download(dev)?;
+    let mut want: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+    hadamard::rotate_rows(&mut want, n)?;
+    let mut err = 0.0f64;
+    for (i, w) in want.iter().enumerate() {
+        let r = i / n;
+        let s = t.scales[r] as f64;
+        let deq = (t.codes[i] as f64 - t.zeros[r] as f64) * s;
+        let clamped = t.codes[i] == 0 || t.codes[i] == 15;
+        let steps = (deq - w).abs() / s;
+        err = max_or_nan(err, if clamped { steps / 2.0 } else { steps });
+    }
+    Ok(CheckRow {
+        kernel: "fk_hadq_bf16_m36 (rotate + int4)".into(),
+        mode: if dev.kind() == "gpu" { "gpu" } else { "emu" },
+        max_err: err,
+        pass: err <= 0.5 + 1e-3,
+        gbps: None,
+        note: "6 tokens x 576 = 36 · 16, one with a 2.6e4 channel, asymmetric int4 per token: |dequantised − exact| in steps (clamped codes: half); at most 1/2".into(),
+    })
 }
 
 /// 17 rows x a 130 x 300 weight (g128, asymmetric; k and n tails) on two k-splits, against
@@ -100,13 +184,7 @@ fn product<B: Backend, T: W4Element>(dev: &B, rng: &mut Rng) -> Result<CheckRow>
         .iter()
         .zip(&want)
         .map(|(g, w)| (g.to_f64() - w).abs() / w.abs().max(1.0))
-        .fold(0.0f64, |a, e| {
-            if e.is_nan() || a.is_nan() {
-                f64::NAN
-            } else {
-                a.max(e)
-            }
-        });
+        .fold(0.0f64, max_or_nan);
     let tol = if T::SCALES == ScaleFormat::Bf16 {
         8e-3
     } else {

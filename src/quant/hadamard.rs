@@ -229,6 +229,40 @@ pub fn rotate_rows_f32(data: &[f32], n: usize) -> Result<Vec<f32>> {
 mod tests {
     use super::*;
 
+    /// The sign tables the kernel folds into its adds (`kernels/include/fk_had_tables.h`) are this
+    /// module's Paley matrices: the header's text is regenerated here and compared.
+    #[test]
+    fn kernel_tables_are_current() {
+        let mut out = String::from(
+            "/* fk_had_tables.h: the sign patterns of the Paley Hadamard matrices H_m (src/quant/hadamard.rs) for the\n * online Hadamard kernel (kernels/quant/hadamard.cu). Generated; the unit test\n * quant::hadamard::tests::kernel_tables_are_current regenerates this text and compares it.\n * fk_had_col<M>(c) has bit a set when H_M[a][c] = -1: output block c of x.H is the sum over a of\n * +-(block a). With c a compile-time constant (an unrolled loop) every sign folds into an FADD/FSUB. */\n#ifndef FK_HAD_TABLES_H\n#define FK_HAD_TABLES_H\n\n#include <stdint.h>\n\ntemplate <int M>\n__device__ __forceinline__ uint64_t fk_had_col(int c);\n",
+        );
+        for &(m, _, _) in &PALEY {
+            let h = paley(m);
+            let words: Vec<String> = (0..m)
+                .map(|c| {
+                    let w = (0..m)
+                        .filter(|&a| h[a * m + c] == -1)
+                        .fold(0u64, |w, a| w | 1 << a);
+                    format!("0x{w:016x}ull")
+                })
+                .collect();
+            let lines: Vec<String> = words
+                .chunks(4)
+                .map(|c| format!("        {},", c.join(", ")))
+                .collect();
+            out += &format!(
+                "\ntemplate <>\n__device__ __forceinline__ uint64_t fk_had_col<{m}>(int c) {{\n    constexpr uint64_t t[{m}] = {{\n{}\n    }};\n    return t[c];\n}}\n",
+                lines.join("\n")
+            );
+        }
+        out += "\n#endif\n";
+        let header = include_str!("../../kernels/include/fk_had_tables.h");
+        assert!(
+            header == out,
+            "kernels/include/fk_had_tables.h is stale; expected:\n{out}"
+        );
+    }
+
     #[test]
     fn every_base_order_is_a_hadamard_matrix() {
         for &(m, _, _) in PALEY.iter().chain(&[(1, 0, 0)]) {

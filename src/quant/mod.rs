@@ -1,8 +1,7 @@
 //! Quantised matmul (issue 15, 4-bit as in OSTQuant / QuaRot; issue 16, 1-bit as in BiLLM): the
 //! quantisers that produce the weight formats and the transforms that make them accurate (host code, f64
 //! where it matters), the packed int4 format and the W4A16 kernel that reads it (`kernels/quant/`).
-//! W4A4, the fused online Hadamard + activation quantisation kernel and the 1-bit format are not built
-//! yet.
+//! W4A4 and the 1-bit format are not built yet.
 //!
 //! * [`WeightQuant`] and [`QuantizedWeight`]: a k-bit (2..=8) integer weight format, per output channel
 //!   or in groups of 32/64/128 input channels, symmetric or with zero points, its scales rounded to the
@@ -24,6 +23,9 @@
 //! * [`w4a16`] with [`W4A16Plan`], [`W4A16Weight`], [`W4A16Workspace`]: `y = x · Ŵᵀ` for bf16/f16
 //!   activations on tensor cores, any M (16/32/64-row tiles, split-K for small M), checked against
 //!   [`reference_w4a16`].
+//! * [`hadamard_quantize`] / [`hadamard_rotate`] with [`HadamardPlan`]: the online rotation of
+//!   activations on the GPU, `x·H_n` per token fused with its int4/int8 quantisation
+//!   ([`QuantizedActivations`]: codes, a scale and a zero point per token) or rounded to bf16/f16.
 //! * [`hadamard`]: the normalised Hadamard transform of sizes `m · 2^k` (m ∈ {1, 12, 20, 28, 36, 44,
 //!   60}), the rotation QuaRot and OSTQuant fuse into weights (`W·H`) and apply online to activations
 //!   (`x·H`), exact in f64.
@@ -36,6 +38,7 @@ pub(crate) mod check;
 mod gptq;
 pub mod hadamard;
 mod linalg;
+mod online;
 mod packed;
 mod rtn;
 pub mod safetensors;
@@ -44,6 +47,9 @@ mod w4a16;
 
 pub use act::{quantize_tokens, QuantizedTokens};
 pub use gptq::{quantize_gptq, GptqConfig, Hessian};
+pub use online::{
+    hadamard_quantize, hadamard_rotate, HadamardOutput, HadamardPlan, QuantizedActivations,
+};
 pub use packed::{PackedW4, W4_FORMAT_VERSION, W4_K_PAD, W4_N_PAD};
 pub use rtn::{quantize_rtn, QuantizedWeight, ScaleFormat, WeightQuant};
 pub use transform::{qsur, search_scales, EquivalentTransform, ScaleSearch, QSUR_SHRINKAGE};
