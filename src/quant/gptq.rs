@@ -269,14 +269,7 @@ pub fn quantize_gptq(
         fix_params(&wm)?;
     }
     let mut hm = h.matrix();
-    for j in 0..k {
-        if hm[j * k + j] == 0.0 {
-            hm[j * k + j] = 1.0;
-            for r in 0..n {
-                wm[r * k + j] = 0.0;
-            }
-        }
-    }
+    zero_dead_channels(&mut hm, &mut wm, n, k);
     if scheme.group.is_some() && cfg.act_order {
         fix_params(&wm)?;
     }
@@ -298,16 +291,7 @@ pub fn quantize_gptq(
             hp[i * k + j] = hm[a * k + b];
         }
     }
-    let mean_diag = (0..k).map(|j| hp[j * k + j]).sum::<f64>() / k as f64;
-    for j in 0..k {
-        hp[j * k + j] += cfg.damp * mean_diag;
-    }
-    let u = upper_cholesky_of_inverse(&hp, k).ok_or_else(|| {
-        Error::invalid(
-            "h",
-            "the dampened Hessian is not positive definite (calibration activations out of range?)",
-        )
-    })?;
+    let u = damped_inverse_factor(&mut hp, k, cfg.damp)?;
     let mut err = vec![0.0; n * block];
     let mut buf = Vec::with_capacity(g);
     for i1 in (0..k).step_by(block) {
@@ -343,22 +327,65 @@ pub fn quantize_gptq(
                 }
             }
         }
-        // The block's errors reach the later blocks: W[:, i2..] −= Err · U[i1..i2, i2..].
-        if i2 < k {
+        propagate_block_errors(&mut wp, n, k, &err, block, i1, i2, &u);
+    }
+    Ok(q)
+}
+
+/// Channels that never activate (`H_jj = 0`): their weight columns zeroed and `H_jj` set to 1, as
+/// GPTQ's code (shared with BiLLM).
+pub(crate) fn zero_dead_channels(hm: &mut [f64], wm: &mut [f64], n: usize, k: usize) {
+    for j in 0..k {
+        if hm[j * k + j] == 0.0 {
+            hm[j * k + j] = 1.0;
             for r in 0..n {
-                let e = &err[r * block..r * block + cnt];
-                let row = &mut wp[r * k..(r + 1) * k];
-                for (i, &ei) in e.iter().enumerate() {
-                    if ei == 0.0 {
-                        continue;
-                    }
-                    let urow = &u[(i1 + i) * k..(i1 + i + 1) * k];
-                    for j in i2..k {
-                        row[j] -= ei * urow[j];
-                    }
-                }
+                wm[r * k + j] = 0.0;
             }
         }
     }
-    Ok(q)
+}
+
+/// `U`, the upper Cholesky factor of `(H + damp · mean(diag H) · I)⁻¹` (`hm` is dampened in place).
+pub(crate) fn damped_inverse_factor(hm: &mut [f64], k: usize, damp: f64) -> Result<Vec<f64>> {
+    let mean_diag = (0..k).map(|j| hm[j * k + j]).sum::<f64>() / k as f64;
+    for j in 0..k {
+        hm[j * k + j] += damp * mean_diag;
+    }
+    upper_cholesky_of_inverse(hm, k).ok_or_else(|| {
+        Error::invalid(
+            "h",
+            "the dampened Hessian is not positive definite (calibration activations out of range?)",
+        )
+    })
+}
+
+/// The lazy update of a block's errors: `W[:, i2..] −= Err · U[i1..i2, i2..]`, `w` `[n][k]`, `err`
+/// `[n][stride]` holding the block's `i2 − i1` column errors.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn propagate_block_errors(
+    w: &mut [f64],
+    n: usize,
+    k: usize,
+    err: &[f64],
+    stride: usize,
+    i1: usize,
+    i2: usize,
+    u: &[f64],
+) {
+    if i2 >= k {
+        return;
+    }
+    for r in 0..n {
+        let e = &err[r * stride..r * stride + (i2 - i1)];
+        let row = &mut w[r * k..(r + 1) * k];
+        for (i, &ei) in e.iter().enumerate() {
+            if ei == 0.0 {
+                continue;
+            }
+            let urow = &u[(i1 + i) * k..(i1 + i + 1) * k];
+            for j in i2..k {
+                row[j] -= ei * urow[j];
+            }
+        }
+    }
 }

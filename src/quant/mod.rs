@@ -1,7 +1,7 @@
 //! Quantised matmul (issue 15, 4-bit as in OSTQuant / QuaRot; issue 16, 1-bit as in BiLLM): the
 //! quantisers that produce the weight formats and the transforms that make them accurate (host code, f64
 //! where it matters), the packed int4 format and the W4A16 kernel that reads it (`kernels/quant/`).
-//! W4A4 and the 1-bit format are not built yet.
+//! W4A4, BiLLM's packed format and its kernels are not built yet.
 //!
 //! * [`WeightQuant`] and [`QuantizedWeight`]: a k-bit (2..=8) integer weight format, per output channel
 //!   or in groups of 32/64/128 input channels, symmetric or with zero points, its scales rounded to the
@@ -12,6 +12,10 @@
 //!   dampening, the upper Cholesky factor of the inverse Hessian, blocks of 128 columns with lazy
 //!   updates, act-order with static groups (so the group structure stays contiguous and kernels need no
 //!   permutation index).
+//! * [`quantize_billm`] ([`BillmWeight`], [`BillmConfig`]): BiLLM's 1-bit quantiser (salient columns by
+//!   inverse-Hessian salience, binarised residually; the rest split at a searched break point into two
+//!   binarised groups; block-wise GPTQ-style compensation), and [`binarize_sign_mean`], the plain
+//!   1-bit baseline.
 //! * [`PackedW4`]: an int4 weight packed in `mma.sync` fragment order (format version 1, K and N padded
 //!   internally), lossless to unpack, with the exact dense matrix the kernel multiplies by.
 //! * [`safetensors`]: the safetensors container, read and written without dependencies: the on-disk
@@ -34,6 +38,7 @@
 //! layout): `y = x · Wᵀ`, and groups run along `k`.
 
 mod act;
+mod billm;
 pub(crate) mod check;
 mod gptq;
 pub mod hadamard;
@@ -46,6 +51,9 @@ mod transform;
 mod w4a16;
 
 pub use act::{quantize_tokens, QuantizedTokens};
+pub use billm::{
+    binarize_sign_mean, quantize_billm, BillmConfig, BillmWeight, Binary, BILLM_BLOCK,
+};
 pub use gptq::{quantize_gptq, GptqConfig, Hessian};
 pub use online::{
     hadamard_quantize, hadamard_rotate, HadamardOutput, HadamardPlan, QuantizedActivations,
