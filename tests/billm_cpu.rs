@@ -6,7 +6,7 @@
 
 use fusekit::quant::{
     binarize_sign_mean, quantize_billm, quantize_rtn, relative_output_error, BillmConfig,
-    BillmWeight, Hessian, WeightQuant, BILLM_BLOCK,
+    BillmWeight, Hessian, PackedBillm, WeightQuant, BILLM_BLOCK,
 };
 use fusekit::testing::{seed_for, Dist, Rng};
 use fusekit::Error;
@@ -254,4 +254,102 @@ fn billm_compensation_lowers_the_output_error() {
     let e_diag = relative_output_error(&x, &w, &diag.dequantize(), k).unwrap();
     println!("BiLLM with the Hessian {e_full:.4}, with its diagonal only {e_diag:.4}");
     assert!(e_full < 0.9 * e_diag, "{e_full} against {e_diag}");
+}
+
+/// The packed form (format 1) round-trips the quantiser's output bit for bit (dequantised values
+/// equal), stores exactly the strict bit count for K a multiple of 128, and refuses buffers that do
+/// not match their header.
+#[test]
+fn billm_packing_round_trips_and_validates() {
+    let mut rng = Rng::new(seed_for("billm_packing_round_trips_and_validates"));
+    for (n, k) in [(5, 128), (7, 200), (3, 130), (9, 64), (1, 1), (4, 384)] {
+        let x = activations(&mut rng, 64, k);
+        let w = weights(&mut rng, n, k);
+        let q = quantize_billm(&w, n, k, &hessian(&x, k), &BillmConfig::default()).unwrap();
+        let p = PackedBillm::pack(&q).unwrap();
+        let u = p.unpack();
+        assert_eq!(
+            (u.sign.clone(), u.sign2.clone(), u.sparse.clone()),
+            (q.sign.clone(), q.sign2.clone(), q.sparse.clone()),
+            "n={n} k={k}"
+        );
+        assert_eq!(
+            (u.salient.clone(), u.params.clone()),
+            (q.salient.clone(), q.params.clone())
+        );
+        let (a, b) = (p.dequantize(), q.dequantize());
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "n={n} k={k}"
+        );
+        if k % BILLM_BLOCK == 0 {
+            assert_eq!(
+                p.bytes() as f64 * 8.0,
+                q.bits_per_weight().strict * (n * k) as f64
+            );
+        } else {
+            assert!(p.bytes() as f64 * 8.0 > q.bits_per_weight().strict * (n * k) as f64);
+        }
+        // Corruptions: a NaN or negative parameter, a missing word, a padding bit.
+        let mut bad = p.clone();
+        bad.params[1] = half::f16::NAN.to_bits();
+        assert!(bad.validate().is_err());
+        let mut bad = p.clone();
+        bad.params[0] = half::f16::from_f32(-1.0).to_bits();
+        assert!(bad.validate().is_err());
+        let mut bad = p.clone();
+        bad.signs.pop();
+        assert!(matches!(bad.validate(), Err(Error::Shape { .. })));
+        if k % BILLM_BLOCK != 0 {
+            let mut bad = p.clone();
+            let last = (k.div_ceil(BILLM_BLOCK) - 1) * n * 4 + 3;
+            bad.second[last] |= 1 << 31;
+            assert!(bad.validate().is_err(), "n={n} k={k}");
+        }
+    }
+}
+
+/// The on-disk form: round trip of several layers; truncations and wrong metadata are errors, never
+/// panics.
+#[test]
+fn billm_safetensors_round_trip_and_refusals() {
+    let mut rng = Rng::new(seed_for("billm_safetensors_round_trip_and_refusals"));
+    let mut layers = Vec::new();
+    for (n, k) in [(4, 130), (3, 256)] {
+        let x = activations(&mut rng, 32, k);
+        let w = weights(&mut rng, n, k);
+        let q = quantize_billm(&w, n, k, &hessian(&x, k), &BillmConfig::default()).unwrap();
+        layers.push(PackedBillm::pack(&q).unwrap());
+    }
+    let named: Vec<(&str, &PackedBillm)> = vec![("a.up", &layers[0]), ("b.down", &layers[1])];
+    let bytes = PackedBillm::to_safetensors(&named).unwrap();
+    let back = PackedBillm::from_safetensors(&bytes).unwrap();
+    assert_eq!(
+        back,
+        vec![
+            ("a.up".to_string(), layers[0].clone()),
+            ("b.down".to_string(), layers[1].clone())
+        ]
+    );
+    for cut in (0..bytes.len()).step_by(7) {
+        assert!(
+            PackedBillm::from_safetensors(&bytes[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+    // A W4 file is not a BiLLM file; names that cannot be stored are refused.
+    assert!(PackedBillm::to_safetensors(&[("a;b", &layers[0])]).is_err());
+    assert!(PackedBillm::to_safetensors(&[("x", &layers[0]), ("x", &layers[1])]).is_err());
+    // The same file claiming version 9 (one byte of the header changed).
+    let pat = b"\"version\":\"1\"";
+    let at = bytes
+        .windows(pat.len())
+        .position(|w| w == pat)
+        .expect("version in the header");
+    let mut v9 = bytes.clone();
+    v9[at + pat.len() - 2] = b'9';
+    assert!(matches!(
+        PackedBillm::from_safetensors(&v9),
+        Err(Error::Unsupported { .. })
+    ));
 }

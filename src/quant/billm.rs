@@ -21,6 +21,9 @@
 //! broken by column index.
 
 use super::gptq::{damped_inverse_factor, propagate_block_errors, zero_dead_channels, Hessian};
+use super::safetensors::{
+    halves_le, le_halves, le_words, words_le, LayerFileReader, LayerFileWriter,
+};
 use crate::error::{Error, Result};
 
 /// BiLLM's block (and parameter group) length in input channels.
@@ -93,10 +96,54 @@ pub struct BillmWeight {
     pub break_point: Vec<f32>,
 }
 
+/// Bits per weight of a [`BillmWeight`], counted two ways.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BitsPerWeight {
+    /// The paper's count: one sign bit per weight plus the residual sign bit of each salient weight
+    /// (BiLLM's "1.08 bits"); no bitmap, no column indices, no `(α, μ)`.
+    pub paper: f64,
+    /// Every bit the packed layer stores: the sign bits, the residual sign bits, the group bitmap of
+    /// the non-salient weights, a 128-bit salient-column mask per block, and four f16 `(α, μ)` pairs
+    /// per row and block (128 bits per row and block).
+    pub strict: f64,
+}
+
 impl BillmWeight {
     /// Blocks of [`BILLM_BLOCK`] columns (the last may be shorter).
     pub fn blocks(&self) -> usize {
         self.k.div_ceil(BILLM_BLOCK)
+    }
+
+    /// Salient columns over all blocks.
+    pub fn salient_columns(&self) -> usize {
+        self.salient.iter().map(Vec::len).sum()
+    }
+
+    /// Bits per weight, the paper's way and strictly (see [`BitsPerWeight`]). With `c` salient columns
+    /// of `k` and `b` blocks: paper `1 + c/k`, strict `2 + 128·b·(n + 1)/(n·k)`: about 3 bits for
+    /// `k` a multiple of 128.
+    ///
+    /// ```
+    /// use fusekit::quant::{quantize_billm, BillmConfig, Hessian};
+    /// let (n, k) = (64, 256);
+    /// let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 23) as f32 - 11.0) / 10.0).collect();
+    /// let x: Vec<f32> = (0..64 * k).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+    /// let mut h = Hessian::new(k)?;
+    /// h.add(&x)?;
+    /// let q = quantize_billm(&w, n, k, &h, &BillmConfig::default())?;
+    /// let b = q.bits_per_weight();
+    /// assert_eq!(b.paper, 1.0 + q.salient_columns() as f64 / k as f64);
+    /// assert!((b.strict - (2.0 + 128.0 * 2.0 * 65.0 / (64.0 * 256.0))).abs() < 1e-12);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn bits_per_weight(&self) -> BitsPerWeight {
+        let (n, k, nb) = (self.n as f64, self.k as f64, self.blocks() as f64);
+        let c = self.salient_columns() as f64;
+        let weights = n * k;
+        BitsPerWeight {
+            paper: (weights + n * c) / weights,
+            strict: (weights + n * c + n * (k - c) + 128.0 * nb + 128.0 * n * nb) / weights,
+        }
     }
 
     /// The `[n][k]` weights the format stands for, in f32: `α₁s₁ + μ₁ + α₂s₂ + μ₂` in salient columns,
@@ -487,4 +534,360 @@ pub fn binarize_sign_mean(w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
         }
     }
     Ok(out)
+}
+
+/// Version of [`PackedBillm`]'s layout; a reader of another version refuses it.
+pub const BILLM_FORMAT_VERSION: u32 = 1;
+
+/// A [`BillmWeight`] packed for the kernels (format version [`BILLM_FORMAT_VERSION`]). K is padded to
+/// a multiple of 128 (the kernels zero-fill activations past K, so padded weights never contribute;
+/// their bits are 0). Per block `b` of 128 columns and output row `r`:
+/// - `signs[(b·n + r)·4 + w]`, bit `i` of word `w`: the first sign of column `128b + 32w + i` (1: +1);
+/// - `second[(b·n + r)·4 + w]`, the same bit: the residual sign where the column is salient, else 1
+///   when the weight is in the sparse group (`|w| ≥ p`): the two never coexist, so one bit serves;
+/// - `params[(b·n + r)·8 ..][..8]`: f16 bits of `α₁, μ₁, α₂, μ₂` (salient, orders 1 and 2),
+///   `α_c, μ_c` (concentrated), `α_s, μ_s` (sparse);
+/// - and per block, `salient[b·4 + w]`: the salient-column mask, shared by all rows.
+///
+/// A GEMV row-block is then `α₁·Σ_S s₁x + μ₁·Σ_S x + α₂·Σ_S s₂x + μ₂·Σ_S x + α_c·Σ_C s x + μ_c·Σ_C x +
+/// α_s·Σ_P s x + μ_s·Σ_P x` over the salient (S), concentrated (C) and sparse (P) columns: signed sums
+/// of activations selected by bit masks, then eight multiply-adds. For K a multiple of 128,
+/// [`PackedBillm::bytes`] is exactly [`BitsPerWeight::strict`] · n · k / 8.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedBillm {
+    n: usize,
+    k: usize,
+    /// `[blocks][n][4]` first sign bits.
+    pub signs: Vec<u32>,
+    /// `[blocks][n][4]` second bits (residual sign or sparse-group flag).
+    pub second: Vec<u32>,
+    /// `[blocks][4]` salient-column masks.
+    pub salient: Vec<u32>,
+    /// `[blocks][n][8]` f16 bits of the four `(α, μ)` pairs.
+    pub params: Vec<u16>,
+}
+
+impl PackedBillm {
+    /// Packs `q` (which must be consistent: see [`PackedBillm::validate`] for what is checked after).
+    ///
+    /// ```
+    /// use fusekit::quant::{quantize_billm, BillmConfig, Hessian, PackedBillm};
+    /// let (n, k) = (8, 256);
+    /// let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 23) as f32 - 11.0) / 10.0).collect();
+    /// let x: Vec<f32> = (0..32 * k).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+    /// let mut h = Hessian::new(k)?;
+    /// h.add(&x)?;
+    /// let q = quantize_billm(&w, n, k, &h, &BillmConfig::default())?;
+    /// let p = PackedBillm::pack(&q)?;
+    /// assert_eq!(p.dequantize(), q.dequantize());
+    /// assert_eq!(p.bytes() as f64, q.bits_per_weight().strict * (n * k) as f64 / 8.0);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn pack(q: &BillmWeight) -> Result<Self> {
+        let (n, k, nb) = (q.n, q.k, q.blocks());
+        if n == 0
+            || k == 0
+            || q.sign.len() != n * k
+            || q.sign2.len() != n * k
+            || q.sparse.len() != n * k
+            || q.params.len() != n * nb
+            || q.salient.len() != nb
+        {
+            return Err(Error::shape(
+                "q",
+                format!("a consistent BiLLM weight of {n} x {k}"),
+                "buffers of other lengths".to_string(),
+            ));
+        }
+        let mut p = PackedBillm {
+            n,
+            k,
+            signs: vec![0; nb * n * 4],
+            second: vec![0; nb * n * 4],
+            salient: vec![0; nb * 4],
+            params: vec![0; nb * n * 8],
+        };
+        let mut is_sal = vec![false; k];
+        for (b, cols) in q.salient.iter().enumerate() {
+            for &c in cols {
+                if c / BILLM_BLOCK != b {
+                    return Err(Error::invalid(
+                        "q.salient",
+                        format!("column {c} listed in block {b}"),
+                    ));
+                }
+                is_sal[c] = true;
+                let j = c % BILLM_BLOCK;
+                p.salient[b * 4 + j / 32] |= 1 << (j % 32);
+            }
+        }
+        for r in 0..n {
+            for (c, &sal) in is_sal.iter().enumerate() {
+                let (b, j) = (c / BILLM_BLOCK, c % BILLM_BLOCK);
+                let word = (b * n + r) * 4 + j / 32;
+                let i = r * k + c;
+                if q.sign[i] {
+                    p.signs[word] |= 1 << (j % 32);
+                }
+                let second = if sal { q.sign2[i] } else { q.sparse[i] };
+                if second {
+                    p.second[word] |= 1 << (j % 32);
+                }
+            }
+            for b in 0..nb {
+                for (t, pair) in q.params[r * nb + b].iter().enumerate() {
+                    p.params[(b * n + r) * 8 + 2 * t] = half::f16::from_f32(pair.alpha).to_bits();
+                    p.params[(b * n + r) * 8 + 2 * t + 1] = half::f16::from_f32(pair.mu).to_bits();
+                }
+            }
+        }
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Output channels.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input channels.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes stored: signs, second bits, masks and parameters.
+    pub fn bytes(&self) -> usize {
+        4 * (self.signs.len() + self.second.len() + self.salient.len()) + 2 * self.params.len()
+    }
+
+    /// Checks the buffers against the header: lengths, padding bits zero, every parameter finite and
+    /// every `α ≥ 0`. Any mismatch is an `Err` naming it.
+    ///
+    /// ```
+    /// use fusekit::quant::{quantize_billm, BillmConfig, Hessian, PackedBillm};
+    /// let (n, k) = (4, 100);
+    /// let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 23) as f32 - 11.0) / 10.0).collect();
+    /// let mut h = Hessian::new(k)?;
+    /// h.add(&(0..16 * k).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect::<Vec<_>>())?;
+    /// let mut p = PackedBillm::pack(&quantize_billm(&w, n, k, &h, &BillmConfig::default())?)?;
+    /// p.signs[3] |= 1 << 31; // column 127: padding
+    /// assert!(p.validate().is_err());
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        let (n, k) = (self.n, self.k);
+        let nb = k.div_ceil(BILLM_BLOCK);
+        let want = [
+            ("signs", self.signs.len(), nb * n * 4),
+            ("second", self.second.len(), nb * n * 4),
+            ("salient", self.salient.len(), nb * 4),
+            ("params", self.params.len(), nb * n * 8),
+        ];
+        for (name, got, expected) in want {
+            if got != expected {
+                return Err(Error::shape(
+                    "packed",
+                    format!("{name}: {expected} entries for {n} x {k}"),
+                    format!("{got}"),
+                ));
+            }
+        }
+        // Padding columns of the last block: no bits set.
+        let tail = k - (nb - 1) * BILLM_BLOCK;
+        let pad_mask = |w: usize| -> u32 {
+            let lo = (w * 32).max(tail);
+            if lo >= (w + 1) * 32 {
+                0
+            } else {
+                let first = lo - w * 32;
+                (!0u32) << first
+            }
+        };
+        let b = nb - 1;
+        for w in 0..4 {
+            let m = pad_mask(w);
+            let bad = self.salient[b * 4 + w] & m != 0
+                || (0..n).any(|r| {
+                    let i = (b * n + r) * 4 + w;
+                    (self.signs[i] | self.second[i]) & m != 0
+                });
+            if bad {
+                return Err(Error::invalid(
+                    "packed",
+                    format!("bits set in the padding columns of the last block (k = {k})"),
+                ));
+            }
+        }
+        for (i, chunk) in self.params.chunks_exact(2).enumerate() {
+            let (a, mu) = (
+                half::f16::from_bits(chunk[0]).to_f32(),
+                half::f16::from_bits(chunk[1]).to_f32(),
+            );
+            if !a.is_finite() || !mu.is_finite() || a < 0.0 {
+                return Err(Error::invalid(
+                    "packed",
+                    format!("parameter pair {i}: (α, μ) = ({a}, {mu}): α must be finite and ≥ 0, μ finite"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The [`BillmWeight`] the buffers encode (break points are not stored: 0).
+    pub fn unpack(&self) -> BillmWeight {
+        let (n, k) = (self.n, self.k);
+        let nb = k.div_ceil(BILLM_BLOCK);
+        let bit = |v: &[u32], b: usize, r: Option<usize>, j: usize| -> bool {
+            let base = match r {
+                Some(r) => (b * n + r) * 4,
+                None => b * 4,
+            };
+            v[base + j / 32] >> (j % 32) & 1 == 1
+        };
+        let salient: Vec<Vec<usize>> = (0..nb)
+            .map(|b| {
+                (b * BILLM_BLOCK..((b + 1) * BILLM_BLOCK).min(k))
+                    .filter(|&c| bit(&self.salient, b, None, c % BILLM_BLOCK))
+                    .collect()
+            })
+            .collect();
+        let mut q = BillmWeight {
+            n,
+            k,
+            salient,
+            sign: vec![false; n * k],
+            sign2: vec![false; n * k],
+            sparse: vec![false; n * k],
+            params: vec![[Binary::default(); 4]; n * nb],
+            break_point: vec![0.0; nb],
+        };
+        for r in 0..n {
+            for c in 0..k {
+                let (b, j) = (c / BILLM_BLOCK, c % BILLM_BLOCK);
+                let i = r * k + c;
+                q.sign[i] = bit(&self.signs, b, Some(r), j);
+                let second = bit(&self.second, b, Some(r), j);
+                if bit(&self.salient, b, None, j) {
+                    q.sign2[i] = second;
+                } else {
+                    q.sparse[i] = second;
+                }
+            }
+            for b in 0..nb {
+                let p = &self.params[(b * n + r) * 8..(b * n + r + 1) * 8];
+                for t in 0..4 {
+                    q.params[r * nb + b][t] = Binary {
+                        alpha: half::f16::from_bits(p[2 * t]).to_f32(),
+                        mu: half::f16::from_bits(p[2 * t + 1]).to_f32(),
+                    };
+                }
+            }
+        }
+        q
+    }
+
+    /// The dense `[n][k]` weights the packed layer stands for (what the kernels multiply by).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.unpack().dequantize()
+    }
+}
+
+const BILLM_FILE_FORMAT: &str = "fusekit.packed_billm";
+
+impl PackedBillm {
+    /// The on-disk form of named packed layers: a safetensors file with metadata
+    /// `format = "fusekit.packed_billm"`, `version = "1"`, per layer `name = "n=…;k=…"`, and the tensors
+    /// `name.signs`, `name.second` (U32 `[blocks, n, 4]`), `name.salient` (U32 `[blocks, 4]`) and
+    /// `name.params` (F16 `[blocks, n, 8]`): the in-memory buffers byte for byte. Layer names must be
+    /// non-empty, without `;` and `=`, and not `format`/`version`.
+    ///
+    /// ```
+    /// use fusekit::quant::{quantize_billm, BillmConfig, Hessian, PackedBillm};
+    /// let (n, k) = (6, 150);
+    /// let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 23) as f32 - 11.0) / 10.0).collect();
+    /// let mut h = Hessian::new(k)?;
+    /// h.add(&(0..16 * k).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect::<Vec<_>>())?;
+    /// let p = PackedBillm::pack(&quantize_billm(&w, n, k, &h, &BillmConfig::default())?)?;
+    /// let bytes = PackedBillm::to_safetensors(&[("mlp.up_proj", &p)])?;
+    /// assert_eq!(PackedBillm::from_safetensors(&bytes)?, vec![("mlp.up_proj".to_string(), p)]);
+    /// # Ok::<(), fusekit::Error>(())
+    /// ```
+    pub fn to_safetensors(layers: &[(&str, &PackedBillm)]) -> Result<Vec<u8>> {
+        let mut file = LayerFileWriter::new(BILLM_FILE_FORMAT, BILLM_FORMAT_VERSION);
+        for (name, p) in layers {
+            file.layer(name, format!("n={};k={}", p.n, p.k))?;
+            p.validate()?;
+            let nb = p.k.div_ceil(BILLM_BLOCK);
+            file.tensor(
+                format!("{name}.signs"),
+                "U32",
+                vec![nb, p.n, 4],
+                le_words(&p.signs),
+            );
+            file.tensor(
+                format!("{name}.second"),
+                "U32",
+                vec![nb, p.n, 4],
+                le_words(&p.second),
+            );
+            file.tensor(
+                format!("{name}.salient"),
+                "U32",
+                vec![nb, 4],
+                le_words(&p.salient),
+            );
+            file.tensor(
+                format!("{name}.params"),
+                "F16",
+                vec![nb, p.n, 8],
+                le_halves(&p.params),
+            );
+        }
+        file.finish()
+    }
+
+    /// Reads the layers [`to_safetensors`](Self::to_safetensors) wrote, in name order. Another format or
+    /// version, a header that does not parse, a tensor of the wrong dtype or shape, a missing or an
+    /// unexpected tensor, buffers that fail [`validate`](Self::validate): a typed `Err`.
+    ///
+    /// ```
+    /// use fusekit::quant::PackedBillm;
+    /// assert!(PackedBillm::from_safetensors(b"\x02\0\0\0\0\0\0\0{}").is_err()); // no format metadata
+    /// ```
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Vec<(String, PackedBillm)>> {
+        let mut file = LayerFileReader::open(
+            bytes,
+            BILLM_FILE_FORMAT,
+            BILLM_FORMAT_VERSION,
+            "packed BiLLM",
+        )?;
+        let mut out = Vec::new();
+        for (name, h) in file.layers() {
+            let bad =
+                |what: String| Error::invalid("safetensors", format!("layer {name:?}: {what}"));
+            let parsed = h
+                .strip_prefix("n=")
+                .and_then(|r| r.split_once(";k="))
+                .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+            let Some((n, k)) = parsed else {
+                return Err(bad(format!("header {h:?}")));
+            };
+            if n == 0 || k == 0 || n >= 1 << 31 || k >= 1 << 31 {
+                return Err(bad(format!("a {n} x {k} weight")));
+            }
+            let nb = k.div_ceil(BILLM_BLOCK);
+            let p = PackedBillm {
+                n,
+                k,
+                signs: words_le(file.take(&name, "signs", "U32", vec![nb, n, 4])?),
+                second: words_le(file.take(&name, "second", "U32", vec![nb, n, 4])?),
+                salient: words_le(file.take(&name, "salient", "U32", vec![nb, 4])?),
+                params: halves_le(file.take(&name, "params", "F16", vec![nb, n, 8])?),
+            };
+            p.validate()?;
+            out.push((name, p));
+        }
+        file.finish()?;
+        Ok(out)
+    }
 }

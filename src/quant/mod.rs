@@ -15,7 +15,8 @@
 //! * [`quantize_billm`] ([`BillmWeight`], [`BillmConfig`]): BiLLM's 1-bit quantiser (salient columns by
 //!   inverse-Hessian salience, binarised residually; the rest split at a searched break point into two
 //!   binarised groups; block-wise GPTQ-style compensation), and [`binarize_sign_mean`], the plain
-//!   1-bit baseline.
+//!   1-bit baseline; [`PackedBillm`], its packed form (format version 1) with the bits per weight
+//!   counted the paper's way and strictly ([`BitsPerWeight`]).
 //! * [`PackedW4`]: an int4 weight packed in `mma.sync` fragment order (format version 1, K and N padded
 //!   internally), lossless to unpack, with the exact dense matrix the kernel multiplies by.
 //! * [`safetensors`]: the safetensors container, read and written without dependencies: the on-disk
@@ -52,7 +53,8 @@ mod w4a16;
 
 pub use act::{quantize_tokens, QuantizedTokens};
 pub use billm::{
-    binarize_sign_mean, quantize_billm, BillmConfig, BillmWeight, Binary, BILLM_BLOCK,
+    binarize_sign_mean, quantize_billm, BillmConfig, BillmWeight, Binary, BitsPerWeight,
+    PackedBillm, BILLM_BLOCK, BILLM_FORMAT_VERSION,
 };
 pub use gptq::{quantize_gptq, GptqConfig, Hessian};
 pub use online::{

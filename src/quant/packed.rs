@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use crate::error::{Error, Result};
 
 use super::rtn::{QuantizedWeight, ScaleFormat, WeightQuant};
+use super::safetensors::{
+    halves_le, le_halves, le_words, words_le, LayerFileReader, LayerFileWriter,
+};
 
 /// The packed format's version (`FK_W4_FORMAT_VERSION` in `kernels/include/quant_params.h`).
 pub const W4_FORMAT_VERSION: u32 = 1;
@@ -437,48 +440,33 @@ impl PackedW4 {
     /// # Ok::<(), fusekit::Error>(())
     /// ```
     pub fn to_safetensors(layers: &[(&str, &PackedW4)]) -> Result<Vec<u8>> {
-        let mut meta = vec![
-            ("format".to_string(), FILE_FORMAT.to_string()),
-            ("version".to_string(), W4_FORMAT_VERSION.to_string()),
-        ];
-        let mut tensors = Vec::new();
+        let mut file = LayerFileWriter::new(FILE_FORMAT, W4_FORMAT_VERSION);
         for (name, p) in layers {
-            if name.is_empty() || name.contains([';', '=']) || ["format", "version"].contains(name)
-            {
-                return Err(Error::invalid("layers", format!("layer name {name:?}")));
-            }
-            if meta.iter().any(|(k, _)| k == name) {
-                return Err(Error::invalid("layers", format!("layer {name:?} twice")));
-            }
+            file.layer(name, p.header_string())?;
             p.validate()?;
-            meta.push((name.to_string(), p.header_string()));
             let (nb, ng) = (p.n_pad() / W4_N_PAD, p.n_groups());
             let scales_dtype = if p.scheme.scale_format == ScaleFormat::Bf16 {
                 "BF16"
             } else {
                 "F16"
             };
-            tensors.push((
+            file.tensor(
                 format!("{name}.codes"),
                 "U32",
                 vec![nb, p.k_pad() / 16, 32, 4],
-                p.codes
-                    .iter()
-                    .flat_map(|w| w.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            ));
-            tensors.push((
+                le_words(&p.codes),
+            );
+            file.tensor(
                 format!("{name}.scales"),
                 scales_dtype,
                 vec![nb, ng, 8, 8],
-                p.scales.iter().flat_map(|w| w.to_le_bytes()).collect(),
-            ));
+                le_halves(&p.scales),
+            );
             if let Some(z) = &p.zeros {
-                tensors.push((format!("{name}.zeros"), "U8", vec![nb, ng, 8, 8], z.clone()));
+                file.tensor(format!("{name}.zeros"), "U8", vec![nb, ng, 8, 8], z.clone());
             }
         }
-        let m: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        super::safetensors::write(&tensors, &m)
+        file.finish()
     }
 
     fn header_string(&self) -> String {
@@ -508,31 +496,10 @@ impl PackedW4 {
     /// assert!(PackedW4::from_safetensors(b"\x02\0\0\0\0\0\0\0{}").is_err()); // no format metadata
     /// ```
     pub fn from_safetensors(bytes: &[u8]) -> Result<Vec<(String, PackedW4)>> {
-        let st = super::safetensors::SafeTensors::parse(bytes)?;
-        let meta = st.metadata();
-        match meta.get("format").map(String::as_str) {
-            Some(FILE_FORMAT) => {}
-            other => {
-                return Err(Error::invalid(
-                    "safetensors",
-                    format!("format {other:?}, not {FILE_FORMAT:?}"),
-                ))
-            }
-        }
-        let v = meta.get("version").cloned().unwrap_or_default();
-        if v != W4_FORMAT_VERSION.to_string() {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "packed W4 format version {v:?} (this build reads version {W4_FORMAT_VERSION})"
-                ),
-            });
-        }
+        let mut file = LayerFileReader::open(bytes, FILE_FORMAT, W4_FORMAT_VERSION, "packed W4")?;
         let mut out = Vec::new();
-        let mut used = 0usize;
-        for (name, h) in meta
-            .iter()
-            .filter(|(k, _)| *k != "format" && *k != "version")
-        {
+        for (name, h) in file.layers() {
+            let (name, h) = (&name, &h);
             let bad =
                 |what: String| Error::invalid("safetensors", format!("layer {name:?}: {what}"));
             let mut fields = BTreeMap::new();
@@ -601,41 +568,15 @@ impl PackedW4 {
                 zeros: None,
             };
             let (nb, ng) = (p.n_pad() / W4_N_PAD, p.n_groups());
-            let take = |suffix: &str, dtype: &str, shape: Vec<usize>| -> Result<&[u8]> {
-                let t = st.tensor(&format!("{name}.{suffix}"))?;
-                if t.dtype != dtype || t.shape != shape {
-                    return Err(bad(format!(
-                        "{suffix} is {} {:?}, the header implies {dtype} {shape:?}",
-                        t.dtype, t.shape
-                    )));
-                }
-                Ok(t.data)
-            };
-            p.codes = take("codes", "U32", vec![nb, p.k_pad() / 16, 32, 4])?
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            p.scales = take("scales", sdt, vec![nb, ng, 8, 8])?
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            used += 2;
+            p.codes = words_le(file.take(name, "codes", "U32", vec![nb, p.k_pad() / 16, 32, 4])?);
+            p.scales = halves_le(file.take(name, "scales", sdt, vec![nb, ng, 8, 8])?);
             if !symmetric {
-                p.zeros = Some(take("zeros", "U8", vec![nb, ng, 8, 8])?.to_vec());
-                used += 1;
+                p.zeros = Some(file.take(name, "zeros", "U8", vec![nb, ng, 8, 8])?.to_vec());
             }
             p.validate()?;
             out.push((name.clone(), p));
         }
-        if used != st.names().count() {
-            return Err(Error::invalid(
-                "safetensors",
-                format!(
-                    "{} tensors, of which the layer headers name {used}",
-                    st.names().count()
-                ),
-            ));
-        }
+        file.finish()?;
         Ok(out)
     }
 }

@@ -511,6 +511,159 @@ impl Parser<'_> {
     }
 }
 
+/// A file of named packed layers being written (the packed formats' on-disk form): metadata
+/// `format`, `version` and one header string per layer, then each layer's tensors.
+pub(crate) struct LayerFileWriter {
+    meta: Vec<(String, String)>,
+    tensors: Vec<(String, &'static str, Vec<usize>, Vec<u8>)>,
+}
+
+impl LayerFileWriter {
+    pub(crate) fn new(format: &str, version: u32) -> Self {
+        LayerFileWriter {
+            meta: vec![
+                ("format".to_string(), format.to_string()),
+                ("version".to_string(), version.to_string()),
+            ],
+            tensors: Vec::new(),
+        }
+    }
+
+    /// Registers layer `name` with its header: names must be non-empty, without `;` and `=`, not
+    /// `format`/`version`, and unique.
+    pub(crate) fn layer(&mut self, name: &str, header: String) -> Result<()> {
+        if name.is_empty() || name.contains([';', '=']) || ["format", "version"].contains(&name) {
+            return Err(Error::invalid("layers", format!("layer name {name:?}")));
+        }
+        if self.meta.iter().any(|(k, _)| k == name) {
+            return Err(Error::invalid("layers", format!("layer {name:?} twice")));
+        }
+        self.meta.push((name.to_string(), header));
+        Ok(())
+    }
+
+    pub(crate) fn tensor(
+        &mut self,
+        name: String,
+        dtype: &'static str,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    ) {
+        self.tensors.push((name, dtype, shape, data));
+    }
+
+    pub(crate) fn finish(self) -> Result<Vec<u8>> {
+        let m: Vec<(&str, &str)> = self
+            .meta
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        write(&self.tensors, &m)
+    }
+}
+
+/// Little-endian bytes of 32-bit words.
+pub(crate) fn le_words(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes of 16-bit values.
+pub(crate) fn le_halves(v: &[u16]) -> Vec<u8> {
+    v.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// 32-bit words from little-endian bytes.
+pub(crate) fn words_le(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// 16-bit values from little-endian bytes.
+pub(crate) fn halves_le(b: &[u8]) -> Vec<u16> {
+    b.chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+/// Reading a file of packed layers: the format and version checked, then each layer's header, its
+/// tensors taken by suffix with their dtype and shape checked, and at the end every tensor accounted
+/// for.
+pub(crate) struct LayerFileReader<'a> {
+    st: SafeTensors<'a>,
+    used: usize,
+}
+
+impl<'a> LayerFileReader<'a> {
+    /// Parses `bytes`; another `format` is `Err(InvalidArgument)`, another `version`
+    /// `Err(Unsupported)` naming `what`.
+    pub(crate) fn open(bytes: &'a [u8], format: &str, version: u32, what: &str) -> Result<Self> {
+        let st = SafeTensors::parse(bytes)?;
+        let meta = st.metadata();
+        let got = meta.get("format").map(String::as_str);
+        if got != Some(format) {
+            return Err(Error::invalid(
+                "safetensors",
+                format!("format {got:?}, not {format:?}"),
+            ));
+        }
+        let v = meta.get("version").cloned().unwrap_or_default();
+        if v != version.to_string() {
+            return Err(Error::Unsupported {
+                what: format!("{what} format version {v:?} (this build reads version {version})"),
+            });
+        }
+        Ok(LayerFileReader { st, used: 0 })
+    }
+
+    /// The layers' `(name, header)`, in name order.
+    pub(crate) fn layers(&self) -> Vec<(String, String)> {
+        self.st
+            .metadata()
+            .iter()
+            .filter(|(k, _)| *k != "format" && *k != "version")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The bytes of tensor `layer.suffix`, which must have `dtype` and `shape`.
+    pub(crate) fn take(
+        &mut self,
+        layer: &str,
+        suffix: &str,
+        dtype: &str,
+        shape: Vec<usize>,
+    ) -> Result<&'a [u8]> {
+        let t = self.st.tensor(&format!("{layer}.{suffix}"))?;
+        if t.dtype != dtype || t.shape != shape {
+            return Err(Error::invalid(
+                "safetensors",
+                format!(
+                    "layer {layer:?}: {suffix} is {} {:?}, the header implies {dtype} {shape:?}",
+                    t.dtype, t.shape
+                ),
+            ));
+        }
+        self.used += 1;
+        Ok(t.data)
+    }
+
+    /// `Err` unless every tensor of the file was taken.
+    pub(crate) fn finish(self) -> Result<()> {
+        let total = self.st.names().count();
+        if self.used != total {
+            return Err(Error::invalid(
+                "safetensors",
+                format!(
+                    "{total} tensors, of which the layer headers name {}",
+                    self.used
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
