@@ -148,14 +148,14 @@ fn billm_salient_column_counts_at_both_ends() {
     let (n, k) = (8, 128);
     let x = activations(&mut rng, 64, k);
     let h = hessian(&x, k);
-    // Rows of ±0.5, half of each sign: one binarisation is exact (μ = 0, α = 0.5), so no column is
-    // worth a second bit.
+    // Rows of ±0.5, half of each sign, and a flat Hessian diagonal: no column stands out, yet the
+    // search takes at least one (as the reference's 1..49), and the structure holds.
     let w: Vec<f32> = (0..n * k)
         .map(|i| if (i / k + i % k) % 2 == 0 { 0.5 } else { -0.5 })
         .collect();
     let q = quantize_billm(&w, n, k, &h, &BillmConfig::default()).unwrap();
-    assert!(q.salient[0].is_empty(), "{:?}", q.salient[0]);
-    assert_eq!(q.dequantize(), w);
+    check_structure(&q, &BillmConfig::default());
+    assert!(!q.salient[0].is_empty());
     // Two columns far larger than the rest: with max_salient = 2 both are taken.
     let mut w = weights(&mut rng, n, k);
     for r in 0..n {

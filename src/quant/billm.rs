@@ -2,19 +2,25 @@
 //! post-training quantisation of a linear layer from its calibration Hessian (issue 16, item 1). The
 //! quantiser only: the packed format and the kernels that read it come next (`src/quant/DESIGN.md`).
 //!
-//! Per block of 128 input channels (the block is also the parameter group), in f64:
-//! 1. Salience `w_ij² / U_jj²` (`U` the upper Cholesky factor of the dampened `H⁻¹`, as GPTQ), summed
-//!    per column; the most salient columns are binarised residually (order 2: `B₁ = α₁·sign(w − μ₁) +
-//!    μ₁`, then the same on `w − B₁`), per output row. Their number (0 to [`BillmConfig::max_salient`];
-//!    the reference code tries 1 to 48, fusekit also 0, which a block of evenly spread weights takes) is
-//!    the one with the lowest reconstruction error of the block (ties: the fewest).
-//! 2. The other weights are split at a break point `p` (searched over the 10th … 90th percentiles of
-//!    their `|w|`) into a concentrated group (`|w| < p`) and a sparse group (`|w| ≥ p`), each binarised
-//!    with its own per-row `(α, μ)`; `p` is the one with the lowest reconstruction error.
-//! 3. The block's quantisation error is propagated to the later blocks through `U`, as GPTQ's lazy
-//!    block update (`W[:, later] −= Err · U[block, later]`, the errors taken column by column with the
-//!    in-block propagation, so the later blocks get the optimal compensation for the block's fixed
-//!    binarisation).
+//! Per block of 128 input channels (the block is also the parameter group), in f64, as the reference
+//! code (`Aaronhuang-778/BiLLM`: `bigptq.py`, `utils/autosearch.py`) does it:
+//! 1. The salience matrix `S = w² / U_jj²` (`U` the upper Cholesky factor of the dampened `H⁻¹`, as
+//!    GPTQ); columns ranked by their summed salience. The number `c` of salient columns (1 to
+//!    [`BillmConfig::max_salient`], 49 as the reference) is the one whose split of `S` into the top-`c`
+//!    columns and the rest, each binarised residually per row, approximates `S` best: a two-group
+//!    clustering of the salience (an error on the weights would always prefer more columns).
+//! 2. The break point `p`: over the 10th … 90th percentiles of `S` with the salient columns zeroed, the
+//!    one whose split of the non-salient `S` into `S < p` (concentrated) and `S ≥ p` (sparse), each
+//!    binarised per row, approximates `S` best.
+//! 3. The weights are then binarised per row: the salient columns residually (order 2: `B₁ =
+//!    α₁·sign(w − μ₁) + μ₁`, then the same on `w − B₁`), the concentrated and sparse groups each with
+//!    its own `(α, μ)`.
+//! 4. The block's quantisation error is propagated to the later blocks through `U`
+//!    (`W[:, later] −= Err · U[block, later]`). One deliberate difference from the reference code: the
+//!    errors are taken column by column with the in-block propagation, as GPTQ does (the optimal
+//!    compensation of the later blocks for the block's fixed binarisation); the reference takes every
+//!    column's error against the block's uncompensated weights. A value equal to its group's mean gets
+//!    sign +1 (the reference's `sign(0) = 0` has no 1-bit encoding).
 //!
 //! Every `(α, μ)` is rounded to f16 (the paper's storage) before the signs are chosen, so
 //! [`BillmWeight::dequantize`] is exactly what a kernel computes. Deterministic: no randomness, ties
@@ -33,17 +39,18 @@ pub const BILLM_BLOCK: usize = 128;
 ///
 /// ```
 /// let c = fusekit::quant::BillmConfig::default();
-/// assert_eq!((c.damp, c.max_salient, c.break_points), (0.01, 48, 81));
+/// assert_eq!((c.damp, c.max_salient, c.break_points), (0.01, 49, 81));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BillmConfig {
     /// Dampening added to the Hessian's diagonal, as a fraction of its mean (1 %).
     pub damp: f64,
-    /// The most salient columns per block the search tries (the reference code searches 1 to 49
-    /// exclusive, i.e. up to 48); at least 1, at most the block.
+    /// The most salient columns per block the search tries (from 1; the reference code's 49); at
+    /// least 1, at most the block.
     pub max_salient: usize,
     /// Break-point candidates: the percentiles `10 + 80·i/(break_points − 1)`, `i = 0 … break_points −
-    /// 1`, of the non-salient `|w|` (81: every whole percentile from 10 to 90); at least 2.
+    /// 1`, of the block's salience with the salient columns zeroed (81: every whole percentile from 10
+    /// to 90, as the reference); at least 2.
     pub break_points: usize,
 }
 
@@ -51,7 +58,7 @@ impl Default for BillmConfig {
     fn default() -> Self {
         BillmConfig {
             damp: 0.01,
-            max_salient: 48,
+            max_salient: 49,
             break_points: 81,
         }
     }
@@ -88,11 +95,11 @@ pub struct BillmWeight {
     pub sign: Vec<bool>,
     /// `[n][k]` residual sign bits of salient columns (`false` elsewhere).
     pub sign2: Vec<bool>,
-    /// `[n][k]`: `true` where a non-salient weight is in the sparse group (`|w| ≥ p`).
+    /// `[n][k]`: `true` where a non-salient weight is in the sparse group (salience `≥ p`).
     pub sparse: Vec<bool>,
     /// `[n][blocks][4]`: salient order 1, salient order 2, concentrated, sparse.
     pub params: Vec<[Binary; 4]>,
-    /// Per block, the break point `p` chosen.
+    /// Per block, the break point `p` chosen (a salience value `w² / U_jj²`).
     pub break_point: Vec<f32>,
 }
 
@@ -193,27 +200,41 @@ fn f16_round(v: f64) -> f32 {
 /// Binarises the values `vals` (one row's members of a group): `μ = mean`, `α = mean|v − μ|`, both
 /// rounded to f16 before use; returns the pair and writes each value's sign (`v ≥ μ`).
 fn binarize(vals: &[f64], signs: &mut [bool]) -> Binary {
-    if vals.is_empty() {
-        return Binary::default();
+    let (alpha, mu) = binarize_f64(vals, signs, true);
+    Binary {
+        alpha: alpha as f32,
+        mu: mu as f32,
     }
-    let mu = f16_round(vals.iter().sum::<f64>() / vals.len() as f64);
-    let alpha =
-        f16_round(vals.iter().map(|&v| (v - mu as f64).abs()).sum::<f64>() / vals.len() as f64);
-    for (s, &v) in signs.iter_mut().zip(vals) {
-        *s = v >= mu as f64;
-    }
-    Binary { alpha, mu }
 }
 
-/// Squared error of binarising `vals` as [`binarize`] does.
-fn binarize_err(vals: &[f64], scratch: &mut Vec<bool>) -> f64 {
+/// [`binarize`] in f64, `(α, μ)` rounded to f16 only when `round` (the searches, which binarise the
+/// salience matrix, do not round: its values can lie outside f16's range).
+fn binarize_f64(vals: &[f64], signs: &mut [bool], round: bool) -> (f64, f64) {
+    if vals.is_empty() {
+        return (0.0, 0.0);
+    }
+    let r = |v: f64| if round { f16_round(v) as f64 } else { v };
+    let mu = r(vals.iter().sum::<f64>() / vals.len() as f64);
+    let alpha = r(vals.iter().map(|&v| (v - mu).abs()).sum::<f64>() / vals.len() as f64);
+    for (s, &v) in signs.iter_mut().zip(vals) {
+        *s = v >= mu;
+    }
+    (alpha, mu)
+}
+
+/// Squared error of the residual binarisation of order `order` of `vals`, unrounded (the searches).
+fn search_err(vals: &[f64], order: usize, scratch: &mut Vec<bool>, res: &mut Vec<f64>) -> f64 {
+    res.clear();
+    res.extend_from_slice(vals);
     scratch.clear();
     scratch.resize(vals.len(), false);
-    let b = binarize(vals, scratch);
-    vals.iter()
-        .zip(scratch.iter())
-        .map(|(&v, &s)| (v - b.value(s)).powi(2))
-        .sum()
+    for _ in 0..order {
+        let (a, m) = binarize_f64(res, scratch, false);
+        for (v, &sg) in res.iter_mut().zip(scratch.iter()) {
+            *v -= if sg { a + m } else { m - a };
+        }
+    }
+    res.iter().map(|v| v * v).sum()
 }
 
 /// Residual binarisation of order 2 of one row's salient values: the pairs and both sign vectors.
@@ -226,16 +247,6 @@ fn residual2(vals: &[f64], s1: &mut [bool], s2: &mut [bool]) -> (Binary, Binary)
         .collect();
     let b2 = binarize(&res, s2);
     (b1, b2)
-}
-
-fn residual2_err(vals: &[f64]) -> f64 {
-    let mut s1 = vec![false; vals.len()];
-    let mut s2 = vec![false; vals.len()];
-    let (b1, b2) = residual2(vals, &mut s1, &mut s2);
-    vals.iter()
-        .enumerate()
-        .map(|(i, &v)| (v - b1.value(s1[i]) - b2.value(s2[i])).powi(2))
-        .sum()
 }
 
 /// The `q`-quantile (0..=1) of sorted values, by linear interpolation.
@@ -268,22 +279,24 @@ fn binarize_block(
     u_diag: &[f64],
     cfg: &BillmConfig,
 ) -> BlockResult {
-    // Column salience: Σ_r w² / U_jj².
+    // The salience matrix S = w² / U_jj², and the columns ranked by their summed salience.
+    let sal_m: Vec<f64> = (0..n * cnt)
+        .map(|i| wb[i].powi(2) / u_diag[i % cnt].powi(2))
+        .collect();
     let mut sal: Vec<(f64, usize)> = (0..cnt)
-        .map(|j| {
-            let d = u_diag[j] * u_diag[j];
-            ((0..n).map(|r| wb[r * cnt + j].powi(2)).sum::<f64>() / d, j)
-        })
+        .map(|j| ((0..n).map(|r| sal_m[r * cnt + j]).sum::<f64>(), j))
         .collect();
     sal.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let order: Vec<usize> = sal.iter().map(|s| s.1).collect();
-    // The number of salient columns: lowest error of residual(salient) + binarise(rest), per row.
+    // The number of salient columns, as the reference code chooses it: the split of S into the top-c
+    // columns and the rest, each binarised residually (order 2) per row, with the lowest squared
+    // error of S (a two-group clustering of the salience, not of the weights).
     let max_c = cfg.max_salient.min(cnt);
-    let mut best = (f64::INFINITY, 0usize);
-    let mut scratch = Vec::new();
+    let mut best = (f64::INFINITY, 1usize);
+    let (mut scratch, mut res) = (Vec::new(), Vec::new());
     let mut is_sal = vec![false; cnt];
     let (mut sv, mut rv) = (Vec::with_capacity(cnt), Vec::with_capacity(cnt));
-    for c in 0..=max_c {
+    for c in 1..=max_c {
         is_sal.iter_mut().for_each(|s| *s = false);
         order[..c].iter().for_each(|&j| is_sal[j] = true);
         let mut e = 0.0;
@@ -292,12 +305,13 @@ fn binarize_block(
             rv.clear();
             for j in 0..cnt {
                 if is_sal[j] {
-                    sv.push(wb[r * cnt + j]);
+                    sv.push(sal_m[r * cnt + j]);
                 } else {
-                    rv.push(wb[r * cnt + j]);
+                    rv.push(sal_m[r * cnt + j]);
                 }
             }
-            e += residual2_err(&sv) + binarize_err(&rv, &mut scratch);
+            e += search_err(&sv, 2, &mut scratch, &mut res)
+                + search_err(&rv, 2, &mut scratch, &mut res);
         }
         if e < best.0 {
             best = (e, c);
@@ -307,10 +321,11 @@ fn binarize_block(
     salient.sort_unstable();
     is_sal.iter_mut().for_each(|s| *s = false);
     salient.iter().for_each(|&j| is_sal[j] = true);
-    // The break point: percentiles of the non-salient |w| of the block.
-    let mut mags: Vec<f64> = (0..n)
-        .flat_map(|r| (0..cnt).filter(|&j| !is_sal[j]).map(move |j| (r, j)))
-        .map(|(r, j)| wb[r * cnt + j].abs())
+    // The break point: percentiles of S over the block with the salient columns zeroed (as the
+    // reference code takes them), each candidate judged by the error of binarising S's non-salient
+    // part as two groups (S < p, S ≥ p).
+    let mut mags: Vec<f64> = (0..n * cnt)
+        .map(|i| if is_sal[i % cnt] { 0.0 } else { sal_m[i] })
         .collect();
     mags.sort_by(f64::total_cmp);
     let nbp = cfg.break_points;
@@ -323,14 +338,15 @@ fn binarize_block(
             cv.clear();
             spv.clear();
             for j in (0..cnt).filter(|&j| !is_sal[j]) {
-                let v = wb[r * cnt + j];
-                if v.abs() < p {
+                let v = sal_m[r * cnt + j];
+                if v < p {
                     cv.push(v);
                 } else {
                     spv.push(v);
                 }
             }
-            e += binarize_err(&cv, &mut scratch) + binarize_err(&spv, &mut scratch);
+            e += search_err(&cv, 1, &mut scratch, &mut res)
+                + search_err(&spv, 1, &mut scratch, &mut res);
         }
         if e < best_p.0 {
             best_p = (e, p);
@@ -354,10 +370,10 @@ fn binarize_block(
         let groups: [Vec<usize>; 3] = [
             (0..cnt).filter(|&j| is_sal[j]).collect(),
             (0..cnt)
-                .filter(|&j| !is_sal[j] && row[j].abs() < p)
+                .filter(|&j| !is_sal[j] && sal_m[r * cnt + j] < p)
                 .collect(),
             (0..cnt)
-                .filter(|&j| !is_sal[j] && row[j].abs() >= p)
+                .filter(|&j| !is_sal[j] && sal_m[r * cnt + j] >= p)
                 .collect(),
         ];
         let vals = |g: &[usize]| -> Vec<f64> { g.iter().map(|&j| row[j]).collect() };
