@@ -104,3 +104,106 @@ pub fn write_readme_section(name: &str, table: &str) -> Result<(), String> {
     eprintln!("README.md updated");
     Ok(())
 }
+
+/// The header of the BiLLM tables (issue 16): one row per layer type, [`BillmRow::row`].
+pub const BILLM_HEADER: &str = "| layer (in → out) | BiLLM | sign·mean 1-bit | RTN 2-bit | RTN 3-bit | salient columns per block | bits/weight (paper) | bits/weight (strict) | packed bytes vs bf16 |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+
+/// One layer under BiLLM (Hessian from the calibration activations `xc`) and its baselines, judged
+/// on `xe`.
+pub struct BillmLayer {
+    /// Relative output errors: BiLLM (the packed layer's weights), sign·mean 1-bit, RTN 2-bit and
+    /// 3-bit (g128 asymmetric, MSE clipping).
+    pub errors: [f64; 4],
+    /// Bits per weight, the paper's count and strictly.
+    pub bits: fusekit::quant::BitsPerWeight,
+    /// Salient columns per 128-column block.
+    pub salient_per_block: f64,
+    /// `PackedBillm::bytes` of the layer.
+    pub packed_bytes: usize,
+    /// The packed layer's dense weights (what the kernels will multiply by; smollm2_quant's
+    /// perplexity runs use them).
+    #[allow(dead_code)]
+    pub dense: Vec<f32>,
+}
+
+pub fn billm_layer(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    xc: &[f32],
+    xe: &[f32],
+) -> Result<BillmLayer, String> {
+    let mut h = e(Hessian::new(k))?;
+    e(h.add(xc))?;
+    let q = e(fusekit::quant::quantize_billm(
+        w,
+        n,
+        k,
+        &h,
+        &fusekit::quant::BillmConfig::default(),
+    ))?;
+    let p = e(fusekit::quant::PackedBillm::pack(&q))?;
+    let dense = p.dequantize();
+    let err = |wq: &[f32]| e(relative_output_error(xe, w, wq, k));
+    let rtn = |bits: u32| -> Result<f64, String> {
+        let s = WeightQuant {
+            bits,
+            ..WeightQuant::int4(Some(128), false)
+        };
+        err(&e(quantize_rtn(w, n, k, &s))?.dequantize())
+    };
+    Ok(BillmLayer {
+        errors: [
+            err(&dense)?,
+            err(&e(fusekit::quant::binarize_sign_mean(w, n, k))?)?,
+            rtn(2)?,
+            rtn(3)?,
+        ],
+        bits: q.bits_per_weight(),
+        salient_per_block: q.salient_columns() as f64 / q.blocks() as f64,
+        packed_bytes: p.bytes(),
+        dense,
+    })
+}
+
+/// One layer type's BiLLM results over the layers of a model.
+#[derive(Default)]
+pub struct BillmRow {
+    errors: [Vec<f64>; 4],
+    paper: Vec<f64>,
+    strict: Vec<f64>,
+    salient: Vec<f64>,
+    /// Packed bytes over the layers.
+    pub packed: usize,
+    /// bf16 bytes over the layers.
+    pub bf16: usize,
+}
+
+impl BillmRow {
+    pub fn push(&mut self, l: &BillmLayer, n: usize, k: usize) {
+        for (v, &x) in self.errors.iter_mut().zip(&l.errors) {
+            v.push(x);
+        }
+        self.paper.push(l.bits.paper);
+        self.strict.push(l.bits.strict);
+        self.salient.push(l.salient_per_block);
+        self.packed += l.packed_bytes;
+        self.bf16 += 2 * n * k;
+    }
+
+    /// The table row: means over the layers, packed bytes against bf16 over all of them.
+    pub fn row(&self, name: &str, k: usize, n: usize) -> String {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        format!(
+            "| {name} ({k} → {n}) | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1} % |\n",
+            mean(&self.errors[0]),
+            mean(&self.errors[1]),
+            mean(&self.errors[2]),
+            mean(&self.errors[3]),
+            mean(&self.salient),
+            mean(&self.paper),
+            mean(&self.strict),
+            100.0 * self.packed as f64 / self.bf16 as f64
+        )
+    }
+}

@@ -16,7 +16,11 @@
 //! into README.md between the `smollm2-quant` markers), `--w4a4`: instead, the perplexity of the whole
 //! model over the GPL-3 text with every linear layer quantised, W4A16 and W4A4 (per-token int4
 //! activations) without and with the Hadamard rotation (`--write`: between the `smollm2-w4a4`
-//! markers). The re-quantisation of these weights with
+//! markers). `--billm` (issue 16, item 5): BiLLM's 1-bit quantiser on every linear layer of all 30
+//! blocks against the sign·mean 1-bit baseline and RTN 2-/3-bit (per layer type, output error on the
+//! held-out activations), its bits per weight and packed bytes against bf16, and the perplexity with
+//! BiLLM weights in the MLP layers and in all layers (`--write`: between the `smollm2-billm` markers).
+//! The re-quantisation of these weights with
 //! asymmetric groups of 32 would be exact (they are Q4_1 g32), so that setting is not reported.
 
 mod compare;
@@ -30,7 +34,7 @@ mod gguf;
 #[allow(dead_code)]
 mod model;
 
-use compare::{compare, e, write_readme_section, METHODS};
+use compare::{billm_layer, compare, e, write_readme_section, BillmRow, BILLM_HEADER, METHODS};
 use fixture::{find_gguf, fixture, GGUF_NAME};
 use fusekit::quant::hadamard::rotate_rows_f32;
 use fusekit::quant::{
@@ -114,6 +118,8 @@ fn main() {
     };
     let result = if args.iter().any(|a| a == "--w4a4") {
         w4a4(&path, threads, write)
+    } else if args.iter().any(|a| a == "--billm") {
+        billm(&path, threads, write)
     } else {
         run(&path, threads, all, write)
     };
@@ -386,6 +392,87 @@ fn w4a4(path: &std::path::Path, threads: usize, write: bool) -> Result<(), Strin
     println!("{table}");
     if write {
         write_readme_section("smollm2-w4a4", &table)?;
+    }
+    Ok(())
+}
+
+/// BiLLM on the whole model (issue 16, item 5): per layer type, the relative output error on the
+/// held-out (GPL-3) activations of BiLLM (Hessians from the Apache-2.0 text), the sign·mean 1-bit
+/// baseline and RTN 2-/3-bit g128, mean over the 30 blocks; bits per weight (paper, strict); the packed
+/// bytes of the quantised layers against bf16 (measured: `PackedBillm::bytes`); and the perplexity
+/// with BiLLM weights in the MLP layers only and in every linear layer.
+fn billm(path: &std::path::Path, threads: usize, write: bool) -> Result<(), String> {
+    let t0 = Instant::now();
+    let g = gguf::Gguf::open(path)?;
+    let m = Model::load(&g, threads)?;
+    let eval_tokens = fixture("gpl3_512");
+    let layers: Vec<usize> = (0..m.cfg.layers).collect();
+    let calib = capture(&m, &fixture("apache_512"), &layers);
+    let evals = capture(&m, &eval_tokens, &layers);
+    let none = |x: &[f32], _k: usize| x.to_vec();
+    let float = perplexity(&m, &eval_tokens, &none);
+    eprintln!("float: {float:.3} ({:.0} s)", t0.elapsed().as_secs_f64());
+    let mut dense: HashMap<(usize, Linear), Vec<f32>> = HashMap::new();
+    let mut table = String::from(
+        "BiLLM (`fusekit::quant::quantize_billm`, Hessians from the float model's inputs on 512 tokens \
+         of the Apache-2.0 text) on every linear layer of SmolLM2-135M (dequantised Q4_1 weights as the \
+         float model), against the plain 1-bit sign·mean and RTN 2-/3-bit (g128 asymmetric, MSE \
+         clipping): relative output error on the held-out activations (GPL-3 text, 512 tokens), mean over \
+         the 30 blocks; salient columns per 128-column block; bits per weight the paper's way (sign + \
+         residual sign bits) and strictly (every stored bit); packed bytes (`PackedBillm::bytes`, \
+         measured) against bf16.\n\n",
+    );
+    table += BILLM_HEADER;
+    let (mut all_packed, mut all_bf16) = (0usize, 0usize);
+    for which in Linear::ALL {
+        let mut row = BillmRow::default();
+        let (mut n_, mut k_) = (0, 0);
+        for &l in &layers {
+            let (w, n, k) = m.linear(l, which);
+            (n_, k_) = (n, k);
+            let b = billm_layer(w, n, k, &calib[&(l, which)], &evals[&(l, which)])?;
+            row.push(&b, n, k);
+            dense.insert((l, which), b.dense);
+        }
+        all_packed += row.packed;
+        all_bf16 += row.bf16;
+        table += &row.row(which.name(), k_, n_);
+        eprintln!(
+            "{} done ({:.0} s)",
+            which.name(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let with = |kinds: &[Linear]| -> Model {
+        let mut q = m.clone();
+        for &l in &layers {
+            for &which in kinds {
+                q.set_linear(l, which, dense[&(l, which)].clone());
+            }
+        }
+        q
+    };
+    let mlp = perplexity(
+        &with(&[Linear::Gate, Linear::Up, Linear::Down]),
+        &eval_tokens,
+        &none,
+    );
+    eprintln!("BiLLM MLP: {mlp:.3} ({:.0} s)", t0.elapsed().as_secs_f64());
+    let all = perplexity(&with(&Linear::ALL), &eval_tokens, &none);
+    eprintln!("BiLLM all: {all:.3} ({:.0} s)", t0.elapsed().as_secs_f64());
+    table += &format!(
+        "\nAll 210 linear layers packed: {:.1} MB against {:.1} MB in bf16 ({:.1} %).\n\n\
+         Perplexity over the same 512 held-out tokens (attention, norms, embeddings in full \
+         precision): float {float:.2}; BiLLM in the MLP layers (gate, up, down) of all 30 blocks \
+         {mlp:.2}; BiLLM in every linear layer {all:.2} ({:.0} s on {threads} threads).\n",
+        all_packed as f64 / 1e6,
+        all_bf16 as f64 / 1e6,
+        100.0 * all_packed as f64 / all_bf16 as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    println!("{table}");
+    if write {
+        write_readme_section("smollm2-billm", &table)?;
     }
     Ok(())
 }
