@@ -148,14 +148,13 @@ fn billm_salient_column_counts_at_both_ends() {
     let (n, k) = (8, 128);
     let x = activations(&mut rng, 64, k);
     let h = hessian(&x, k);
-    // Rows of ±0.5, half of each sign, and a flat Hessian diagonal: no column stands out, yet the
-    // search takes at least one (as the reference's 1..49), and the structure holds.
+    // Rows of ±0.5, half of each sign: no column stands out in the weights (the salience still
+    // varies with U_jj); the search takes 1 to 49 columns and the structure holds.
     let w: Vec<f32> = (0..n * k)
         .map(|i| if (i / k + i % k) % 2 == 0 { 0.5 } else { -0.5 })
         .collect();
     let q = quantize_billm(&w, n, k, &h, &BillmConfig::default()).unwrap();
     check_structure(&q, &BillmConfig::default());
-    assert!(!q.salient[0].is_empty());
     // Two columns far larger than the rest: with max_salient = 2 both are taken.
     let mut w = weights(&mut rng, n, k);
     for r in 0..n {
@@ -228,11 +227,30 @@ fn billm_dead_channels_and_bad_input() {
         assert!(quantize_billm(&w, n, k, &h, &c).is_err(), "{c:?}");
     }
     assert!(binarize_sign_mean(&w, n, k + 1).is_err());
+    // Weights whose binarisation parameters overflow f16: an Err, never NaN in the output.
+    let huge: Vec<f32> = w.iter().map(|v| v * 1e7).collect();
+    assert!(matches!(
+        quantize_billm(&huge, n, k, &h, &cfg),
+        Err(Error::InvalidArgument { .. })
+    ));
+    // A salient column past k in the last block: pack refuses it.
+    let q = quantize_billm(
+        &w[..n * 40],
+        n,
+        40,
+        &hessian(&activations(&mut rng, 16, 40), 40),
+        &cfg,
+    )
+    .unwrap();
+    let mut bad = q.clone();
+    bad.salient[0].push(120);
+    assert!(PackedBillm::pack(&bad).is_err());
+    assert!(PackedBillm::pack(&q).is_ok());
 }
 
 /// The block-wise compensation is what the Hessian buys: on correlated activations, BiLLM with the
-/// layer's Hessian has a lower output error than the same quantiser given only its diagonal (the same
-/// salience, no compensation: `U` is then diagonal).
+/// layer's Hessian has a lower output error than the same quantiser given only its diagonal (`U` is
+/// then diagonal: no compensation, and a salience from the diagonal alone).
 #[test]
 fn billm_compensation_lowers_the_output_error() {
     let mut rng = Rng::new(seed_for("billm_compensation_lowers_the_output_error"));
@@ -305,6 +323,13 @@ fn billm_packing_round_trips_and_validates() {
             let last = (k.div_ceil(BILLM_BLOCK) - 1) * n * 4 + 3;
             bad.second[last] |= 1 << 31;
             assert!(bad.validate().is_err(), "n={n} k={k}");
+            let mut bad = p.clone();
+            bad.signs[last] |= 1 << 31;
+            assert!(bad.validate().is_err(), "n={n} k={k}");
+            let mut bad = p.clone();
+            let mask = (k.div_ceil(BILLM_BLOCK) - 1) * 4 + 3;
+            bad.salient[mask] |= 1 << 31;
+            assert!(bad.validate().is_err(), "n={n} k={k}");
         }
     }
 }
@@ -340,6 +365,62 @@ fn billm_safetensors_round_trip_and_refusals() {
     // A W4 file is not a BiLLM file; names that cannot be stored are refused.
     assert!(PackedBillm::to_safetensors(&[("a;b", &layers[0])]).is_err());
     assert!(PackedBillm::to_safetensors(&[("x", &layers[0]), ("x", &layers[1])]).is_err());
+    // A packed W4 file is not a BiLLM file, and a file with a tensor no header names is refused.
+    let w4 = fusekit::quant::PackedW4::pack(
+        &quantize_rtn(
+            &vec![0.5f32; 64 * 128],
+            64,
+            128,
+            &WeightQuant::int4(Some(128), false),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let w4_file = fusekit::quant::PackedW4::to_safetensors(&[("a.up", &w4)]).unwrap();
+    assert!(PackedBillm::from_safetensors(&w4_file).is_err());
+    let st = fusekit::quant::safetensors::SafeTensors::parse(&bytes).unwrap();
+    let mut tensors: Vec<(String, &str, Vec<usize>, Vec<u8>)> = st
+        .names()
+        .map(|nm| {
+            let t = st.tensor(nm).unwrap();
+            (
+                nm.to_string(),
+                t.dtype.as_str(),
+                t.shape.clone(),
+                t.data.to_vec(),
+            )
+        })
+        .collect();
+    let meta: Vec<(&str, &str)> = st
+        .metadata()
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let rewrite = |t: &[(String, &str, Vec<usize>, Vec<u8>)]| {
+        fusekit::quant::safetensors::write(t, &meta).unwrap()
+    };
+    assert_eq!(
+        PackedBillm::from_safetensors(&rewrite(&tensors))
+            .unwrap()
+            .len(),
+        2
+    );
+    tensors.push(("extra".to_string(), "U8", vec![1], vec![0]));
+    assert!(PackedBillm::from_safetensors(&rewrite(&tensors)).is_err());
+    tensors.pop();
+    // A missing tensor, and a tensor of the wrong dtype.
+    let removed = tensors.remove(0);
+    assert!(PackedBillm::from_safetensors(&rewrite(&tensors)).is_err());
+    tensors.insert(
+        0,
+        (
+            removed.0.clone(),
+            "BF16",
+            removed.2.clone(),
+            removed.3.clone(),
+        ),
+    );
+    assert!(PackedBillm::from_safetensors(&rewrite(&tensors)).is_err());
     // The same file claiming version 9 (one byte of the header changed).
     let pat = b"\"version\":\"1\"";
     let at = bytes

@@ -35,6 +35,9 @@ use crate::error::{Error, Result};
 /// BiLLM's block (and parameter group) length in input channels.
 pub const BILLM_BLOCK: usize = 128;
 
+/// The most break-point candidates [`BillmConfig::break_points`] may ask for.
+const BILLM_MAX_BREAK_POINTS: usize = 1001;
+
 /// Settings of [`quantize_billm`].
 ///
 /// ```
@@ -100,7 +103,7 @@ pub struct BillmWeight {
     /// `[n][blocks][4]`: salient order 1, salient order 2, concentrated, sparse.
     pub params: Vec<[Binary; 4]>,
     /// Per block, the break point `p` chosen (a salience value `w² / U_jj²`).
-    pub break_point: Vec<f32>,
+    pub break_point: Vec<f64>,
 }
 
 /// Bits per weight of a [`BillmWeight`], counted two ways.
@@ -434,7 +437,7 @@ pub fn quantize_billm(
     h: &Hessian,
     cfg: &BillmConfig,
 ) -> Result<BillmWeight> {
-    if n == 0 || k == 0 || w.len() != n * k {
+    if n == 0 || k == 0 || n.checked_mul(k) != Some(w.len()) {
         return Err(Error::shape(
             "w",
             format!("[n][k] with n, k >= 1 (n = {n}, k = {k})"),
@@ -463,11 +466,14 @@ pub fn quantize_billm(
             format!("dampening must be a positive fraction, got {}", cfg.damp),
         ));
     }
-    if cfg.max_salient == 0 || cfg.max_salient > BILLM_BLOCK || cfg.break_points < 2 {
+    if cfg.max_salient == 0
+        || cfg.max_salient > BILLM_BLOCK
+        || !(2..=BILLM_MAX_BREAK_POINTS).contains(&cfg.break_points)
+    {
         return Err(Error::invalid(
             "cfg",
             format!(
-                "max_salient {} (1..=128) and break_points {} (at least 2)",
+                "max_salient {} (1..=128) and break_points {} (2..=1001)",
                 cfg.max_salient, cfg.break_points
             ),
         ));
@@ -497,9 +503,22 @@ pub fn quantize_billm(
         }
         let u_diag: Vec<f64> = (i1..i2).map(|j| u[j * k + j]).collect();
         let res = binarize_block(&wb, n, cnt, &u_diag, cfg);
+        if let Some(r) = (0..n).find(|&r| {
+            res.params[r]
+                .iter()
+                .any(|p| !p.alpha.is_finite() || !p.mu.is_finite())
+        }) {
+            return Err(Error::invalid(
+                "w",
+                format!(
+                    "block {b}, row {r}: a binarisation parameter (α, μ) overflows f16 \
+                     (weights, after compensation, beyond ±65504)"
+                ),
+            ));
+        }
         out.salient
             .push(res.salient.iter().map(|&j| i1 + j).collect());
-        out.break_point.push(res.break_point as f32);
+        out.break_point.push(res.break_point);
         for r in 0..n {
             out.params[r * nb + b] = res.params[r];
             for j in 0..cnt {
@@ -535,7 +554,7 @@ pub fn quantize_billm(
 /// # Ok::<(), fusekit::Error>(())
 /// ```
 pub fn binarize_sign_mean(w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
-    if n == 0 || k == 0 || w.len() != n * k {
+    if n == 0 || k == 0 || n.checked_mul(k) != Some(w.len()) {
         return Err(Error::shape(
             "w",
             format!("[n][k] with n, k >= 1 (n = {n}, k = {k})"),
@@ -560,7 +579,8 @@ pub const BILLM_FORMAT_VERSION: u32 = 1;
 /// their bits are 0). Per block `b` of 128 columns and output row `r`:
 /// - `signs[(b·n + r)·4 + w]`, bit `i` of word `w`: the first sign of column `128b + 32w + i` (1: +1);
 /// - `second[(b·n + r)·4 + w]`, the same bit: the residual sign where the column is salient, else 1
-///   when the weight is in the sparse group (`|w| ≥ p`): the two never coexist, so one bit serves;
+///   when the weight is in the sparse group (salience `≥ p`): the two never coexist, so one bit
+///   serves;
 /// - `params[(b·n + r)·8 ..][..8]`: f16 bits of `α₁, μ₁, α₂, μ₂` (salient, orders 1 and 2),
 ///   `α_c, μ_c` (concentrated), `α_s, μ_s` (sparse);
 /// - and per block, `salient[b·4 + w]`: the salient-column mask, shared by all rows.
@@ -626,10 +646,10 @@ impl PackedBillm {
         let mut is_sal = vec![false; k];
         for (b, cols) in q.salient.iter().enumerate() {
             for &c in cols {
-                if c / BILLM_BLOCK != b {
+                if c >= k || c / BILLM_BLOCK != b {
                     return Err(Error::invalid(
                         "q.salient",
-                        format!("column {c} listed in block {b}"),
+                        format!("column {c} listed in block {b} of a weight of {k} columns"),
                     ));
                 }
                 is_sal[c] = true;
@@ -881,6 +901,9 @@ impl PackedBillm {
         for (name, h) in file.layers() {
             let bad =
                 |what: String| Error::invalid("safetensors", format!("layer {name:?}: {what}"));
+            if name.is_empty() || name.contains([';', '=']) {
+                return Err(bad("a layer name to_safetensors would refuse".into()));
+            }
             let parsed = h
                 .strip_prefix("n=")
                 .and_then(|r| r.split_once(";k="))
