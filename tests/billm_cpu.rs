@@ -434,3 +434,128 @@ fn billm_safetensors_round_trip_and_refusals() {
         Err(Error::Unsupported { .. })
     ));
 }
+
+/// An independent, naive recomputation of the two searches on one block (the reference code's
+/// definition: salience S = w²/U_jj² with U the upper Cholesky factor of the dampened H⁻¹; the count
+/// and the break point chosen by how well a two-group binarisation approximates S) agrees with what
+/// the quantiser chose. Pins that the searches run on S, not on the weights.
+#[test]
+fn billm_searches_match_a_naive_recomputation() {
+    let mut rng = Rng::new(seed_for("billm_searches_match_a_naive_recomputation"));
+    let (n, k) = (24, 96); // one block
+    let x = activations(&mut rng, 200, k);
+    let w = weights(&mut rng, n, k);
+    let h = hessian(&x, k);
+    let cfg = BillmConfig::default();
+    let q = quantize_billm(&w, n, k, &h, &cfg).unwrap();
+    // U_jj: H + damp, inverted (Gauss-Jordan), then the upper Cholesky factor of the inverse: for
+    // A = UᵀU, U_jj² = A_jj − Σ_{i<j} U_ij², computed row by row.
+    let mut a = h.matrix();
+    let mean = (0..k).map(|j| a[j * k + j]).sum::<f64>() / k as f64;
+    for j in 0..k {
+        a[j * k + j] += 0.01 * mean;
+    }
+    let mut inv = vec![0.0f64; k * k];
+    (0..k).for_each(|j| inv[j * k + j] = 1.0);
+    for c in 0..k {
+        let p = a[c * k + c];
+        for j in 0..k {
+            a[c * k + j] /= p;
+            inv[c * k + j] /= p;
+        }
+        for r in 0..k {
+            if r != c {
+                let f = a[r * k + c];
+                for j in 0..k {
+                    a[r * k + j] -= f * a[c * k + j];
+                    inv[r * k + j] -= f * inv[c * k + j];
+                }
+            }
+        }
+    }
+    let mut u = vec![0.0f64; k * k];
+    for i in 0..k {
+        let d = inv[i * k + i] - (0..i).map(|t| u[t * k + i].powi(2)).sum::<f64>();
+        u[i * k + i] = d.sqrt();
+        for j in i + 1..k {
+            let s = inv[i * k + j] - (0..i).map(|t| u[t * k + i] * u[t * k + j]).sum::<f64>();
+            u[i * k + j] = s / u[i * k + i];
+        }
+    }
+    let s: Vec<f64> = (0..n * k)
+        .map(|i| (w[i] as f64).powi(2) / u[(i % k) * k + i % k].powi(2))
+        .collect();
+    // Residual binarisation error (order `o`) of a list, unrounded.
+    let err = |vals: &[f64], o: usize| -> f64 {
+        let mut r = vals.to_vec();
+        for _ in 0..o {
+            if r.is_empty() {
+                break;
+            }
+            let mu = r.iter().sum::<f64>() / r.len() as f64;
+            let al = r.iter().map(|v| (v - mu).abs()).sum::<f64>() / r.len() as f64;
+            r.iter_mut()
+                .for_each(|v| *v -= if *v >= mu { al + mu } else { mu - al });
+        }
+        r.iter().map(|v| v * v).sum()
+    };
+    let mut cols: Vec<(f64, usize)> = (0..k)
+        .map(|j| ((0..n).map(|r| s[r * k + j]).sum(), j))
+        .collect();
+    cols.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let (mut best, mut best_c) = (f64::INFINITY, 0);
+    for c in 1..=cfg.max_salient.min(k) {
+        let top: Vec<usize> = cols[..c].iter().map(|t| t.1).collect();
+        let e: f64 = (0..n)
+            .map(|r| {
+                let (sv, rv): (Vec<f64>, Vec<f64>) = (0..k)
+                    .map(|j| (top.contains(&j), s[r * k + j]))
+                    .fold((vec![], vec![]), |(mut a, mut b), (t, v)| {
+                        if t {
+                            a.push(v)
+                        } else {
+                            b.push(v)
+                        }
+                        (a, b)
+                    });
+                err(&sv, 2) + err(&rv, 2)
+            })
+            .sum();
+        if e < best {
+            (best, best_c) = (e, c);
+        }
+    }
+    assert_eq!(q.salient[0].len(), best_c, "salient columns");
+    let mut top: Vec<usize> = cols[..best_c].iter().map(|t| t.1).collect();
+    top.sort_unstable();
+    assert_eq!(q.salient[0], top);
+    let mut mags: Vec<f64> = (0..n * k)
+        .map(|i| if top.contains(&(i % k)) { 0.0 } else { s[i] })
+        .collect();
+    mags.sort_by(f64::total_cmp);
+    let (mut best, mut best_p) = (f64::INFINITY, 0.0);
+    for i in 0..cfg.break_points {
+        let qt = (10.0 + 80.0 * i as f64 / (cfg.break_points - 1) as f64) / 100.0;
+        let pos = qt * (mags.len() - 1) as f64;
+        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+        let p = mags[lo] + (mags[hi] - mags[lo]) * (pos - lo as f64);
+        let e: f64 = (0..n)
+            .map(|r| {
+                let rest: Vec<f64> = (0..k)
+                    .filter(|j| !top.contains(j))
+                    .map(|j| s[r * k + j])
+                    .collect();
+                let (c, sp): (Vec<f64>, Vec<f64>) = rest.iter().partition(|&&v| v < p);
+                err(&c, 1) + err(&sp, 1)
+            })
+            .sum();
+        if e < best {
+            (best, best_p) = (e, p);
+        }
+    }
+    let got = q.break_point[0];
+    assert!(
+        (got - best_p).abs() <= 1e-9 * best_p.abs().max(1e-300),
+        "break point {got} against {best_p}"
+    );
+}
