@@ -1,7 +1,7 @@
-//! The quantised-matmul family's rows of `fusekit check`: the packed format's round trip and the
-//! rotation's orthogonality on the CPU, and one W4A16 product per activation type against the f64
-//! reference on the GPU or the emulator, and the online Hadamard kernel (rotation, and rotation fused
-//! with int4 quantisation) against the f64 rotation.
+//! The quantised-matmul family's rows of `fusekit check`: the packed formats' round trips (int4 and
+//! BiLLM's 1-bit) and the rotation's orthogonality on the CPU; one W4A16 product per activation type
+//! against the f64 reference on the GPU or the emulator, and the online Hadamard kernel (rotation, and
+//! rotation fused with int4 quantisation) against the f64 rotation.
 
 use super::{
     hadamard, hadamard_quantize, hadamard_rotate, quantize_rtn, reference_w4a16, w4a16,
@@ -48,6 +48,30 @@ fn cpu_check(rng: &mut Rng) -> Vec<CheckRow> {
         e
     });
     let e = orth.unwrap_or(f64::NAN);
+    // BiLLM: quantise a 40 x 200 layer (two blocks, a tail), pack, read back through safetensors: the
+    // same weights bit for bit, and the packed bytes against the strict bit count.
+    let billm = (|| -> Result<bool> {
+        let (n, k) = (40, 200);
+        let w = normal(rng, n * k, 0.05);
+        let x = normal(rng, 64 * k, 1.0);
+        let mut h = super::Hessian::new(k)?;
+        h.add(&x)?;
+        let q = super::quantize_billm(&w, n, k, &h, &super::BillmConfig::default())?;
+        let p = super::PackedBillm::pack(&q)?;
+        let back =
+            super::PackedBillm::from_safetensors(&super::PackedBillm::to_safetensors(&[(
+                "l", &p,
+            )])?)?;
+        let same = back.len() == 1
+            && back[0]
+                .1
+                .dequantize()
+                .iter()
+                .zip(q.dequantize())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        Ok(same && p.bytes() as f64 * 8.0 >= q.bits_per_weight().strict * (n * k) as f64)
+    })();
+    let billm_ok = matches!(billm, Ok(true));
     vec![
         CheckRow {
             kernel: "PackedW4 pack/unpack (host)".into(),
@@ -56,6 +80,14 @@ fn cpu_check(rng: &mut Rng) -> Vec<CheckRow> {
             pass: ok,
             gbps: None,
             note: "72 x 200 int4 g64 asymmetric: unpack(pack(q)) == q".into(),
+        },
+        CheckRow {
+            kernel: "PackedBillm pack/safetensors/unpack (host)".into(),
+            mode: "cpu-ref",
+            max_err: if billm_ok { 0.0 } else { f64::NAN },
+            pass: billm_ok,
+            gbps: None,
+            note: "BiLLM 40 x 200 (two blocks, a tail): quantise, pack, write and read back: the same weights bit for bit".into(),
         },
         CheckRow {
             kernel: "hadamard::matrix(576) (host)".into(),
