@@ -6,9 +6,10 @@ use std::ffi::c_void;
 
 use cudarc::driver::LaunchConfig;
 
+use super::cache::KvElement;
 use super::cache::RopeMode;
 use super::cache::{PageTable, PagedKvLayout};
-use super::decode::{check_table_buffers, rope_log2_theta, rope_style, KvElement};
+use super::decode::{check_table_buffers, rope_log2_theta, rope_style};
 use super::kivi::{check_quant_buffers, check_quant_plan};
 use crate::device::{check_aligned, Family};
 use crate::error::{Error, Result};

@@ -679,3 +679,19 @@ pub struct PageTable<'a> {
     /// Tokens per sequence (u32: contexts up to 4G tokens).
     pub seq_lens: &'a [u32],
 }
+
+/// Element types of the query, the cache and the output: bf16 and f16.
+pub trait KvElement: crate::testing::Element + crate::dtype::sealed::Sealed {
+    /// Kernel-name suffix.
+    const SUFFIX: &'static str;
+    /// The cache format of this element type.
+    const FORMAT: KvFormat;
+}
+impl KvElement for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const FORMAT: KvFormat = KvFormat::Bf16;
+}
+impl KvElement for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    const FORMAT: KvFormat = KvFormat::F16;
+}

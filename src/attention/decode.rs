@@ -6,7 +6,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::LaunchConfig;
 
-use super::cache::{KvFormat, PageTable, PagedKvLayout, RopeMode, RopeStyle};
+use super::cache::{KvElement, KvFormat, PageTable, PagedKvLayout, RopeMode, RopeStyle};
 use super::kivi::{check_quant_buffers, check_quant_plan};
 use super::DecodeConfig;
 use crate::backend::private::AddrMut;
@@ -15,25 +15,8 @@ use crate::error::{Error, Result};
 use crate::launch::launch_kernel;
 use crate::params::*;
 use crate::plan::PlannedLaunch;
-use crate::testing::Element;
 use crate::validate::{exactly, owned};
 use crate::{Backend, DeviceRead, DeviceWrite};
-
-/// Element types of the query, the cache and the output: bf16 and f16.
-pub trait KvElement: Element + crate::dtype::sealed::Sealed {
-    /// Kernel-name suffix.
-    const SUFFIX: &'static str;
-    /// The cache format of this element type.
-    const FORMAT: super::KvFormat;
-}
-impl KvElement for half::bf16 {
-    const SUFFIX: &'static str = "bf16";
-    const FORMAT: super::KvFormat = super::KvFormat::Bf16;
-}
-impl KvElement for half::f16 {
-    const SUFFIX: &'static str = "f16";
-    const FORMAT: super::KvFormat = super::KvFormat::F16;
-}
 
 /// Tokens per split when the caller does not choose: long enough that the partials (4·(head_dim + 1)
 /// bytes per head and split) are small against the split's K and V, short enough that a batch of

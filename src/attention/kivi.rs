@@ -10,8 +10,7 @@
 
 use half::f16;
 
-use super::cache::{Kv, KvFormat, PageTable, PagedKvLayout};
-use super::decode::KvElement;
+use super::cache::{Kv, KvElement, KvFormat, PageTable, PagedKvLayout};
 use crate::error::{Error, Result};
 use crate::validate::{exactly, owned};
 use crate::{Backend, DeviceRead};

@@ -47,11 +47,10 @@ mod status;
 
 pub use append::{append, append_quantized, AppendPlan, AppendWorkspace};
 pub use cache::{
-    Kv, KvFormat, PageTable, PagedKvLayout, Rope, RopeMode, RopeStyle, HEAD_DIMS, KIVI_GROUPS,
+    Kv, KvElement, KvFormat, PageTable, PagedKvLayout, Rope, RopeMode, RopeStyle, HEAD_DIMS,
+    KIVI_GROUPS,
 };
-pub use decode::{
-    decode, decode_quantized, DecodePlan, DecodeWorkspace, KvElement, DEFAULT_SPLIT_SIZE,
-};
+pub use decode::{decode, decode_quantized, DecodePlan, DecodeWorkspace, DEFAULT_SPLIT_SIZE};
 pub use kivi::{pack_quantized, PackedCache};
 pub use prefill::{prefill, prefill_quantized, PrefillPlan, PrefillWorkspace};
 pub use retention::{Retained, Retention};

@@ -4,10 +4,9 @@
 use super::status::StatusWord;
 use std::ffi::c_void;
 
-use super::cache::{PageTable, PagedKvLayout, RopeMode};
+use super::cache::{KvElement, PageTable, PagedKvLayout, RopeMode};
 use super::decode::{
     check_outputs, check_query, check_table_buffers, launch_merge, DecodePlan, DecodeWorkspace,
-    KvElement,
 };
 use super::kivi::check_quant_buffers;
 use super::DecodeConfig;
