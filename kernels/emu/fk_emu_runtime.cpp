@@ -960,6 +960,16 @@ void add_stats(fk_emu_launch_stats &a, const fk_emu_launch_stats &s) {
 // Helper OS threads for the cluster ranks past the first, kept for the process's life: a cluster
 // launch borrows C - 1 of them (their fiber pools and, under ThreadSanitizer, their fiber states stay
 // warm from one launch to the next).
+//
+// The pool never grows past kMaxWorkers threads (the largest cluster, 8 blocks, less the calling thread):
+// a launch that finds too few idle waits for another launch to return them. Without the cap, concurrent
+// cluster launches (the test harness runs tests on several threads) each made their own helpers, and
+// every helper keeps a warm pool of up to a block of fibers: two 8-block launches of 512-thread blocks
+// kept 16 threads x 512 fibers alive, past ThreadSanitizer's limit of 8128 threads and fibers together
+// ("Thread limit (8128 threads) exceeded. Dying.", exit 66; seen once in CI, timing-dependent). With
+// the cap: at most 7 x 1024 helper fibers, plus one block's fibers per calling thread.
+constexpr unsigned kMaxWorkers = 7;
+
 struct Worker {
     std::mutex mu;
     std::condition_variable cv;
@@ -969,19 +979,13 @@ struct Worker {
 
 struct WorkerPool {
     std::mutex mu;
+    std::condition_variable cv;  // signalled when helpers return to `idle`
     std::vector<Worker *> idle;
+    unsigned created = 0;
 };
 WorkerPool *g_workers = new WorkerPool();  // never freed: workers may outlive static destructors
 
-Worker *borrow_worker() {
-    {
-        std::lock_guard<std::mutex> lk(g_workers->mu);
-        if (!g_workers->idle.empty()) {
-            Worker *w = g_workers->idle.back();
-            g_workers->idle.pop_back();
-            return w;
-        }
-    }
+Worker *new_worker() {
     Worker *w = new Worker();
     std::thread([w] {
         for (;;) {
@@ -1003,6 +1007,25 @@ Worker *borrow_worker() {
     return w;
 }
 
+// Takes n <= kMaxWorkers helpers at once, all or none (two launches never each hold part of what the
+// other waits for, so waiting cannot deadlock), creating new ones only up to the cap.
+std::vector<Worker *> borrow_workers(unsigned n) {
+    std::vector<Worker *> out;
+    unsigned make = 0;
+    {
+        std::unique_lock<std::mutex> lk(g_workers->mu);
+        g_workers->cv.wait(lk, [n] { return g_workers->idle.size() + (kMaxWorkers - g_workers->created) >= n; });
+        while (out.size() < n && !g_workers->idle.empty()) {
+            out.push_back(g_workers->idle.back());
+            g_workers->idle.pop_back();
+        }
+        make = n - (unsigned)out.size();
+        g_workers->created += make;
+    }
+    for (unsigned i = 0; i < make; ++i) out.push_back(new_worker());
+    return out;
+}
+
 void start_job(Worker *w, std::function<void()> job) {
     {
         std::lock_guard<std::mutex> lk(w->mu);
@@ -1017,8 +1040,11 @@ void finish_job(Worker *w) {
         std::unique_lock<std::mutex> lk(w->mu);
         w->cv.wait(lk, [w] { return !w->busy; });
     }
-    std::lock_guard<std::mutex> lk(g_workers->mu);
-    g_workers->idle.push_back(w);
+    {
+        std::lock_guard<std::mutex> lk(g_workers->mu);
+        g_workers->idle.push_back(w);
+    }
+    g_workers->cv.notify_all();
 }
 
 int run_launch(Launch &L, std::string &error) {
@@ -1077,11 +1103,9 @@ int run_launch(Launch &L, std::string &error) {
         }
         stats[r] = b.stats;
     };
-    std::vector<Worker *> helpers;
-    for (unsigned r = 1; r < C; ++r) {
-        helpers.push_back(borrow_worker());
-        start_job(helpers.back(), [&worker, r] { worker(r); });
-    }
+    static_assert(kMaxWorkers + 1 >= 8, "the pool must hold the helpers of the largest cluster");
+    const std::vector<Worker *> helpers = borrow_workers(C - 1);
+    for (unsigned r = 1; r < C; ++r) start_job(helpers[r - 1], [&worker, r] { worker(r); });
     worker(0);
     for (Worker *w : helpers) finish_job(w);
     for (unsigned r = 0; r < C; ++r) add_stats(L.stats, stats[r]);
