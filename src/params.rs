@@ -35,6 +35,8 @@ unsafe impl DeviceRepr for fk_moe_ep_params {}
 unsafe impl DeviceRepr for fk_w4a16_params {}
 unsafe impl DeviceRepr for fk_w4a16_reduce_params {}
 unsafe impl DeviceRepr for fk_hadq_params {}
+unsafe impl DeviceRepr for fk_billm_params {}
+unsafe impl DeviceRepr for fk_billm_unpack_params {}
 unsafe impl DeviceRepr for fk_selftest_mma_params {}
 unsafe impl DeviceRepr for fk_selftest_ldmatrix_params {}
 unsafe impl DeviceRepr for fk_selftest_warp_params {}

@@ -274,7 +274,7 @@ fn billm_compensation_lowers_the_output_error() {
     assert!(e_full < 0.9 * e_diag, "{e_full} against {e_diag}");
 }
 
-/// The packed form (format 1) round-trips the quantiser's output bit for bit (dequantised values
+/// The packed form (format 2) round-trips the quantiser's output bit for bit (dequantised values
 /// equal), stores exactly the strict bit count for K a multiple of 128, and refuses buffers that do
 /// not match their header.
 #[test]
@@ -422,7 +422,7 @@ fn billm_safetensors_round_trip_and_refusals() {
     );
     assert!(PackedBillm::from_safetensors(&rewrite(&tensors)).is_err());
     // The same file claiming version 9 (one byte of the header changed).
-    let pat = b"\"version\":\"1\"";
+    let pat = b"\"version\":\"2\"";
     let at = bytes
         .windows(pat.len())
         .position(|w| w == pat)

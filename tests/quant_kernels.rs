@@ -4,12 +4,17 @@
 //! packed format's round trip, determinism, non-finite inputs and bad input. Then the online Hadamard
 //! kernel fused with per-token quantisation against the f64 rotation and `quantize_tokens`: every
 //! Paley factor, both load paths, int4/int8, symmetric and asymmetric, outlier, zero and non-finite
-//! tokens, bad input. Seeded, seeds printed.
+//! tokens, bad input. Then BiLLM's 1-bit kernels against the f64 product with the packed weight's exact
+//! values: M = 1 to 64, K and N tails, blocks with no, some and all columns salient, split-K, a weight
+//! from the quantiser, non-finite activations, the exact unpack to bf16/f16, bad input. Seeded, seeds
+//! printed.
 
 use fusekit::quant::{
-    hadamard_quantize, hadamard_rotate, quantize_rtn, quantize_tokens, reference_w4a16, w4a16,
-    HadamardOutput, HadamardPlan, PackedW4, QuantizedActivations, QuantizedTokens, ScaleFormat,
-    W4A16Plan, W4A16Weight, W4A16Workspace, W4Element, WeightQuant,
+    billm_matmul, billm_unpack, hadamard_quantize, hadamard_rotate, quantize_billm, quantize_rtn,
+    quantize_tokens, reference_billm, reference_w4a16, w4a16, BillmConfig, BillmDeviceWeight,
+    BillmPlan, BillmWeight, BillmWorkspace, Binary, HadamardOutput, HadamardPlan, Hessian,
+    PackedBillm, PackedW4, QuantizedActivations, QuantizedTokens, ScaleFormat, W4A16Plan,
+    W4A16Weight, W4A16Workspace, W4Element, WeightQuant, BILLM_BLOCK,
 };
 use fusekit::testing::{
     compare, compare_with_floor, emu_large, poisoned, seed_for, Dist, Element, Rng, Tolerance,
@@ -80,35 +85,28 @@ fn run<B: Backend, T: W4Element>(
     Ok((dev.download(&y)?, plan.splits()))
 }
 
-/// One rounding of an fp32 sum to T, plus fp32 accumulation over k terms.
-fn check<T: W4Element>(what: &str, y: &[T], x: &[T], m: usize, p: &PackedW4) -> Result<(), String> {
-    let xf: Vec<f32> = x.iter().map(|v| v.to_f64() as f32).collect();
-    let want = reference_w4a16(&xf, m, p).map_err(|e| e.to_string())?;
-    // Per element: |Σ x·w| of the absolute terms bounds the fp32 accumulation error.
-    let wd = p.dequantize_rounded();
-    let (n, k) = (p.n(), p.k());
-    let abs_sum: Vec<f64> = (0..m * n)
-        .map(|i| {
-            let (r, c) = (i / n, i % n);
-            (0..k)
-                .map(|j| (xf[r * k + j] as f64 * wd[c * k + j] as f64).abs())
-                .sum()
-        })
-        .collect();
+/// Compares `y` (`[m][n]`) with the f64 reference `want`: per element, one rounding to T plus
+/// `accumulation[i]` (the fp32 accumulation bound of the kernel at hand), then the relative L2 error.
+fn check_output<T: W4Element>(
+    what: &str,
+    y: &[T],
+    want: &[f64],
+    n: usize,
+    accumulation: &[f64],
+) -> Result<(), String> {
     let rtol = if T::NAME == "bf16" {
         2f64.powi(-8)
     } else {
         2f64.powi(-11)
     };
-    for i in 0..m * n {
-        let got = y[i].to_f64();
-        let slack = rtol * want[i].abs() + 1e-6 * abs_sum[i] + 1e-30;
-        if !(got - want[i]).abs().le(&slack) {
+    for (i, (got, want)) in y.iter().zip(want).enumerate() {
+        let got = got.to_f64();
+        let slack = rtol * want.abs() + accumulation[i] + 1e-30;
+        if !(got - want).abs().le(&slack) {
             return Err(format!(
-                "{what}: y[{}][{}] = {got}, reference {} (slack {slack:e})",
+                "{what}: y[{}][{}] = {got}, reference {want} (slack {slack:e})",
                 i / n,
                 i % n,
-                want[i]
             ));
         }
     }
@@ -117,8 +115,25 @@ fn check<T: W4Element>(what: &str, y: &[T], x: &[T], m: usize, p: &PackedW4) -> 
         atol: f64::INFINITY,
         rtol: 0.0,
     };
-    compare(what, y, &want, tol)?;
+    compare(what, y, want, tol)?;
     Ok(())
+}
+
+/// One rounding of an fp32 sum to T, plus fp32 accumulation over k terms (bounded by Σ|x·w|).
+fn check<T: W4Element>(what: &str, y: &[T], x: &[T], m: usize, p: &PackedW4) -> Result<(), String> {
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f64() as f32).collect();
+    let want = reference_w4a16(&xf, m, p).map_err(|e| e.to_string())?;
+    let wd = p.dequantize_rounded();
+    let (n, k) = (p.n(), p.k());
+    let bound: Vec<f64> = (0..m * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            1e-6 * (0..k)
+                .map(|j| (xf[r * k + j] as f64 * wd[c * k + j] as f64).abs())
+                .sum::<f64>()
+        })
+        .collect();
+    check_output(what, y, &want, n, &bound)
 }
 
 #[test]
@@ -798,5 +813,423 @@ fn hadamard_bad_input_is_a_typed_error() {
                 "n={n}"
             );
         }
+    });
+}
+
+// ---- BiLLM 1-bit weights read from their packed bits (kernels/quant/billm.cu, issue 16) ----
+
+/// A BiLLM weight with random bits and parameters, and `salient(b)` salient columns in block `b`
+/// (clamped to the block): any count from 0 to all 128, which the quantiser (1 to 49) never gives.
+fn billm_synthetic(
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    salient: impl Fn(usize) -> usize,
+) -> PackedBillm {
+    let nb = k.div_ceil(BILLM_BLOCK);
+    let mut cols = Vec::with_capacity(nb);
+    let mut is_sal = vec![false; k];
+    for b in 0..nb {
+        let lo = b * BILLM_BLOCK;
+        let len = BILLM_BLOCK.min(k - lo);
+        let mut idx: Vec<usize> = (lo..lo + len).collect();
+        for i in (1..idx.len()).rev() {
+            idx.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let mut c: Vec<usize> = idx[..salient(b).min(len)].to_vec();
+        c.sort_unstable();
+        for &j in &c {
+            is_sal[j] = true;
+        }
+        cols.push(c);
+    }
+    let f16r = |v: f64| f16::from_f64(v).to_f32();
+    let mut q = BillmWeight {
+        n,
+        k,
+        salient: cols,
+        sign: (0..n * k).map(|_| rng.below(2) == 1).collect(),
+        sign2: vec![false; n * k],
+        sparse: vec![false; n * k],
+        params: Vec::with_capacity(n * nb),
+        break_point: vec![0.0; nb],
+    };
+    for i in 0..n * k {
+        let bit = rng.below(2) == 1;
+        if is_sal[i % k] {
+            q.sign2[i] = bit;
+        } else {
+            q.sparse[i] = bit;
+        }
+    }
+    for r in 0..n {
+        let scale = 0.5 + (r % 5) as f64 * 0.5;
+        for _ in 0..nb {
+            let mut pair = |a: f64, m: f64| Binary {
+                alpha: f16r(scale * a * (0.5 + rng.unit())),
+                mu: f16r(scale * m * rng.normal()),
+            };
+            q.params.push([
+                pair(0.08, 0.02),
+                pair(0.03, 0.01),
+                pair(0.01, 0.002),
+                pair(0.04, 0.01),
+            ]);
+        }
+    }
+    PackedBillm::pack(&q).unwrap()
+}
+
+fn run_billm<B: Backend, T: W4Element>(
+    dev: &B,
+    p: &PackedBillm,
+    x: &[T],
+    m: usize,
+    split: Option<usize>,
+) -> Result<(Vec<T>, usize), Error> {
+    let plan = BillmPlan::new::<T>(dev.props(), p, m, split)?;
+    let w = BillmDeviceWeight::upload(dev, p)?;
+    let mut ws = BillmWorkspace::new(dev, &plan)?;
+    let xd = dev.upload(x)?;
+    let mut y = poisoned::<B, T>(dev, m * p.n())?;
+    billm_matmul(dev, &plan, &xd, &w, &mut ws, &mut y)?;
+    Ok((dev.download(&y)?, plan.splits()))
+}
+
+/// One rounding of an fp32 result to T, plus fp32 accumulation: the kernel's sums are of activations
+/// (times 2.0) over a block, then multiplied by the row-block's (α, μ) combinations, so the bound scales
+/// with Σ_block Σ|x| · Σ|α, μ|, not with Σ|x·w|.
+fn check_billm<T: W4Element>(
+    what: &str,
+    y: &[T],
+    x: &[T],
+    m: usize,
+    p: &PackedBillm,
+) -> Result<(), String> {
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f64() as f32).collect();
+    let want = reference_billm(&xf, m, p).map_err(|e| e.to_string())?;
+    let (n, k) = (p.n(), p.k());
+    let nb = k.div_ceil(BILLM_BLOCK);
+    let mut bound = vec![0.0f64; m * n];
+    for r in 0..m {
+        let xb: Vec<f64> = (0..nb)
+            .map(|b| {
+                (b * BILLM_BLOCK..((b + 1) * BILLM_BLOCK).min(k))
+                    .map(|j| (xf[r * k + j] as f64).abs())
+                    .sum()
+            })
+            .collect();
+        for c in 0..n {
+            bound[r * n + c] = 1e-5
+                * (0..nb)
+                    .map(|b| {
+                        let pb = &p.params[(b * n + c) * 8..(b * n + c + 1) * 8];
+                        xb[b]
+                            * pb.iter()
+                                .map(|&h| f16::from_bits(h).to_f64().abs())
+                                .sum::<f64>()
+                    })
+                    .sum::<f64>();
+        }
+    }
+    check_output(what, y, &want, n, &bound)
+}
+
+#[test]
+fn billm_matches_the_reference() {
+    fusekit::on_every_backend!("billm_matches_the_reference", |dev| {
+        billm_matches_the_reference_on::<_, bf16>(dev);
+        billm_matches_the_reference_on::<_, f16>(dev);
+    });
+}
+
+fn billm_matches_the_reference_on<B: Backend, T: W4Element>(dev: &B) {
+    let mut rng = Rng::new(seed_for("billm_matches_the_reference"));
+    // (m, n, k): M = 1, 3, 4, 5, 8, 9, 16, 17, 33 and 64 (every token-group kernel, partial groups, more
+    // than one tile along z); K = 1, not a multiple of 128, of 32 or of 2; N tails (65, 72, 100, 130).
+    let mut shapes = vec![
+        (1, 64, 128),
+        (3, 100, 200),
+        (4, 72, 384),
+        (5, 130, 100),
+        (8, 64, 257),
+        (9, 72, 300),
+        (16, 65, 1),
+        (17, 64, 136),
+        (33, 40, 640),
+        (64, 100, 130),
+    ];
+    if dev.kind() == "gpu" || emu_large() {
+        shapes.extend([(1, 4096, 4096), (64, 1000, 1536)]);
+    }
+    for (case, (m, n, k)) in shapes.into_iter().enumerate() {
+        // Salient columns per block: none, all, the quantiser's range, cycling by block and case.
+        let p = billm_synthetic(&mut rng, n, k, |b| match (b + case) % 4 {
+            0 => 0,
+            1 => BILLM_BLOCK,
+            2 => 49,
+            _ => 1 + (b * 7 + case * 3) % 48,
+        });
+        let x = activations::<T>(&mut rng, m, k);
+        let split = [Some(1), Some(2), None][case % 3];
+        let (y, splits) = run_billm(dev, &p, &x, m, split).unwrap();
+        let what = format!("{} m={m} n={n} k={k} splits={splits}", T::NAME);
+        check_billm(&what, &y, &x, m, &p).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn billm_quantised_layer_matches_the_reference() {
+    fusekit::on_every_backend!("billm_quantised_layer_matches_the_reference", |dev| {
+        // A weight from the quantiser itself (salient columns 1 to 49 per block, the searched break
+        // point), calibrated on heavy-tailed activations with outlier channels.
+        let mut rng = Rng::new(seed_for("billm_quantised_layer_matches_the_reference"));
+        let (n, k) = (96, 384);
+        let w = weights(&mut rng, n, k);
+        let mut cal: Vec<f32> = rng
+            .sample(
+                Dist::HeavyTail {
+                    nu: 4.0,
+                    scale: 1.0,
+                },
+                256 * k,
+            )
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        for row in cal.chunks_exact_mut(k) {
+            row[17] *= 30.0;
+            row[300] *= 12.0;
+        }
+        let mut h = Hessian::new(k).unwrap();
+        h.add(&cal).unwrap();
+        let p = PackedBillm::pack(&quantize_billm(&w, n, k, &h, &BillmConfig::default()).unwrap())
+            .unwrap();
+        for m in [1, 7, 16] {
+            let x = activations::<bf16>(&mut rng, m, k);
+            let (y, splits) = run_billm(dev, &p, &x, m, None).unwrap();
+            check_billm(&format!("quantised m={m} splits={splits}"), &y, &x, m, &p)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+}
+
+#[test]
+fn billm_split_k_is_deterministic_and_unaligned_x_works() {
+    fusekit::on_every_backend!(
+        "billm_split_k_is_deterministic_and_unaligned_x_works",
+        |dev| {
+            let mut rng = Rng::new(seed_for(
+                "billm_split_k_is_deterministic_and_unaligned_x_works",
+            ));
+            let (m, n, k) = (3, 64, 600); // 5 blocks
+            let p = billm_synthetic(&mut rng, n, k, |b| 10 * b);
+            let x = activations::<f16>(&mut rng, m, k);
+            // 5 blocks shared out as whole blocks per split: 1, 3+2, 2+2+1, 2+2+1, 1 x 5, 1 x 5.
+            for (split, want) in [(1, 1), (2, 2), (3, 3), (4, 3), (5, 5), (6, 5)] {
+                let (a, s) = run_billm(dev, &p, &x, m, Some(split)).unwrap();
+                assert_eq!(s, want, "{split} splits asked");
+                check_billm(&format!("splits={s}"), &a, &x, m, &p)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let (b, _) = run_billm(dev, &p, &x, m, Some(split)).unwrap();
+                assert!(
+                    a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()),
+                    "split {split}: two runs differ"
+                );
+            }
+            // x one element into a buffer: rows 2-byte aligned only.
+            let plan = BillmPlan::new::<f16>(dev.props(), &p, m, None).unwrap();
+            let wd = BillmDeviceWeight::upload(dev, &p).unwrap();
+            let mut ws = BillmWorkspace::new(dev, &plan).unwrap();
+            let mut host = vec![f16::ZERO; m * k + 1];
+            host[1..].copy_from_slice(&x);
+            let buf = dev.upload(&host).unwrap();
+            let view = dev.view(&buf, 1..m * k + 1).unwrap();
+            let mut y = poisoned::<_, f16>(dev, m * n).unwrap();
+            billm_matmul(dev, &plan, &view, &wd, &mut ws, &mut y).unwrap();
+            check_billm("unaligned x", &dev.download(&y).unwrap(), &x, m, &p)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    );
+}
+
+#[test]
+fn billm_non_finite_activations_give_non_finite_outputs() {
+    fusekit::on_every_backend!(
+        "billm_non_finite_activations_give_non_finite_outputs",
+        |dev| {
+            let mut rng = Rng::new(seed_for(
+                "billm_non_finite_activations_give_non_finite_outputs",
+            ));
+            let (m, n, k) = (6, 72, 300);
+            let p = billm_synthetic(&mut rng, n, k, |b| [5, 0, 128][b]);
+            let mut x = activations::<bf16>(&mut rng, m, k);
+            x[2 * k + 37] = bf16::NAN; // token 2
+            x[3 * k + 140] = bf16::INFINITY; // token 3
+            x[4 * k + 299] = bf16::NEG_INFINITY; // token 4, the last column
+            for split in [Some(1), Some(3)] {
+                let (y, _) = run_billm(dev, &p, &x, m, split).unwrap();
+                for r in 0..m {
+                    for c in 0..n {
+                        let v = y[r * n + c];
+                        assert!(!v.is_poison(), "y[{r}][{c}] not written");
+                        let bad = (2..=4).contains(&r);
+                        assert_eq!(v.to_f64().is_finite(), !bad, "y[{r}][{c}] = {}", v.to_f64());
+                    }
+                }
+            }
+        }
+    );
+}
+
+/// The unpack into a whole buffer (16-byte stores where k % 8 == 0) and into a view one element in
+/// (rows 2-byte aligned only: element stores), each bit for bit against `want` rounded to T.
+fn unpack_matches<B: Backend, T: W4Element>(
+    dev: &B,
+    wd: &BillmDeviceWeight<B>,
+    want: &[f32],
+    n: usize,
+    k: usize,
+) {
+    let mut buf = poisoned::<_, T>(dev, n * k + 1).unwrap();
+    for offset in [0, 1] {
+        {
+            let mut view = dev.view_mut(&mut buf, offset..offset + n * k).unwrap();
+            billm_unpack(dev, wd, &mut view).unwrap();
+        }
+        let all = dev.download(&buf).unwrap();
+        if offset == 0 {
+            assert!(all[n * k].is_poison(), "the unpack wrote past its buffer");
+        }
+        let got = &all[offset..offset + n * k];
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(
+                g.to_f64().to_bits(),
+                T::from_f64(*w as f64).to_f64().to_bits(),
+                "{} n={n} k={k} offset={offset}: w[{}][{}]",
+                T::NAME,
+                i / k,
+                i % k
+            );
+        }
+    }
+}
+
+#[test]
+fn billm_unpack_is_exact() {
+    fusekit::on_every_backend!("billm_unpack_is_exact", |dev| {
+        let mut rng = Rng::new(seed_for("billm_unpack_is_exact"));
+        for (n, k) in [(1, 1), (3, 100), (17, 128), (9, 300), (64, 641), (5, 392)] {
+            let p = billm_synthetic(&mut rng, n, k, |b| [0, 128, 49, 7, 100, 1][b % 6]);
+            let wd = BillmDeviceWeight::upload(dev, &p).unwrap();
+            let want = p.dequantize();
+            unpack_matches::<_, bf16>(dev, &wd, &want, n, k);
+            unpack_matches::<_, f16>(dev, &wd, &want, n, k);
+        }
+    });
+}
+
+#[test]
+fn billm_bad_input_is_a_typed_error() {
+    fusekit::on_every_backend!("billm_bad_input_is_a_typed_error", |dev| {
+        let mut rng = Rng::new(seed_for("billm_bad_input_is_a_typed_error"));
+        let (m, n, k) = (2, 64, 200);
+        let p = billm_synthetic(&mut rng, n, k, |_| 9);
+        // Buffers that do not match the header, bits in the padding, a negative or NaN scale: refused
+        // at upload (the kernel would read past them or multiply by them).
+        let mut bad = p.clone();
+        bad.signs.pop();
+        assert!(matches!(
+            BillmDeviceWeight::upload(dev, &bad),
+            Err(Error::Shape { .. })
+        ));
+        let mut bad = p.clone();
+        bad.salient.truncate(4);
+        assert!(matches!(
+            BillmDeviceWeight::upload(dev, &bad),
+            Err(Error::Shape { .. })
+        ));
+        let mut bad = p.clone();
+        bad.second[(n + 5) * 4 + 3] |= 1 << 31; // block 1, row 5, column 255: padding (k = 200)
+        assert!(matches!(
+            BillmDeviceWeight::upload(dev, &bad),
+            Err(Error::InvalidArgument { .. })
+        ));
+        for v in [f16::NAN, f16::INFINITY, f16::from_f32(-0.5)] {
+            let mut bad = p.clone();
+            bad.params[8 * 7] = v.to_bits(); // block 0, row 7, α₁
+            assert!(matches!(
+                BillmDeviceWeight::upload(dev, &bad),
+                Err(Error::InvalidArgument { .. })
+            ));
+        }
+        // Plans: a pre-Ampere GPU, 0 splits, too many rows.
+        let mut turing: DeviceProps = dev.props().clone();
+        turing.compute_capability = (7, 5);
+        assert!(matches!(
+            BillmPlan::new::<bf16>(&turing, &p, m, None),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(BillmPlan::new::<bf16>(dev.props(), &p, m, Some(0)).is_err());
+        assert!(matches!(
+            BillmPlan::new::<bf16>(dev.props(), &p, 65535 * 16 + 1, None),
+            Err(Error::Unsupported { .. })
+        ));
+        // Launch: another dtype than the plan's, wrong lengths, a weight of another shape, a too-small
+        // workspace; nothing written.
+        let plan = BillmPlan::new::<bf16>(dev.props(), &p, m, Some(1)).unwrap();
+        let wd = BillmDeviceWeight::upload(dev, &p).unwrap();
+        let mut ws = BillmWorkspace::new(dev, &plan).unwrap();
+        let x = dev.upload(&activations::<bf16>(&mut rng, m, k)).unwrap();
+        let xh = dev.upload(&activations::<f16>(&mut rng, m, k)).unwrap();
+        let short = dev
+            .upload(&activations::<bf16>(&mut rng, m, k - 1))
+            .unwrap();
+        let mut y = poisoned::<_, bf16>(dev, m * n).unwrap();
+        let mut yh = poisoned::<_, f16>(dev, m * n).unwrap();
+        let mut y_short = poisoned::<_, bf16>(dev, m * n - 1).unwrap();
+        assert!(matches!(
+            billm_matmul(dev, &plan, &xh, &wd, &mut ws, &mut yh),
+            Err(Error::DType { .. })
+        ));
+        assert!(matches!(
+            billm_matmul(dev, &plan, &short, &wd, &mut ws, &mut y),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            billm_matmul(dev, &plan, &x, &wd, &mut ws, &mut y_short),
+            Err(Error::Shape { .. })
+        ));
+        let p2 = billm_synthetic(&mut rng, n, 2 * k, |_| 3);
+        let wd2 = BillmDeviceWeight::upload(dev, &p2).unwrap();
+        assert!(matches!(
+            billm_matmul(dev, &plan, &x, &wd2, &mut ws, &mut y),
+            Err(Error::Shape { .. })
+        ));
+        let plan2 = BillmPlan::new::<bf16>(dev.props(), &p2, m, Some(2)).unwrap();
+        let x2 = dev
+            .upload(&activations::<bf16>(&mut rng, m, 2 * k))
+            .unwrap();
+        assert!(matches!(
+            billm_matmul(dev, &plan2, &x2, &wd2, &mut ws, &mut y),
+            Err(Error::Shape { .. })
+        ));
+        assert!(
+            dev.download(&y).unwrap().iter().all(|v| v.is_poison()),
+            "a refused launch wrote y"
+        );
+        assert!(dev.download(&yh).unwrap().iter().all(|v| v.is_poison()));
+        // The unpack: a dense buffer of the wrong length.
+        let mut dense = poisoned::<_, bf16>(dev, n * k - 1).unwrap();
+        assert!(matches!(
+            billm_unpack(dev, &wd, &mut dense),
+            Err(Error::Shape { .. })
+        ));
+        assert!(dev.download(&dense).unwrap().iter().all(|v| v.is_poison()));
+        // m = 0 launches nothing and is fine.
+        let plan0 = BillmPlan::new::<bf16>(dev.props(), &p, 0, None).unwrap();
+        let empty = dev.alloc_zeros::<bf16>(0).unwrap();
+        let mut y0 = dev.alloc_zeros::<bf16>(0).unwrap();
+        billm_matmul(dev, &plan0, &empty, &wd, &mut ws, &mut y0).unwrap();
     });
 }

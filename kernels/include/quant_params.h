@@ -75,4 +75,49 @@ typedef struct fk_hadq_params {
     int32_t vec;              /* 1: n % 8 == 0, x and y 16-byte aligned, codes 4-byte aligned (vector paths) */
 } fk_hadq_params;
 
+/* BiLLM (src/quant/billm.rs, PackedBillm format FK_BILLM_FORMAT_VERSION): per 128-column block and output
+ * row, 128 first-sign bits, 128 second bits (the residual sign in salient columns, the sparse-group flag
+ * elsewhere) and eight f16 (alpha, mu) pairs; per block a 128-bit salient-column mask. Column j of a block
+ * is bit (j % 32) / 2 + 16 (j % 2) of word j / 32 (even columns in the low half-word). */
+#define FK_BILLM_FORMAT_VERSION 2
+#define FK_BILLM_BLOCK 128
+/* The GEMV / small-M GEMM: 4 warps, 16 output rows each (64 per block); 4 TG tokens per block (TG = 1, 2
+ * or 4 token groups of 4). */
+#define FK_BILLM_THREADS 128
+#define FK_BILLM_ROWS 64
+
+/* y[M][N] = x[M][K] . W^T, W the packed 1-bit weight, fp32 accumulation. Grid: (ceil(N / 64), splits,
+ * ceil(M / (4 TG))); block y covers the 128-column blocks [y bps, min((y + 1) bps, blocks)). With one
+ * split the block writes y, else its fp32 partial sums to ws[split][M][N] (fk_w4a16_reduce adds them in
+ * order). Dynamic shared memory: 2 * TG * 8 * 136 * 2 bytes. */
+typedef struct fk_billm_params {
+    const void *x;            /* [M][K] bf16/f16, row stride lda elements */
+    const uint32_t *signs;    /* [blocks][n][4] */
+    const uint32_t *second;   /* [blocks][n][4] */
+    const uint32_t *salient;  /* [blocks][4] */
+    const uint16_t *params;   /* [blocks][n][8] f16: alpha1 mu1 alpha2 mu2 (salient), alpha mu (concentrated), alpha mu (sparse) */
+    void *y;                  /* [M][N] bf16/f16 (one split) */
+    float *ws;                /* [splits][M][N] fp32 partial sums (several splits), else NULL */
+    int64_t m;
+    int64_t lda;
+    int32_t n;
+    int32_t k;
+    int32_t blocks;           /* ceil(K / 128) */
+    int32_t blocks_per_split;
+} fk_billm_params;
+
+/* The dense weight: w[r][c] = the packed weight's value (PackedBillm::dequantize) rounded to bf16/f16, for
+ * r < n, c < k (row stride k). One thread per 8 consecutive columns of a row, grid-stride. */
+typedef struct fk_billm_unpack_params {
+    const uint32_t *signs;
+    const uint32_t *second;
+    const uint32_t *salient;
+    const uint16_t *params;
+    void *w;                  /* [n][k] bf16/f16 */
+    int32_t n;
+    int32_t k;
+    int32_t blocks;
+    int32_t vec;              /* 1: k % 8 == 0 and w 16-byte aligned (one 16-byte store per 8 columns) */
+} fk_billm_unpack_params;
+
 #endif

@@ -1,6 +1,6 @@
 //! BiLLM (Huang et al. 2024, "BiLLM: Pushing the Limit of Post-Training Quantization for LLMs"): 1-bit
-//! post-training quantisation of a linear layer from its calibration Hessian (issue 16, item 1). The
-//! quantiser only: the packed format and the kernels that read it come next (`src/quant/DESIGN.md`).
+//! post-training quantisation of a linear layer from its calibration Hessian (issue 16, item 1), and its
+//! packed form [`PackedBillm`] (item 2). The kernels that read it are in `billm_gemm.rs`.
 //!
 //! Per block of 128 input channels (the block is also the parameter group), in f64, as the reference
 //! code (`Aaronhuang-778/BiLLM`: `bigptq.py`, `utils/autosearch.py`) does it:
@@ -572,12 +572,32 @@ pub fn binarize_sign_mean(w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
 }
 
 /// Version of [`PackedBillm`]'s layout; a reader of another version refuses it.
-pub const BILLM_FORMAT_VERSION: u32 = 1;
+pub const BILLM_FORMAT_VERSION: u32 = 2;
+
+/// Where column `j` (0 to 127) of a block lives in the four words of a row's bit plane (format 2):
+/// word `j / 32`, bit `(j % 32) / 2 + 16·(j % 2)`. The even columns of each 32 fill the low half-word
+/// and the odd ones the high half, so the column pair `(2i, 2i + 1)` sits at bits `(i, i + 16)`: one
+/// rotation and one AND put it where a bf16/f16 pair keeps its exponent bit 14 (the kernel's 0 / 2.0
+/// operands, `kernels/quant/billm.cu`). Format 1 stored column `j` at bit `j % 32`.
+///
+/// ```
+/// use fusekit::quant::billm_bit;
+/// assert_eq!(billm_bit(0), (0, 0));
+/// assert_eq!(billm_bit(1), (0, 16));
+/// assert_eq!(billm_bit(30), (0, 15));
+/// assert_eq!(billm_bit(127), (3, 31));
+/// ```
+pub fn billm_bit(j: usize) -> (usize, u32) {
+    let c = j % 32;
+    (j / 32, (c / 2 + 16 * (c % 2)) as u32)
+}
 
 /// A [`BillmWeight`] packed for the kernels (format version [`BILLM_FORMAT_VERSION`]). K is padded to
 /// a multiple of 128 (the kernels zero-fill activations past K, so padded weights never contribute;
-/// their bits are 0). Per block `b` of 128 columns and output row `r`:
-/// - `signs[(b·n + r)·4 + w]`, bit `i` of word `w`: the first sign of column `128b + 32w + i` (1: +1);
+/// their bits are 0). Per block `b` of 128 columns and output row `r`, with column `j` of the block at
+/// word `w` and bit `i` given by [`billm_bit`] (even columns of each 32 in the low half-word, odd ones
+/// in the high half):
+/// - `signs[(b·n + r)·4 + w]`, bit `i`: the first sign of column `128b + j` (1: +1);
 /// - `second[(b·n + r)·4 + w]`, the same bit: the residual sign where the column is salient, else 1
 ///   when the weight is in the sparse group (salience `≥ p`): the two never coexist, so one bit
 ///   serves;
@@ -654,20 +674,22 @@ impl PackedBillm {
                 }
                 is_sal[c] = true;
                 let j = c % BILLM_BLOCK;
-                p.salient[b * 4 + j / 32] |= 1 << (j % 32);
+                let (w, bit) = billm_bit(j);
+                p.salient[b * 4 + w] |= 1 << bit;
             }
         }
         for r in 0..n {
             for (c, &sal) in is_sal.iter().enumerate() {
                 let (b, j) = (c / BILLM_BLOCK, c % BILLM_BLOCK);
-                let word = (b * n + r) * 4 + j / 32;
+                let (w, bit) = billm_bit(j);
+                let word = (b * n + r) * 4 + w;
                 let i = r * k + c;
                 if q.sign[i] {
-                    p.signs[word] |= 1 << (j % 32);
+                    p.signs[word] |= 1 << bit;
                 }
                 let second = if sal { q.sign2[i] } else { q.sparse[i] };
                 if second {
-                    p.second[word] |= 1 << (j % 32);
+                    p.second[word] |= 1 << bit;
                 }
             }
             for b in 0..nb {
@@ -731,13 +753,10 @@ impl PackedBillm {
         // Padding columns of the last block: no bits set.
         let tail = k - (nb - 1) * BILLM_BLOCK;
         let pad_mask = |w: usize| -> u32 {
-            let lo = (w * 32).max(tail);
-            if lo >= (w + 1) * 32 {
-                0
-            } else {
-                let first = lo - w * 32;
-                (!0u32) << first
-            }
+            (tail..BILLM_BLOCK)
+                .map(billm_bit)
+                .filter(|&(word, _)| word == w)
+                .fold(0, |m, (_, bit)| m | 1 << bit)
         };
         let b = nb - 1;
         for w in 0..4 {
@@ -778,7 +797,8 @@ impl PackedBillm {
                 Some(r) => (b * n + r) * 4,
                 None => b * 4,
             };
-            v[base + j / 32] >> (j % 32) & 1 == 1
+            let (w, i) = billm_bit(j);
+            v[base + w] >> i & 1 == 1
         };
         let salient: Vec<Vec<usize>> = (0..nb)
             .map(|b| {
@@ -832,7 +852,7 @@ const BILLM_FILE_FORMAT: &str = "fusekit.packed_billm";
 
 impl PackedBillm {
     /// The on-disk form of named packed layers: a safetensors file with metadata
-    /// `format = "fusekit.packed_billm"`, `version = "1"`, per layer `name = "n=…;k=…"`, and the tensors
+    /// `format = "fusekit.packed_billm"`, `version = "2"`, per layer `name = "n=…;k=…"`, and the tensors
     /// `name.signs`, `name.second` (U32 `[blocks, n, 4]`), `name.salient` (U32 `[blocks, 4]`) and
     /// `name.params` (F16 `[blocks, n, 8]`): the in-memory buffers byte for byte. Layer names must be
     /// non-empty, without `;` and `=`, and not `format`/`version`.

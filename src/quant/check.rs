@@ -1,7 +1,8 @@
 //! The quantised-matmul family's rows of `fusekit check`: the packed formats' round trips (int4 and
 //! BiLLM's 1-bit) and the rotation's orthogonality on the CPU; one W4A16 product per activation type
 //! against the f64 reference on the GPU or the emulator, and the online Hadamard kernel (rotation, and
-//! rotation fused with int4 quantisation) against the f64 rotation.
+//! rotation fused with int4 quantisation) against the f64 rotation, and BiLLM's 1-bit matmul and unpack
+//! against the packed weight's exact values.
 
 use super::{
     hadamard, hadamard_quantize, hadamard_rotate, quantize_rtn, reference_w4a16, w4a16,
@@ -106,7 +107,61 @@ fn kernel_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
         product::<B, half::f16>(dev, rng)?,
         rotate(dev, rng)?,
         rotate_quantize(dev, rng)?,
+        billm_product(dev, rng)?,
     ])
+}
+
+/// BiLLM: a 130 x 300 layer quantised by [`quantize_billm`](super::quantize_billm) (three blocks, a
+/// tail; n tail), 5 bf16 tokens on two k-splits against [`reference_billm`](super::reference_billm)
+/// (largest error relative to max(1, |y|)), and the f16 unpack against
+/// [`PackedBillm::dequantize`](super::PackedBillm::dequantize) (bits that differ: none allowed).
+fn billm_product<B: Backend>(dev: &B, rng: &mut Rng) -> Result<CheckRow> {
+    use half::{bf16, f16};
+    let (m, n, k) = (5, 130, 300);
+    let w = normal(rng, n * k, 0.05);
+    let mut h = super::Hessian::new(k)?;
+    h.add(&normal(rng, 64 * k, 1.0))?;
+    let p = super::PackedBillm::pack(&super::quantize_billm(
+        &w,
+        n,
+        k,
+        &h,
+        &super::BillmConfig::default(),
+    )?)?;
+    let x: Vec<bf16> = normal(rng, m * k, 1.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let plan = super::BillmPlan::new::<bf16>(dev.props(), &p, m, Some(2))?;
+    let wd = super::BillmDeviceWeight::upload(dev, &p)?;
+    let mut ws = super::BillmWorkspace::new(dev, &plan)?;
+    let xd = dev.upload(&x)?;
+    let mut y = dev.upload(&vec![bf16::NAN; m * n])?;
+    super::billm_matmul(dev, &plan, &xd, &wd, &mut ws, &mut y)?;
+    let got = dev.download(&y)?;
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let want = super::reference_billm(&xf, m, &p)?;
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g.to_f64() - w).abs() / w.abs().max(1.0))
+        .fold(0.0f64, max_or_nan);
+    let mut dense = dev.upload(&vec![f16::NAN; n * k])?;
+    super::billm_unpack(dev, &wd, &mut dense)?;
+    let differ = dev
+        .download(&dense)?
+        .iter()
+        .zip(p.dequantize())
+        .filter(|(g, w)| g.to_bits() != f16::from_f32(*w).to_bits())
+        .count();
+    Ok(CheckRow {
+        kernel: "fk_billm_bf16_t2 + fk_w4a16_reduce_bf16; fk_billm_unpack_f16".into(),
+        mode: if dev.kind() == "gpu" { "gpu" } else { "emu" },
+        max_err: if differ == 0 { err } else { f64::NAN },
+        pass: err < 8e-3 && differ == 0,
+        gbps: None,
+        note: format!("BiLLM 5 x 130 x 300 from quantize_billm, 2 k-splits: tolerance 8e-3 (one rounding to bf16); unpack to f16: {differ} of {} values differ from dequantize (0 allowed)", n * k),
+    })
 }
 
 fn max_or_nan(a: f64, e: f64) -> f64 {

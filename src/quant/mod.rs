@@ -1,7 +1,7 @@
 //! Quantised matmul (issue 15, 4-bit as in OSTQuant / QuaRot; issue 16, 1-bit as in BiLLM): the
 //! quantisers that produce the weight formats and the transforms that make them accurate (host code, f64
 //! where it matters), the packed int4 format and the W4A16 kernel that reads it (`kernels/quant/`).
-//! W4A4, BiLLM's packed format and its kernels are not built yet.
+//! W4A4 is not built yet.
 //!
 //! * [`WeightQuant`] and [`QuantizedWeight`]: a k-bit (2..=8) integer weight format, per output channel
 //!   or in groups of 32/64/128 input channels, symmetric or with zero points, its scales rounded to the
@@ -15,8 +15,12 @@
 //! * [`quantize_billm`] ([`BillmWeight`], [`BillmConfig`]): BiLLM's 1-bit quantiser (salient columns by
 //!   inverse-Hessian salience, binarised residually; the rest split at a searched break point into two
 //!   binarised groups; block-wise GPTQ-style compensation), and [`binarize_sign_mean`], the plain
-//!   1-bit baseline; [`PackedBillm`], its packed form (format version 1) with the bits per weight
+//!   1-bit baseline; [`PackedBillm`], its packed form (format version 2) with the bits per weight
 //!   counted the paper's way and strictly ([`BitsPerWeight`]).
+//! * [`billm_matmul`] with [`BillmPlan`], [`BillmDeviceWeight`], [`BillmWorkspace`]: `y = x · Ŵᵀ` read
+//!   straight from the packed bits on tensor cores (bit planes times the activations split by the
+//!   salient mask, then seven multiply-adds per row-block), checked against [`reference_billm`]; and
+//!   [`billm_unpack`], the dense bf16/f16 weight for large M.
 //! * [`PackedW4`]: an int4 weight packed in `mma.sync` fragment order (format version 1, K and N padded
 //!   internally), lossless to unpack, with the exact dense matrix the kernel multiplies by.
 //! * [`safetensors`]: the safetensors container, read and written without dependencies: the on-disk
@@ -40,6 +44,7 @@
 
 mod act;
 mod billm;
+mod billm_gemm;
 pub(crate) mod check;
 mod gptq;
 pub mod hadamard;
@@ -48,13 +53,17 @@ mod online;
 mod packed;
 mod rtn;
 pub mod safetensors;
+mod splitk;
 mod transform;
 mod w4a16;
 
 pub use act::{quantize_tokens, QuantizedTokens};
 pub use billm::{
-    binarize_sign_mean, quantize_billm, BillmConfig, BillmWeight, Binary, BitsPerWeight,
+    billm_bit, binarize_sign_mean, quantize_billm, BillmConfig, BillmWeight, Binary, BitsPerWeight,
     PackedBillm, BILLM_BLOCK, BILLM_FORMAT_VERSION,
+};
+pub use billm_gemm::{
+    billm_matmul, billm_unpack, reference_billm, BillmDeviceWeight, BillmPlan, BillmWorkspace,
 };
 pub use gptq::{quantize_gptq, GptqConfig, Hessian};
 pub use online::{
@@ -62,10 +71,9 @@ pub use online::{
 };
 pub use packed::{PackedW4, W4_FORMAT_VERSION, W4_K_PAD, W4_N_PAD};
 pub use rtn::{quantize_rtn, QuantizedWeight, ScaleFormat, WeightQuant};
+pub use splitk::{SplitKPlan, SplitKWorkspace, W4A16_MAX_SPLITS};
 pub use transform::{qsur, search_scales, EquivalentTransform, ScaleSearch, QSUR_SHRINKAGE};
-pub use w4a16::{
-    reference_w4a16, w4a16, W4A16Plan, W4A16Weight, W4A16Workspace, W4Element, W4A16_MAX_SPLITS,
-};
+pub use w4a16::{reference_w4a16, w4a16, W4A16Plan, W4A16Weight, W4A16Workspace, W4Element};
 
 /// `‖X·Wᵀ − X·Ŵᵀ‖ / ‖X·Wᵀ‖` in f64 for activations `x` (`[rows][k]`) and two `[n][k]` weights: the
 /// output error the quantisers are judged by.

@@ -7,13 +7,14 @@ use cudarc::driver::LaunchConfig;
 
 use super::packed::{PackedW4, W4_K_PAD, W4_N_PAD};
 use super::rtn::{ScaleFormat, WeightQuant};
+use super::splitk::{self, SplitKPlan, SplitKWorkspace};
 use crate::backend::private::{Addr, AddrMut};
 use crate::device::{check_aligned, Family};
 use crate::error::{Error, Result};
-use crate::launch::{grid, launch_kernel};
+use crate::launch::launch_kernel;
 use crate::params::*;
 use crate::plan::PlannedLaunch;
-use crate::validate::{at_least, exactly, owned};
+use crate::validate::owned;
 use crate::{Backend, DeviceProps, DeviceRead, DeviceWrite};
 
 /// Activation types of the W4A16 kernel: bf16 and f16 (the weight's scales are the same type).
@@ -32,13 +33,11 @@ impl W4Element for half::f16 {
     const SCALES: ScaleFormat = ScaleFormat::F16;
 }
 
-/// Most k-splits a plan uses (each adds `M·N` fp32 partials to the workspace).
-pub const W4A16_MAX_SPLITS: usize = 32;
-
 /// The validated plan of a [`w4a16`] product: `m` rows of activations times a packed `n × k` weight.
 /// The kernel takes 16, 32 or 64 rows per block (the smallest that covers `m`), 64 output columns, and
 /// splits `k` into 128-deep slabs shared out among `splits` blocks along z (split-K) so that small `m`
-/// still fills the GPU: by default about two blocks per SM, at most [`W4A16_MAX_SPLITS`]. The split is
+/// still fills the GPU: by default about two blocks per SM, at most
+/// [`W4A16_MAX_SPLITS`](super::W4A16_MAX_SPLITS). The split is
 /// part of the plan, so a plan gives the same bits on every run (the splits are added in order).
 ///
 /// ```
@@ -74,7 +73,8 @@ impl W4A16Plan {
     /// Validates a product of `m` rows of `T` activations with `w` on the GPU `props` describes
     /// (compute capability 8.0 or newer): `T`'s scale format is the weight's, `m ≤ 4194240`,
     /// `n` and the padded `k` below 2^31. `split` forces the number of k-splits (clamped to the slabs, at most
-    /// [`W4A16_MAX_SPLITS`]); `None` chooses it from the GPU's SM count. `m = 0` is valid and launches
+    /// [`W4A16_MAX_SPLITS`](super::W4A16_MAX_SPLITS)); `None` chooses it from the GPU's SM count.
+    /// `m = 0` is valid and launches
     /// nothing.
     pub fn new<T: W4Element>(
         props: &DeviceProps,
@@ -120,10 +120,7 @@ impl W4A16Plan {
         };
         let slabs = w.k_pad() / W4_K_PAD;
         let blocks_mn = (w.n_pad() / W4_N_PAD) * m.div_ceil(16 * mt).max(1);
-        let want = split.unwrap_or_else(|| (2 * props.sm_count as usize).div_ceil(blocks_mn));
-        let want = want.clamp(1, slabs.min(W4A16_MAX_SPLITS));
-        let slabs_per_split = slabs.div_ceil(want);
-        let splits = slabs.div_ceil(slabs_per_split);
+        let (splits, slabs_per_split) = splitk::choose(props, blocks_mn, slabs, split);
         let plan = W4A16Plan {
             m,
             n: w.n(),
@@ -195,7 +192,7 @@ impl W4A16Plan {
         if self.splits > 1 {
             v.push(PlannedLaunch::new(
                 format!("fk_w4a16_reduce_{}", self.elem),
-                self.reduce_config(),
+                splitk::reduce_config(self.m * self.n),
             ));
         }
         v
@@ -211,10 +208,6 @@ impl W4A16Plan {
             block_dim: (FK_W4A16_THREADS, 1, 1),
             shared_mem_bytes: self.shared_mem_bytes(),
         }
-    }
-
-    fn reduce_config(&self) -> LaunchConfig {
-        grid((self.m * self.n).div_ceil(256).min(65535 * 8), 256)
     }
 }
 
@@ -264,29 +257,13 @@ impl<B: Backend> W4A16Weight<B> {
     }
 }
 
-/// fp32 scratch for the split-K partials of [`w4a16`], sized for a plan; a plan needing more is an
-/// `Err(Shape)` at launch.
-#[derive(Debug)]
-pub struct W4A16Workspace<B: Backend> {
-    buf: B::Buffer<f32>,
-}
+/// fp32 scratch for the split-K partials of [`w4a16`] ([`SplitKWorkspace`], shared with BiLLM).
+pub type W4A16Workspace<B> = SplitKWorkspace<B>;
 
-impl<B: Backend> W4A16Workspace<B> {
-    /// A workspace for `plan` (and any plan needing no more).
-    ///
-    /// ```
-    /// # fn main() -> fusekit::Result<()> {
-    /// use fusekit::quant::{quantize_rtn, PackedW4, W4A16Plan, W4A16Workspace, WeightQuant};
-    /// let dev = fusekit::emu::Emulator::new()?;
-    /// let p = PackedW4::pack(&quantize_rtn(&vec![1.0f32; 64 * 256], 64, 256, &WeightQuant::int4(None, true))?)?;
-    /// let plan = W4A16Plan::new::<half::bf16>(&fusekit::DeviceProps::example_h100(), &p, 1, Some(2))?;
-    /// let ws = W4A16Workspace::new(&dev, &plan)?;
-    /// # Ok(()) }
-    /// ```
-    pub fn new(dev: &B, plan: &W4A16Plan) -> Result<Self> {
-        Ok(W4A16Workspace {
-            buf: dev.alloc_zeros(plan.workspace_elements().max(1))?,
-        })
+impl splitk::private::Sealed for W4A16Plan {}
+impl SplitKPlan for W4A16Plan {
+    fn workspace_elements(&self) -> usize {
+        W4A16Plan::workspace_elements(self)
     }
 }
 
@@ -332,13 +309,15 @@ where
     X: DeviceRead<T, B>,
     Y: DeviceWrite<T, B>,
 {
-    if plan.elem != T::SUFFIX {
-        return Err(Error::DType {
-            arg: "x",
-            expected: plan.elem.to_string(),
-            got: T::SUFFIX.to_string(),
-        });
-    }
+    splitk::check_io(
+        dev,
+        plan.elem,
+        (plan.m, plan.n, plan.k),
+        x,
+        y,
+        ws,
+        plan.workspace_elements(),
+    )?;
     if (w.n, w.k, w.scheme) != (plan.n, plan.k, plan.scheme) {
         return Err(Error::shape(
             "w",
@@ -349,22 +328,11 @@ where
             format!("{} x {} ({:?})", w.n, w.k, w.scheme),
         ));
     }
-    owned(dev, "x", x)?;
-    owned(dev, "y", y)?;
     owned(dev, "w", &w.codes)?;
     owned(dev, "w", &w.scales)?;
     if let Some(z) = &w.zeros {
         owned(dev, "w", z)?;
     }
-    owned(dev, "ws", &ws.buf)?;
-    exactly("x", x.len(), plan.m * plan.k, "m * k")?;
-    exactly("y", y.len(), plan.m * plan.n, "m * n")?;
-    at_least(
-        "ws",
-        ws.buf.len(),
-        plan.workspace_elements(),
-        "plan.workspace_elements()",
-    )?;
     let launches = plan.launches();
     if launches.is_empty() {
         return Ok(());
@@ -412,21 +380,7 @@ where
         None,
     )?;
     if split {
-        let r = fk_w4a16_reduce_params {
-            ws: wp as *const f32,
-            y: yp as *mut c_void,
-            mn: (plan.m * plan.n) as i64,
-            splits: plan.splits as i32,
-        };
-        // Reads splits·m·n partials, writes m·n outputs.
-        launch_kernel(
-            dev,
-            Family::Quant,
-            &launches[1].kernel,
-            plan.reduce_config(),
-            &r,
-            None,
-        )?;
+        splitk::launch_reduce(dev, plan.elem, wp, yp, plan.m * plan.n, plan.splits)?;
     }
     Ok(())
 }
