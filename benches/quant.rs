@@ -9,14 +9,19 @@
 //! a 4096 model and Llama-3-8B's MLP width 28·512), against bytes moved (2 in + ½ out per element) ÷
 //! the measured copy bandwidth; its peer (`benches/peers/quant.py`) is the same in PyTorch (a bf16
 //! matmul with the explicit matrix, then the quantisation in tensor ops).
+//!
+//! BiLLM's 1-bit matmul (`billm_matmul`) at M ∈ {1, 8, 16, 64} at the W4A16 shapes, beside cuBLAS bf16 and
+//! W4A16 g128 in the same run, and its unpack to dense bf16 (`billm_unpack`).
 
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use fusekit::quant::{
-    hadamard_quantize, w4a16, HadamardOutput, HadamardPlan, PackedW4, QuantizedActivations,
-    QuantizedWeight, W4A16Plan, W4A16Weight, W4A16Workspace, WeightQuant,
+    billm_matmul, billm_unpack, hadamard_quantize, w4a16, BillmDeviceWeight, BillmPlan,
+    BillmWeight, BillmWorkspace, Binary, HadamardOutput, HadamardPlan, PackedBillm, PackedW4,
+    QuantizedActivations, QuantizedWeight, W4A16Plan, W4A16Weight, W4A16Workspace, WeightQuant,
+    BILLM_BLOCK,
 };
 use fusekit::timing::time_launches_sync;
 use fusekit::Gpu;
@@ -70,6 +75,28 @@ fn cublas_us(gpu: &Gpu, blas: &CudaBlas, m: usize, n: usize, k: usize) -> f64 {
     t.median_ms * 1e3
 }
 
+/// Times `run` (3 warm-up, 20 timed launches) and, when `register`, also hands it to criterion as
+/// `name`; returns the timing.
+fn timed(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    gpu: &Gpu,
+    name: &str,
+    register: bool,
+    mut run: impl FnMut(),
+) -> fusekit::timing::Timing {
+    let t = time_launches_sync(gpu, 3, 20, || {
+        run();
+        Ok(())
+    })
+    .unwrap();
+    if register {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| common::event_time(gpu, iters, &mut run))
+        });
+    }
+    t
+}
+
 fn w4a16_bench(c: &mut Criterion) {
     let Some(gpu) = common::gpu_or_skip("bench quant/w4a16") else {
         return;
@@ -100,17 +127,9 @@ fn w4a16_bench(c: &mut Criterion) {
             let x = gpu.stream().alloc_zeros::<bf16>(m * k).unwrap();
             let mut y = gpu.stream().alloc_zeros::<bf16>(m * n).unwrap();
             let name = format!("quant/w4a16_g128/{n}x{k}/m{m}");
-            let mut run = || w4a16(&gpu, &plan, &x, &w, &mut ws, &mut y).unwrap();
-            let t = time_launches_sync(&gpu, 3, 20, || {
-                run();
-                Ok(())
-            })
-            .unwrap();
-            if m == 1 && n == 4096 {
-                g.bench_function(&name, |b| {
-                    b.iter_custom(|iters| common::event_time(&gpu, iters, &mut run))
-                });
-            }
+            let t = timed(&mut g, &gpu, &name, m == 1 && n == 4096, || {
+                w4a16(&gpu, &plan, &x, &w, &mut ws, &mut y).unwrap();
+            });
             let us = t.median_ms * 1e3;
             let bytes = p.bytes() as f64 + 2.0 * (m * k + m * n) as f64;
             let flops = 2.0 * (m * n * k) as f64;
@@ -167,17 +186,9 @@ fn hadamard_bench(c: &mut Criterion) {
             let x = gpu.stream().alloc_zeros::<bf16>(t * n).unwrap();
             let mut q = QuantizedActivations::new(&gpu, &plan).unwrap();
             let name = format!("quant/hadq_int4/{t}x{n}");
-            let mut run = || hadamard_quantize(&gpu, &plan, &x, &mut q).unwrap();
-            let tm = time_launches_sync(&gpu, 3, 20, || {
-                run();
-                Ok(())
-            })
-            .unwrap();
-            if t == 4096 && n == 4096 {
-                g.bench_function(&name, |b| {
-                    b.iter_custom(|iters| common::event_time(&gpu, iters, &mut run))
-                });
-            }
+            let tm = timed(&mut g, &gpu, &name, t == 4096 && n == 4096, || {
+                hadamard_quantize(&gpu, &plan, &x, &mut q).unwrap();
+            });
             let us = tm.median_ms * 1e3;
             let bytes = (t * (2 * n + plan.code_bytes_per_row() + 5)) as f64;
             let floor_us = bytes / (copy * 1e9) * 1e6;
@@ -203,5 +214,144 @@ fn hadamard_bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, w4a16_bench, hadamard_bench);
+/// A random BiLLM weight (random bits, up to 49 salient columns per block, f16 parameters), packed.
+fn random_billm(n: usize, k: usize, seed: u64) -> PackedBillm {
+    let mut rng = fusekit::testing::Rng::new(seed);
+    let nb = k.div_ceil(BILLM_BLOCK);
+    let salient: Vec<Vec<usize>> = (0..nb)
+        .map(|b| {
+            let lo = b * BILLM_BLOCK;
+            let len = BILLM_BLOCK.min(k - lo);
+            let c = (1 + rng.below(49) as usize).min(len);
+            (lo..lo + c).map(|j| lo + (j - lo) * len / c).collect()
+        })
+        .collect();
+    let mut is_sal = vec![false; k];
+    salient.iter().flatten().for_each(|&j| is_sal[j] = true);
+    let bits = |rng: &mut fusekit::testing::Rng| -> Vec<bool> {
+        (0..n * k).map(|_| rng.below(2) == 1).collect()
+    };
+    let sign = bits(&mut rng);
+    let second = bits(&mut rng);
+    let f = |v: f64| half::f16::from_f64(v).to_f32();
+    let q = BillmWeight {
+        n,
+        k,
+        salient,
+        sign,
+        sign2: (0..n * k).map(|i| second[i] && is_sal[i % k]).collect(),
+        sparse: (0..n * k).map(|i| second[i] && !is_sal[i % k]).collect(),
+        params: (0..n * nb)
+            .map(|_| {
+                [0.02, 0.01, 0.005, 0.01].map(|a| Binary {
+                    alpha: f(a * (0.5 + rng.unit())),
+                    mu: f(0.1 * a * rng.normal()),
+                })
+            })
+            .collect(),
+        break_point: vec![0.0; nb],
+    };
+    PackedBillm::pack(&q).expect("valid weight")
+}
+
+/// BiLLM (issue 16, item 7): `billm_matmul` reading the packed bits at M ∈ {1, 8, 16, 64} × the W4A16
+/// shapes, beside cuBLAS bf16 and fusekit's W4A16 (g128) at the same shape in the same run; the floor is
+/// the packed bytes (plus activations and outputs) ÷ the copy bandwidth measured in this run. For large M
+/// the unpack (`billm_unpack`, n·k two-byte writes) and a dense GEMM are the path; the unpack is timed
+/// at each shape too.
+fn billm_bench(c: &mut Criterion) {
+    let Some(gpu) = common::gpu_or_skip("bench quant/billm") else {
+        return;
+    };
+    let copy = fusekit::probe::measure_copy_bandwidth_sync(&gpu, 1 << 30, 20)
+        .unwrap()
+        .gbps();
+    let blas = CudaBlas::new(gpu.stream().clone()).unwrap();
+    let shapes: &[(usize, usize)] = if quick() {
+        &[(4096, 4096)]
+    } else {
+        &[(4096, 4096), (8192, 8192), (8192, 28672)]
+    };
+    let mut g = c.benchmark_group("quant");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(1));
+    for &(n, k) in shapes {
+        let p = random_billm(n, k, (n * 17 + k) as u64);
+        let w = BillmDeviceWeight::upload(&gpu, &p).unwrap();
+        let p4 = random_weight(n, k, (n * 31 + k) as u64);
+        let w4 = W4A16Weight::upload(&gpu, &p4).unwrap();
+        for m in [1usize, 8, 16, 64] {
+            let plan = BillmPlan::new::<bf16>(gpu.props(), &p, m, None).unwrap();
+            let mut ws = BillmWorkspace::new(&gpu, &plan).unwrap();
+            let x = gpu.stream().alloc_zeros::<bf16>(m * k).unwrap();
+            let mut y = gpu.stream().alloc_zeros::<bf16>(m * n).unwrap();
+            let name = format!("quant/billm/{n}x{k}/m{m}");
+            let t = timed(&mut g, &gpu, &name, m == 1 && n == 4096, || {
+                billm_matmul(&gpu, &plan, &x, &w, &mut ws, &mut y).unwrap();
+            });
+            let us = t.median_ms * 1e3;
+            let bytes = p.bytes() as f64 + 2.0 * (m * k + m * n) as f64;
+            let floor_us = bytes / (copy * 1e9) * 1e6;
+            let cublas = cublas_us(&gpu, &blas, m, n, k);
+            let plan4 = W4A16Plan::new::<bf16>(gpu.props(), &p4, m, None).unwrap();
+            let mut ws4 = W4A16Workspace::new(&gpu, &plan4).unwrap();
+            let w4a16_us = time_launches_sync(&gpu, 3, 20, || {
+                w4a16(&gpu, &plan4, &x, &w4, &mut ws4, &mut y)
+            })
+            .unwrap()
+            .median_ms
+                * 1e3;
+            println!(
+                "{name}: {us:.1} us ({:.0} GB/s), {:.0}% of the floor ({floor_us:.1} us), cuBLAS bf16 \
+                 {cublas:.1} us ({:.2}x), W4A16 g128 {w4a16_us:.1} us ({:.2}x)",
+                bytes / (us * 1e-6) / 1e9,
+                100.0 * floor_us / us,
+                cublas / us,
+                w4a16_us / us
+            );
+            common::emit(
+                &name,
+                &[
+                    ("m", m as f64),
+                    ("n", n as f64),
+                    ("k", k as f64),
+                    ("splits", plan.splits() as f64),
+                    ("median_us", us),
+                    ("min_us", t.min_ms * 1e3),
+                    ("floor_us", floor_us),
+                    ("pct_of_floor", 100.0 * floor_us / us),
+                    ("cublas_bf16_us", cublas),
+                    ("speedup_vs_cublas", cublas / us),
+                    ("w4a16_us", w4a16_us),
+                    ("speedup_vs_w4a16", w4a16_us / us),
+                ],
+                &[("device", &gpu.props().name)],
+            );
+        }
+        let mut dense = gpu.stream().alloc_zeros::<bf16>(n * k).unwrap();
+        let name = format!("quant/billm_unpack/{n}x{k}");
+        let t = time_launches_sync(&gpu, 3, 20, || billm_unpack(&gpu, &w, &mut dense)).unwrap();
+        let us = t.median_ms * 1e3;
+        let bytes = p.bytes() as f64 + 2.0 * (n * k) as f64;
+        let floor_us = bytes / (copy * 1e9) * 1e6;
+        println!(
+            "{name}: {us:.1} us, {:.0}% of the floor ({floor_us:.1} us)",
+            100.0 * floor_us / us
+        );
+        common::emit(
+            &name,
+            &[
+                ("n", n as f64),
+                ("k", k as f64),
+                ("median_us", us),
+                ("floor_us", floor_us),
+                ("pct_of_floor", 100.0 * floor_us / us),
+            ],
+            &[("device", &gpu.props().name)],
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, w4a16_bench, hadamard_bench, billm_bench);
 criterion_main!(benches);
