@@ -11,10 +11,10 @@
 
 use fusekit::quant::{
     billm_matmul, billm_unpack, hadamard_quantize, hadamard_rotate, quantize_billm, quantize_rtn,
-    quantize_tokens, reference_billm, reference_w4a16, w4a16, BillmConfig, BillmDeviceWeight,
-    BillmPlan, BillmWeight, BillmWorkspace, Binary, HadamardOutput, HadamardPlan, Hessian,
-    PackedBillm, PackedW4, QuantizedActivations, QuantizedTokens, ScaleFormat, W4A16Plan,
-    W4A16Weight, W4A16Workspace, W4Element, WeightQuant, BILLM_BLOCK,
+    quantize_tokens, reference_billm, reference_w4a16, w4a16, BillmConfig, BillmDense,
+    BillmDeviceWeight, BillmPlan, BillmWeight, BillmWorkspace, Binary, HadamardOutput,
+    HadamardPlan, Hessian, PackedBillm, PackedW4, QuantizedActivations, QuantizedTokens,
+    ScaleFormat, W4A16Plan, W4A16Weight, W4A16Workspace, W4Element, WeightQuant, BILLM_BLOCK,
 };
 use fusekit::testing::{
     compare, compare_with_floor, emu_large, poisoned, seed_for, Dist, Element, Rng, Tolerance,
@@ -85,7 +85,8 @@ fn run<B: Backend, T: W4Element>(
     Ok((dev.download(&y)?, plan.splits()))
 }
 
-/// Compares `y` (`[m][n]`) with the f64 reference `want`: per element, one rounding to T plus
+/// Compares `y` (`[m][n]`) with the f64 reference `want`: per element, one rounding to T (relative,
+/// and half the spacing of T's subnormals, 2^-25 for f16, where tiny outputs round absolutely) plus
 /// `accumulation[i]` (the fp32 accumulation bound of the kernel at hand), then the relative L2 error.
 fn check_output<T: W4Element>(
     what: &str,
@@ -94,14 +95,14 @@ fn check_output<T: W4Element>(
     n: usize,
     accumulation: &[f64],
 ) -> Result<(), String> {
-    let rtol = if T::NAME == "bf16" {
-        2f64.powi(-8)
+    let (rtol, subnormal) = if T::NAME == "bf16" {
+        (2f64.powi(-8), 2f64.powi(-134))
     } else {
-        2f64.powi(-11)
+        (2f64.powi(-11), 2f64.powi(-25))
     };
     for (i, (got, want)) in y.iter().zip(want).enumerate() {
         let got = got.to_f64();
-        let slack = rtol * want.abs() + accumulation[i] + 1e-30;
+        let slack = rtol * want.abs() + accumulation[i] + subnormal;
         if !(got - want).abs().le(&slack) {
             return Err(format!(
                 "{what}: y[{}][{}] = {got}, reference {want} (slack {slack:e})",
@@ -1126,6 +1127,64 @@ fn billm_unpack_is_exact() {
             unpack_matches::<_, bf16>(dev, &wd, &want, n, k);
             unpack_matches::<_, f16>(dev, &wd, &want, n, k);
         }
+    });
+}
+
+#[test]
+fn billm_dense_path_matches_the_reference() {
+    fusekit::on_every_backend!("billm_dense_path_matches_the_reference", |dev| {
+        // Large M: unpack once, then the GEMM (cuBLAS on a GPU, the host on the emulator), against
+        // x · bf16(Ŵ)ᵀ in f64 (the weights it multiplies by).
+        let mut rng = Rng::new(seed_for("billm_dense_path_matches_the_reference"));
+        let (n, k) = (72, 300);
+        let p = billm_synthetic(&mut rng, n, k, |b| [3, 128, 0][b]);
+        let dense = BillmDense::new(dev, &BillmDeviceWeight::upload(dev, &p).unwrap()).unwrap();
+        let wd: Vec<f64> = p
+            .dequantize()
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_f64())
+            .collect();
+        assert_eq!(
+            dev.download(dense.weight()).unwrap(),
+            wd.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>()
+        );
+        for m in [1, 65, 130] {
+            let x = activations::<bf16>(&mut rng, m, k);
+            let xd = dev.upload(&x).unwrap();
+            let mut y = poisoned::<_, bf16>(dev, m * n).unwrap();
+            dense.matmul(dev, m, &xd, &mut y).unwrap();
+            let mut want = vec![0.0f64; m * n];
+            let mut bound = vec![0.0f64; m * n];
+            for r in 0..m {
+                for c in 0..n {
+                    for j in 0..k {
+                        let t = x[r * k + j].to_f64() * wd[c * k + j];
+                        want[r * n + c] += t;
+                        bound[r * n + c] += 1e-6 * t.abs();
+                    }
+                }
+            }
+            check_output(
+                &format!("dense m={m}"),
+                &dev.download(&y).unwrap(),
+                &want,
+                n,
+                &bound,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        // Wrong lengths: refused, nothing written.
+        let x = dev.upload(&activations::<bf16>(&mut rng, 3, k)).unwrap();
+        let mut y = poisoned::<_, bf16>(dev, 3 * n - 1).unwrap();
+        assert!(matches!(
+            dense.matmul(dev, 3, &x, &mut y),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            dense.matmul(dev, 4, &x, &mut y),
+            Err(Error::Shape { .. })
+        ));
+        assert!(dev.download(&y).unwrap().iter().all(|v| v.is_poison()));
     });
 }
 

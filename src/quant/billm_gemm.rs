@@ -10,7 +10,8 @@ use cudarc::driver::LaunchConfig;
 use super::billm::{PackedBillm, BILLM_BLOCK, BILLM_FORMAT_VERSION};
 use super::splitk::{self, SplitKPlan, SplitKWorkspace};
 use super::w4a16::W4Element;
-use crate::backend::private::{Addr, AddrMut};
+use crate::backend::private::{Addr, AddrMut, Device};
+use crate::backend::Gemm;
 use crate::device::{check_aligned, Family};
 use crate::error::{Error, Result};
 use crate::launch::{grid, launch_kernel};
@@ -313,7 +314,7 @@ where
 {
     splitk::check_io(
         dev,
-        plan.elem,
+        (plan.elem, T::SUFFIX),
         (plan.m, plan.n, plan.k),
         x,
         y,
@@ -490,4 +491,115 @@ pub fn reference_billm(x: &[f32], m: usize, w: &PackedBillm) -> Result<Vec<f64>>
         }
     }
     Ok(y)
+}
+
+/// BiLLM for large M: the weight unpacked once to dense bf16 ([`billm_unpack`]), then one GEMM per
+/// product (cuBLAS on a GPU, bf16 operands, fp32 accumulation; the emulator multiplies on the host).
+/// Above a few dozen tokens this beats reading the bits per token ([`billm_matmul`]): the unpack writes
+/// `n·k` two-byte values once, and the GEMM runs at tensor-core rate; it keeps those `2·n·k` bytes.
+///
+/// ```
+/// # fn main() -> fusekit::Result<()> {
+/// use fusekit::Backend;
+/// use fusekit::quant::{quantize_billm, reference_billm, BillmConfig, BillmDense, BillmDeviceWeight, Hessian, PackedBillm};
+/// use half::bf16;
+/// let (m, n, k) = (70, 24, 200);
+/// let mut h = Hessian::new(k)?;
+/// h.add(&(0..16 * k).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect::<Vec<_>>())?;
+/// let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 23) as f32 - 11.0) / 10.0).collect();
+/// let packed = PackedBillm::pack(&quantize_billm(&w, n, k, &h, &BillmConfig::default())?)?;
+/// let dev = fusekit::emu::Emulator::new()?;
+/// let dense = BillmDense::new(&dev, &BillmDeviceWeight::upload(&dev, &packed)?)?;
+/// let xs: Vec<bf16> = (0..m * k).map(|i| bf16::from_f32(((i % 7) as f32 - 3.0) / 4.0)).collect();
+/// let x = dev.upload(&xs)?;
+/// let mut y = dev.alloc_zeros::<bf16>(m * n)?;
+/// dense.matmul(&dev, m, &x, &mut y)?;
+/// let xf: Vec<f32> = xs.iter().map(|v| v.to_f32()).collect();
+/// let want = reference_billm(&xf, m, &packed)?;
+/// for (got, want) in dev.download(&y)?.iter().zip(&want) {
+///     // The dense weight is rounded to bf16 once: a relative 2^-9 per weight on top of the output's.
+///     assert!((got.to_f64() - want).abs() <= 2e-2 * want.abs() + 2e-2);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct BillmDense<B: Backend> {
+    blas: <B as Device>::Blas,
+    n: usize,
+    k: usize,
+    w: B::Buffer<half::bf16>,
+}
+
+impl<B: Backend> std::fmt::Debug for BillmDense<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BillmDense")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .finish()
+    }
+}
+
+impl<B: Backend> BillmDense<B> {
+    /// Unpacks `w` on `dev` into a dense bf16 `[n][k]` buffer and opens the GEMM handle (`Err(Library)`
+    /// when libcublas cannot be found on a GPU). `n` and `k` must be below 2^31 (cuBLAS's 32-bit sizes).
+    pub fn new(dev: &B, w: &BillmDeviceWeight<B>) -> Result<Self> {
+        let blas = dev.blas()?;
+        let mut dense = dev.alloc_zeros::<half::bf16>(w.n * w.k)?;
+        billm_unpack(dev, w, &mut dense)?;
+        Ok(BillmDense {
+            blas,
+            n: w.n,
+            k: w.k,
+            w: dense,
+        })
+    }
+
+    /// The dense weight (`[n][k]` bf16, row-major).
+    pub fn weight(&self) -> &B::Buffer<half::bf16> {
+        &self.w
+    }
+
+    /// `y = x · Ŵᵀ` for `m` rows: `x` is `[m][k]` bf16, `y` `[m][n]` bf16 (fp32 accumulation, one
+    /// rounding). `m` below 2^31; lengths and devices checked first (`Err`, nothing written); `m = 0`
+    /// does nothing.
+    pub fn matmul<X, Y>(&self, dev: &B, m: usize, x: &X, y: &mut Y) -> Result<()>
+    where
+        X: DeviceRead<half::bf16, B>,
+        Y: DeviceWrite<half::bf16, B>,
+    {
+        owned(dev, "x", x)?;
+        owned(dev, "y", y)?;
+        owned(dev, "w", &self.w)?;
+        if m >= 1 << 31 {
+            return Err(Error::Unsupported {
+                what: format!("{m} rows (cuBLAS's sizes are 32-bit)"),
+            });
+        }
+        exactly("x", x.len(), m * self.k, "m * k")?;
+        exactly("y", y.len(), m * self.n, "m * n")?;
+        if m == 0 {
+            return Ok(());
+        }
+        let (xp, _a) = x.addr(dev);
+        let (yp, _b) = y.addr_mut(dev);
+        let (wp, _c) = self.w.addr(dev);
+        // Yᵀ (col-major N×M) = W (K×N col-major)ᵀ · Xᵀ (K×M col-major).
+        let g = Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: self.n,
+            n: m,
+            k: self.k,
+            a: wp,
+            lda: self.k,
+            b: xp,
+            ldb: self.k,
+            c: yp,
+            ldc: self.n,
+            c_f32: false,
+            beta: 0.0,
+        };
+        // SAFETY: W holds n·k, x m·k and y m·n elements (checked above), on this device; the leading
+        // dimensions are the row lengths of these row-major matrices.
+        unsafe { dev.gemm(&self.blas, &g) }
+    }
 }

@@ -20,7 +20,8 @@
 //! * [`billm_matmul`] with [`BillmPlan`], [`BillmDeviceWeight`], [`BillmWorkspace`]: `y = x · Ŵᵀ` read
 //!   straight from the packed bits on tensor cores (bit planes times the activations split by the
 //!   salient mask, then seven multiply-adds per row-block), checked against [`reference_billm`]; and
-//!   [`billm_unpack`], the dense bf16/f16 weight for large M.
+//!   [`billm_unpack`], the dense bf16/f16 weight, with [`BillmDense`] (unpack once, then a cuBLAS
+//!   GEMM per product) for large M.
 //! * [`PackedW4`]: an int4 weight packed in `mma.sync` fragment order (format version 1, K and N padded
 //!   internally), lossless to unpack, with the exact dense matrix the kernel multiplies by.
 //! * [`safetensors`]: the safetensors container, read and written without dependencies: the on-disk
@@ -63,7 +64,8 @@ pub use billm::{
     PackedBillm, BILLM_BLOCK, BILLM_FORMAT_VERSION,
 };
 pub use billm_gemm::{
-    billm_matmul, billm_unpack, reference_billm, BillmDeviceWeight, BillmPlan, BillmWorkspace,
+    billm_matmul, billm_unpack, reference_billm, BillmDense, BillmDeviceWeight, BillmPlan,
+    BillmWorkspace,
 };
 pub use gptq::{quantize_gptq, GptqConfig, Hessian};
 pub use online::{

@@ -101,12 +101,12 @@ pub(crate) fn launch_reduce<B: Backend>(
     )
 }
 
-/// The checks every quantised GEMM makes before launching (`Err`, nothing written): `T` is the plan's
-/// activation type `elem`, `x` holds `m·k` and `y` `m·n` elements, the workspace at least `need`, all
-/// three on `dev`.
+/// The checks every quantised GEMM makes before launching (`Err`, nothing written): the activation
+/// type the call names (`given`, its kernel suffix) is the plan's (`elem`), `x` holds `m·k` and `y`
+/// `m·n` elements, the workspace at least `need`, all three on `dev`.
 pub(crate) fn check_io<B, T, X, Y>(
     dev: &B,
-    elem: &str,
+    (elem, given): (&str, &str),
     (m, n, k): (usize, usize, usize),
     x: &X,
     y: &Y,
@@ -115,15 +115,14 @@ pub(crate) fn check_io<B, T, X, Y>(
 ) -> Result<()>
 where
     B: Backend,
-    T: super::W4Element,
     X: DeviceRead<T, B>,
     Y: DeviceWrite<T, B>,
 {
-    if elem != T::SUFFIX {
+    if elem != given {
         return Err(Error::DType {
             arg: "x",
             expected: elem.to_string(),
-            got: T::SUFFIX.to_string(),
+            got: given.to_string(),
         });
     }
     owned(dev, "x", x)?;

@@ -311,7 +311,7 @@ where
 {
     splitk::check_io(
         dev,
-        plan.elem,
+        (plan.elem, T::SUFFIX),
         (plan.m, plan.n, plan.k),
         x,
         y,
