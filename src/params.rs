@@ -33,7 +33,6 @@ unsafe impl DeviceRepr for fk_moe_gather_params {}
 unsafe impl DeviceRepr for fk_moe_combine_params {}
 unsafe impl DeviceRepr for fk_moe_ep_params {}
 unsafe impl DeviceRepr for fk_w4a16_params {}
-unsafe impl DeviceRepr for fk_w4a16_reduce_params {}
 unsafe impl DeviceRepr for fk_hadq_params {}
 unsafe impl DeviceRepr for fk_billm_params {}
 unsafe impl DeviceRepr for fk_billm_unpack_params {}

@@ -14,7 +14,8 @@ use fusekit::quant::{
     quantize_tokens, reference_billm, reference_w4a16, w4a16, BillmConfig, BillmDense,
     BillmDeviceWeight, BillmPlan, BillmWeight, BillmWorkspace, Binary, HadamardOutput,
     HadamardPlan, Hessian, PackedBillm, PackedW4, QuantizedActivations, QuantizedTokens,
-    ScaleFormat, W4A16Plan, W4A16Weight, W4A16Workspace, W4Element, WeightQuant, BILLM_BLOCK,
+    ScaleFormat, SplitKWorkspace, W4A16Plan, W4A16Weight, W4A16Workspace, W4Element, WeightQuant,
+    BILLM_BLOCK,
 };
 use fusekit::testing::{
     compare, compare_with_floor, emu_large, poisoned, seed_for, Dist, Element, Rng, Tolerance,
@@ -1050,6 +1051,99 @@ fn billm_split_k_is_deterministic_and_unaligned_x_works() {
             billm_matmul(dev, &plan, &view, &wd, &mut ws, &mut y).unwrap();
             check_billm("unaligned x", &dev.download(&y).unwrap(), &x, m, &p)
                 .unwrap_or_else(|e| panic!("{e}"));
+        }
+    );
+}
+
+/// One workspace serves every split-K product, W4A16 and BiLLM alike, any number of times in any
+/// order of plans: each launch's last block per tile leaves the tile's arrival counter at 0, so a
+/// counter left behind would make a later product skip (or repeat) its sum and leave poison in y.
+/// And a workspace with the partials' room but too few counters is refused.
+#[test]
+fn split_k_workspace_is_reused_across_plans_and_products() {
+    fusekit::on_every_backend!(
+        "split_k_workspace_is_reused_across_plans_and_products",
+        |dev| {
+            let mut rng = Rng::new(seed_for(
+                "split_k_workspace_is_reused_across_plans_and_products",
+            ));
+            let (n, k) = (200, 1000); // 4 W4A16 column blocks, 8 slabs; 4 BiLLM row blocks, 8 blocks
+            let w4 = PackedW4::pack(
+                &quantize_rtn(
+                    &weights(&mut rng, n, k),
+                    n,
+                    k,
+                    &scheme::<bf16>(Some(128), false),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+            let bl = billm_synthetic(&mut rng, n, k, |b| 7 * b);
+            let w4d = W4A16Weight::upload(dev, &w4).unwrap();
+            let bld = BillmDeviceWeight::upload(dev, &bl).unwrap();
+            // Sized for the largest plan below (m = 40, 8 splits: 5 BiLLM token tiles x 4 row blocks).
+            let big = BillmPlan::new::<bf16>(dev.props(), &bl, 40, Some(8)).unwrap();
+            let big_w4 = W4A16Plan::new::<bf16>(dev.props(), &w4, 40, Some(8)).unwrap();
+            assert!(big.workspace_counters() >= big_w4.workspace_counters());
+            let mut ws = SplitKWorkspace::new(dev, &big).unwrap();
+            for (round, &(m, split)) in [(40, 8), (1, 8), (17, 3), (40, 8), (5, 2), (1, 1), (33, 8)]
+                .iter()
+                .enumerate()
+            {
+                let x = activations::<bf16>(&mut rng, m, k);
+                let xd = dev.upload(&x).unwrap();
+                let plan = W4A16Plan::new::<bf16>(dev.props(), &w4, m, Some(split)).unwrap();
+                let mut y = poisoned::<_, bf16>(dev, m * n).unwrap();
+                w4a16(dev, &plan, &xd, &w4d, &mut ws, &mut y).unwrap();
+                check(
+                    &format!("round {round}: w4a16 m={m}, {split} splits"),
+                    &dev.download(&y).unwrap(),
+                    &x,
+                    m,
+                    &w4,
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+                let plan = BillmPlan::new::<bf16>(dev.props(), &bl, m, Some(split)).unwrap();
+                let mut y = poisoned::<_, bf16>(dev, m * n).unwrap();
+                billm_matmul(dev, &plan, &xd, &bld, &mut ws, &mut y).unwrap();
+                check_billm(
+                    &format!("round {round}: billm m={m}, {split} splits"),
+                    &dev.download(&y).unwrap(),
+                    &x,
+                    m,
+                    &bl,
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+            // A workspace with room for the partials of a 64 x 64 output over 8 splits but one counter
+            // (one tile): m = 1 over 8 splits of the 200 columns needs fewer partials but 4 counters
+            // (one per 64-column block), and is refused before anything runs.
+            let narrow = PackedW4::pack(
+                &quantize_rtn(
+                    &weights(&mut rng, 64, k),
+                    64,
+                    k,
+                    &scheme::<bf16>(Some(128), false),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+            let wide = W4A16Plan::new::<bf16>(dev.props(), &narrow, 64, Some(8)).unwrap();
+            let one = W4A16Plan::new::<bf16>(dev.props(), &w4, 1, Some(8)).unwrap();
+            assert!(wide.workspace_elements() >= one.workspace_elements());
+            assert_eq!(
+                (wide.workspace_counters(), one.workspace_counters()),
+                (1, 4)
+            );
+            let mut ws1 = SplitKWorkspace::new(dev, &wide).unwrap();
+            let x = dev.upload(&activations::<bf16>(&mut rng, 1, k)).unwrap();
+            let mut y = poisoned::<_, bf16>(dev, n).unwrap();
+            let e = w4a16(dev, &one, &x, &w4d, &mut ws1, &mut y).unwrap_err();
+            assert!(format!("{e}").contains("workspace_counters"), "{e}");
+            assert!(
+                dev.download(&y).unwrap().iter().all(|v| v.is_nan()),
+                "nothing written"
+            );
         }
     );
 }

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1050,16 +1051,32 @@ void finish_job(Worker *w) {
 int run_launch(Launch &L, std::string &error) {
     const dim3 g = L.geom.grid, c = L.geom.cluster;
     if (L.cluster_size == 1) {
+        // Blocks run one after the other, in an order that depends on the schedule, so a kernel that
+        // assumes an order of blocks (the last block of a split-K tile to arrive, say) meets several:
+        // linear order (round-robin, warp-greedy), reversed (warp-greedy-reversed), or a seeded
+        // permutation (random: i -> (offset + i * stride) mod total with the stride coprime to total).
+        const uint64_t total = (uint64_t)g.x * g.y * g.z;
+        uint64_t stride = 1, offset = 0;
+        if (L.desc->schedule == FK_EMU_SCHEDULE_WARP_GREEDY_REVERSED) {
+            stride = total - 1;  // coprime to total: i -> (total - 1)(i + 1) = -(i + 1) mod total
+            offset = total - 1;
+        } else if (L.desc->schedule == FK_EMU_SCHEDULE_RANDOM && total > 1) {
+            uint64_t h = (L.desc->seed | 1) * 0x9e3779b97f4a7c15ull;
+            h ^= h >> 29;
+            offset = h % total;
+            stride = 1 + (h >> 17) % (total - 1);
+            while (std::gcd(stride, total) != 1) stride = stride % (total - 1) + 1;
+        }
         BlockRun b;
-        for (unsigned z = 0; z < g.z; ++z)
-            for (unsigned y = 0; y < g.y; ++y)
-                for (unsigned x = 0; x < g.x; ++x) {
-                    if (!run_block(L, b, uint3{x, y, z}, 0, uint3{0, 0, 0}, nullptr)) {
-                        add_stats(L.stats, b.stats);
-                        error = b.error;
-                        return 1;
-                    }
-                }
+        for (uint64_t i = 0; i < total; ++i) {
+            const uint64_t j = (offset + (unsigned __int128)i * stride % total) % total;
+            const unsigned x = (unsigned)(j % g.x), y = (unsigned)((j / g.x) % g.y), z = (unsigned)(j / ((uint64_t)g.x * g.y));
+            if (!run_block(L, b, uint3{x, y, z}, 0, uint3{0, 0, 0}, nullptr)) {
+                add_stats(L.stats, b.stats);
+                error = b.error;
+                return 1;
+            }
+        }
         add_stats(L.stats, b.stats);
         return 0;
     }

@@ -20,7 +20,8 @@
 
 /* y[M][N] = x[M][K] . W^T with W the packed int4 weight, fp32 accumulation. Grid: (n_pad / 64,
  * ceil(M / (16 MT)), splits). With one split the block writes y; else it writes its fp32 partial sums
- * to ws[split][M][N] and fk_w4a16_reduce adds the splits in order. */
+ * to ws[split][M][N], and the last block of the output tile to arrive adds the splits in order and
+ * writes y (fk_splitk.cuh). */
 typedef struct fk_w4a16_params {
     const void *x;            /* [M][K] bf16/f16, row stride lda elements */
     const uint32_t *codes;    /* [n_pad/64][k_pad/16][32 lanes][4 words] */
@@ -28,6 +29,7 @@ typedef struct fk_w4a16_params {
     const uint8_t *zeros;     /* [n_pad/64][n_groups][8][8] bytes, or NULL: symmetric (zero point 8) */
     void *y;                  /* [M][N] bf16/f16 (one split) */
     float *ws;                /* [splits][M][N] fp32 partial sums (several splits), else NULL */
+    uint32_t *counters;       /* [ceil(M / (16 MT))][n_pad / 64] arrivals per tile (several splits; 0 between launches) */
     int64_t m;
     int64_t lda;
     int32_t n;
@@ -38,14 +40,6 @@ typedef struct fk_w4a16_params {
     int32_t slabs_per_split;  /* 128-deep k slabs per block along z */
     int32_t a_vec;            /* 1: rows of x are 16-byte aligned and K % 8 == 0 (cp.async path) */
 } fk_w4a16_params;
-
-/* y[m][n] = sum over splits s (in order) of ws[s][m][n], rounded to bf16/f16. */
-typedef struct fk_w4a16_reduce_params {
-    const float *ws;
-    void *y;
-    int64_t mn;               /* M * N */
-    int32_t splits;
-} fk_w4a16_reduce_params;
 
 /* The online Hadamard transform of activations, fused with per-token quantisation: one block of
  * FK_HADQ_THREADS per token (row) of n = m * 2^log2p channels, the row held in shared memory as fp32
@@ -88,8 +82,8 @@ typedef struct fk_hadq_params {
 
 /* y[M][N] = x[M][K] . W^T, W the packed 1-bit weight, fp32 accumulation. Grid: (ceil(N / 64), splits,
  * ceil(M / (4 TG))); block y covers the 128-column blocks [y bps, min((y + 1) bps, blocks)). With one
- * split the block writes y, else its fp32 partial sums to ws[split][M][N] (fk_w4a16_reduce adds them in
- * order). Dynamic shared memory: 2 * TG * 8 * 136 * 2 bytes. */
+ * split the block writes y, else its fp32 partial sums to ws[split][M][N], and the tile's last block to
+ * arrive adds them in order and writes y (fk_splitk.cuh). Dynamic shared memory: 2 * TG * 8 * 136 * 2 bytes. */
 typedef struct fk_billm_params {
     const void *x;            /* [M][K] bf16/f16, row stride lda elements */
     const uint32_t *signs;    /* [blocks][n][4] */
@@ -98,6 +92,7 @@ typedef struct fk_billm_params {
     const uint16_t *params;   /* [blocks][n][8] f16: alpha1 mu1 alpha2 mu2 (salient), alpha mu (concentrated), alpha mu (sparse) */
     void *y;                  /* [M][N] bf16/f16 (one split) */
     float *ws;                /* [splits][M][N] fp32 partial sums (several splits), else NULL */
+    uint32_t *counters;       /* [ceil(M / (4 TG))][ceil(N / 64)] arrivals per tile (several splits; 0 between launches) */
     int64_t m;
     int64_t lda;
     int32_t n;

@@ -22,8 +22,9 @@
 //  - D row g, columns 2q and 2q+1, is then S(.) and N(.) of token q for output row g (and g+8).
 //
 // A block of 4 warps owns 64 output rows (16 per warp) and 4 TG tokens, and walks its range of 128-column
-// blocks (split-K over gridDim.y, as W4A16: several splits write fp32 partials that fk_w4a16_reduce adds
-// in split order, so the result depends on the plan only). Per block of columns: the 128 threads stage
+// blocks (split-K over gridDim.y, as W4A16: several splits write fp32 partials that the tile's last
+// block to arrive adds in split order in the same launch, fk_splitk.cuh, so the result depends on the
+// plan only). Per block of columns: the 128 threads stage
 // each token's 128 activations (thread = column; past K: 0) split by the salient mask into a
 // double-buffered tile (one barrier per block); each warp loads its rows' signs, second bits and
 // parameters (16-byte loads, one block ahead), forms the planes for each of the 8 k steps, and for each
@@ -31,6 +32,7 @@
 // write nothing; tokens past M are zero rows of the tile and write nothing.
 #include "fk_common.cuh"
 #include "fk_mma.cuh"
+#include "fk_splitk.cuh"
 #include "quant_params.h"
 
 // Dynamic shared memory (declared outside the anonymous namespace: the emulator provides the symbol).
@@ -54,23 +56,26 @@ __device__ __forceinline__ void bl_mma<__half>(float (&d)[4], const uint32_t (&a
     fk_mma_m16n8k16_f16(d, a, b, d);
 }
 
-__device__ __forceinline__ uint4 bl_load(const uint32_t *p, int64_t i, bool ok) {
-    return ok ? __ldg(reinterpret_cast<const uint4 *>(p) + i) : make_uint4(0u, 0u, 0u, 0u);
-}
-
 __device__ __forceinline__ uint32_t bl_word(const uint4 &v, int w) {
     return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
 }
 
 __device__ __forceinline__ float bl_f16(uint32_t bits) { return __half2float(__ushort_as_half((unsigned short)bits)); }
 
-// The seven coefficients of a row-block (the sums are doubled: see the top of the file) from its f16
-// parameters a1 m1 a2 m2 ac mc ap mp (low half first).
+// A row-block's eight f16 parameters a1 m1 a2 m2 (salient, two residual orders), ac mc (concentrated),
+// ap mp (sparse), low half of each word first.
+struct BlParams {
+    float a1, m1, a2, m2, ac, mc, ap, mp;
+};
+__device__ __forceinline__ BlParams bl_params(const uint4 &pw) {
+    return BlParams{bl_f16(pw.x & 0xffffu), bl_f16(pw.x >> 16), bl_f16(pw.y & 0xffffu), bl_f16(pw.y >> 16),
+                    bl_f16(pw.z & 0xffffu), bl_f16(pw.z >> 16), bl_f16(pw.w & 0xffffu), bl_f16(pw.w >> 16)};
+}
+
+// The seven coefficients of a row-block (the sums are doubled: see the top of the file).
 __device__ __forceinline__ void bl_coef(const uint4 &pw, float (&c)[7]) {
-    const float a1 = bl_f16(pw.x & 0xffffu), m1 = bl_f16(pw.x >> 16);
-    const float a2 = bl_f16(pw.y & 0xffffu), m2 = bl_f16(pw.y >> 16);
-    const float ac = bl_f16(pw.z & 0xffffu), mc = bl_f16(pw.z >> 16);
-    const float ap = bl_f16(pw.w & 0xffffu), mp = bl_f16(pw.w >> 16);
+    const BlParams q = bl_params(pw);
+    const float a1 = q.a1, m1 = q.m1, a2 = q.a2, m2 = q.m2, ac = q.ac, mc = q.mc, ap = q.ap, mp = q.mp;
     c[0] = a1;                                   // x 2 S(sx)
     c[1] = a2;                                   // x 2 S(tx)
     c[2] = 0.5f * ((m1 + m2) - (a1 + a2));       // x 2 S(x)
@@ -231,22 +236,35 @@ __device__ void billm(const fk_billm_params &p) {
                             out);
     }
 
-    // out[t][0]: token 4t + q, row ra; out[t][2]: row ra + 8.
+    // This thread's outputs: out[t][2 rr] is token 4t + q, row ra + 8 rr; f(t, rr, token, row) for those
+    // inside M x N.
+    const auto each_output = [&](auto &&f) {
 #pragma unroll
-    for (int t = 0; t < TG; ++t) {
-        const int64_t m = m0 + 4 * t + q;
-        if (m >= p.m) continue;
+        for (int t = 0; t < TG; ++t) {
+            const int64_t m = m0 + 4 * t + q;
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const int64_t row = ra + 8 * rr;
-            if (row >= p.n) continue;
-            const float v = out[t][2 * rr];
-            if (p.ws != nullptr)
-                p.ws[((int64_t)blockIdx.y * p.m + m) * p.n + row] = v;
-            else
-                reinterpret_cast<T *>(p.y)[m * p.n + row] = fk_from_f32<T>(v);
+            for (int rr = 0; rr < 2; ++rr) {
+                const int64_t row = ra + 8 * rr;
+                if (m < p.m && row < p.n) f(t, rr, m, row);
+            }
         }
-    }
+    };
+    each_output([&](int t, int rr, int64_t m, int64_t row) {
+        const float v = out[t][2 * rr];
+        if (p.ws != nullptr)
+            p.ws[((int64_t)blockIdx.y * p.m + m) * p.n + row] = v;
+        else
+            reinterpret_cast<T *>(p.y)[m * p.n + row] = fk_from_f32<T>(v);
+    });
+    if (p.ws == nullptr) return;
+
+    // Several splits: the tile's last block to arrive adds them in split order (fk_splitk.cuh), each
+    // thread the outputs it wrote.
+    if (!fk_splitk_arrive(p.counters + blockIdx.z * gridDim.x + blockIdx.x, gridDim.y)) return;
+    each_output([&](int, int, int64_t m, int64_t row) {
+        reinterpret_cast<T *>(p.y)[m * p.n + row] =
+            fk_from_f32<T>(fk_splitk_sum(p.ws, p.m * p.n, m * p.n + row, gridDim.y));
+    });
 }
 
 // The dense weight, one thread per 8 consecutive columns of a row (row-major order, so a warp's stores
@@ -265,11 +283,8 @@ __device__ void billm_unpack(const fk_billm_unpack_params &p) {
         const int w = ch >> 2, o = 8 * (ch & 3);   // word of the block, first column in it
         const uint32_t s = __ldg(p.signs + pk * 4 + w), t = __ldg(p.second + pk * 4 + w);
         const uint32_t sal = __ldg(p.salient + (int64_t)b * 4 + w);
-        const uint4 pw = __ldg(reinterpret_cast<const uint4 *>(p.params) + pk);
-        const float a1 = bl_f16(pw.x & 0xffffu), m1 = bl_f16(pw.x >> 16);
-        const float a2 = bl_f16(pw.y & 0xffffu), m2 = bl_f16(pw.y >> 16);
-        const float ac = bl_f16(pw.z & 0xffffu), mc = bl_f16(pw.z >> 16);
-        const float ap = bl_f16(pw.w & 0xffffu), mp = bl_f16(pw.w >> 16);
+        const BlParams q = bl_params(__ldg(reinterpret_cast<const uint4 *>(p.params) + pk));
+        const float a1 = q.a1, m1 = q.m1, a2 = q.a2, m2 = q.m2, ac = q.ac, mc = q.mc, ap = q.ap, mp = q.mp;
         alignas(16) T v[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {

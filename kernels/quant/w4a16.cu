@@ -9,8 +9,8 @@
 // shared load per lane gives its codes for 8 n-subtiles, which are dequantised in registers
 // (fk_dq4.cuh: LOP3 + HSUB2 + HMUL2 per two weights) and fed to 8 MMAs per 16 rows. The four warps'
 // accumulators are summed in shared memory in warp order (deterministic), then written as T (one
-// split) or as fp32 partials that fk_w4a16_reduce adds in split order: the result depends on the plan,
-// never on timing.
+// split) or as fp32 partials, which the last block of the tile to arrive adds in split order in the
+// same launch (fk_splitk.cuh): the result depends on the plan, never on timing.
 //
 // Rows of x past M and k past K are zero-filled in shared memory (never read from global), and padded
 // weights are exactly zero (their code is their group's zero point), so tails need no masks in the
@@ -19,6 +19,7 @@
 #include "fk_common.cuh"
 #include "fk_dq4.cuh"
 #include "fk_mma.cuh"
+#include "fk_splitk.cuh"
 #include "quant_params.h"
 
 // Dynamic shared memory (declared outside the anonymous namespace: the emulator provides the symbol).
@@ -242,14 +243,17 @@ __device__ void w4a16(const fk_w4a16_params &p) {
                 reinterpret_cast<T *>(p.y)[row * p.n + col] = fk_from_f32<T>(v);
         }
     }
-}
+    if (p.ws == nullptr) return;
 
-template <typename T>
-__device__ void w4a16_reduce(const fk_w4a16_reduce_params &p) {
-    for (uint64_t i = fk_global_thread(); i < (uint64_t)p.mn; i += fk_grid_threads()) {
-        float v = 0.0f;
-        for (int s = 0; s < p.splits; ++s) v += p.ws[(int64_t)s * p.mn + (int64_t)i];
-        reinterpret_cast<T *>(p.y)[i] = fk_from_f32<T>(v);
+    // Several splits: the tile's last block to arrive adds them in split order (fk_splitk.cuh).
+    if (!fk_splitk_arrive(p.counters + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z)) return;
+    for (int e = tid; e < PER_WARP; e += FK_W4A16_THREADS) {
+        const int l = e & 31, c = (e >> 5) & 3, j = (e >> 7) & 7, mt = e >> 10;
+        const int64_t row = m0 + mt * 16 + (l >> 2) + 8 * (c >> 1);
+        const int64_t col = nb * NB + 8 * j + 2 * (l & 3) + (c & 1);
+        if (row < p.m && col < p.n)
+            reinterpret_cast<T *>(p.y)[row * p.n + col] =
+                fk_from_f32<T>(fk_splitk_sum(p.ws, p.m * p.n, row * p.n + col, gridDim.z));
     }
 }
 
@@ -267,10 +271,3 @@ FK_W4A16_ENTRY(bf16, __nv_bfloat16, 4, 64)
 FK_W4A16_ENTRY(f16, __half, 1, 16)
 FK_W4A16_ENTRY(f16, __half, 2, 32)
 FK_W4A16_ENTRY(f16, __half, 4, 64)
-
-extern "C" __global__ void __launch_bounds__(256) fk_w4a16_reduce_bf16(const fk_w4a16_reduce_params p) {
-    w4a16_reduce<__nv_bfloat16>(p);
-}
-extern "C" __global__ void __launch_bounds__(256) fk_w4a16_reduce_f16(const fk_w4a16_reduce_params p) {
-    w4a16_reduce<__half>(p);
-}

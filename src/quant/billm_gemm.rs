@@ -43,8 +43,10 @@ const _: () = assert!(FK_BILLM_FORMAT_VERSION == BILLM_FORMAT_VERSION);
 /// let plan = BillmPlan::new::<half::bf16>(&gpu, &p, 1, None)?;
 /// // 4 row blocks x 8 column blocks: 8 splits of one column block each.
 /// assert_eq!((plan.splits(), plan.workspace_elements()), (8, 8 * 256));
+/// assert_eq!(plan.workspace_counters(), 4); // one per 64-row x 4-token output tile
+/// // One launch: the last block of each tile to finish adds its splits.
+/// assert_eq!(plan.launches().len(), 1);
 /// assert_eq!(plan.launches()[0].kernel, "fk_billm_bf16_t1");
-/// assert_eq!(plan.launches()[1].kernel, "fk_w4a16_reduce_bf16");
 /// let one = BillmPlan::new::<half::f16>(&gpu, &p, 40, Some(1))?;
 /// assert_eq!((one.launches().len(), one.launches()[0].kernel.as_str()), (1, "fk_billm_f16_t4"));
 /// # Ok::<(), fusekit::Error>(())
@@ -122,7 +124,8 @@ impl BillmPlan {
         self.m
     }
 
-    /// k-splits (blocks along y); with more than one, a reduce kernel adds the fp32 partials.
+    /// k-splits (blocks along y); with more than one, the last block of each output tile to finish adds
+    /// the fp32 partials in split order, in the same launch.
     pub fn splits(&self) -> usize {
         self.splits
     }
@@ -131,6 +134,16 @@ impl BillmPlan {
     pub fn workspace_elements(&self) -> usize {
         if self.splits > 1 {
             self.splits * self.m * self.n
+        } else {
+            0
+        }
+    }
+
+    /// Arrival counters the product needs: one per output tile (64 rows of the weight × `4·TG`
+    /// tokens) with several splits, else 0.
+    pub fn workspace_counters(&self) -> usize {
+        if self.splits > 1 {
+            self.n.div_ceil(FK_BILLM_ROWS as usize) * self.m.div_ceil(4 * self.tg)
         } else {
             0
         }
@@ -154,22 +167,15 @@ impl BillmPlan {
         (2 * self.tg * 8 * (BILLM_BLOCK + 8) * 2) as u32
     }
 
-    /// The kernels this plan launches, in order (none for `m = 0`).
+    /// The kernels this plan launches, in order: one (none for `m = 0`).
     pub fn launches(&self) -> Vec<PlannedLaunch> {
         if self.m == 0 {
             return Vec::new();
         }
-        let mut v = vec![PlannedLaunch::new(
+        vec![PlannedLaunch::new(
             format!("fk_billm_{}_t{}", self.elem, self.tg),
             self.config(),
-        )];
-        if self.splits > 1 {
-            v.push(PlannedLaunch::new(
-                format!("fk_w4a16_reduce_{}", self.elem),
-                splitk::reduce_config(self.m * self.n),
-            ));
-        }
-        v
+        )]
     }
 
     fn config(&self) -> LaunchConfig {
@@ -242,21 +248,35 @@ impl<B: Backend> BillmDeviceWeight<B> {
         self.k
     }
 
-    fn check_owned(&self, dev: &B) -> Result<()> {
+    /// The device addresses of the signs, second bits, salient masks and parameters (and their
+    /// guards), after checking that the buffers are `dev`'s and aligned as the kernels load them
+    /// (16 bytes; the masks 4).
+    fn ptrs<'a>(&'a self, dev: &'a B) -> Result<([u64; 4], [B::Guard<'a>; 4])> {
         owned(dev, "w", &self.signs)?;
         owned(dev, "w", &self.second)?;
         owned(dev, "w", &self.salient)?;
-        owned(dev, "w", &self.params)
+        owned(dev, "w", &self.params)?;
+        let (s, gs) = self.signs.addr(dev);
+        let (t, gt) = self.second.addr(dev);
+        let (m, gm) = self.salient.addr(dev);
+        let (p, gp) = self.params.addr(dev);
+        for (a, align) in [(s, 16), (t, 16), (m, 4), (p, 16)] {
+            check_aligned("w", a, align)?;
+        }
+        Ok(([s, t, m, p], [gs, gt, gm, gp]))
     }
 }
 
-/// fp32 scratch for the split-K partials of [`billm_matmul`] ([`SplitKWorkspace`], shared with W4A16).
+/// Scratch for the split-K partials of [`billm_matmul`] ([`SplitKWorkspace`], shared with W4A16).
 pub type BillmWorkspace<B> = SplitKWorkspace<B>;
 
 impl splitk::private::Sealed for BillmPlan {}
 impl SplitKPlan for BillmPlan {
     fn workspace_elements(&self) -> usize {
         BillmPlan::workspace_elements(self)
+    }
+    fn workspace_counters(&self) -> usize {
+        BillmPlan::workspace_counters(self)
     }
 }
 
@@ -319,7 +339,7 @@ where
         x,
         y,
         ws,
-        plan.workspace_elements(),
+        plan,
     )?;
     if (w.n, w.k) != (plan.n, plan.k) {
         return Err(Error::shape(
@@ -328,24 +348,17 @@ where
             format!("{} x {}", w.n, w.k),
         ));
     }
-    w.check_owned(dev)?;
+    let ([sp, tp, mp, pp], _w) = w.ptrs(dev)?;
     let launches = plan.launches();
     if launches.is_empty() {
         return Ok(());
     }
     let (xp, _a) = x.addr(dev);
     let (yp, _b) = y.addr_mut(dev);
-    let (sp, _c) = w.signs.addr(dev);
-    let (tp, _d) = w.second.addr(dev);
-    let (mp, _e) = w.salient.addr(dev);
-    let (pp, _f) = w.params.addr(dev);
     let (wp, _g) = ws.buf.addr_mut(dev);
+    let (kp, _h) = ws.counters.addr_mut(dev);
     check_aligned("x", xp, 2)?;
     check_aligned("y", yp, 2)?;
-    for (name, a) in [("w", sp), ("w", tp), ("w", pp)] {
-        check_aligned(name, a, 16)?;
-    }
-    check_aligned("w", mp, 4)?;
     let split = plan.splits > 1;
     let p = fk_billm_params {
         x: xp as *const c_void,
@@ -359,6 +372,11 @@ where
         } else {
             std::ptr::null_mut()
         },
+        counters: if split {
+            kp as *mut u32
+        } else {
+            std::ptr::null_mut()
+        },
         m: plan.m as i64,
         lda: plan.k as i64,
         n: plan.n as i32,
@@ -367,8 +385,9 @@ where
         blocks_per_split: plan.blocks_per_split as i32,
     };
     // The kernel reads x's m·k elements and the weight's buffers (their lengths checked against the
-    // header by BillmDeviceWeight::upload, the header equal to the plan's), and writes y's m·n elements
-    // or ws's splits·m·n.
+    // header by BillmDeviceWeight::upload, the header equal to the plan's), and writes y's m·n elements,
+    // with several splits also ws's splits·m·n and its counters (one per tile; both checked against
+    // the plan).
     launch_kernel(
         dev,
         Family::Quant,
@@ -376,11 +395,7 @@ where
         plan.config(),
         &p,
         None,
-    )?;
-    if split {
-        splitk::launch_reduce(dev, plan.elem, wp, yp, plan.m * plan.n, plan.splits)?;
-    }
-    Ok(())
+    )
 }
 
 /// The dense `[n][k]` weight a BiLLM layer stands for, in `T` (bf16 or f16): each value is
@@ -422,15 +437,10 @@ where
         });
     }
     owned(dev, "dense", dense)?;
-    w.check_owned(dev)?;
+    let ([sp, tp, mp, pp], _w) = w.ptrs(dev)?;
     exactly("dense", dense.len(), w.n * w.k, "n * k")?;
     let (dp, _a) = dense.addr_mut(dev);
-    let (sp, _b) = w.signs.addr(dev);
-    let (tp, _c) = w.second.addr(dev);
-    let (mp, _d) = w.salient.addr(dev);
-    let (pp, _e) = w.params.addr(dev);
     check_aligned("dense", dp, 2)?;
-    check_aligned("w", pp, 16)?;
     let blocks = w.k.div_ceil(BILLM_BLOCK);
     let p = fk_billm_unpack_params {
         signs: sp as *const u32,

@@ -155,7 +155,7 @@ fn billm_product<B: Backend>(dev: &B, rng: &mut Rng) -> Result<CheckRow> {
         .filter(|(g, w)| g.to_bits() != f16::from_f32(*w).to_bits())
         .count();
     Ok(CheckRow {
-        kernel: "fk_billm_bf16_t2 + fk_w4a16_reduce_bf16; fk_billm_unpack_f16".into(),
+        kernel: "fk_billm_bf16_t2 (split-K); fk_billm_unpack_f16".into(),
         mode: if dev.kind() == "gpu" { "gpu" } else { "emu" },
         max_err: if differ == 0 { err } else { f64::NAN },
         pass: err < 8e-3 && differ == 0,
@@ -278,7 +278,7 @@ fn product<B: Backend, T: W4Element>(dev: &B, rng: &mut Rng) -> Result<CheckRow>
         1e-3
     };
     Ok(CheckRow {
-        kernel: format!("fk_w4a16_{}_m32 + fk_w4a16_reduce_{}", T::SUFFIX, T::SUFFIX),
+        kernel: format!("fk_w4a16_{}_m32 (split-K)", T::SUFFIX),
         mode: if dev.kind() == "gpu" { "gpu" } else { "emu" },
         max_err: err,
         pass: err < tol,

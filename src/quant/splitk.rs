@@ -1,15 +1,10 @@
 //! Split-K shared by the quantised GEMMs ([`w4a16`](super::w4a16), [`billm_matmul`](super::billm_matmul)):
-//! how many k-splits a plan takes, the fp32 workspace of their partial sums, and the reduce kernel
-//! (`fk_w4a16_reduce_*`) that adds them in split order, so a plan gives the same bits on every run.
+//! how many k-splits a plan takes, and the workspace of their fp32 partial sums and per-tile arrival
+//! counters. The splits are added inside the same launch, by the last block of each output tile to
+//! arrive, in split order (`kernels/include/fk_splitk.cuh`), so a product is one launch and a plan
+//! gives the same bits on every run.
 
-use std::ffi::c_void;
-
-use cudarc::driver::LaunchConfig;
-
-use crate::device::Family;
 use crate::error::{Error, Result};
-use crate::launch::{grid, launch_kernel};
-use crate::params::fk_w4a16_reduce_params;
 use crate::validate::{at_least, exactly, owned};
 use crate::{Backend, DeviceProps, DeviceRead, DeviceWrite};
 
@@ -35,18 +30,24 @@ pub(crate) fn choose(
 pub trait SplitKPlan: private::Sealed {
     /// fp32 elements of workspace the product needs (0 with one split).
     fn workspace_elements(&self) -> usize;
+    /// Arrival counters the product needs: one per output tile with several splits, else 0.
+    fn workspace_counters(&self) -> usize;
 }
 
 pub(crate) mod private {
     pub trait Sealed {}
 }
 
-/// fp32 scratch for the split-K partials of [`w4a16`](super::w4a16) and
-/// [`billm_matmul`](super::billm_matmul), sized for a plan; a plan needing more is an `Err(Shape)` at
-/// launch.
+/// Scratch for the split-K products of [`w4a16`](super::w4a16) and
+/// [`billm_matmul`](super::billm_matmul), sized for a plan (a plan needing more is an `Err(Shape)` at
+/// launch): the fp32 partial sums, and one arrival counter per output tile with which the last block of
+/// a tile to finish knows to add the splits. The counters start at 0 and every launch leaves them at 0,
+/// so one workspace serves any number of products and plans, one launch at a time: two launches in
+/// flight at once (on two streams) need two workspaces.
 #[derive(Debug)]
 pub struct SplitKWorkspace<B: Backend> {
     pub(crate) buf: B::Buffer<f32>,
+    pub(crate) counters: B::Buffer<u32>,
 }
 
 impl<B: Backend> SplitKWorkspace<B> {
@@ -65,45 +66,14 @@ impl<B: Backend> SplitKWorkspace<B> {
     pub fn new<P: SplitKPlan>(dev: &B, plan: &P) -> Result<Self> {
         Ok(SplitKWorkspace {
             buf: dev.alloc_zeros(plan.workspace_elements().max(1))?,
+            counters: dev.alloc_zeros(plan.workspace_counters().max(1))?,
         })
     }
 }
 
-/// The reduce kernel's launch shape for `mn` outputs.
-pub(crate) fn reduce_config(mn: usize) -> LaunchConfig {
-    grid(mn.div_ceil(256).min(65535 * 8), 256)
-}
-
-/// `y[i] = Σ_s ws[s][i]` in split order, rounded to the element type `elem` ("bf16", "f16"), for the
-/// `mn` outputs at device address `y` from the `splits` partials at `ws`.
-pub(crate) fn launch_reduce<B: Backend>(
-    dev: &B,
-    elem: &str,
-    ws: u64,
-    y: u64,
-    mn: usize,
-    splits: usize,
-) -> Result<()> {
-    let r = fk_w4a16_reduce_params {
-        ws: ws as *const f32,
-        y: y as *mut c_void,
-        mn: mn as i64,
-        splits: splits as i32,
-    };
-    // Reads splits·mn partials, writes mn outputs (the callers checked both lengths against the plan).
-    launch_kernel(
-        dev,
-        Family::Quant,
-        &format!("fk_w4a16_reduce_{elem}"),
-        reduce_config(mn),
-        &r,
-        None,
-    )
-}
-
 /// The checks every quantised GEMM makes before launching (`Err`, nothing written): the activation
 /// type the call names (`given`, its kernel suffix) is the plan's (`elem`), `x` holds `m·k` and `y`
-/// `m·n` elements, the workspace at least `need`, all three on `dev`.
+/// `m·n` elements, the workspace at least `plan`'s partials and counters, all on `dev`.
 pub(crate) fn check_io<B, T, X, Y>(
     dev: &B,
     (elem, given): (&str, &str),
@@ -111,7 +81,7 @@ pub(crate) fn check_io<B, T, X, Y>(
     x: &X,
     y: &Y,
     ws: &SplitKWorkspace<B>,
-    need: usize,
+    plan: &dyn SplitKPlan,
 ) -> Result<()>
 where
     B: Backend,
@@ -128,7 +98,19 @@ where
     owned(dev, "x", x)?;
     owned(dev, "y", y)?;
     owned(dev, "ws", &ws.buf)?;
+    owned(dev, "ws", &ws.counters)?;
     exactly("x", x.len(), m * k, "m * k")?;
     exactly("y", y.len(), m * n, "m * n")?;
-    at_least("ws", ws.buf.len(), need, "plan.workspace_elements()")
+    at_least(
+        "ws",
+        ws.buf.len(),
+        plan.workspace_elements(),
+        "plan.workspace_elements()",
+    )?;
+    at_least(
+        "ws",
+        ws.counters.len(),
+        plan.workspace_counters(),
+        "plan.workspace_counters()",
+    )
 }

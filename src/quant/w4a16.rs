@@ -48,8 +48,10 @@ impl W4Element for half::f16 {
 /// let plan = W4A16Plan::new::<half::bf16>(&gpu, &p, 1, None)?;
 /// // 4 column blocks x 8 slabs: 8 splits of one slab each fill 32 of 132 SMs' worth.
 /// assert_eq!((plan.splits(), plan.workspace_elements()), (8, 8 * 256));
+/// assert_eq!(plan.workspace_counters(), 4); // one per 16 x 64 output tile
+/// // One launch: the last block of each tile to finish adds its splits.
+/// assert_eq!(plan.launches().len(), 1);
 /// assert_eq!(plan.launches()[0].kernel, "fk_w4a16_bf16_m16");
-/// assert_eq!(plan.launches()[1].kernel, "fk_w4a16_reduce_bf16");
 /// let one = W4A16Plan::new::<half::bf16>(&gpu, &p, 100, Some(1))?;
 /// assert_eq!((one.launches().len(), one.launches()[0].kernel.as_str()), (1, "fk_w4a16_bf16_m64"));
 /// assert!(W4A16Plan::new::<half::f16>(&gpu, &p, 1, None).is_err()); // bf16 scales
@@ -152,7 +154,8 @@ impl W4A16Plan {
         self.m
     }
 
-    /// k-splits (blocks along z); with more than one, a reduce kernel adds the fp32 partials.
+    /// k-splits (blocks along z); with more than one, the last block of each output tile to finish adds
+    /// the fp32 partials in split order, in the same launch.
     pub fn splits(&self) -> usize {
         self.splits
     }
@@ -161,6 +164,16 @@ impl W4A16Plan {
     pub fn workspace_elements(&self) -> usize {
         if self.splits > 1 {
             self.splits * self.m * self.n
+        } else {
+            0
+        }
+    }
+
+    /// Arrival counters the product needs: one per output tile (`16·MT` rows × 64 columns) with several
+    /// splits, else 0.
+    pub fn workspace_counters(&self) -> usize {
+        if self.splits > 1 {
+            (self.n_pad / W4_N_PAD) * self.m.div_ceil(16 * self.mt)
         } else {
             0
         }
@@ -180,22 +193,15 @@ impl W4A16Plan {
         FK_W4A16_STAGES * (4096 + 768 + 16 * self.mt as u32 * 128 * 2)
     }
 
-    /// The kernels this plan launches, in order (none for `m = 0`).
+    /// The kernels this plan launches, in order: one (none for `m = 0`).
     pub fn launches(&self) -> Vec<PlannedLaunch> {
         if self.m == 0 {
             return Vec::new();
         }
-        let mut v = vec![PlannedLaunch::new(
+        vec![PlannedLaunch::new(
             format!("fk_w4a16_{}_m{}", self.elem, 16 * self.mt),
             self.config(),
-        )];
-        if self.splits > 1 {
-            v.push(PlannedLaunch::new(
-                format!("fk_w4a16_reduce_{}", self.elem),
-                splitk::reduce_config(self.m * self.n),
-            ));
-        }
-        v
+        )]
     }
 
     fn config(&self) -> LaunchConfig {
@@ -257,13 +263,16 @@ impl<B: Backend> W4A16Weight<B> {
     }
 }
 
-/// fp32 scratch for the split-K partials of [`w4a16`] ([`SplitKWorkspace`], shared with BiLLM).
+/// Scratch for the split-K partials of [`w4a16`] ([`SplitKWorkspace`], shared with BiLLM).
 pub type W4A16Workspace<B> = SplitKWorkspace<B>;
 
 impl splitk::private::Sealed for W4A16Plan {}
 impl SplitKPlan for W4A16Plan {
     fn workspace_elements(&self) -> usize {
         W4A16Plan::workspace_elements(self)
+    }
+    fn workspace_counters(&self) -> usize {
+        W4A16Plan::workspace_counters(self)
     }
 }
 
@@ -316,7 +325,7 @@ where
         x,
         y,
         ws,
-        plan.workspace_elements(),
+        plan,
     )?;
     if (w.n, w.k, w.scheme) != (plan.n, plan.k, plan.scheme) {
         return Err(Error::shape(
@@ -343,6 +352,7 @@ where
     let (sp, _d) = w.scales.addr(dev);
     let zp = w.zeros.as_ref().map(|z| z.addr(dev));
     let (wp, _e) = ws.buf.addr_mut(dev);
+    let (kp, _f) = ws.counters.addr_mut(dev);
     check_aligned("y", yp, 2)?;
     check_aligned("x", xp, 2)?;
     let a_vec = plan.k % 8 == 0 && xp % 16 == 0;
@@ -358,6 +368,11 @@ where
         } else {
             std::ptr::null_mut()
         },
+        counters: if split {
+            kp as *mut u32
+        } else {
+            std::ptr::null_mut()
+        },
         m: plan.m as i64,
         lda: plan.k as i64,
         n: plan.n as i32,
@@ -369,8 +384,9 @@ where
         a_vec: a_vec as i32,
     };
     // The kernel reads x's m·k elements and the weight buffers (their lengths checked against the
-    // header by W4A16Weight::upload, the header equal to the plan's), and writes y's m·n elements or
-    // ws's splits·m·n.
+    // header by W4A16Weight::upload, the header equal to the plan's), and writes y's m·n elements,
+    // with several splits also ws's splits·m·n and its counters (one per tile; both checked against
+    // the plan).
     launch_kernel(
         dev,
         Family::Quant,
@@ -378,11 +394,7 @@ where
         plan.config(),
         &p,
         None,
-    )?;
-    if split {
-        splitk::launch_reduce(dev, plan.elem, wp, yp, plan.m * plan.n, plan.splits)?;
-    }
-    Ok(())
+    )
 }
 
 /// The W4A16 reference: `x · Ŵᵀ` in f64 with `Ŵ` = [`PackedW4::dequantize_rounded`] (the weights the
