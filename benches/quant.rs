@@ -10,6 +10,11 @@
 //! the measured copy bandwidth; its peer (`benches/peers/quant.py`) is the same in PyTorch (a bf16
 //! matmul with the explicit matrix, then the quantisation in tensor ops).
 //!
+//! W4A4 (`w4a4`: int4 tokens with a per-token scale and zero point, int4 weights per channel) at the W4A16
+//! shapes and M, beside cuBLAS bf16 and W4A16 g128 in the same run; the floor is max(packed weight and
+//! int4 activation bytes ÷ the copy bandwidth, 2·M·N·K ÷ twice the measured bf16 peak: int8 and int4
+//! `mma.sync` run at twice bf16's rate on A100/H100, Hopper's int8 path included).
+//!
 //! BiLLM's 1-bit matmul (`billm_matmul`) at M ∈ {1, 8, 16, 64} at the W4A16 shapes, beside cuBLAS bf16 and
 //! W4A16 g128 in the same run, and its unpack to dense bf16 (`billm_unpack`).
 
@@ -20,8 +25,8 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use fusekit::quant::{
     billm_matmul, billm_unpack, hadamard_quantize, w4a16, BillmDeviceWeight, BillmPlan,
     BillmWeight, BillmWorkspace, Binary, HadamardOutput, HadamardPlan, PackedBillm, PackedW4,
-    QuantizedActivations, QuantizedWeight, W4A16Plan, W4A16Weight, W4A16Workspace, WeightQuant,
-    BILLM_BLOCK,
+    QuantizedActivations, QuantizedTokens, QuantizedWeight, W4A16Plan, W4A16Weight, W4A16Workspace,
+    WeightQuant, BILLM_BLOCK,
 };
 use fusekit::timing::time_launches_sync;
 use fusekit::Gpu;
@@ -75,6 +80,29 @@ fn cublas_us(gpu: &Gpu, blas: &CudaBlas, m: usize, n: usize, k: usize) -> f64 {
     t.median_ms * 1e3
 }
 
+/// The copy bandwidth measured now (GB/s) and a cuBLAS handle on the GPU's stream.
+fn copy_and_blas(gpu: &Gpu) -> (f64, CudaBlas) {
+    let copy = fusekit::probe::measure_copy_bandwidth_sync(gpu, 1 << 30, 20)
+        .unwrap()
+        .gbps();
+    (copy, CudaBlas::new(gpu.stream().clone()).unwrap())
+}
+
+/// The bf16 tensor peak measured now through cuBLAS at 8192³, TFLOP/s.
+fn bf16_peak_tflops(gpu: &Gpu, blas: &CudaBlas) -> f64 {
+    let n = 8192usize;
+    2.0 * (n as f64).powi(3) / (cublas_us(gpu, blas, n, n, n) * 1e-6) / 1e12
+}
+
+/// The benchmark's weight shapes `(n, k)`: 4096² only with `FUSEKIT_QUICK=1`.
+fn gemm_shapes() -> &'static [(usize, usize)] {
+    if quick() {
+        &[(4096, 4096)]
+    } else {
+        &[(4096, 4096), (8192, 8192), (8192, 28672)]
+    }
+}
+
 /// Times `run` (3 warm-up, 20 timed launches) and, when `register`, also hands it to criterion as
 /// `name`; returns the timing.
 fn timed(
@@ -101,20 +129,10 @@ fn w4a16_bench(c: &mut Criterion) {
     let Some(gpu) = common::gpu_or_skip("bench quant/w4a16") else {
         return;
     };
-    let copy = fusekit::probe::measure_copy_bandwidth_sync(&gpu, 1 << 30, 20)
-        .unwrap()
-        .gbps();
-    let blas = CudaBlas::new(gpu.stream().clone()).unwrap();
-    let peak_tflops = {
-        let n = 8192usize;
-        2.0 * (n as f64).powi(3) / (cublas_us(&gpu, &blas, n, n, n) * 1e-6) / 1e12
-    };
+    let (copy, blas) = copy_and_blas(&gpu);
+    let peak_tflops = bf16_peak_tflops(&gpu, &blas);
     println!("copy bandwidth {copy:.0} GB/s, cuBLAS bf16 peak {peak_tflops:.0} TFLOP/s (8192³)");
-    let shapes: &[(usize, usize)] = if quick() {
-        &[(4096, 4096)]
-    } else {
-        &[(4096, 4096), (8192, 8192), (8192, 28672)]
-    };
+    let shapes = gemm_shapes();
     let mut g = c.benchmark_group("quant");
     g.sample_size(10)
         .measurement_time(std::time::Duration::from_secs(1));
@@ -214,6 +232,98 @@ fn hadamard_bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// A random int4 weight per output channel, symmetric, packed for W4A4.
+fn random_w4a4(n: usize, k: usize, seed: u64) -> fusekit::quant::PackedW4A4 {
+    let mut rng = fusekit::testing::Rng::new(seed);
+    let q = QuantizedWeight {
+        n,
+        k,
+        scheme: WeightQuant::int4(None, true),
+        codes: (0..n * k).map(|_| rng.below(16) as u8).collect(),
+        scales: (0..n)
+            .map(|_| bf16::from_f64(0.001 + 0.01 * rng.uniform(0.0, 1.0)).to_f32())
+            .collect(),
+        zeros: vec![8; n],
+    };
+    fusekit::quant::PackedW4A4::pack(&q).expect("valid weight")
+}
+
+fn w4a4_bench(c: &mut Criterion) {
+    use fusekit::quant::{w4a4, SplitKWorkspace, W4A4Plan, W4A4Weight};
+    let Some(gpu) = common::gpu_or_skip("bench quant/w4a4") else {
+        return;
+    };
+    let (copy, blas) = copy_and_blas(&gpu);
+    let peak_tflops = bf16_peak_tflops(&gpu, &blas);
+    let shapes = gemm_shapes();
+    let mut g = c.benchmark_group("quant");
+    g.sample_size(10)
+        .measurement_time(std::time::Duration::from_secs(1));
+    for &(n, k) in shapes {
+        let p = random_w4a4(n, k, (n * 37 + k) as u64);
+        let w = W4A4Weight::upload(&gpu, &p).unwrap();
+        let p16 = random_weight(n, k, (n * 31 + k) as u64);
+        let w16 = W4A16Weight::upload(&gpu, &p16).unwrap();
+        for m in [1usize, 8, 16, 64, 256, 4096] {
+            let plan = W4A4Plan::new::<bf16>(gpu.props(), &p, m, None).unwrap();
+            let mut ws = SplitKWorkspace::new(&gpu, &plan).unwrap();
+            let mut rng = fusekit::testing::Rng::new(m as u64);
+            let tokens = QuantizedTokens {
+                k,
+                bits: 4,
+                codes: (0..m * k).map(|_| rng.below(16) as u8).collect(),
+                scales: vec![0.01; m],
+                zeros: (0..m).map(|_| rng.below(16) as u8).collect(),
+            };
+            let x = QuantizedActivations::upload(&gpu, &tokens).unwrap();
+            let mut y = gpu.stream().alloc_zeros::<bf16>(m * n).unwrap();
+            let name = format!("quant/w4a4/{n}x{k}/m{m}");
+            let t = timed(&mut g, &gpu, &name, m == 1 && n == 4096, || {
+                w4a4(&gpu, &plan, &x, &w, &mut ws, &mut y).unwrap();
+            });
+            let us = t.median_ms * 1e3;
+            let bytes = p.bytes() as f64 + (m * k) as f64 / 2.0 + 2.0 * (m * n) as f64;
+            let flops = 2.0 * (m * n * k) as f64;
+            let floor_us = (bytes / (copy * 1e9)).max(flops / (2.0 * peak_tflops * 1e12)) * 1e6;
+            let cublas = cublas_us(&gpu, &blas, m, n, k);
+            let plan16 = W4A16Plan::new::<bf16>(gpu.props(), &p16, m, None).unwrap();
+            let mut ws16 = W4A16Workspace::new(&gpu, &plan16).unwrap();
+            let x16 = gpu.stream().alloc_zeros::<bf16>(m * k).unwrap();
+            let w4a16_us = timed(&mut g, &gpu, "", false, || {
+                w4a16(&gpu, &plan16, &x16, &w16, &mut ws16, &mut y).unwrap();
+            })
+            .median_ms
+                * 1e3;
+            println!(
+                "{name} ({:?}): {us:.1} us, {:.0}% of the floor ({floor_us:.1} us), cuBLAS bf16 {cublas:.1} us \
+                 ({:.2}x), W4A16 g128 {w4a16_us:.1} us ({:.2}x)",
+                plan.path(),
+                100.0 * floor_us / us,
+                cublas / us,
+                w4a16_us / us
+            );
+            common::emit(
+                &name,
+                &[
+                    ("m", m as f64),
+                    ("n", n as f64),
+                    ("k", k as f64),
+                    ("splits", plan.splits() as f64),
+                    ("median_us", us),
+                    ("min_us", t.min_ms * 1e3),
+                    ("floor_us", floor_us),
+                    ("pct_of_floor", 100.0 * floor_us / us),
+                    ("cublas_bf16_us", cublas),
+                    ("speedup_vs_cublas", cublas / us),
+                    ("w4a16_us", w4a16_us),
+                ],
+                &[("device", &gpu.props().name)],
+            );
+        }
+    }
+    g.finish();
+}
+
 /// A random BiLLM weight (random bits, up to 49 salient columns per block, f16 parameters), packed.
 fn random_billm(n: usize, k: usize, seed: u64) -> PackedBillm {
     let mut rng = fusekit::testing::Rng::new(seed);
@@ -263,15 +373,8 @@ fn billm_bench(c: &mut Criterion) {
     let Some(gpu) = common::gpu_or_skip("bench quant/billm") else {
         return;
     };
-    let copy = fusekit::probe::measure_copy_bandwidth_sync(&gpu, 1 << 30, 20)
-        .unwrap()
-        .gbps();
-    let blas = CudaBlas::new(gpu.stream().clone()).unwrap();
-    let shapes: &[(usize, usize)] = if quick() {
-        &[(4096, 4096)]
-    } else {
-        &[(4096, 4096), (8192, 8192), (8192, 28672)]
-    };
+    let (copy, blas) = copy_and_blas(&gpu);
+    let shapes = gemm_shapes();
     let mut g = c.benchmark_group("quant");
     g.sample_size(10)
         .measurement_time(std::time::Duration::from_secs(1));
@@ -353,5 +456,11 @@ fn billm_bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, w4a16_bench, hadamard_bench, billm_bench);
+criterion_group!(
+    benches,
+    w4a16_bench,
+    w4a4_bench,
+    hadamard_bench,
+    billm_bench
+);
 criterion_main!(benches);

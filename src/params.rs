@@ -36,6 +36,7 @@ unsafe impl DeviceRepr for fk_w4a16_params {}
 unsafe impl DeviceRepr for fk_hadq_params {}
 unsafe impl DeviceRepr for fk_billm_params {}
 unsafe impl DeviceRepr for fk_billm_unpack_params {}
+unsafe impl DeviceRepr for fk_w4a4_params {}
 unsafe impl DeviceRepr for fk_selftest_mma_params {}
 unsafe impl DeviceRepr for fk_selftest_ldmatrix_params {}
 unsafe impl DeviceRepr for fk_selftest_warp_params {}

@@ -11,11 +11,11 @@
 
 use fusekit::quant::{
     billm_matmul, billm_unpack, hadamard_quantize, hadamard_rotate, quantize_billm, quantize_rtn,
-    quantize_tokens, reference_billm, reference_w4a16, w4a16, BillmConfig, BillmDense,
-    BillmDeviceWeight, BillmPlan, BillmWeight, BillmWorkspace, Binary, HadamardOutput,
-    HadamardPlan, Hessian, PackedBillm, PackedW4, QuantizedActivations, QuantizedTokens,
-    ScaleFormat, SplitKWorkspace, W4A16Plan, W4A16Weight, W4A16Workspace, W4Element, WeightQuant,
-    BILLM_BLOCK,
+    quantize_tokens, reference_billm, reference_w4a16, reference_w4a4, w4a16, w4a4, BillmConfig,
+    BillmDense, BillmDeviceWeight, BillmPlan, BillmWeight, BillmWorkspace, Binary, HadamardOutput,
+    HadamardPlan, Hessian, PackedBillm, PackedW4, PackedW4A4, QuantizedActivations,
+    QuantizedTokens, ScaleFormat, SplitKWorkspace, W4A16Plan, W4A16Weight, W4A16Workspace,
+    W4A4Plan, W4A4Weight, W4Element, WeightQuant, BILLM_BLOCK, W4A4_MAX_K,
 };
 use fusekit::testing::{
     compare, compare_with_floor, emu_large, poisoned, seed_for, Dist, Element, Rng, Tolerance,
@@ -1384,5 +1384,315 @@ fn billm_bad_input_is_a_typed_error() {
         let empty = dev.alloc_zeros::<bf16>(0).unwrap();
         let mut y0 = dev.alloc_zeros::<bf16>(0).unwrap();
         billm_matmul(dev, &plan0, &empty, &wd, &mut ws, &mut y0).unwrap();
+    });
+}
+
+// ---- W4A4 ----
+
+/// A per-channel symmetric int4 weight for the W4A4 kernel, scales in `fmt`.
+fn w4a4_weight(rng: &mut Rng, n: usize, k: usize, fmt: ScaleFormat) -> PackedW4A4 {
+    let s = WeightQuant {
+        mse_clip: false,
+        scale_format: fmt,
+        ..WeightQuant::int4(None, true)
+    };
+    PackedW4A4::pack(&quantize_rtn(&weights(rng, n, k), n, k, &s).unwrap()).unwrap()
+}
+
+/// `m` heavy-tailed tokens quantised to int4 on the host.
+fn int4_tokens(rng: &mut Rng, m: usize, k: usize, symmetric: bool) -> QuantizedTokens {
+    let x: Vec<f32> = activations::<bf16>(rng, m, k)
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    quantize_tokens(&x, k, 4, symmetric).unwrap()
+}
+
+/// `props` with another compute capability (the plan picks the W4A4 path from it; the emulator runs both).
+fn with_cc(props: &DeviceProps, cc: (u32, u32)) -> DeviceProps {
+    let mut p = props.clone();
+    p.compute_capability = cc;
+    p
+}
+
+fn run_w4a4<B: Backend, T: W4Element>(
+    dev: &B,
+    props: &DeviceProps,
+    p: &PackedW4A4,
+    t: &QuantizedTokens,
+    split: Option<usize>,
+) -> Result<(Vec<T>, W4A4Plan), Error> {
+    let m = t.scales.len();
+    let plan = W4A4Plan::new::<T>(props, p, m, split)?;
+    let xq = QuantizedActivations::upload(dev, t)?;
+    let w = W4A4Weight::upload(dev, p)?;
+    let mut ws = SplitKWorkspace::new(dev, &plan)?;
+    let mut y = poisoned::<B, T>(dev, m * p.n())?;
+    w4a4(dev, &plan, &xq, &w, &mut ws, &mut y)?;
+    Ok((dev.download(&y)?, plan))
+}
+
+/// The integer sums are exact: the kernel's only errors are two f32 roundings (2^-23 relative) and the
+/// rounding to T, so the slack beyond T's half-ulp is |reference| · 2^-22.
+fn check_w4a4<T: W4Element>(
+    what: &str,
+    y: &[T],
+    t: &QuantizedTokens,
+    p: &PackedW4A4,
+) -> Result<(), String> {
+    let want = reference_w4a4(t, p).map_err(|e| e.to_string())?;
+    let bound: Vec<f64> = want.iter().map(|w| w.abs() * 2f64.powi(-22)).collect();
+    check_output(what, y, &want, p.n(), &bound)
+}
+
+#[test]
+fn w4a4_matches_the_reference() {
+    fusekit::on_every_backend!("w4a4_matches_the_reference", |dev| {
+        w4a4_matches_the_reference_on::<_, bf16>(dev);
+        w4a4_matches_the_reference_on::<_, f16>(dev);
+    });
+}
+
+fn w4a4_matches_the_reference_on<B: Backend, T: W4Element>(dev: &B) {
+    let mut rng = Rng::new(seed_for(&format!("w4a4_matches_the_reference_{}", T::NAME)));
+    // (m, n, k): one token, tails of N (1, 70, 130, 200), K not a multiple of the 128-deep chunk
+    // (8, 200, 1000), both tile heights (16, 64) and several token tiles.
+    for (i, &(m, n, k)) in [
+        (1, 64, 128),
+        (3, 70, 200),
+        (17, 1, 8),
+        (33, 130, 1000),
+        (70, 200, 384),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = w4a4_weight(&mut rng, n, k, T::SCALES);
+        let t = int4_tokens(&mut rng, m, k, i % 2 == 0);
+        let mut first: Option<Vec<T>> = None;
+        for cc in [(8, 0), (8, 9), (9, 0)] {
+            for split in [None, Some(1), Some(2), Some(5)] {
+                let props = with_cc(dev.props(), cc);
+                let (y, plan) = run_w4a4::<B, T>(dev, &props, &p, &t, split).unwrap();
+                let what = format!(
+                    "{} m={m} n={n} k={k} {:?} {} splits",
+                    T::NAME,
+                    plan.path(),
+                    plan.splits()
+                );
+                check_w4a4(&what, &y, &t, &p).unwrap_or_else(|e| panic!("{e}"));
+                // Exact integer sums: every path and split gives the same bits.
+                match &first {
+                    None => first = Some(y),
+                    Some(f) => assert!(
+                        f.iter()
+                            .zip(&y)
+                            .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits()),
+                        "{what}: differs from the first path and split"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// The pipeline W4A4 exists for: activations with a massive channel rotated and quantised to int4 by the
+/// online Hadamard kernel, times a weight rotated the same way (W·H) and quantised per channel; the
+/// kernel's output is the exact product of what it was given, and close to the float product.
+#[test]
+fn w4a4_after_the_online_hadamard() {
+    fusekit::on_every_backend!("w4a4_after_the_online_hadamard", |dev| {
+        let mut rng = Rng::new(seed_for("w4a4_after_the_online_hadamard"));
+        let (m, n, k) = (5, 96, 576); // SmolLM2's hidden size, 36 · 16
+        let mut x: Vec<f32> = activations::<bf16>(&mut rng, m, k)
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        for r in 0..m {
+            x[r * k + 17] = 400.0 * if r % 2 == 0 { 1.0 } else { -1.0 }; // a massive activation
+        }
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let w = weights(&mut rng, n, k);
+        let mut wr: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+        fusekit::quant::hadamard::rotate_rows(&mut wr, k).unwrap();
+        let wr: Vec<f32> = wr.iter().map(|&v| v as f32).collect();
+        let s = WeightQuant {
+            mse_clip: true,
+            ..WeightQuant::int4(None, true)
+        };
+        let p = PackedW4A4::pack(&quantize_rtn(&wr, n, k, &s).unwrap()).unwrap();
+
+        let hplan =
+            HadamardPlan::new::<bf16>(dev.props(), m, k, HadamardOutput::Int4 { symmetric: false })
+                .unwrap();
+        let mut xq = QuantizedActivations::new(dev, &hplan).unwrap();
+        let xd = dev.upload(&xb).unwrap();
+        hadamard_quantize(dev, &hplan, &xd, &mut xq).unwrap();
+        let plan = W4A4Plan::new::<bf16>(dev.props(), &p, m, None).unwrap();
+        let wd = W4A4Weight::upload(dev, &p).unwrap();
+        let mut ws = SplitKWorkspace::new(dev, &plan).unwrap();
+        let mut y = poisoned::<_, bf16>(dev, m * n).unwrap();
+        w4a4(dev, &plan, &xq, &wd, &mut ws, &mut y).unwrap();
+        let y = dev.download(&y).unwrap();
+        let t = xq.download(dev).unwrap();
+        check_w4a4("after the Hadamard", &y, &t, &p).unwrap_or_else(|e| panic!("{e}"));
+        // Against the float product x·Wᵀ (= (x·H)·(W·H)ᵀ): W4A4's quantisation error, not a wrong answer.
+        let exact: Vec<f64> = (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..k)
+                    .map(|j| xb[r * k + j].to_f64() * w[c * k + j] as f64)
+                    .sum()
+            })
+            .collect();
+        let num: f64 = y
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a.to_f64() - b).powi(2))
+            .sum();
+        let den: f64 = exact.iter().map(|b| b * b).sum();
+        let rel = (num / den).sqrt();
+        println!("W4A4 after the Hadamard: relative error against the float product {rel:.4}");
+        assert!(rel < 0.25, "relative error {rel}");
+    });
+}
+
+#[test]
+fn w4a4_non_finite_tokens_give_nan_rows() {
+    fusekit::on_every_backend!("w4a4_non_finite_tokens_give_nan_rows", |dev| {
+        let mut rng = Rng::new(seed_for("w4a4_non_finite_tokens_give_nan_rows"));
+        let (m, n, k) = (4, 72, 256);
+        let p = w4a4_weight(&mut rng, n, k, ScaleFormat::Bf16);
+        let mut t = int4_tokens(&mut rng, m, k, false);
+        // The Hadamard kernel marks a token that held NaN or infinity with a NaN scale and codes 0.
+        t.scales[2] = f32::NAN;
+        t.codes[2 * k..3 * k].iter_mut().for_each(|c| *c = 0);
+        for split in [Some(1), Some(2)] {
+            let (y, _) = run_w4a4::<_, bf16>(dev, dev.props(), &p, &t, split).unwrap();
+            for r in 0..m {
+                let row = &y[r * n..(r + 1) * n];
+                if r == 2 {
+                    assert!(row.iter().all(|v| v.is_nan()), "token 2 must be NaN");
+                } else {
+                    assert!(
+                        row.iter().all(|v| v.is_finite()),
+                        "token {r} must be finite"
+                    );
+                }
+            }
+            let keep: Vec<usize> = (0..m).filter(|&r| r != 2).collect();
+            let sub = QuantizedTokens {
+                k,
+                bits: 4,
+                codes: keep
+                    .iter()
+                    .flat_map(|&r| t.codes[r * k..(r + 1) * k].to_vec())
+                    .collect(),
+                scales: keep.iter().map(|&r| t.scales[r]).collect(),
+                zeros: keep.iter().map(|&r| t.zeros[r]).collect(),
+            };
+            let ys: Vec<bf16> = keep
+                .iter()
+                .flat_map(|&r| y[r * n..(r + 1) * n].to_vec())
+                .collect();
+            check_w4a4("finite tokens", &ys, &sub, &p).unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+}
+
+#[test]
+fn w4a4_bad_input_is_a_typed_error() {
+    fusekit::on_every_backend!("w4a4_bad_input_is_a_typed_error", |dev| {
+        let mut rng = Rng::new(seed_for("w4a4_bad_input_is_a_typed_error"));
+        let (m, n, k) = (3, 64, 256);
+        let p = w4a4_weight(&mut rng, n, k, ScaleFormat::Bf16);
+        let t = int4_tokens(&mut rng, m, k, true);
+        let props = dev.props();
+        let unsupported = |e: Error| assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        // Weights: grouped, asymmetric, 8-bit, NaN scales.
+        let w = weights(&mut rng, n, k);
+        for s in [
+            WeightQuant::int4(Some(128), true),
+            WeightQuant::int4(None, false),
+            WeightQuant {
+                bits: 8,
+                ..WeightQuant::int4(None, true)
+            },
+        ] {
+            unsupported(PackedW4A4::pack(&quantize_rtn(&w, n, k, &s).unwrap()).unwrap_err());
+        }
+        let mut q = quantize_rtn(&w, n, k, &WeightQuant::int4(None, true)).unwrap();
+        q.scales[5] = f32::NAN;
+        assert!(PackedW4A4::pack(&q).is_err());
+        q.scales[5] = 1.0;
+        q.codes.pop();
+        assert!(PackedW4A4::pack(&q).is_err());
+        // Plans: an old GPU, k not a multiple of 8, k beyond the limit, zero splits.
+        unsupported(W4A4Plan::new::<bf16>(&with_cc(props, (7, 5)), &p, m, None).unwrap_err());
+        let odd = w4a4_weight(&mut rng, 2, 100, ScaleFormat::Bf16);
+        unsupported(W4A4Plan::new::<bf16>(props, &odd, m, None).unwrap_err());
+        let huge = PackedW4A4::pack(
+            &quantize_rtn(
+                &vec![0.5; W4A4_MAX_K + 8],
+                1,
+                W4A4_MAX_K + 8,
+                &WeightQuant::int4(None, true),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        unsupported(W4A4Plan::new::<bf16>(props, &huge, 1, None).unwrap_err());
+        assert!(W4A4Plan::new::<bf16>(props, &p, m, Some(0)).is_err());
+        // Launches: each refused before anything is written.
+        let plan = W4A4Plan::new::<bf16>(props, &p, m, Some(2)).unwrap();
+        let wd = W4A4Weight::upload(dev, &p).unwrap();
+        let xq = QuantizedActivations::upload(dev, &t).unwrap();
+        let mut ws = SplitKWorkspace::new(dev, &plan).unwrap();
+        let mut y = poisoned::<_, bf16>(dev, m * n).unwrap();
+        // int8 activations
+        let t8 = quantize_tokens(&vec![0.25f32; m * k], k, 8, true).unwrap();
+        let x8 = QuantizedActivations::upload(dev, &t8).unwrap();
+        assert!(matches!(
+            w4a4(dev, &plan, &x8, &wd, &mut ws, &mut y),
+            Err(Error::DType { .. })
+        ));
+        // tokens that are not the plan's
+        let t4 = int4_tokens(&mut rng, m + 1, k, true);
+        let x4 = QuantizedActivations::upload(dev, &t4).unwrap();
+        assert!(matches!(
+            w4a4(dev, &plan, &x4, &wd, &mut ws, &mut y),
+            Err(Error::Shape { .. })
+        ));
+        // another weight
+        let other =
+            W4A4Weight::upload(dev, &w4a4_weight(&mut rng, n + 1, k, ScaleFormat::Bf16)).unwrap();
+        assert!(matches!(
+            w4a4(dev, &plan, &xq, &other, &mut ws, &mut y),
+            Err(Error::Shape { .. })
+        ));
+        // y of the wrong length and of the wrong type
+        let mut short = poisoned::<_, bf16>(dev, m * n - 1).unwrap();
+        assert!(w4a4(dev, &plan, &xq, &wd, &mut ws, &mut short).is_err());
+        let mut yf = poisoned::<_, f16>(dev, m * n).unwrap();
+        assert!(matches!(
+            w4a4(dev, &plan, &xq, &wd, &mut ws, &mut yf),
+            Err(Error::DType { .. })
+        ));
+        // a workspace for one split
+        let one = W4A4Plan::new::<bf16>(props, &p, m, Some(1)).unwrap();
+        let mut small = SplitKWorkspace::new(dev, &one).unwrap();
+        assert!(w4a4(dev, &plan, &xq, &wd, &mut small, &mut y).is_err());
+        assert!(
+            dev.download(&y).unwrap().iter().all(|v| v.is_nan()),
+            "a refused launch wrote y"
+        );
+        // Host tokens with codes beyond 4 bits are refused at upload.
+        let mut bad = t.clone();
+        bad.codes[3] = 16;
+        assert!(QuantizedActivations::upload(dev, &bad).is_err());
+        // And the good launch works.
+        w4a4(dev, &plan, &xq, &wd, &mut ws, &mut y).unwrap();
+        check_w4a4("after the refusals", &dev.download(&y).unwrap(), &t, &p)
+            .unwrap_or_else(|e| panic!("{e}"));
     });
 }

@@ -36,3 +36,10 @@ __device__ __forceinline__ float fk_splitk_sum(const float *ws, int64_t mn, int6
     for (unsigned s = 0; s < splits; ++s) v += __ldcg(ws + (int64_t)s * mn + i);
     return v;
 }
+
+// The same for int32 partials (exact, so the order does not matter; kept for symmetry).
+__device__ __forceinline__ int32_t fk_splitk_sum_s32(const int32_t *ws, int64_t mn, int64_t i, unsigned splits) {
+    int32_t v = 0;
+    for (unsigned s = 0; s < splits; ++s) v += __ldcg(ws + (int64_t)s * mn + i);
+    return v;
+}

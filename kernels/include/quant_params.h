@@ -115,4 +115,36 @@ typedef struct fk_billm_unpack_params {
     int32_t vec;              /* 1: k % 8 == 0 and w 16-byte aligned (one 16-byte store per 8 columns) */
 } fk_billm_unpack_params;
 
+/* W4A4: y[M][N] = x[M][K] . W^T with x int4 per token (the online Hadamard kernel's output: codes q_x in
+ * 0..15 two per byte, element 2j in the low nibble, rows of K / 2 bytes; an f32 scale and a zero point per
+ * token) and W int4 per output channel, symmetric (src/quant/w4a4.rs, PackedW4A4, format
+ * FK_W4A4_FORMAT_VERSION: [n_pad][k_pad / 8] words of q_w - 8 as signed nibbles, each 128-deep chunk's
+ * 16 words stored 4 x 4 transposed; an f32 scale and sum_k (q_w - 8) per channel). int32 accumulation:
+ * y = s_x s_w (sum_k (q_x - 8)(q_w - 8) - (z_x - 8) colsum). Grid: (n_pad / 64, ceil(M / (16 MT)), splits).
+ * With one split the block writes y, else its int32 partial sums to ws[split][M][N], and the tile's last
+ * block to arrive adds them and writes y (fk_splitk.cuh). Dynamic shared memory: 4 * 16 MT * 64 * 4 bytes.
+ * K % 8 == 0 and K <= 65536. */
+#define FK_W4A4_FORMAT_VERSION 1
+#define FK_W4A4_KCHUNK 128
+#define FK_W4A4_NBLOCK 64
+#define FK_W4A4_THREADS 128
+#define FK_W4A4_WARPS 4
+
+typedef struct fk_w4a4_params {
+    const uint8_t *x;         /* [M][K / 2] int4 codes */
+    const float *x_scales;    /* [M] (NaN: the token held NaN/inf; its outputs are NaN) */
+    const uint8_t *x_zeros;   /* [M] zero points, 0..15 */
+    const uint32_t *codes;    /* [n_pad][k_pad / 8] packed weight words */
+    const float *w_scales;    /* [n_pad] */
+    const int32_t *colsum;    /* [n_pad] sum over k of q_w - 8 */
+    void *y;                  /* [M][N] bf16/f16 */
+    int32_t *ws;              /* [splits][M][N] int32 partial sums (several splits), else NULL */
+    uint32_t *counters;       /* [ceil(M / (16 MT))][n_pad / 64] arrivals per tile (several splits; 0 between launches) */
+    int64_t m;
+    int32_t n;
+    int32_t k;
+    int32_t k_pad;
+    int32_t chunks_per_split; /* 128-deep k chunks per block along z */
+} fk_w4a4_params;
+
 #endif

@@ -10,7 +10,7 @@ use cudarc::driver::LaunchConfig;
 use super::billm::{PackedBillm, BILLM_BLOCK, BILLM_FORMAT_VERSION};
 use super::splitk::{self, SplitKPlan, SplitKWorkspace};
 use super::w4a16::W4Element;
-use crate::backend::private::{Addr, AddrMut, Device};
+use crate::backend::private::{Addr, Device};
 use crate::backend::Gemm;
 use crate::device::{check_aligned, Family};
 use crate::error::{Error, Result};
@@ -132,21 +132,16 @@ impl BillmPlan {
 
     /// fp32 elements of workspace the product needs: `splits · m · n` with several splits, else 0.
     pub fn workspace_elements(&self) -> usize {
-        if self.splits > 1 {
-            self.splits * self.m * self.n
-        } else {
-            0
-        }
+        splitk::partials(self.splits, self.m * self.n)
     }
 
     /// Arrival counters the product needs: one per output tile (64 rows of the weight × `4·TG`
     /// tokens) with several splits, else 0.
     pub fn workspace_counters(&self) -> usize {
-        if self.splits > 1 {
-            self.n.div_ceil(FK_BILLM_ROWS as usize) * self.m.div_ceil(4 * self.tg)
-        } else {
-            0
-        }
+        splitk::counters(
+            self.splits,
+            self.n.div_ceil(FK_BILLM_ROWS as usize) * self.m.div_ceil(4 * self.tg),
+        )
     }
 
     /// Dynamic shared memory of the kernel: two staged activation tiles of 8 rows (each token's salient
@@ -355,11 +350,9 @@ where
     }
     let (xp, _a) = x.addr(dev);
     let (yp, _b) = y.addr_mut(dev);
-    let (wp, _g) = ws.buf.addr_mut(dev);
-    let (kp, _h) = ws.counters.addr_mut(dev);
+    let (wp, kp, _g) = splitk::ws_addrs(dev, ws, plan.splits);
     check_aligned("x", xp, 2)?;
     check_aligned("y", yp, 2)?;
-    let split = plan.splits > 1;
     let p = fk_billm_params {
         x: xp as *const c_void,
         signs: sp as *const u32,
@@ -367,16 +360,8 @@ where
         salient: mp as *const u32,
         params: pp as *const u16,
         y: yp as *mut c_void,
-        ws: if split {
-            wp as *mut f32
-        } else {
-            std::ptr::null_mut()
-        },
-        counters: if split {
-            kp as *mut u32
-        } else {
-            std::ptr::null_mut()
-        },
+        ws: wp as *mut f32,
+        counters: kp as *mut u32,
         m: plan.m as i64,
         lda: plan.k as i64,
         n: plan.n as i32,

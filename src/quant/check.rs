@@ -1,8 +1,9 @@
 //! The quantised-matmul family's rows of `fusekit check`: the packed formats' round trips (int4 and
 //! BiLLM's 1-bit) and the rotation's orthogonality on the CPU; one W4A16 product per activation type
 //! against the f64 reference on the GPU or the emulator, and the online Hadamard kernel (rotation, and
-//! rotation fused with int4 quantisation) against the f64 rotation, and BiLLM's 1-bit matmul and unpack
-//! against the packed weight's exact values.
+//! rotation fused with int4 quantisation) against the f64 rotation, BiLLM's 1-bit matmul and unpack
+//! against the packed weight's exact values, and W4A4 on the Hadamard kernel's int4 tokens against the
+//! exact integer product.
 
 use super::{
     hadamard, hadamard_quantize, hadamard_rotate, quantize_rtn, reference_w4a16, w4a16,
@@ -108,7 +109,52 @@ fn kernel_check<B: Backend>(dev: &B, rng: &mut Rng) -> Result<Vec<CheckRow>> {
         rotate(dev, rng)?,
         rotate_quantize(dev, rng)?,
         billm_product(dev, rng)?,
+        w4a4_product(dev, rng)?,
     ])
+}
+
+/// W4A4 as it is used: 9 bf16 tokens of 576 = 36·16 channels (one with a 2.6e4 channel) rotated and
+/// quantised to int4 by the online Hadamard kernel, times a 130 × 576 weight (per channel, symmetric;
+/// n tail) on two k-splits, on the path the device's compute capability picks, against
+/// [`reference_w4a4`](super::reference_w4a4) of the tokens the kernel wrote (exact integer sums: only
+/// the epilogue rounds). Largest error relative to max(|y|, 1e-3 · max|y|).
+fn w4a4_product<B: Backend>(dev: &B, rng: &mut Rng) -> Result<CheckRow> {
+    use half::bf16;
+    let (m, n, k) = (9, 130, 576);
+    let w = normal(rng, n * k, 0.05);
+    let p = super::PackedW4A4::pack(&quantize_rtn(&w, n, k, &WeightQuant::int4(None, true))?)?;
+    let mut x = normal(rng, m * k, 1.0);
+    x[4 * k + 100] = 2.6e4;
+    let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    let hplan =
+        HadamardPlan::new::<bf16>(dev.props(), m, k, HadamardOutput::Int4 { symmetric: false })?;
+    let mut xq = QuantizedActivations::new(dev, &hplan)?;
+    hadamard_quantize(dev, &hplan, &dev.upload(&xb)?, &mut xq)?;
+    let plan = super::W4A4Plan::new::<bf16>(dev.props(), &p, m, Some(2))?;
+    let wd = super::W4A4Weight::upload(dev, &p)?;
+    let mut ws = super::SplitKWorkspace::new(dev, &plan)?;
+    let mut y = dev.upload(&vec![bf16::NAN; m * n])?;
+    super::w4a4(dev, &plan, &xq, &wd, &mut ws, &mut y)?;
+    let got = dev.download(&y)?;
+    let want = super::reference_w4a4(&xq.download(dev)?, &p)?;
+    let floor = 1e-3 * want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g.to_f64() - w).abs() / w.abs().max(floor))
+        .fold(0.0f64, max_or_nan);
+    let path = match plan.path() {
+        super::W4A4Path::Int4 => "s4",
+        super::W4A4Path::Int8 => "s8",
+    };
+    Ok(CheckRow {
+        kernel: format!("fk_hadq_bf16_m36 (int4) + fk_w4a4_{path}_bf16_m16 (split-K)"),
+        mode: if dev.kind() == "gpu" { "gpu" } else { "emu" },
+        max_err: err,
+        pass: err < 4e-3,
+        gbps: None,
+        note: "9 tokens x 576 (one with a 2.6e4 channel) rotated and quantised to int4 on the device, 130 x 576 weight per channel, 2 k-splits, against the exact integer product of the codes; tolerance 4e-3 (one rounding to bf16)".into(),
+    })
 }
 
 /// BiLLM: a 130 x 300 layer quantised by [`quantize_billm`](super::quantize_billm) (three blocks, a

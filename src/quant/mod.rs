@@ -1,7 +1,7 @@
 //! Quantised matmul (issue 15, 4-bit as in OSTQuant / QuaRot; issue 16, 1-bit as in BiLLM): the
 //! quantisers that produce the weight formats and the transforms that make them accurate (host code, f64
-//! where it matters), the packed int4 format and the W4A16 kernel that reads it (`kernels/quant/`).
-//! W4A4 is not built yet.
+//! where it matters), the packed int4 formats and the W4A16, W4A4 and BiLLM kernels that read them
+//! (`kernels/quant/`).
 //!
 //! * [`WeightQuant`] and [`QuantizedWeight`]: a k-bit (2..=8) integer weight format, per output channel
 //!   or in groups of 32/64/128 input channels, symmetric or with zero points, its scales rounded to the
@@ -33,6 +33,10 @@
 //! * [`w4a16`] with [`W4A16Plan`], [`W4A16Weight`], [`W4A16Workspace`]: `y = x · Ŵᵀ` for bf16/f16
 //!   activations on tensor cores, any M (16/32/64-row tiles, split-K for small M), checked against
 //!   [`reference_w4a16`].
+//! * [`w4a4`] with [`W4A4Plan`], [`W4A4Weight`] and [`PackedW4A4`] (int4 per output channel,
+//!   symmetric): `y = x̂ · Ŵᵀ` for int4 tokens from [`hadamard_quantize`] on integer tensor cores
+//!   (`m16n8k64.s4` on sm_80/86/89, widened to `m16n8k32.s8` on sm_90: [`W4A4Path`]), exact int32 sums
+//!   and the zero-point correction in the epilogue, checked against [`reference_w4a4`].
 //! * [`hadamard_quantize`] / [`hadamard_rotate`] with [`HadamardPlan`]: the online rotation of
 //!   activations on the GPU, `x·H_n` per token fused with its int4/int8 quantisation
 //!   ([`QuantizedActivations`]: codes, a scale and a zero point per token) or rounded to bf16/f16.
@@ -57,6 +61,7 @@ pub mod safetensors;
 mod splitk;
 mod transform;
 mod w4a16;
+mod w4a4;
 
 pub use act::{quantize_tokens, QuantizedTokens};
 pub use billm::{
@@ -76,6 +81,10 @@ pub use rtn::{quantize_rtn, QuantizedWeight, ScaleFormat, WeightQuant};
 pub use splitk::{SplitKPlan, SplitKWorkspace, W4A16_MAX_SPLITS};
 pub use transform::{qsur, search_scales, EquivalentTransform, ScaleSearch, QSUR_SHRINKAGE};
 pub use w4a16::{reference_w4a16, w4a16, W4A16Plan, W4A16Weight, W4A16Workspace, W4Element};
+pub use w4a4::{
+    reference_w4a4, w4a4, PackedW4A4, W4A4Path, W4A4Plan, W4A4Weight, W4A4_FORMAT_VERSION,
+    W4A4_K_PAD, W4A4_MAX_K, W4A4_N_PAD,
+};
 
 /// `‖X·Wᵀ − X·Ŵᵀ‖ / ‖X·Wᵀ‖` in f64 for activations `x` (`[rows][k]`) and two `[n][k]` weights: the
 /// output error the quantisers are judged by.

@@ -311,6 +311,77 @@ impl<B: Backend> QuantizedActivations<B> {
         })
     }
 
+    /// Uploads tokens quantised on the host ([`quantize_tokens`](super::quantize_tokens), 4 or 8 bits)
+    /// in the device layout (int4 codes two per byte, element `2j` in the low nibble), for a W4A4
+    /// product of activations that were not quantised by [`hadamard_quantize`]. Codes beyond the bit
+    /// width, or scale and zero-point counts that do not match the rows, are an `Err`.
+    ///
+    /// ```
+    /// # fn main() -> fusekit::Result<()> {
+    /// use fusekit::quant::{quantize_tokens, QuantizedActivations};
+    /// let dev = fusekit::emu::Emulator::new()?;
+    /// let t = quantize_tokens(&[0.5, -1.0, 2.0, 0.0, 1.0, 3.0], 3, 4, false)?;
+    /// let q = QuantizedActivations::upload(&dev, &t)?;
+    /// assert_eq!((q.rows(), q.n(), q.bits()), (2, 3, 4));
+    /// assert_eq!(q.download(&dev)?, t);
+    /// # Ok(()) }
+    /// ```
+    pub fn upload(dev: &B, t: &QuantizedTokens) -> Result<Self> {
+        if t.bits != 4 && t.bits != 8 {
+            return Err(Error::Unsupported {
+                what: format!("{}-bit activation codes on a device (4 or 8)", t.bits),
+            });
+        }
+        let k = t.k;
+        if k == 0 || t.codes.len() % k != 0 {
+            return Err(Error::shape(
+                "t",
+                format!("rows of k = {k} >= 1 codes"),
+                format!("{} codes", t.codes.len()),
+            ));
+        }
+        let rows = t.codes.len() / k;
+        exactly("t.scales", t.scales.len(), rows, "rows")?;
+        exactly("t.zeros", t.zeros.len(), rows, "rows")?;
+        let max = (1u32 << t.bits) - 1;
+        if let Some(i) = t.codes.iter().position(|&c| c as u32 > max) {
+            return Err(Error::invalid(
+                "t",
+                format!(
+                    "code {} at ({}, {}) (at most {max})",
+                    t.codes[i],
+                    i / k,
+                    i % k
+                ),
+            ));
+        }
+        if let Some(r) = t.zeros.iter().position(|&z| z as u32 > max) {
+            return Err(Error::invalid(
+                "t",
+                format!("zero point {} of token {r} (at most {max})", t.zeros[r]),
+            ));
+        }
+        let codes = if t.bits == 4 {
+            let per = k.div_ceil(2);
+            let mut packed = vec![0u8; rows * per];
+            for (i, &c) in t.codes.iter().enumerate() {
+                let (r, j) = (i / k, i % k);
+                packed[r * per + j / 2] |= c << (4 * (j % 2));
+            }
+            packed
+        } else {
+            t.codes.clone()
+        };
+        Ok(QuantizedActivations {
+            rows,
+            n: k,
+            bits: t.bits,
+            codes: dev.upload(&codes)?,
+            scales: dev.upload(&t.scales)?,
+            zeros: dev.upload(&t.zeros)?,
+        })
+    }
+
     /// Tokens.
     pub fn rows(&self) -> usize {
         self.rows

@@ -4,6 +4,7 @@
 //! arrive, in split order (`kernels/include/fk_splitk.cuh`), so a product is one launch and a plan
 //! gives the same bits on every run.
 
+use crate::backend::private::AddrMut;
 use crate::error::{Error, Result};
 use crate::validate::{at_least, exactly, owned};
 use crate::{Backend, DeviceProps, DeviceRead, DeviceWrite};
@@ -97,10 +98,19 @@ where
     }
     owned(dev, "x", x)?;
     owned(dev, "y", y)?;
-    owned(dev, "ws", &ws.buf)?;
-    owned(dev, "ws", &ws.counters)?;
     exactly("x", x.len(), m * k, "m * k")?;
     exactly("y", y.len(), m * n, "m * n")?;
+    check_ws(dev, ws, plan)
+}
+
+/// The workspace is `dev`'s and holds at least `plan`'s partials and counters.
+pub(crate) fn check_ws<B: Backend>(
+    dev: &B,
+    ws: &SplitKWorkspace<B>,
+    plan: &dyn SplitKPlan,
+) -> Result<()> {
+    owned(dev, "ws", &ws.buf)?;
+    owned(dev, "ws", &ws.counters)?;
     at_least(
         "ws",
         ws.buf.len(),
@@ -113,4 +123,35 @@ where
         plan.workspace_counters(),
         "plan.workspace_counters()",
     )
+}
+
+/// Workspace elements for `splits` partials of `mn` outputs: 0 with one split (no workspace used).
+pub(crate) fn partials(splits: usize, mn: usize) -> usize {
+    if splits > 1 {
+        splits * mn
+    } else {
+        0
+    }
+}
+
+/// Arrival counters for `tiles` output tiles: 0 with one split.
+pub(crate) fn counters(splits: usize, tiles: usize) -> usize {
+    if splits > 1 {
+        tiles
+    } else {
+        0
+    }
+}
+
+/// The device addresses of the workspace's partials and counters for a launch of `splits` splits (0, a
+/// null pointer, for one split: the kernel then writes y directly), with their guards.
+pub(crate) fn ws_addrs<'a, B: Backend>(
+    dev: &'a B,
+    ws: &'a mut SplitKWorkspace<B>,
+    splits: usize,
+) -> (u64, u64, [B::Guard<'a>; 2]) {
+    let (w, gw) = ws.buf.addr_mut(dev);
+    let (c, gc) = ws.counters.addr_mut(dev);
+    let (w, c) = if splits > 1 { (w, c) } else { (0, 0) };
+    (w, c, [gw, gc])
 }

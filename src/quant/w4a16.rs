@@ -8,7 +8,7 @@ use cudarc::driver::LaunchConfig;
 use super::packed::{PackedW4, W4_K_PAD, W4_N_PAD};
 use super::rtn::{ScaleFormat, WeightQuant};
 use super::splitk::{self, SplitKPlan, SplitKWorkspace};
-use crate::backend::private::{Addr, AddrMut};
+use crate::backend::private::Addr;
 use crate::device::{check_aligned, Family};
 use crate::error::{Error, Result};
 use crate::launch::launch_kernel;
@@ -162,21 +162,16 @@ impl W4A16Plan {
 
     /// fp32 elements of workspace the product needs: `splits · m · n` with several splits, else 0.
     pub fn workspace_elements(&self) -> usize {
-        if self.splits > 1 {
-            self.splits * self.m * self.n
-        } else {
-            0
-        }
+        splitk::partials(self.splits, self.m * self.n)
     }
 
     /// Arrival counters the product needs: one per output tile (`16·MT` rows × 64 columns) with several
     /// splits, else 0.
     pub fn workspace_counters(&self) -> usize {
-        if self.splits > 1 {
-            (self.n_pad / W4_N_PAD) * self.m.div_ceil(16 * self.mt)
-        } else {
-            0
-        }
+        splitk::counters(
+            self.splits,
+            (self.n_pad / W4_N_PAD) * self.m.div_ceil(16 * self.mt),
+        )
     }
 
     /// Dynamic shared memory of the GEMM kernel: 4 pipeline stages of codes (4 KiB), scales and zero
@@ -351,28 +346,18 @@ where
     let (cp, _c) = w.codes.addr(dev);
     let (sp, _d) = w.scales.addr(dev);
     let zp = w.zeros.as_ref().map(|z| z.addr(dev));
-    let (wp, _e) = ws.buf.addr_mut(dev);
-    let (kp, _f) = ws.counters.addr_mut(dev);
+    let (wp, kp, _e) = splitk::ws_addrs(dev, ws, plan.splits);
     check_aligned("y", yp, 2)?;
     check_aligned("x", xp, 2)?;
     let a_vec = plan.k % 8 == 0 && xp % 16 == 0;
-    let split = plan.splits > 1;
     let p = fk_w4a16_params {
         x: xp as *const c_void,
         codes: cp as *const u32,
         scales: sp as *const c_void,
         zeros: zp.as_ref().map_or(std::ptr::null(), |z| z.0 as *const u8),
         y: yp as *mut c_void,
-        ws: if split {
-            wp as *mut f32
-        } else {
-            std::ptr::null_mut()
-        },
-        counters: if split {
-            kp as *mut u32
-        } else {
-            std::ptr::null_mut()
-        },
+        ws: wp as *mut f32,
+        counters: kp as *mut u32,
         m: plan.m as i64,
         lda: plan.k as i64,
         n: plan.n as i32,
