@@ -1631,17 +1631,19 @@ fn w4a4_bad_input_is_a_typed_error() {
         unsupported(W4A4Plan::new::<bf16>(&with_cc(props, (7, 5)), &p, m, None).unwrap_err());
         let odd = w4a4_weight(&mut rng, 2, 100, ScaleFormat::Bf16);
         unsupported(W4A4Plan::new::<bf16>(props, &odd, m, None).unwrap_err());
-        let huge = PackedW4A4::pack(
-            &quantize_rtn(
-                &vec![0.5; W4A4_MAX_K + 8],
-                1,
-                W4A4_MAX_K + 8,
-                &WeightQuant::int4(None, true),
+        // k beyond W4A4_MAX_K: refused by the packer (its column sums and the sm_90 sums are int32).
+        unsupported(
+            PackedW4A4::pack(
+                &quantize_rtn(
+                    &vec![0.5; W4A4_MAX_K + 8],
+                    1,
+                    W4A4_MAX_K + 8,
+                    &WeightQuant::int4(None, true),
+                )
+                .unwrap(),
             )
-            .unwrap(),
-        )
-        .unwrap();
-        unsupported(W4A4Plan::new::<bf16>(props, &huge, 1, None).unwrap_err());
+            .unwrap_err(),
+        );
         assert!(W4A4Plan::new::<bf16>(props, &p, m, Some(0)).is_err());
         // Launches: each refused before anything is written.
         let plan = W4A4Plan::new::<bf16>(props, &p, m, Some(2)).unwrap();
@@ -1690,6 +1692,19 @@ fn w4a4_bad_input_is_a_typed_error() {
         let mut bad = t.clone();
         bad.codes[3] = 16;
         assert!(QuantizedActivations::upload(dev, &bad).is_err());
+        // No tokens: a valid (empty) upload and a plan that launches nothing.
+        let empty = QuantizedTokens {
+            k,
+            bits: 4,
+            codes: vec![],
+            scales: vec![],
+            zeros: vec![],
+        };
+        assert_eq!(QuantizedActivations::upload(dev, &empty).unwrap().rows(), 0);
+        assert!(W4A4Plan::new::<bf16>(props, &p, 0, None)
+            .unwrap()
+            .launches()
+            .is_empty());
         // And the good launch works.
         w4a4(dev, &plan, &xq, &wd, &mut ws, &mut y).unwrap();
         check_w4a4("after the refusals", &dev.download(&y).unwrap(), &t, &p)

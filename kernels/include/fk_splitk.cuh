@@ -22,8 +22,11 @@ __device__ __forceinline__ bool fk_splitk_arrive(uint32_t *counter, unsigned spl
     int last = 0;
     if (threadIdx.x == 0) {
         last = atomicAdd(counter, 1u) == splits - 1u;
-        // No other block of this launch touches the counter again: reset it for the next launch.
-        if (last) atomicExch(counter, 0u);
+        if (last) {
+            __threadfence();  // acquire in the arriving thread itself: the other blocks' partials
+            // No other block of this launch touches the counter again: reset it for the next launch.
+            atomicExch(counter, 0u);
+        }
     }
     last = __syncthreads_or(last);
     if (last) __threadfence();

@@ -14,8 +14,8 @@
 //  - s4 (sm_80/86/89): mma.sync m16n8k64.s4, two per 128-deep chunk and 16 x 8 tile.
 //  - s8 (sm_90, which has no int4 tensor cores): each word of 8 codes is widened into two words of 4 s8,
 //    nibble << 4 (values 16 a and 16 b: one shift and one AND per word, no sign extension needed), for
-//    mma.sync m16n8k32.s8; the sum, 256 times the true one, is shifted back exactly. K <= 131072 keeps
-//    it inside int32 (the plan refuses more). The k order inside the MMA differs from the s4 path's (even
+//    mma.sync m16n8k32.s8; the sum, 256 times the true one, is shifted back exactly. K <= 65536 keeps
+//    it inside int32 (at most 2^30; the plan and the packer refuse more). The k order inside the MMA differs from the s4 path's (even
 //    codes, then odd), the same for A and B, so the dot product is the same.
 //
 // Layout: a block of 4 warps owns 64 output columns and 16 MT tokens; the 128-deep k chunks of its split

@@ -350,7 +350,7 @@ where
     }
     let (xp, _a) = x.addr(dev);
     let (yp, _b) = y.addr_mut(dev);
-    let (wp, kp, _g) = splitk::ws_addrs(dev, ws, plan.splits);
+    let (wp, kp, ws_guards) = splitk::ws_addrs(dev, ws, plan.splits);
     check_aligned("x", xp, 2)?;
     check_aligned("y", yp, 2)?;
     let p = fk_billm_params {
@@ -373,14 +373,16 @@ where
     // header by BillmDeviceWeight::upload, the header equal to the plan's), and writes y's m·n elements,
     // with several splits also ws's splits·m·n and its counters (one per tile; both checked against
     // the plan).
-    launch_kernel(
+    let launched = launch_kernel(
         dev,
         Family::Quant,
         &launches[0].kernel,
         plan.config(),
         &p,
         None,
-    )
+    );
+    drop(ws_guards);
+    splitk::settle(dev, ws, launched)
 }
 
 /// The dense `[n][k]` weight a BiLLM layer stands for, in `T` (bf16 or f16): each value is

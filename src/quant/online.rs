@@ -376,9 +376,10 @@ impl<B: Backend> QuantizedActivations<B> {
             rows,
             n: k,
             bits: t.bits,
-            codes: dev.upload(&codes)?,
-            scales: dev.upload(&t.scales)?,
-            zeros: dev.upload(&t.zeros)?,
+            // Never an empty allocation (no rows): one unused element, as `new` makes.
+            codes: dev.upload(if codes.is_empty() { &[0u8][..] } else { &codes })?,
+            scales: dev.upload(if rows == 0 { &[0f32][..] } else { &t.scales })?,
+            zeros: dev.upload(if rows == 0 { &[0u8][..] } else { &t.zeros })?,
         })
     }
 

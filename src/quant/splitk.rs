@@ -155,3 +155,18 @@ pub(crate) fn ws_addrs<'a, B: Backend>(
     let (w, c) = if splits > 1 { (w, c) } else { (0, 0) };
     (w, c, [gw, gc])
 }
+
+/// A launch's result, after putting the workspace's counters back to 0 when it failed: a launch stopped
+/// midway may leave a tile's counter partly counted, which would make a later product's last block
+/// add too early and write a wrong sum.
+pub(crate) fn settle<B: Backend>(
+    dev: &B,
+    ws: &mut SplitKWorkspace<B>,
+    launched: Result<()>,
+) -> Result<()> {
+    if launched.is_err() {
+        // The launch's own error is the one to report; a failed reset leaves nothing worse.
+        let _ = dev.zero(&mut ws.counters);
+    }
+    launched
+}

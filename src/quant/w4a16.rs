@@ -346,7 +346,7 @@ where
     let (cp, _c) = w.codes.addr(dev);
     let (sp, _d) = w.scales.addr(dev);
     let zp = w.zeros.as_ref().map(|z| z.addr(dev));
-    let (wp, kp, _e) = splitk::ws_addrs(dev, ws, plan.splits);
+    let (wp, kp, ws_guards) = splitk::ws_addrs(dev, ws, plan.splits);
     check_aligned("y", yp, 2)?;
     check_aligned("x", xp, 2)?;
     let a_vec = plan.k % 8 == 0 && xp % 16 == 0;
@@ -372,14 +372,16 @@ where
     // header by W4A16Weight::upload, the header equal to the plan's), and writes y's m·n elements,
     // with several splits also ws's splits·m·n and its counters (one per tile; both checked against
     // the plan).
-    launch_kernel(
+    let launched = launch_kernel(
         dev,
         Family::Quant,
         &launches[0].kernel,
         plan.config(),
         &p,
         None,
-    )
+    );
+    drop(ws_guards);
+    splitk::settle(dev, ws, launched)
 }
 
 /// The W4A16 reference: `x · Ŵᵀ` in f64 with `Ŵ` = [`PackedW4::dequantize_rounded`] (the weights the

@@ -77,7 +77,8 @@ pub struct PackedW4A4 {
 
 impl PackedW4A4 {
     /// Packs `q`, which must be 4-bit, one group per output channel and symmetric (zero point 8), with
-    /// finite non-negative scales; `n` and `k` at least 1 and below 2^31. Anything else is an `Err`.
+    /// finite non-negative scales; `n` at least 1 and below 2^31, `k` from 1 to [`W4A4_MAX_K`].
+    /// Anything else is an `Err`.
     pub fn pack(q: &QuantizedWeight) -> Result<Self> {
         let s = q.scheme;
         if s.bits != 4 || s.group.is_some() || !s.symmetric {
@@ -88,12 +89,17 @@ impl PackedW4A4 {
             });
         }
         let (n, k) = (q.n, q.k);
-        if n == 0 || k == 0 || n >= 1 << 31 || k >= 1 << 31 {
+        if n == 0 || k == 0 || n >= 1 << 31 {
             return Err(Error::shape(
                 "q",
-                "n and k in 1..2^31",
+                "n in 1..2^31, k at least 1",
                 format!("{n} x {k}"),
             ));
+        }
+        if k > W4A4_MAX_K {
+            return Err(Error::Unsupported {
+                what: format!("a W4A4 weight with k = {k} (at most {W4A4_MAX_K})"),
+            });
         }
         if q.codes.len() != n * k || q.scales.len() != n || q.zeros.len() != n {
             return Err(Error::shape(
@@ -299,7 +305,7 @@ impl W4A4Plan {
         let chunks = w.k_pad() / W4A4_K_PAD;
         let blocks_mn = (w.n_pad() / W4A4_N_PAD) * m.div_ceil(16 * mt).max(1);
         let (splits, chunks_per_split) = splitk::choose(props, blocks_mn, chunks, split);
-        Ok(W4A4Plan {
+        let plan = W4A4Plan {
             m,
             n: w.n(),
             k,
@@ -314,7 +320,19 @@ impl W4A4Plan {
                 W4A4Path::Int4
             },
             elem: T::SUFFIX,
-        })
+        };
+        if plan.shared_mem_bytes() as u64 > props.smem_per_block_optin {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{} B of shared memory for {} tokens per block on {} (at most {} B)",
+                    plan.shared_mem_bytes(),
+                    16 * mt,
+                    props.name,
+                    props.smem_per_block_optin
+                ),
+            });
+        }
+        Ok(plan)
     }
 
     /// Tokens.
@@ -536,7 +554,7 @@ where
     let (sp, _e) = w.scales.addr(dev);
     let (kp, _f) = w.colsum.addr(dev);
     let (yp, _g) = y.addr_mut(dev);
-    let (wp, np, _h) = splitk::ws_addrs(dev, ws, plan.splits);
+    let (wp, np, ws_guards) = splitk::ws_addrs(dev, ws, plan.splits);
     check_aligned("x", xp, 4)?;
     check_aligned("w", cp, 16)?;
     check_aligned("y", yp, 2)?;
@@ -559,14 +577,16 @@ where
     // The kernel reads x's m·k/2 code bytes (QuantizedActivations holds at least that) and m scales
     // and zero points, the weight's buffers (their lengths fixed by PackedW4A4::pack), and writes
     // y's m·n elements, with several splits also ws's splits·m·n and its counters (checked above).
-    launch_kernel(
+    let launched = launch_kernel(
         dev,
         Family::Quant,
         &launches[0].kernel,
         plan.config(),
         &p,
         None,
-    )
+    );
+    drop(ws_guards);
+    splitk::settle(dev, ws, launched)
 }
 
 /// The W4A4 reference: `Σ_k (q_x − z_x)·(q_w − 8)` as an exact integer per output, times `s_x·s_w` in
