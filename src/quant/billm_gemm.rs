@@ -76,26 +76,17 @@ impl BillmPlan {
         m: usize,
         split: Option<usize>,
     ) -> Result<Self> {
-        if props.compute_capability < (8, 0) {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "BiLLM matmul on compute capability {}.{} (mma.sync bf16/f16 and ldmatrix need 8.0+)",
-                    props.compute_capability.0, props.compute_capability.1
-                ),
-            });
-        }
+        splitk::check_request(
+            props,
+            ("BiLLM matmul", "mma.sync bf16/f16 and ldmatrix need"),
+            m,
+            16,
+            split,
+        )?;
         if w.n() >= 1 << 31 || w.k() >= 1 << 31 {
             return Err(Error::Unsupported {
                 what: format!("a {} x {} weight (n and k below 2^31)", w.n(), w.k()),
             });
-        }
-        if m > 65535 * 16 {
-            return Err(Error::Unsupported {
-                what: format!("{m} rows (at most 65535 x 16 = 1048560 per launch)"),
-            });
-        }
-        if split == Some(0) {
-            return Err(Error::invalid("split", "0 k-splits (at least 1)"));
         }
         let tg = if m <= 4 {
             1

@@ -170,3 +170,46 @@ pub(crate) fn settle<B: Backend>(
     }
     launched
 }
+
+/// The checks every quantised GEMM plan makes of its request (`Err`): compute capability 8.0 or newer
+/// (`kernel` names the product and `needs` what it needs it for), at most `max_rows` rows of activations
+/// per launch (`rows_per_block` × 65535 blocks along the grid's token axis), and at least one k-split
+/// when one is forced.
+pub(crate) fn check_request(
+    props: &DeviceProps,
+    (kernel, needs): (&str, &str),
+    m: usize,
+    rows_per_block: usize,
+    split: Option<usize>,
+) -> Result<()> {
+    let (major, minor) = props.compute_capability;
+    if (major, minor) < (8, 0) {
+        return Err(Error::Unsupported {
+            what: format!("{kernel} on compute capability {major}.{minor} ({needs} 8.0+)"),
+        });
+    }
+    let max_rows = 65535 * rows_per_block;
+    if m > max_rows {
+        return Err(Error::Unsupported {
+            what: format!("{m} rows (at most 65535 x {rows_per_block} = {max_rows} per launch)"),
+        });
+    }
+    if split == Some(0) {
+        return Err(Error::invalid("split", "0 k-splits (at least 1)"));
+    }
+    Ok(())
+}
+
+/// `Err(Unsupported)` when a block's `bytes` of dynamic shared memory (for `rows` rows per block) exceed
+/// what the GPU `props` describes lets a block opt into.
+pub(crate) fn check_shared_memory(props: &DeviceProps, bytes: u32, rows: usize) -> Result<()> {
+    if bytes as u64 > props.smem_per_block_optin {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{bytes} B of shared memory for {rows} rows per block on {} (at most {} B)",
+                props.name, props.smem_per_block_optin
+            ),
+        });
+    }
+    Ok(())
+}

@@ -84,14 +84,13 @@ impl W4A16Plan {
         m: usize,
         split: Option<usize>,
     ) -> Result<Self> {
-        if props.compute_capability < (8, 0) {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "W4A16 on compute capability {}.{} (mma.sync bf16/f16 and cp.async need 8.0+)",
-                    props.compute_capability.0, props.compute_capability.1
-                ),
-            });
-        }
+        splitk::check_request(
+            props,
+            ("W4A16", "mma.sync bf16/f16 and cp.async need"),
+            m,
+            64,
+            split,
+        )?;
         let scheme = w.scheme();
         if scheme.scale_format != T::SCALES {
             return Err(Error::DType {
@@ -104,14 +103,6 @@ impl W4A16Plan {
             return Err(Error::Unsupported {
                 what: format!("a {} x {} weight (n and k below 2^31)", w.n(), w.k()),
             });
-        }
-        if m > 65535 * 64 {
-            return Err(Error::Unsupported {
-                what: format!("{m} rows (at most 65535 x 64 = 4194240 per launch)"),
-            });
-        }
-        if split == Some(0) {
-            return Err(Error::invalid("split", "0 k-splits (at least 1)"));
         }
         let mt = if m <= 16 {
             1
@@ -135,17 +126,7 @@ impl W4A16Plan {
             slabs_per_split,
             elem: T::SUFFIX,
         };
-        if plan.shared_mem_bytes() as u64 > props.smem_per_block_optin {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "{} B of shared memory per block for {} rows ({} allows {})",
-                    plan.shared_mem_bytes(),
-                    16 * mt,
-                    props.name,
-                    props.smem_per_block_optin
-                ),
-            });
-        }
+        splitk::check_shared_memory(props, plan.shared_mem_bytes(), 16 * mt)?;
         Ok(plan)
     }
 

@@ -278,28 +278,12 @@ impl W4A4Plan {
         m: usize,
         split: Option<usize>,
     ) -> Result<Self> {
-        let cc = props.compute_capability;
-        if cc < (8, 0) {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "W4A4 on compute capability {}.{} (integer mma.sync needs 8.0+)",
-                    cc.0, cc.1
-                ),
-            });
-        }
+        splitk::check_request(props, ("W4A4", "integer mma.sync needs"), m, 64, split)?;
         let k = w.k();
         if k % 8 != 0 || k > W4A4_MAX_K {
             return Err(Error::Unsupported {
                 what: format!("W4A4 with k = {k} (a multiple of 8, at most {W4A4_MAX_K})"),
             });
-        }
-        if m > 65535 * 64 {
-            return Err(Error::Unsupported {
-                what: format!("{m} rows (at most 65535 x 64 = 4194240 per launch)"),
-            });
-        }
-        if split == Some(0) {
-            return Err(Error::invalid("split", "0 k-splits (at least 1)"));
         }
         let mt = if m <= 16 { 1 } else { 4 };
         let chunks = w.k_pad() / W4A4_K_PAD;
@@ -314,24 +298,14 @@ impl W4A4Plan {
             mt,
             splits,
             chunks_per_split,
-            path: if cc >= (9, 0) {
+            path: if props.compute_capability >= (9, 0) {
                 W4A4Path::Int8
             } else {
                 W4A4Path::Int4
             },
             elem: T::SUFFIX,
         };
-        if plan.shared_mem_bytes() as u64 > props.smem_per_block_optin {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "{} B of shared memory for {} tokens per block on {} (at most {} B)",
-                    plan.shared_mem_bytes(),
-                    16 * mt,
-                    props.name,
-                    props.smem_per_block_optin
-                ),
-            });
-        }
+        splitk::check_shared_memory(props, plan.shared_mem_bytes(), 16 * mt)?;
         Ok(plan)
     }
 
